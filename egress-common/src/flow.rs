@@ -1,0 +1,124 @@
+//! Connection-state map layout: one `FLOWS` hash map holds two entries per
+//! flow, one keyed by the outbound (client-side) tuple and one keyed by the
+//! return (Internet-side) tuple. Both carry the whole translation, so either
+//! direction rewrites with a single lookup, and the daemon can always derive
+//! the twin of an entry it expires.
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_IPIP: u8 = 4;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Which half of a flow a key names.
+pub const DIR_OUT: u8 = 0;
+pub const DIR_IN: u8 = 1;
+
+/// A packet's 5-tuple as seen on the wire. For ICMP echo the identifier takes
+/// the place of the port on the client/translated side and the remote "port"
+/// is 0, so one key layout serves all three protocols.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub proto: u8,
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+
+/// The translation of one flow, stored under both of its keys.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Flow {
+    /// Inner source address and port (or echo identifier) of the client.
+    pub client_addr: [u8; 4],
+    /// Translation address and port the Internet sees.
+    pub nat_addr: [u8; 4],
+    /// The Internet host.
+    pub remote_addr: [u8; 4],
+    /// Tunnel peer that owns the flow: return traffic is encapsulated to it.
+    pub peer_addr: [u8; 4],
+    pub client_port: [u8; 2],
+    pub nat_port: [u8; 2],
+    pub remote_port: [u8; 2],
+    pub proto: u8,
+    pub _pad: u8,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of creation and of the last
+    /// packet through this half of the flow.
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    /// Packets and bytes (IP length) through this half of the flow.
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl Flow {
+    /// Key of the outbound half: client → remote.
+    pub fn out_key(&self) -> FlowKey {
+        FlowKey {
+            src: self.client_addr,
+            dst: self.remote_addr,
+            sport: self.client_port,
+            dport: self.remote_port,
+            proto: self.proto,
+            dir: DIR_OUT,
+            _pad: [0; 2],
+        }
+    }
+
+    /// Key of the return half: remote → translation address.
+    pub fn in_key(&self) -> FlowKey {
+        FlowKey {
+            src: self.remote_addr,
+            dst: self.nat_addr,
+            sport: self.remote_port,
+            dport: self.nat_port,
+            proto: self.proto,
+            dir: DIR_IN,
+            _pad: [0; 2],
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain `repr(C)` structs of integers and byte arrays with
+    // explicit padding fields, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Flow {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_of_a_flow_are_distinct_and_mirror_each_other() {
+        let f = Flow {
+            client_addr: [192, 168, 250, 2],
+            nat_addr: [10, 1, 1, 10],
+            remote_addr: [203, 0, 113, 10],
+            peer_addr: [10, 0, 1, 10],
+            client_port: 40000u16.to_be_bytes(),
+            nat_port: 20000u16.to_be_bytes(),
+            remote_port: 80u16.to_be_bytes(),
+            proto: IPPROTO_TCP,
+            ..Flow::default()
+        };
+        let (o, i) = (f.out_key(), f.in_key());
+        assert_ne!(o, i);
+        assert_eq!((o.src, o.dst, o.sport, o.dport), (f.client_addr, f.remote_addr, f.client_port, f.remote_port));
+        assert_eq!((i.src, i.dst, i.sport, i.dport), (f.remote_addr, f.nat_addr, f.remote_port, f.nat_port));
+    }
+
+    #[test]
+    fn map_layout_is_stable() {
+        // The kernel and user side agree on these sizes; a change is a map
+        // format change that breaks reuse of pinned state.
+        assert_eq!(core::mem::size_of::<FlowKey>(), 16);
+        assert_eq!(core::mem::size_of::<Flow>(), 56);
+    }
+}

@@ -1,0 +1,159 @@
+//! Why a packet got its verdict: the index into the per-CPU `STATS` counters.
+//! Every packet the programs see increments exactly one of these.
+
+/// What happened to the packet, grouped by verdict.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    // Fast path.
+    /// Outbound: decapsulated, translated and forwarded (existing flow).
+    Translated,
+    /// Outbound: as `Translated`, and this packet created the flow.
+    NewFlow,
+    /// Return: reverse-translated, encapsulated and sent to the peer.
+    ReverseHit,
+    /// Translated, but the kernel has no neighbour entry for the next hop
+    /// yet: handed to the kernel's forwarding path, which resolves it.
+    NoNeighbour,
+
+    // Passed to the kernel untouched.
+    /// Not IPv4 (ARP, IPv6, VLAN, ...).
+    NotIpv4,
+    /// IPv4 that is neither tunnel traffic for us nor a reply to a flow.
+    NotOurs,
+
+    // Dropped.
+    /// Frame shorter than the headers it claims.
+    Truncated,
+    /// IP-in-IP from an address not configured as a peer.
+    PeerNotAllowed,
+    /// Inner source outside every client CIDR (no open proxy).
+    ClientNotAllowed,
+    /// Inner source is one of the gateway's own addresses (tunnel loop).
+    Loop,
+    /// Outer or inner header lengths disagree with each other or the frame.
+    BadLength,
+    /// Outer header with options or fragmented: not a valid RFC 2003 packet.
+    BadOuter,
+    /// Encapsulated payload is not IPv4.
+    InnerNotIpv4,
+    /// Inner header carries IP options.
+    InnerOptions,
+    /// Inner packet is an IP fragment.
+    Fragment,
+    /// Inner protocol or ICMP type the gateway does not translate.
+    Unsupported,
+    /// Inner TTL would reach zero at this hop.
+    TtlExceeded,
+    /// No free translation port after every try.
+    PortsExhausted,
+    /// The flow table is full.
+    TableFull,
+    /// No route, or a blackhole/unreachable/prohibit route.
+    NoRoute,
+    /// Forwarding is disabled on the interface, or the route is local.
+    NotForwarded,
+    /// The packet does not fit the egress MTU.
+    TooBig,
+    /// A kernel helper failed (head adjustment, redirect).
+    Internal,
+}
+
+impl Reason {
+    pub const COUNT: u32 = Reason::Internal as u32 + 1;
+
+    pub const ALL: [Reason; Reason::COUNT as usize] = [
+        Reason::Translated,
+        Reason::NewFlow,
+        Reason::ReverseHit,
+        Reason::NoNeighbour,
+        Reason::NotIpv4,
+        Reason::NotOurs,
+        Reason::Truncated,
+        Reason::PeerNotAllowed,
+        Reason::ClientNotAllowed,
+        Reason::Loop,
+        Reason::BadLength,
+        Reason::BadOuter,
+        Reason::InnerNotIpv4,
+        Reason::InnerOptions,
+        Reason::Fragment,
+        Reason::Unsupported,
+        Reason::TtlExceeded,
+        Reason::PortsExhausted,
+        Reason::TableFull,
+        Reason::NoRoute,
+        Reason::NotForwarded,
+        Reason::TooBig,
+        Reason::Internal,
+    ];
+
+    /// Stable snake_case name, used in logs and metric labels.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Reason::Translated => "translated",
+            Reason::NewFlow => "new_flow",
+            Reason::ReverseHit => "reverse_hit",
+            Reason::NoNeighbour => "no_neighbour",
+            Reason::NotIpv4 => "not_ipv4",
+            Reason::NotOurs => "not_ours",
+            Reason::Truncated => "truncated",
+            Reason::PeerNotAllowed => "peer_not_allowed",
+            Reason::ClientNotAllowed => "client_not_allowed",
+            Reason::Loop => "loop",
+            Reason::BadLength => "bad_length",
+            Reason::BadOuter => "bad_outer",
+            Reason::InnerNotIpv4 => "inner_not_ipv4",
+            Reason::InnerOptions => "inner_options",
+            Reason::Fragment => "fragment",
+            Reason::Unsupported => "unsupported",
+            Reason::TtlExceeded => "ttl_exceeded",
+            Reason::PortsExhausted => "ports_exhausted",
+            Reason::TableFull => "table_full",
+            Reason::NoRoute => "no_route",
+            Reason::NotForwarded => "not_forwarded",
+            Reason::TooBig => "too_big",
+            Reason::Internal => "internal",
+        }
+    }
+
+    /// What the data path did with a packet counted under this reason.
+    pub const fn verdict(self) -> Verdict {
+        match self {
+            Reason::Translated | Reason::NewFlow | Reason::ReverseHit => Verdict::Forwarded,
+            Reason::NoNeighbour | Reason::NotIpv4 | Reason::NotOurs => Verdict::Passed,
+            _ => Verdict::Dropped,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Forwarded,
+    Passed,
+    Dropped,
+}
+
+impl Verdict {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Forwarded => "forwarded",
+            Verdict::Passed => "passed",
+            Verdict::Dropped => "dropped",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_lists_every_reason_in_index_order() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{}", r.as_str());
+        }
+        let names: std::collections::HashSet<_> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(names.len(), Reason::ALL.len());
+    }
+}
