@@ -1,4 +1,35 @@
+//! The gateway's data path: XDP entry point over the hook-independent
+//! translation in `nat`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod fib;
+#[cfg(target_arch = "bpf")]
+mod inbound;
+#[cfg(target_arch = "bpf")]
+mod l4;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod nat;
+#[cfg(target_arch = "bpf")]
+mod outbound;
+#[cfg(target_arch = "bpf")]
+mod packet;
+#[cfg(target_arch = "bpf")]
+mod state;
+#[cfg(target_arch = "bpf")]
+mod xdp;
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic path; this is never called.
+    loop {}
+}
+
+/// Host builds compile nothing: the logic that is testable on the host lives
+/// in `egress-common`.
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}

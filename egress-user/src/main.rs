@@ -1,1 +1,172 @@
-fn main(){}
+//! `egress`: the IP-in-IP egress NAT gateway daemon.
+
+use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use egress_user::{
+    datapath::{Datapath, Policy},
+    gc,
+    netif::Interface,
+    settings::{AttachMode, FileSettings, PortRange, Settings},
+    sysctl::Sysctls,
+};
+use ipnet::Ipv4Net;
+use tokio::signal::unix::{SignalKind, signal};
+
+/// How often idle flows are swept.
+const GC_INTERVAL: Duration = Duration::from_secs(10);
+
+#[derive(Parser)]
+#[command(version, about = "eBPF IP-in-IP egress NAT gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach the gateway to an interface and run until SIGINT/SIGTERM.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// TOML file with the same settings; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Interface that receives the tunnel and faces the Internet.
+    #[arg(long)]
+    iface: Option<String>,
+    /// Outer source address allowed to send IP-in-IP (repeatable).
+    #[arg(long = "peer")]
+    peers: Vec<Ipv4Addr>,
+    /// Inner source range that may be translated (repeatable).
+    #[arg(long = "client-cidr")]
+    client_cidrs: Vec<Ipv4Net>,
+    /// Translation address (repeatable) [default: the interface's address].
+    #[arg(long)]
+    snat: Vec<Ipv4Addr>,
+    /// Address peers tunnel to [default: the interface's address].
+    #[arg(long)]
+    tunnel_local: Option<Ipv4Addr>,
+    /// Translation port range LO-HI [default: 1024-32767].
+    #[arg(long)]
+    ports: Option<PortRange>,
+    /// XDP attach mode.
+    #[arg(long, value_enum)]
+    attach: Option<AttachMode>,
+    /// Flow table capacity [default: 262144].
+    #[arg(long)]
+    max_flows: Option<u32>,
+}
+
+impl RunArgs {
+    fn settings(self) -> anyhow::Result<Settings> {
+        let file = match &self.config {
+            Some(path) => FileSettings::read(path)?,
+            None => FileSettings::default(),
+        };
+        let cli = FileSettings {
+            iface: self.iface,
+            peer: Some(self.peers),
+            client_cidr: Some(self.client_cidrs),
+            snat: Some(self.snat),
+            tunnel_local: self.tunnel_local,
+            ports: self.ports,
+            attach: self.attach,
+            max_flows: self.max_flows,
+        };
+        Settings::merge(cli, file)
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => args.settings().and_then(run),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(settings: Settings) -> anyhow::Result<()> {
+    let iface = Interface::find(&settings.iface)?;
+    let primary = iface.primary;
+    let needs_address = || {
+        primary.with_context(|| {
+            format!("interface {} has no IPv4 address: give --snat and --tunnel-local", iface.name)
+        })
+    };
+    let snat = match settings.snat.is_empty() {
+        true => vec![needs_address()?],
+        false => settings.snat.clone(),
+    };
+    let policy = Policy {
+        tunnel_local: settings.tunnel_local.map_or_else(needs_address, Ok)?,
+        snat,
+        ports: settings.ports,
+        peers: settings.peers.clone(),
+        client_cidrs: settings.client_cidrs.clone(),
+        max_flows: settings.max_flows,
+    };
+
+    let mut datapath = Datapath::load(&policy)?;
+    let _sysctls = Sysctls::apply(&iface.name)?;
+    let mode = datapath.attach(iface.index, settings.attach)?;
+    tracing::info!(
+        iface = %iface.name,
+        mode,
+        tunnel_local = %policy.tunnel_local,
+        snat = ?policy.snat,
+        ports = %policy.ports,
+        peers = ?policy.peers,
+        client_cidrs = ?policy.client_cidrs,
+        max_flows = policy.max_flows,
+        "attached XDP program; gateway ready"
+    );
+
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?
+        .block_on(serve(&mut datapath))?;
+
+    tracing::info!(iface = %iface.name, "detaching");
+    drop(datapath);
+    Ok(())
+}
+
+/// Sweeps idle flows until SIGINT or SIGTERM.
+async fn serve(datapath: &mut Datapath) -> anyhow::Result<()> {
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut tick = tokio::time::interval(GC_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = tick.tick() => {
+                let started = std::time::Instant::now();
+                let sweep = gc::sweep(&mut datapath.flows()?, gc::monotonic_ns())
+                    .context("flow table sweep failed")?;
+                tracing::debug!(live = sweep.live, expired = sweep.expired, took = ?started.elapsed(), "swept flows");
+            }
+        }
+    }
+    tracing::info!("signal received, shutting down");
+    Ok(())
+}

@@ -1,0 +1,90 @@
+//! Return: a reply to a translation → reverse-translate → encapsulate to the
+//! peer that owns the flow.
+
+use aya_ebpf::helpers::bpf_get_prandom_u32;
+use egress_common::{
+    checksum,
+    config::{Config, OUTER_TTL},
+    flow::{DIR_IN, FlowKey, IPPROTO_IPIP},
+    reason::Reason,
+};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+
+use crate::{
+    fib::{self, NextHop},
+    l4::{self, Side},
+    nat::{ETH_LEN, IP_DF, IP_LEN, IP_MF_OFFSET, Outcome, send},
+    packet::Hook,
+    state,
+};
+
+pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Reason> {
+    let pkt = hook.packet();
+    // SAFETY: read-only view; `translate` below takes its own.
+    let ip: &Ipv4Hdr = unsafe { pkt.get(ETH_LEN)? };
+    // Options and fragments are not translated here; whatever they are,
+    // they are the kernel's business.
+    if ip.vihl != 0x45 || u16::from_be_bytes(ip.frags) & IP_MF_OFFSET != 0 {
+        return Err(Reason::NotOurs);
+    }
+    let (sport, dport) = match l4::ports(pkt, ETH_LEN + IP_LEN, ip.proto, Side::Dst) {
+        Ok(p) => p,
+        Err(Reason::Truncated) => return Err(Reason::Truncated),
+        Err(_) => return Err(Reason::NotOurs),
+    };
+    let key = FlowKey {
+        src: ip.src_addr,
+        dst: ip.dst_addr,
+        sport,
+        dport,
+        proto: ip.proto,
+        dir: DIR_IN,
+        _pad: [0; 2],
+    };
+    let flow = state::find(&key).ok_or(Reason::NotOurs)?;
+
+    let len = ip.tot_len();
+    if usize::from(len) < IP_LEN + l4::min_len(ip.proto) || ETH_LEN + usize::from(len) > pkt.len() {
+        return Err(Reason::BadLength);
+    }
+    if ip.ttl <= 1 {
+        return Err(Reason::TtlExceeded);
+    }
+    let outer_len = len.checked_add(IP_LEN as u16).ok_or(Reason::TooBig)?;
+    let hop = fib::lookup(hook, cfg.tunnel_local, flow.peer_addr, IPPROTO_IPIP, outer_len)?;
+    state::touch(flow, len);
+
+    let outer = outer_header(ip, outer_len, cfg.tunnel_local, flow.peer_addr);
+    // The kernel's forwarding path decrements the TTL itself.
+    let dec_ttl = matches!(hop, NextHop::Resolved { .. });
+    l4::translate(pkt, ETH_LEN, Side::Dst, flow.client_addr, flow.client_port, dec_ttl)?;
+
+    // SAFETY: read before the head moves; the copy outlives the packet view.
+    let orig: EthHdr = unsafe { *pkt.get::<EthHdr>(0)? };
+    hook.adjust_head(-(IP_LEN as i32))?;
+    let pkt = hook.packet();
+    // SAFETY: the only live reference into the packet.
+    let hdr: &mut [u8; IP_LEN] = unsafe { pkt.get(ETH_LEN)? };
+    *hdr = outer;
+    send(hook, pkt, &hop, &orig, Reason::ReverseHit)
+}
+
+/// The RFC 2003 outer header for `inner`: TOS and DF copied from the inner
+/// header, a fresh ID, our TTL, protocol 4 and a valid checksum.
+#[inline(always)]
+fn outer_header(inner: &Ipv4Hdr, tot_len: u16, src: [u8; 4], dst: [u8; 4]) -> [u8; IP_LEN] {
+    let df = u16::from_be_bytes(inner.frags) & IP_DF;
+    // SAFETY: no preconditions.
+    let id = unsafe { bpf_get_prandom_u32() } as u16;
+    let [l0, l1] = tot_len.to_be_bytes();
+    let [i0, i1] = id.to_be_bytes();
+    let [f0, f1] = df.to_be_bytes();
+    let mut h = [
+        0x45, inner.tos, l0, l1, i0, i1, f0, f1, OUTER_TTL, IPPROTO_IPIP, 0, 0, src[0], src[1],
+        src[2], src[3], dst[0], dst[1], dst[2], dst[3],
+    ];
+    let [c0, c1] = checksum::ipv4_header(&h);
+    h[10] = c0;
+    h[11] = c1;
+    h
+}

@@ -1,0 +1,93 @@
+//! The translation logic both hooks run: classify the packet, then hand it
+//! to the outbound (decapsulate + SNAT) or return (un-NAT + encapsulate) path.
+
+use egress_common::{flow::IPPROTO_IPIP, reason::Reason};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+};
+
+use crate::{
+    fib::NextHop,
+    inbound, maps, outbound,
+    packet::{Action, Hook, Packet},
+};
+
+pub const ETH_LEN: usize = EthHdr::LEN;
+pub const IP_LEN: usize = Ipv4Hdr::LEN;
+/// Flags and fragment offset bits other than DF: MF and the offset.
+pub const IP_MF_OFFSET: u16 = 0x3fff;
+pub const IP_DF: u16 = 0x4000;
+
+/// A packet the program acts on, and the counter that records why.
+pub struct Outcome {
+    pub action: Action,
+    pub reason: Reason,
+}
+
+/// Runs the gateway on the hook's packet. `Err` carries the reason for a
+/// packet that is passed or dropped untranslated.
+#[inline(always)]
+pub fn process<H: Hook>(hook: &mut H) -> Result<Outcome, Reason> {
+    let cfg = maps::config();
+    if cfg.snat_count == 0 {
+        return Err(Reason::NotOurs);
+    }
+    let pkt = hook.packet();
+    // SAFETY: read-only peeks; no other packet reference is live.
+    let (proto, dst) = unsafe {
+        let eth: &EthHdr = pkt.get(0)?;
+        if eth.ether_type != EtherType::Ipv4 as u16 {
+            return Err(Reason::NotIpv4);
+        }
+        let ip: &Ipv4Hdr = pkt.get(ETH_LEN)?;
+        (ip.proto, ip.dst_addr)
+    };
+    if proto == IPPROTO_IPIP && dst == cfg.tunnel_local {
+        outbound::handle(hook, cfg)
+    } else if cfg.is_snat(dst) {
+        inbound::handle(hook, cfg)
+    } else {
+        Err(Reason::NotOurs)
+    }
+}
+
+/// Turns a next hop into the hook's action, writing the Ethernet header of
+/// the (already rewritten) packet. An unresolved neighbour keeps the frame's
+/// original addresses, which makes the kernel accept it as addressed to us.
+#[inline(always)]
+pub fn send<H: Hook>(
+    hook: &H,
+    pkt: Packet,
+    hop: &NextHop,
+    orig: &EthHdr,
+    reason: Reason,
+) -> Result<Outcome, Reason> {
+    // SAFETY: the only live reference into the packet.
+    let eth: &mut EthHdr = unsafe { pkt.get(0)? };
+    eth.ether_type = EtherType::Ipv4 as u16;
+    match *hop {
+        NextHop::Resolved {
+            ifindex,
+            src_mac,
+            dst_mac,
+        } => {
+            eth.src_addr = src_mac;
+            eth.dst_addr = dst_mac;
+            let action = if ifindex == hook.ingress_ifindex() {
+                Action::Tx
+            } else {
+                Action::Redirect(ifindex)
+            };
+            Ok(Outcome { action, reason })
+        }
+        NextHop::Unresolved => {
+            eth.src_addr = orig.src_addr;
+            eth.dst_addr = orig.dst_addr;
+            Ok(Outcome {
+                action: Action::Pass,
+                reason: Reason::NoNeighbour,
+            })
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Outbound: IP-in-IP from a peer → decapsulate → SNAT → forward.
+
+use egress_common::{
+    config::Config,
+    flow::{DIR_OUT, FlowKey},
+    reason::Reason,
+};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+
+use crate::{
+    fib::{self, NextHop},
+    l4::{self, Side},
+    maps,
+    nat::{ETH_LEN, IP_LEN, IP_MF_OFFSET, Outcome, send},
+    packet::{Hook, Packet},
+    state,
+};
+
+const INNER: usize = ETH_LEN + IP_LEN;
+
+/// The validated facts about an outbound packet the rewrite needs.
+struct Inner {
+    key: FlowKey,
+    peer: [u8; 4],
+    len: u16,
+}
+
+pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Reason> {
+    let pkt = hook.packet();
+    let inner = validate(pkt, cfg)?;
+    let key = inner.key;
+
+    let existing = state::find(&key);
+    let nat_addr = match &existing {
+        Some(f) => f.nat_addr,
+        None => cfg.snat_for(key.src),
+    };
+    // Route before creating state: an unroutable destination leaves none.
+    let hop = fib::lookup(hook, nat_addr, key.dst, key.proto, inner.len)?;
+    let (flow, reason) = match existing {
+        Some(f) => (f, Reason::Translated),
+        None => (state::create(&key, inner.peer, cfg)?, Reason::NewFlow),
+    };
+    state::touch(flow, inner.len);
+
+    // The kernel's forwarding path decrements the TTL itself.
+    let dec_ttl = matches!(hop, NextHop::Resolved { .. });
+    l4::translate(pkt, INNER, Side::Src, flow.nat_addr, flow.nat_port, dec_ttl)?;
+
+    // SAFETY: read before the head moves; the copy outlives the packet view.
+    let orig: EthHdr = unsafe { *pkt.get::<EthHdr>(0)? };
+    hook.adjust_head(IP_LEN as i32)?;
+    send(hook, hook.packet(), &hop, &orig, reason)
+}
+
+/// Checks the outer header (RFC 2003, from an allowed peer), the inner header
+/// (IPv4, allowed client, forwardable) and reads the inner 5-tuple.
+#[inline(always)]
+fn validate(pkt: Packet, cfg: &Config) -> Result<Inner, Reason> {
+    // SAFETY: read-only views of non-overlapping headers.
+    let (outer, inner) = unsafe {
+        (
+            pkt.get::<Ipv4Hdr>(ETH_LEN)?,
+            pkt.get::<Ipv4Hdr>(INNER)?,
+        )
+    };
+    if outer.vihl != 0x45 || u16::from_be_bytes(outer.frags) & IP_MF_OFFSET != 0 {
+        return Err(Reason::BadOuter);
+    }
+    if !maps::is_peer(outer.src_addr) {
+        return Err(Reason::PeerNotAllowed);
+    }
+    let outer_len = usize::from(outer.tot_len());
+    if outer_len < 2 * IP_LEN || ETH_LEN + outer_len > pkt.len() {
+        return Err(Reason::BadLength);
+    }
+    if inner.version() != 4 {
+        return Err(Reason::InnerNotIpv4);
+    }
+    if inner.ihl() < IP_LEN as u8 {
+        return Err(Reason::BadLength);
+    }
+    if inner.ihl() > IP_LEN as u8 {
+        return Err(Reason::InnerOptions);
+    }
+    let len = inner.tot_len();
+    if usize::from(len) != outer_len - IP_LEN || usize::from(len) < IP_LEN + l4::min_len(inner.proto) {
+        return Err(Reason::BadLength);
+    }
+    if u16::from_be_bytes(inner.frags) & IP_MF_OFFSET != 0 {
+        return Err(Reason::Fragment);
+    }
+    if inner.src_addr == cfg.tunnel_local || cfg.is_snat(inner.src_addr) {
+        return Err(Reason::Loop);
+    }
+    if !maps::is_client(inner.src_addr) {
+        return Err(Reason::ClientNotAllowed);
+    }
+    if inner.ttl <= 1 {
+        return Err(Reason::TtlExceeded);
+    }
+    let (sport, dport) = l4::ports(pkt, INNER + IP_LEN, inner.proto, Side::Src)?;
+    Ok(Inner {
+        key: FlowKey {
+            src: inner.src_addr,
+            dst: inner.dst_addr,
+            sport,
+            dport,
+            proto: inner.proto,
+            dir: DIR_OUT,
+            _pad: [0; 2],
+        },
+        peer: outer.src_addr,
+        len,
+    })
+}

@@ -1,0 +1,67 @@
+//! Bounds-checked access to packet memory: the one place that turns packet
+//! offsets into references, and the interface a hook (XDP or TC) offers the
+//! translation logic.
+
+use core::mem::size_of;
+
+use aya_ebpf::bindings::bpf_fib_lookup;
+use egress_common::reason::Reason;
+
+/// The bytes of the packet currently in the hook's buffer.
+#[derive(Clone, Copy)]
+pub struct Packet {
+    start: usize,
+    end: usize,
+}
+
+impl Packet {
+    #[inline(always)]
+    pub fn new(start: usize, end: usize) -> Self {
+        Self { start, end }
+    }
+
+    #[inline(always)]
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// A `T` (a wire header: `repr(C)`, alignment ≤ 2, any bit pattern
+    /// valid) at byte `offset`, or `Truncated` if the packet is too short.
+    ///
+    /// # Safety
+    /// The reference is valid until the hook's head is next adjusted; the
+    /// caller must not keep references that alias (two headers at
+    /// overlapping offsets) while writing through either.
+    #[inline(always)]
+    pub unsafe fn get<T>(&self, offset: usize) -> Result<&'static mut T, Reason> {
+        let at = self.start + offset;
+        if at + size_of::<T>() > self.end {
+            return Err(Reason::Truncated);
+        }
+        // SAFETY: [at, at + size_of::<T>()) lies inside the packet, checked
+        // above in the form the verifier tracks; T has no invalid values.
+        Ok(unsafe { &mut *(at as *mut T) })
+    }
+}
+
+/// What the hook should do with the packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Pass,
+    Drop,
+    /// Send back out of the interface it arrived on.
+    Tx,
+    /// Send out of another interface.
+    Redirect(u32),
+}
+
+/// The hook-specific operations the translation logic needs.
+pub trait Hook {
+    /// The packet as it is now (re-read after every head adjustment).
+    fn packet(&self) -> Packet;
+    fn ingress_ifindex(&self) -> u32;
+    /// `bpf_fib_lookup` with this hook's context.
+    fn fib_lookup(&self, params: &mut bpf_fib_lookup) -> i64;
+    /// Removes (`delta > 0`) or adds (`delta < 0`) bytes at the packet's head.
+    fn adjust_head(&mut self, delta: i32) -> Result<(), Reason>;
+}

@@ -1,0 +1,75 @@
+//! The XDP hook.
+
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup, xdp_action},
+    helpers::{bpf_redirect, bpf_xdp_adjust_head},
+    macros::xdp,
+    programs::XdpContext,
+    EbpfContext as _,
+};
+use egress_common::reason::{Reason, Verdict};
+
+use crate::{
+    maps,
+    nat::{self, Outcome},
+    packet::{Action, Hook, Packet},
+};
+
+struct Xdp(XdpContext);
+
+impl Hook for Xdp {
+    #[inline(always)]
+    fn packet(&self) -> Packet {
+        Packet::new(self.0.data(), self.0.data_end())
+    }
+
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        self.0.ingress_ifindex() as u32
+    }
+
+    #[inline(always)]
+    fn fib_lookup(&self, params: &mut bpf_fib_lookup) -> i64 {
+        // SAFETY: `params` is a valid, exclusively borrowed lookup struct.
+        unsafe {
+            aya_ebpf::helpers::bpf_fib_lookup(
+                self.0.as_ptr(),
+                params,
+                core::mem::size_of::<bpf_fib_lookup>() as i32,
+                0,
+            )
+        }
+    }
+
+    #[inline(always)]
+    fn adjust_head(&mut self, delta: i32) -> Result<(), Reason> {
+        // SAFETY: the caller re-reads the packet afterwards.
+        match unsafe { bpf_xdp_adjust_head(self.0.ctx, delta) } {
+            0 => Ok(()),
+            _ => Err(Reason::Internal),
+        }
+    }
+}
+
+#[xdp]
+pub fn egress_xdp(ctx: XdpContext) -> u32 {
+    let mut hook = Xdp(ctx);
+    let Outcome { action, reason } = match nat::process(&mut hook) {
+        Ok(outcome) => outcome,
+        Err(reason) => Outcome {
+            action: match reason.verdict() {
+                Verdict::Passed => Action::Pass,
+                _ => Action::Drop,
+            },
+            reason,
+        },
+    };
+    maps::count(reason);
+    match action {
+        Action::Pass => xdp_action::XDP_PASS,
+        Action::Drop => xdp_action::XDP_DROP,
+        Action::Tx => xdp_action::XDP_TX,
+        // SAFETY: no preconditions; with flags 0 it returns XDP_REDIRECT.
+        Action::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
+    }
+}

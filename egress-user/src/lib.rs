@@ -1,0 +1,8 @@
+//! The gateway's userspace: settings, loading and attaching the data path,
+//! and connection-state upkeep. `main.rs` is the `egress` command over it.
+
+pub mod datapath;
+pub mod gc;
+pub mod netif;
+pub mod settings;
+pub mod sysctl;

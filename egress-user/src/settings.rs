@@ -1,0 +1,198 @@
+//! Gateway settings: command-line flags over an optional TOML file, checked
+//! once, with errors that name the offending key.
+
+use std::{fmt, net::Ipv4Addr, path::Path, str::FromStr};
+
+use anyhow::{Context as _, bail};
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+
+/// Default translation ports: below Linux's default ephemeral range
+/// (32768-60999), so the gateway host's own connections never collide
+/// with translated ones on the same address.
+pub const DEFAULT_PORTS: PortRange = PortRange { min: 1024, max: 32767 };
+/// Default flow table capacity (each flow uses two map entries).
+pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
+
+/// An inclusive port range, written `LO-HI`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (lo, hi) = s
+            .split_once('-')
+            .ok_or_else(|| format!("{s:?} is not a range like 1024-32767"))?;
+        let parse = |p: &str| {
+            p.trim()
+                .parse::<u16>()
+                .map_err(|_| format!("{p:?} is not a port number"))
+        };
+        let (min, max) = (parse(lo)?, parse(hi)?);
+        if min == 0 || min > max {
+            return Err(format!("{s:?} must satisfy 1 <= LO <= HI"));
+        }
+        Ok(Self { min, max })
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.min, self.max)
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// How the XDP program is attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Native (driver) XDP, falling back to generic with a warning.
+    #[default]
+    Auto,
+    /// Native (driver) XDP only.
+    Native,
+    /// Generic (skb) XDP: works on any interface, slowest.
+    Generic,
+}
+
+/// The `[gateway]` settings as written in a config file; every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileSettings {
+    pub iface: Option<String>,
+    pub peer: Option<Vec<Ipv4Addr>>,
+    pub client_cidr: Option<Vec<Ipv4Net>>,
+    pub snat: Option<Vec<Ipv4Addr>>,
+    pub tunnel_local: Option<Ipv4Addr>,
+    pub ports: Option<PortRange>,
+    pub attach: Option<AttachMode>,
+    pub max_flows: Option<u32>,
+}
+
+impl FileSettings {
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).map_err(|e| {
+            let line = e.span().map_or(0, |s| text[..s.start].matches('\n').count() + 1);
+            anyhow::anyhow!("config file {} line {line}: {}", path.display(), e.message().trim())
+        })
+    }
+}
+
+/// Complete, validated settings. `snat` and `tunnel_local` may still be
+/// empty: they default to the interface's address, known only at run time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub iface: String,
+    pub peers: Vec<Ipv4Addr>,
+    pub client_cidrs: Vec<Ipv4Net>,
+    pub snat: Vec<Ipv4Addr>,
+    pub tunnel_local: Option<Ipv4Addr>,
+    pub ports: PortRange,
+    pub attach: AttachMode,
+    pub max_flows: u32,
+}
+
+impl Settings {
+    /// Merges flags (`cli`) over the file (`file`): a flag given on the
+    /// command line replaces the file's value, lists included.
+    pub fn merge(cli: FileSettings, file: FileSettings) -> anyhow::Result<Self> {
+        let s = Settings {
+            iface: cli.iface.or(file.iface).context("no interface: give --iface (or `iface` in the config file)")?,
+            peers: non_empty(cli.peer).or(file.peer).unwrap_or_default(),
+            client_cidrs: non_empty(cli.client_cidr).or(file.client_cidr).unwrap_or_default(),
+            snat: non_empty(cli.snat).or(file.snat).unwrap_or_default(),
+            tunnel_local: cli.tunnel_local.or(file.tunnel_local),
+            ports: cli.ports.or(file.ports).unwrap_or(DEFAULT_PORTS),
+            attach: cli.attach.or(file.attach).unwrap_or_default(),
+            max_flows: cli.max_flows.or(file.max_flows).unwrap_or(DEFAULT_MAX_FLOWS),
+        };
+        s.validate()?;
+        Ok(s)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.peers.is_empty() {
+            bail!("no tunnel peers: give --peer (or `peer` in the config file); without one nothing may tunnel to this host");
+        }
+        if self.client_cidrs.is_empty() {
+            bail!("no client ranges: give --client-cidr (or `client-cidr`); without one nothing is translated");
+        }
+        if self.snat.len() > egress_common::config::MAX_SNAT_ADDRS {
+            bail!("snat: at most {} translation addresses", egress_common::config::MAX_SNAT_ADDRS);
+        }
+        if self.max_flows == 0 || self.max_flows > (u32::MAX / 2) {
+            bail!("max-flows: must be between 1 and {}", u32::MAX / 2);
+        }
+        Ok(())
+    }
+}
+
+/// A list flag that was not given arrives as an empty list: treat it as unset.
+fn non_empty<T>(v: Option<Vec<T>>) -> Option<Vec<T>> {
+    v.filter(|v| !v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli() -> FileSettings {
+        FileSettings {
+            iface: Some("eth0".into()),
+            peer: Some(vec![Ipv4Addr::new(10, 0, 1, 10)]),
+            client_cidr: Some(vec!["10.0.0.0/16".parse().unwrap()]),
+            ..FileSettings::default()
+        }
+    }
+
+    #[test]
+    fn port_range_parses_and_rejects() {
+        assert_eq!("1024-2048".parse::<PortRange>(), Ok(PortRange { min: 1024, max: 2048 }));
+        assert!("2048-1024".parse::<PortRange>().is_err());
+        assert!("0-10".parse::<PortRange>().is_err());
+        assert!("80".parse::<PortRange>().is_err());
+        assert!("1-70000".parse::<PortRange>().is_err());
+    }
+
+    #[test]
+    fn flags_override_file_lists() {
+        let file: FileSettings = toml::from_str(
+            "iface = \"ens5\"\npeer = [\"10.9.9.9\"]\nclient-cidr = [\"10.0.0.0/8\"]\nports = \"2000-3000\"\n",
+        )
+        .unwrap();
+        let s = Settings::merge(cli(), file).unwrap();
+        assert_eq!(s.iface, "eth0");
+        assert_eq!(s.peers, vec![Ipv4Addr::new(10, 0, 1, 10)]);
+        assert_eq!(s.ports, PortRange { min: 2000, max: 3000 });
+        assert_eq!(s.max_flows, DEFAULT_MAX_FLOWS);
+    }
+
+    #[test]
+    fn missing_peer_is_a_clear_error() {
+        let mut c = cli();
+        c.peer = None;
+        let e = Settings::merge(c, FileSettings::default()).unwrap_err();
+        assert!(format!("{e:#}").contains("--peer"));
+    }
+
+    #[test]
+    fn unknown_and_bad_keys_are_named() {
+        let e = toml::from_str::<FileSettings>("peers = []").unwrap_err();
+        assert!(e.message().contains("peers"), "{e}");
+        let e = toml::from_str::<FileSettings>("client-cidr = [\"10.0.0.0/33\"]").unwrap_err();
+        assert!(e.to_string().contains("client-cidr"), "{e}");
+    }
+}

@@ -1,0 +1,48 @@
+//! Per-interface kernel settings the data path depends on, set for the
+//! daemon's lifetime and restored on exit so the host is left as found.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+
+/// What the gateway needs on its interface, and why:
+/// - `forwarding`: `bpf_fib_lookup` refuses to route packets arriving on an
+///   interface without forwarding, and the kernel fallback path (next hop
+///   not yet resolved) forwards them itself.
+/// - `accept_local`: that fallback hands the kernel packets whose source is
+///   already our own (translation or tunnel) address.
+const NEEDED: [(&str, &str); 2] = [("forwarding", "1"), ("accept_local", "1")];
+
+pub struct Sysctls {
+    saved: Vec<(PathBuf, String)>,
+}
+
+impl Sysctls {
+    pub fn apply(iface: &str) -> anyhow::Result<Self> {
+        let mut saved = Vec::new();
+        for (key, value) in NEEDED {
+            let path = PathBuf::from(format!("/proc/sys/net/ipv4/conf/{iface}/{key}"));
+            let old = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let old = old.trim().to_owned();
+            if old != value {
+                std::fs::write(&path, value)
+                    .with_context(|| format!("cannot set {} to {value}", path.display()))?;
+                tracing::info!("set net.ipv4.conf.{iface}.{key}={value} (was {old})");
+                saved.push((path, old));
+            }
+        }
+        Ok(Self { saved })
+    }
+}
+
+impl Drop for Sysctls {
+    fn drop(&mut self) {
+        for (path, old) in self.saved.drain(..).rev() {
+            match std::fs::write(&path, &old) {
+                Ok(()) => tracing::info!("restored {} to {old}", path.display()),
+                Err(e) => tracing::warn!("could not restore {} to {old}: {e}", path.display()),
+            }
+        }
+    }
+}
