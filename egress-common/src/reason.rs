@@ -3,7 +3,7 @@
 
 /// What happened to the packet, grouped by verdict.
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Reason {
     // Fast path.
     /// Outbound: decapsulated, translated and forwarded (existing flow).

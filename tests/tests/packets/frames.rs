@@ -1,0 +1,114 @@
+//! Frames built, and checked, with etherparse: an implementation of the
+//! wire formats independent of the gateway's own.
+
+use etherparse::{
+    EtherType, Ethernet2Header, IpHeaders, IpNumber, Ipv4Header, PacketBuilder, SlicedPacket,
+    TransportSlice,
+};
+
+/// A transport header and payload for [`ip_packet`].
+#[derive(Clone, Copy)]
+pub enum L4<'a> {
+    Tcp { sport: u16, dport: u16, syn: bool, payload: &'a [u8] },
+    Udp { sport: u16, dport: u16, payload: &'a [u8] },
+    EchoRequest { id: u16, seq: u16 },
+    EchoReply { id: u16, seq: u16 },
+}
+
+/// IPv4 header fields the tests vary.
+#[derive(Clone, Copy)]
+pub struct Ip {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub ttl: u8,
+    pub id: u16,
+    pub df: bool,
+    pub tos: u8,
+}
+
+impl Ip {
+    pub fn new(src: [u8; 4], dst: [u8; 4]) -> Self {
+        Self { src, dst, ttl: 64, id: 0x1234, df: true, tos: 0 }
+    }
+
+    fn header(&self) -> Ipv4Header {
+        let mut h = Ipv4Header::new(0, self.ttl, IpNumber::TCP, self.src, self.dst).unwrap();
+        h.identification = self.id;
+        h.dont_fragment = self.df;
+        h.dscp = etherparse::IpDscp::try_new(self.tos >> 2).unwrap();
+        h.ecn = etherparse::IpEcn::try_new(self.tos & 3).unwrap();
+        h
+    }
+}
+
+/// A complete IPv4 packet with correct checksums.
+pub fn ip_packet(ip: Ip, l4: L4) -> Vec<u8> {
+    let b = PacketBuilder::ip(IpHeaders::Ipv4(ip.header(), Default::default()));
+    let mut out = Vec::new();
+    match l4 {
+        L4::Tcp { sport, dport, syn, payload } => {
+            let b = b.tcp(sport, dport, 1000, 64240);
+            let b = if syn { b.syn() } else { b.ack(1).psh() };
+            b.write(&mut out, payload).unwrap();
+        }
+        L4::Udp { sport, dport, payload } => b.udp(sport, dport).write(&mut out, payload).unwrap(),
+        L4::EchoRequest { id, seq } => {
+            b.icmpv4_echo_request(id, seq).write(&mut out, b"ping").unwrap()
+        }
+        L4::EchoReply { id, seq } => b.icmpv4_echo_reply(id, seq).write(&mut out, b"ping").unwrap(),
+    }
+    out
+}
+
+/// `inner` wrapped in an RFC 2003 outer header.
+pub fn encapsulate(outer: Ip, inner: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ip(IpHeaders::Ipv4(outer.header(), Default::default()))
+        .write(&mut out, IpNumber::IPV4, inner)
+        .unwrap();
+    out
+}
+
+/// `packet` in an Ethernet II frame.
+pub fn ethernet(src: [u8; 6], dst: [u8; 6], packet: &[u8]) -> Vec<u8> {
+    let mut out = Ethernet2Header { source: src, destination: dst, ether_type: EtherType::IPV4 }
+        .to_bytes()
+        .to_vec();
+    out.extend_from_slice(packet);
+    out
+}
+
+/// Parses a frame (IPv4 over Ethernet, possibly IP-in-IP) and verifies every
+/// checksum in it: IPv4 headers, TCP, UDP (unless 0) and ICMP.
+pub fn assert_checksums_valid(frame: &[u8]) {
+    let mut ip = &frame[Ethernet2Header::LEN..];
+    loop {
+        let sliced = SlicedPacket::from_ip(ip).expect("output parses as IPv4");
+        let Some(etherparse::NetSlice::Ipv4(v4)) = &sliced.net else { panic!("not IPv4") };
+        let h = v4.header().to_header();
+        assert_eq!(h.header_checksum, h.calc_header_checksum(), "IPv4 header checksum");
+        let payload = v4.payload().payload;
+        if v4.payload().ip_number == IpNumber::IPV4 {
+            ip = payload;
+            continue;
+        }
+        match sliced.transport.expect("transport header parses") {
+            TransportSlice::Tcp(t) => {
+                let want = t.to_header().calc_checksum_ipv4(&h, t.payload()).unwrap();
+                assert_eq!(t.checksum(), want, "TCP checksum");
+            }
+            TransportSlice::Udp(u) => {
+                if u.checksum() != 0 {
+                    let want = u.to_header().calc_checksum_ipv4(&h, u.payload()).unwrap();
+                    assert_eq!(u.checksum(), want, "UDP checksum");
+                }
+            }
+            TransportSlice::Icmpv4(i) => {
+                let want = i.header().icmp_type.calc_checksum(i.payload());
+                assert_eq!(i.checksum(), want, "ICMP checksum");
+            }
+            other => panic!("unexpected transport {other:?}"),
+        }
+        return;
+    }
+}

@@ -1,0 +1,130 @@
+//! The gateway's XDP program loaded by the real loader and run with
+//! BPF_PROG_TEST_RUN inside a namespace that gives `bpf_fib_lookup` a route
+//! and a resolved neighbour.
+
+use std::collections::HashMap;
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use egress_common::reason::Reason;
+use egress_user::{
+    datapath::{Datapath, Policy},
+    settings::PortRange,
+};
+use tests::{Lab, exec, in_netns};
+
+pub const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x10];
+pub const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const GW: [u8; 4] = [10, 1, 1, 10];
+pub const ROUTER: [u8; 4] = [10, 1, 1, 1];
+pub const PEER: [u8; 4] = [10, 0, 1, 10];
+pub const CLIENT: [u8; 4] = [192, 168, 250, 2];
+pub const CLIENT2: [u8; 4] = [10, 0, 2, 2];
+pub const SERVER: [u8; 4] = [203, 0, 113, 10];
+/// Reached via a next hop that has no neighbour entry.
+pub const UNRESOLVED: [u8; 4] = [198, 51, 100, 7];
+pub const PORTS: PortRange = PortRange { min: 20000, max: 29999 };
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum Verdict {
+    Drop,
+    Pass,
+    Tx,
+}
+
+pub struct Gateway {
+    datapath: Datapath,
+    ns: String,
+    ifindex: u32,
+    _lab: Lab,
+}
+
+impl Gateway {
+    pub fn new() -> Self {
+        tests::require_root().unwrap();
+        let mut lab = Lab::new().unwrap();
+        let ns = lab.add_ns("pkt").unwrap();
+        for cmd in [
+            "ip link add eth0 type veth peer name p0".to_owned(),
+            format!("ip link set eth0 address {}", mac(GW_MAC)),
+            "ip link set eth0 up".into(),
+            "ip link set p0 up".into(),
+            format!("ip addr add {}/24 dev eth0", ip(GW)),
+            format!("ip route add default via {}", ip(ROUTER)),
+            format!("ip route add {}/32 via 10.1.1.2", ip(UNRESOLVED)),
+            format!("ip neigh replace {} lladdr {} dev eth0 nud permanent", ip(ROUTER), mac(ROUTER_MAC)),
+            // bpf_fib_lookup routes only for interfaces with forwarding on.
+            "sysctl -qw net.ipv4.conf.eth0.forwarding=1".into(),
+        ] {
+            exec(&ns, &cmd).unwrap();
+        }
+        let ifindex: u32 = exec(&ns, "cat /sys/class/net/eth0/ifindex").unwrap().trim().parse().unwrap();
+        let datapath = Datapath::load(&Policy {
+            tunnel_local: GW.into(),
+            snat: vec![GW.into()],
+            ports: PORTS,
+            peers: vec![PEER.into()],
+            client_cidrs: vec!["192.168.250.0/30".parse().unwrap(), "10.0.0.0/16".parse().unwrap()],
+            max_flows: 1024,
+        })
+        .unwrap();
+        Self { datapath, ns, ifindex, _lab: lab }
+    }
+
+    /// Runs the program once on `frame`, as received on eth0. Returns the
+    /// verdict, the frame as the program left it, and the one reason counter
+    /// that moved.
+    pub fn run(&mut self, frame: &[u8]) -> (Verdict, Vec<u8>, Reason) {
+        let before = self.stats();
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
+        // rx_queue_index, egress_ifindex.
+        let ctx: Vec<u8> = [0, frame.len() as u32, 0, self.ifindex, 0, 0]
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect();
+        let mut out = vec![0u8; frame.len() + 256];
+        let prog = self.datapath.xdp().unwrap();
+        let result = in_netns(&self.ns, || {
+            prog.test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::new()
+            })
+        })
+        .unwrap()
+        .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        let verdict = match result.return_value {
+            XDP_DROP => Verdict::Drop,
+            XDP_PASS => Verdict::Pass,
+            XDP_TX => Verdict::Tx,
+            v => panic!("unexpected XDP action {v}"),
+        };
+        let after = self.stats();
+        let moved: Vec<Reason> = Reason::ALL.into_iter().filter(|r| after[r] != before[r]).collect();
+        assert_eq!(moved.len(), 1, "exactly one reason counter per packet, got {moved:?}");
+        assert_eq!(after[&moved[0]], before[&moved[0]] + 1);
+        (verdict, out, moved[0])
+    }
+
+    fn stats(&self) -> HashMap<Reason, u64> {
+        self.datapath.stats().unwrap().into_iter().collect()
+    }
+
+    /// Number of map entries in the flow table (two per flow).
+    pub fn flow_entries(&mut self) -> usize {
+        self.datapath.flows().unwrap().keys().count()
+    }
+}
+
+fn ip(a: [u8; 4]) -> std::net::Ipv4Addr {
+    a.into()
+}
+
+fn mac(m: [u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
