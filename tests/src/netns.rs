@@ -1,0 +1,180 @@
+//! Namespaces owned by one test (`Lab`), and running things inside them.
+
+use crate::daemon::Daemon;
+use anyhow::{Context, Result, bail};
+use nix::sched::{CloneFlags, setns};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Every namespace name starts with this, then the owning pid: that is how a
+/// later run recognises leftovers of a killed one.
+const PREFIX: &str = "egt-";
+
+/// Runs `cmd` (split on whitespace, no quoting) in namespace `ns` and returns
+/// its stdout; a non-zero exit is an error carrying stderr.
+pub fn exec(ns: &str, cmd: &str) -> Result<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(cmd.split_whitespace())
+        .output()
+        .with_context(|| format!("[{ns}] {cmd}: cannot start"))?;
+    if !out.status.success() {
+        bail!(
+            "[{ns}] {cmd}: {}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `f` on a thread that has joined namespace `ns`; sockets it creates
+/// stay in `ns` wherever they are used afterwards.
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = File::open(&path).with_context(|| format!("open {path}"))?;
+            setns(&file, CloneFlags::CLONE_NEWNET).with_context(|| format!("setns {path}"))?;
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// Namespaces and a log directory that are removed on drop, panic or not.
+/// Processes still running inside the namespaces are killed first.
+pub struct Lab {
+    prefix: String,
+    namespaces: Vec<String>,
+    dir: PathBuf,
+}
+
+impl Lab {
+    pub fn new() -> Result<Self> {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        remove_stale();
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("{PREFIX}{}-{n}", std::process::id());
+        let dir = std::env::temp_dir().join(&prefix);
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        Ok(Self {
+            prefix,
+            namespaces: Vec::new(),
+            dir,
+        })
+    }
+
+    /// Creates namespace `<prefix>-<role>` with loopback up and returns its name.
+    pub fn add_ns(&mut self, role: &str) -> Result<String> {
+        let name = format!("{}-{role}", self.prefix);
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        self.namespaces.push(name.clone());
+        exec(&name, "ip link set lo up")?;
+        Ok(name)
+    }
+
+    /// Directory for logs and scratch files; kept if the test panicked.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Starts `program args` (args split on whitespace) in `ns`, logging to
+    /// `<dir>/<role>-<name>.log`.
+    pub fn spawn(
+        &self,
+        ns: &str,
+        name: &str,
+        program: impl AsRef<OsStr>,
+        args: &str,
+    ) -> Result<Daemon> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns])
+            .arg(program)
+            .args(args.split_whitespace());
+        let role = ns
+            .strip_prefix(&self.prefix)
+            .unwrap_or(ns)
+            .trim_start_matches('-');
+        Daemon::spawn(name, cmd, &self.dir.join(format!("{role}-{name}.log")))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for ns in self.namespaces.iter().rev() {
+            delete_ns(ns);
+        }
+        if std::thread::panicking() {
+            eprintln!("logs kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Kills what runs in `ns` (never this process), then deletes it.
+fn delete_ns(ns: &str) {
+    let me = std::process::id();
+    for pid in pids_in(ns).into_iter().filter(|&pid| pid != me) {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+    if let Err(e) = run(Command::new("ip").args(["netns", "del", ns])) {
+        eprintln!("cleanup: {e}");
+    }
+}
+
+fn pids_in(ns: &str) -> Vec<u32> {
+    Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Removes namespaces and log directories left by test processes that no
+/// longer exist (killed before their `Lab` could drop).
+fn remove_stale() {
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(name) = line.split_whitespace().next().filter(|n| is_stale(n)) {
+                delete_ns(name);
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_str().is_some_and(is_stale) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+/// `egt-<pid>-...` whose pid is gone.
+fn is_stale(name: &str) -> bool {
+    name.strip_prefix(PREFIX)
+        .and_then(|rest| rest.split('-').next())
+        .and_then(|pid| pid.parse::<u32>().ok())
+        .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+}

@@ -1,0 +1,191 @@
+//! The "client, router, gateway, Internet server" topology, and the pieces
+//! it is built from (also used on their own by the emulator's own test).
+
+use crate::addrs::*;
+use crate::daemon::Daemon;
+use crate::netns::{Lab, exec};
+use anyhow::Result;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::Duration;
+
+/// Loading and verifying the XDP programs can take a while on a busy machine.
+const GATEWAY_READY: Duration = Duration::from_secs(60);
+const QUICK_READY: Duration = Duration::from_secs(10);
+
+/// Four namespaces: the client and server reach each other only through the
+/// gateway, via the router that joins all three.
+pub struct Topology {
+    pub lab: Lab,
+    pub router: String,
+    pub gateway: String,
+    pub client: String,
+    pub server: String,
+}
+
+impl Topology {
+    pub fn new() -> Result<Self> {
+        let mut lab = Lab::new()?;
+        let router = lab.add_ns("router")?;
+        let gateway = lab.add_ns("gw")?;
+        let client = lab.add_ns("client")?;
+        let server = lab.add_ns("server")?;
+
+        exec(&router, "sysctl -qw net.ipv4.ip_forward=1")?;
+        for (router_if, router_ip, host, host_ip) in [
+            (
+                ROUTER_GATEWAY_IFACE,
+                ROUTER_GATEWAY_IP,
+                &gateway,
+                GATEWAY_IP,
+            ),
+            (
+                ROUTER_CLIENT_IFACE,
+                ROUTER_CLIENT_IP,
+                &client,
+                CLIENT_UNDERLAY_IP,
+            ),
+            (ROUTER_SERVER_IFACE, ROUTER_SERVER_IP, &server, SERVER_IP),
+        ] {
+            veth_link(&router, router_if, router_ip, host, host_ip)?;
+            // Native XDP on the gateway's veth: XDP_TX or redirect into a veth
+            // needs NAPI on its peer, which GRO provides.
+            exec(&router, &format!("ethtool -K {router_if} gro on"))?;
+        }
+        exec(
+            &gateway,
+            &format!("sysctl -qw net.ipv4.conf.{HOST_IFACE}.rp_filter=0"),
+        )?;
+        // A veth would hand the gateway TCP/UDP with checksums still to be
+        // filled in; real Internet traffic arrives complete.
+        exec(&server, &format!("ethtool -K {HOST_IFACE} tx off"))?;
+
+        add_tun(&client, CLIENT_TUN_IP, CLIENT_TUN_PREFIX)?;
+        for ip in CLIENT_EXTRA_IPS {
+            exec(&client, &format!("ip addr add {ip}/32 dev {TUN_IFACE}"))?;
+        }
+        exec(
+            &client,
+            &format!("ip route add {INTERNET_CIDR} dev {TUN_IFACE} src {CLIENT_TUN_IP}"),
+        )?;
+        Ok(Self {
+            lab,
+            router,
+            gateway,
+            client,
+            server,
+        })
+    }
+
+    /// The client's tunnel endpoint, peering with the gateway.
+    pub fn start_ipip_peer(&self, bin: &Path) -> Result<Daemon> {
+        start_ipip_peer(&self.lab, &self.client, bin, CLIENT_UNDERLAY_IP, GATEWAY_IP)
+    }
+
+    pub fn start_gateway(&self, bin: &Path) -> Result<Daemon> {
+        let cidrs: String = CLIENT_CIDRS
+            .iter()
+            .map(|c| format!(" --client-cidr {c}"))
+            .collect();
+        let args = format!(
+            "run --iface {HOST_IFACE} --peer {CLIENT_UNDERLAY_IP}{cidrs} --snat {GATEWAY_IP}"
+        );
+        let mut gw = self.lab.spawn(&self.gateway, "gateway", bin, &args)?;
+        gw.wait_for("ready", GATEWAY_READY)?;
+        Ok(gw)
+    }
+
+    /// Serves `dir` over HTTP on the server's address.
+    pub fn start_http_server(&self, dir: &Path) -> Result<Daemon> {
+        start_http_server(&self.lab, &self.server, SERVER_IP, dir)
+    }
+}
+
+/// The topology with the client's tunnel endpoint and the gateway running.
+/// Fields drop in order: the daemons stop before the namespaces go.
+pub struct Stack {
+    pub gateway: Daemon,
+    pub peer: Daemon,
+    pub topo: Topology,
+}
+
+impl Stack {
+    pub fn start(egress_bin: &Path, ipip_peer_bin: &Path) -> Result<Self> {
+        let topo = Topology::new()?;
+        let peer = topo.start_ipip_peer(ipip_peer_bin)?;
+        let gateway = topo.start_gateway(egress_bin)?;
+        Ok(Self {
+            gateway,
+            peer,
+            topo,
+        })
+    }
+}
+
+/// A veth pair, `a_if` in `a` and `HOST_IFACE` in `b`, on one /24; `b`'s
+/// default route points at `a`.
+pub fn veth_link(a: &str, a_if: &str, a_ip: Ipv4Addr, b: &str, b_ip: Ipv4Addr) -> Result<()> {
+    exec(
+        a,
+        &format!("ip link add {a_if} type veth peer name {HOST_IFACE} netns {b}"),
+    )?;
+    exec(a, &format!("ip addr add {a_ip}/{LINK_PREFIX} dev {a_if}"))?;
+    exec(a, &format!("ip link set {a_if} up"))?;
+    exec(
+        b,
+        &format!("ip addr add {b_ip}/{LINK_PREFIX} dev {HOST_IFACE}"),
+    )?;
+    exec(b, &format!("ip link set {HOST_IFACE} up"))?;
+    exec(b, &format!("ip route add default via {a_ip}"))?;
+    Ok(())
+}
+
+/// A persistent TUN device for `ipip-peer` to attach to; it has no carrier
+/// until then.
+pub fn add_tun(ns: &str, ip: Ipv4Addr, prefix: u8) -> Result<()> {
+    exec(ns, &format!("ip tuntap add dev {TUN_IFACE} mode tun"))?;
+    exec(ns, &format!("ip link set {TUN_IFACE} mtu {TUN_MTU} up"))?;
+    exec(ns, &format!("ip addr add {ip}/{prefix} dev {TUN_IFACE}"))?;
+    Ok(())
+}
+
+/// Runs the IP-in-IP emulator on `ns`'s TUN device.
+pub fn start_ipip_peer(
+    lab: &Lab,
+    ns: &str,
+    bin: &Path,
+    local: Ipv4Addr,
+    remote: Ipv4Addr,
+) -> Result<Daemon> {
+    let args = format!("--tun {TUN_IFACE} --local {local} --remote {remote}");
+    let mut peer = lab.spawn(ns, "ipip-peer", bin, &args)?;
+    peer.wait_for("ready", QUICK_READY)?;
+    Ok(peer)
+}
+
+/// `python3 -m http.server` minus its reverse DNS lookup of the bound
+/// address, which would stall for many seconds (no DNS in the lab) and send
+/// queries toward the host's resolver. Logs each request's client address.
+const HTTP_SERVER_PY: &str = r#"
+import http.server, socketserver, sys
+
+class Server(http.server.ThreadingHTTPServer):
+    def server_bind(self):
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+ip, port, root = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=root)
+print(f"Serving HTTP on {ip} port {port}", flush=True)
+Server((ip, port), handler).serve_forever()
+"#;
+
+/// Serves `dir` over HTTP on `ip`:`HTTP_PORT` in `ns`.
+pub fn start_http_server(lab: &Lab, ns: &str, ip: Ipv4Addr, dir: &Path) -> Result<Daemon> {
+    let script = lab.dir().join("http_server.py");
+    std::fs::write(&script, HTTP_SERVER_PY)?;
+    let args = format!("-u {} {ip} {HTTP_PORT} {}", script.display(), dir.display());
+    let mut http = lab.spawn(ns, "http", "python3", &args)?;
+    http.wait_for("Serving HTTP", QUICK_READY)?;
+    Ok(http)
+}
