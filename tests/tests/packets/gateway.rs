@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use aya::programs::{TestRun as _, TestRunOptions};
+use aya::programs::{TestRun as _, TestRunOptions, TestRunResult};
 use egress_common::reason::Reason;
 use egress_user::{
     datapath::{Datapath, Policy},
@@ -79,24 +79,8 @@ impl Gateway {
     /// that moved.
     pub fn run(&mut self, frame: &[u8]) -> (Verdict, Vec<u8>, Reason) {
         let before = self.stats();
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
-        // rx_queue_index, egress_ifindex.
-        let ctx: Vec<u8> = [0, frame.len() as u32, 0, self.ifindex, 0, 0]
-            .iter()
-            .flat_map(|v| v.to_ne_bytes())
-            .collect();
         let mut out = vec![0u8; frame.len() + 256];
-        let prog = self.datapath.xdp().unwrap();
-        let result = in_netns(&self.ns, || {
-            prog.test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::new()
-            })
-        })
-        .unwrap()
-        .expect("BPF_PROG_TEST_RUN");
+        let result = self.test_run(frame, 1, &mut out).remove(0);
         out.truncate(result.data_size_out as usize);
         let verdict = match result.return_value {
             XDP_DROP => Verdict::Drop,
@@ -109,6 +93,34 @@ impl Gateway {
         assert_eq!(moved.len(), 1, "exactly one reason counter per packet, got {moved:?}");
         assert_eq!(after[&moved[0]], before[&moved[0]] + 1);
         (verdict, out, moved[0])
+    }
+
+    /// Runs the program `n` times on `frame` from a thread inside the
+    /// namespace. Every run starts from a fresh copy of `frame` (the program
+    /// rewrites packets in place, so the kernel's own repeat would not redo
+    /// the work); `out` receives the frame as the last run left it.
+    pub fn test_run(&mut self, frame: &[u8], n: usize, out: &mut [u8]) -> Vec<TestRunResult> {
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
+        // rx_queue_index, egress_ifindex.
+        let ctx: Vec<u8> = [0, frame.len() as u32, 0, self.ifindex, 0, 0]
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect();
+        let prog = self.datapath.xdp().unwrap();
+        in_netns(&self.ns, || {
+            (0..n)
+                .map(|_| {
+                    prog.test_run(TestRunOptions {
+                        data_in: Some(frame),
+                        data_out: Some(&mut *out),
+                        ctx_in: Some(&ctx),
+                        ..TestRunOptions::new()
+                    })
+                    .expect("BPF_PROG_TEST_RUN")
+                })
+                .collect()
+        })
+        .unwrap()
     }
 
     fn stats(&self) -> HashMap<Reason, u64> {
