@@ -67,8 +67,8 @@ mod tests {
     fn pool(n: u32) -> Config {
         let mut c = Config::UNSET;
         c.snat_count = n;
-        for i in 0..n as usize {
-            c.snat_addrs[i] = [10, 1, 1, 10 + i as u8];
+        for (i, a) in c.snat_addrs.iter_mut().take(n as usize).enumerate() {
+            *a = [10, 1, 1, 10 + i as u8];
         }
         c
     }

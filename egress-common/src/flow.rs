@@ -110,8 +110,14 @@ mod tests {
         };
         let (o, i) = (f.out_key(), f.in_key());
         assert_ne!(o, i);
-        assert_eq!((o.src, o.dst, o.sport, o.dport), (f.client_addr, f.remote_addr, f.client_port, f.remote_port));
-        assert_eq!((i.src, i.dst, i.sport, i.dport), (f.remote_addr, f.nat_addr, f.remote_port, f.nat_port));
+        assert_eq!(
+            (o.src, o.dst, o.sport, o.dport),
+            (f.client_addr, f.remote_addr, f.client_port, f.remote_port)
+        );
+        assert_eq!(
+            (i.src, i.dst, i.sport, i.dport),
+            (f.remote_addr, f.nat_addr, f.remote_port, f.nat_port)
+        );
     }
 
     #[test]

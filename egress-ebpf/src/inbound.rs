@@ -51,13 +51,26 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Reason> {
         return Err(Reason::TtlExceeded);
     }
     let outer_len = len.checked_add(IP_LEN as u16).ok_or(Reason::TooBig)?;
-    let hop = fib::lookup(hook, cfg.tunnel_local, flow.peer_addr, IPPROTO_IPIP, outer_len)?;
+    let hop = fib::lookup(
+        hook,
+        cfg.tunnel_local,
+        flow.peer_addr,
+        IPPROTO_IPIP,
+        outer_len,
+    )?;
     state::touch(flow, len);
 
     let outer = outer_header(ip, outer_len, cfg.tunnel_local, flow.peer_addr);
     // The kernel's forwarding path decrements the TTL itself.
     let dec_ttl = matches!(hop, NextHop::Resolved { .. });
-    l4::translate(pkt, ETH_LEN, Side::Dst, flow.client_addr, flow.client_port, dec_ttl)?;
+    l4::translate(
+        pkt,
+        ETH_LEN,
+        Side::Dst,
+        flow.client_addr,
+        flow.client_port,
+        dec_ttl,
+    )?;
 
     // SAFETY: read before the head moves; the copy outlives the packet view.
     let orig: EthHdr = unsafe { *pkt.get::<EthHdr>(0)? };
@@ -80,8 +93,26 @@ fn outer_header(inner: &Ipv4Hdr, tot_len: u16, src: [u8; 4], dst: [u8; 4]) -> [u
     let [i0, i1] = id.to_be_bytes();
     let [f0, f1] = df.to_be_bytes();
     let mut h = [
-        0x45, inner.tos, l0, l1, i0, i1, f0, f1, OUTER_TTL, IPPROTO_IPIP, 0, 0, src[0], src[1],
-        src[2], src[3], dst[0], dst[1], dst[2], dst[3],
+        0x45,
+        inner.tos,
+        l0,
+        l1,
+        i0,
+        i1,
+        f0,
+        f1,
+        OUTER_TTL,
+        IPPROTO_IPIP,
+        0,
+        0,
+        src[0],
+        src[1],
+        src[2],
+        src[3],
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
     ];
     let [c0, c1] = checksum::ipv4_header(&h);
     h[10] = c0;

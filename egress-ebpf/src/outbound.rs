@@ -27,13 +27,18 @@ struct Inner {
 
 pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Reason> {
     let pkt = hook.packet();
-    let inner = validate(pkt, cfg)?;
+    let inner = validate(pkt)?;
     let key = inner.key;
 
     let existing = state::find(&key);
+    // Policy was checked when the flow was created; a packet of a known flow
+    // from the flow's own peer skips the peer and client map lookups.
     let nat_addr = match &existing {
-        Some(f) => f.nat_addr,
-        None => cfg.snat_for(key.src),
+        Some(f) if f.peer_addr == inner.peer => f.nat_addr,
+        _ => {
+            allowed(&inner, cfg)?;
+            cfg.snat_for(key.src)
+        }
     };
     // Route before creating state: an unroutable destination leaves none.
     let hop = fib::lookup(hook, nat_addr, key.dst, key.proto, inner.len)?;
@@ -53,22 +58,30 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Reason> {
     send(hook, hook.packet(), &hop, &orig, reason)
 }
 
-/// Checks the outer header (RFC 2003, from an allowed peer), the inner header
-/// (IPv4, allowed client, forwardable) and reads the inner 5-tuple.
+/// Whether the peer may tunnel to us and the inner source may be translated
+/// (no open proxy).
 #[inline(always)]
-fn validate(pkt: Packet, cfg: &Config) -> Result<Inner, Reason> {
+fn allowed(inner: &Inner, cfg: &Config) -> Result<(), Reason> {
+    if !maps::is_peer(inner.peer) {
+        return Err(Reason::PeerNotAllowed);
+    }
+    if inner.key.src == cfg.tunnel_local || cfg.is_snat(inner.key.src) {
+        return Err(Reason::Loop);
+    }
+    if !maps::is_client(inner.key.src) {
+        return Err(Reason::ClientNotAllowed);
+    }
+    Ok(())
+}
+
+/// Checks the outer header (RFC 2003) and the inner header (IPv4,
+/// forwardable) and reads the inner 5-tuple.
+#[inline(always)]
+fn validate(pkt: Packet) -> Result<Inner, Reason> {
     // SAFETY: read-only views of non-overlapping headers.
-    let (outer, inner) = unsafe {
-        (
-            pkt.get::<Ipv4Hdr>(ETH_LEN)?,
-            pkt.get::<Ipv4Hdr>(INNER)?,
-        )
-    };
+    let (outer, inner) = unsafe { (pkt.get::<Ipv4Hdr>(ETH_LEN)?, pkt.get::<Ipv4Hdr>(INNER)?) };
     if outer.vihl != 0x45 || u16::from_be_bytes(outer.frags) & IP_MF_OFFSET != 0 {
         return Err(Reason::BadOuter);
-    }
-    if !maps::is_peer(outer.src_addr) {
-        return Err(Reason::PeerNotAllowed);
     }
     let outer_len = usize::from(outer.tot_len());
     if outer_len < 2 * IP_LEN || ETH_LEN + outer_len > pkt.len() {
@@ -84,17 +97,13 @@ fn validate(pkt: Packet, cfg: &Config) -> Result<Inner, Reason> {
         return Err(Reason::InnerOptions);
     }
     let len = inner.tot_len();
-    if usize::from(len) != outer_len - IP_LEN || usize::from(len) < IP_LEN + l4::min_len(inner.proto) {
+    if usize::from(len) != outer_len - IP_LEN
+        || usize::from(len) < IP_LEN + l4::min_len(inner.proto)
+    {
         return Err(Reason::BadLength);
     }
     if u16::from_be_bytes(inner.frags) & IP_MF_OFFSET != 0 {
         return Err(Reason::Fragment);
-    }
-    if inner.src_addr == cfg.tunnel_local || cfg.is_snat(inner.src_addr) {
-        return Err(Reason::Loop);
-    }
-    if !maps::is_client(inner.src_addr) {
-        return Err(Reason::ClientNotAllowed);
     }
     if inner.ttl <= 1 {
         return Err(Reason::TtlExceeded);

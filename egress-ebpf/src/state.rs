@@ -64,7 +64,7 @@ pub fn create(key: &FlowKey, peer: [u8; 4], cfg: &Config) -> Result<&'static mut
         let in_key = flow.in_key();
         match FLOWS.insert(&in_key, &flow, BPF_NOEXIST as u64) {
             Ok(()) => {}
-            Err(e) if e as i32 == -EEXIST => continue,
+            Err(e) if e == -EEXIST => continue,
             Err(_) => return Err(Reason::TableFull),
         }
         return match FLOWS.insert(key, &flow, BPF_NOEXIST as u64) {
@@ -75,7 +75,7 @@ pub fn create(key: &FlowKey, peer: [u8; 4], cfg: &Config) -> Result<&'static mut
                 if FLOWS.remove(&in_key).is_err() {
                     return Err(Reason::Internal);
                 }
-                if e as i32 == -EEXIST {
+                if e == -EEXIST {
                     find(key).ok_or(Reason::Internal)
                 } else {
                     Err(Reason::TableFull)

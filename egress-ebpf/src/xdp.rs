@@ -1,11 +1,11 @@
 //! The XDP hook.
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::{bpf_fib_lookup, xdp_action},
     helpers::{bpf_redirect, bpf_xdp_adjust_head},
     macros::xdp,
     programs::XdpContext,
-    EbpfContext as _,
 };
 use egress_common::reason::{Reason, Verdict};
 
