@@ -3,7 +3,10 @@
 
 fn main() -> aya_build::Result<()> {
     // aya-build watches the eBPF crate; the shared crate is compiled into it too.
-    println!("cargo::rerun-if-changed={}/../egress-common", env!("CARGO_MANIFEST_DIR"));
+    println!(
+        "cargo::rerun-if-changed={}/../egress-common",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../egress-ebpf");
     aya_build::build_ebpf(
         [aya_build::Package {

@@ -66,12 +66,16 @@ impl Datapath {
 
         let mut peers: HashMap<_, [u8; 4], u8> = HashMap::try_from(map(&mut ebpf, "PEERS")?)?;
         for p in &policy.peers {
-            peers.insert(&p.octets(), &1, 0).with_context(|| format!("cannot add peer {p}"))?;
+            peers
+                .insert(&p.octets(), &1, 0)
+                .with_context(|| format!("cannot add peer {p}"))?;
         }
         let mut clients: LpmTrie<_, [u8; 4], u8> = LpmTrie::try_from(map(&mut ebpf, "CLIENTS")?)?;
         for c in &policy.client_cidrs {
             let key = Key::new(u32::from(c.prefix_len()), c.network().octets());
-            clients.insert(&key, &1, 0).with_context(|| format!("cannot add client range {c}"))?;
+            clients
+                .insert(&key, &1, 0)
+                .with_context(|| format!("cannot add client range {c}"))?;
         }
 
         let mut datapath = Self { ebpf };
@@ -87,18 +91,23 @@ impl Datapath {
         let prog = self.xdp()?;
         match mode {
             AttachMode::Native => {
-                prog.attach(ifindex, XdpMode::Driver).context("native XDP attach failed")?;
+                prog.attach(ifindex, XdpMode::Driver)
+                    .context("native XDP attach failed")?;
                 Ok("native")
             }
             AttachMode::Generic => {
-                prog.attach(ifindex, XdpMode::Skb).context("generic XDP attach failed")?;
+                prog.attach(ifindex, XdpMode::Skb)
+                    .context("generic XDP attach failed")?;
                 Ok("generic")
             }
             AttachMode::Auto => match prog.attach(ifindex, XdpMode::Driver) {
                 Ok(_) => Ok("native"),
                 Err(e) => {
-                    tracing::warn!("native XDP unavailable ({e}); falling back to generic XDP, which is slower");
-                    prog.attach(ifindex, XdpMode::Skb).context("generic XDP attach failed")?;
+                    tracing::warn!(
+                        "native XDP unavailable ({e}); falling back to generic XDP, which is slower"
+                    );
+                    prog.attach(ifindex, XdpMode::Skb)
+                        .context("generic XDP attach failed")?;
                     Ok("generic")
                 }
             },
@@ -131,5 +140,6 @@ impl Datapath {
 }
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
-    ebpf.map_mut(name).with_context(|| format!("{name} map missing from the eBPF object"))
+    ebpf.map_mut(name)
+        .with_context(|| format!("{name} map missing from the eBPF object"))
 }

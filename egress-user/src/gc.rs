@@ -32,11 +32,16 @@ pub struct Sweep {
 
 /// Removes every flow idle past its timeout at time `now_ns`, and any
 /// outbound half whose return half is missing (a sweep cut short).
-pub fn sweep(flows: &mut HashMap<&mut MapData, FlowKey, Flow>, now_ns: u64) -> Result<Sweep, MapError> {
+pub fn sweep(
+    flows: &mut HashMap<&mut MapData, FlowKey, Flow>,
+    now_ns: u64,
+) -> Result<Sweep, MapError> {
     let keys: Vec<FlowKey> = flows.keys().collect::<Result<_, _>>()?;
     let mut sweep = Sweep::default();
     for key in keys.into_iter().filter(|k| k.dir == DIR_OUT) {
-        let Ok(out) = flows.get(&key, 0) else { continue };
+        let Ok(out) = flows.get(&key, 0) else {
+            continue;
+        };
         let last_in = flows.get(&out.in_key(), 0).map(|f| f.last_seen_ns);
         let last = out.last_seen_ns.max(*last_in.as_ref().unwrap_or(&0));
         let idle = Duration::from_nanos(now_ns.saturating_sub(last));

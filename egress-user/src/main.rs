@@ -108,7 +108,10 @@ fn run(settings: Settings) -> anyhow::Result<()> {
     let primary = iface.primary;
     let needs_address = || {
         primary.with_context(|| {
-            format!("interface {} has no IPv4 address: give --snat and --tunnel-local", iface.name)
+            format!(
+                "interface {} has no IPv4 address: give --snat and --tunnel-local",
+                iface.name
+            )
         })
     };
     let snat = match settings.snat.is_empty() {

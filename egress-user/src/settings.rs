@@ -10,7 +10,10 @@ use serde::Deserialize;
 /// Default translation ports: below Linux's default ephemeral range
 /// (32768-60999), so the gateway host's own connections never collide
 /// with translated ones on the same address.
-pub const DEFAULT_PORTS: PortRange = PortRange { min: 1024, max: 32767 };
+pub const DEFAULT_PORTS: PortRange = PortRange {
+    min: 1024,
+    max: 32767,
+};
 /// Default flow table capacity (each flow uses two map entries).
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
 
@@ -49,7 +52,9 @@ impl fmt::Display for PortRange {
 
 impl<'de> Deserialize<'de> for PortRange {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -85,8 +90,14 @@ impl FileSettings {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
         toml::from_str(&text).map_err(|e| {
-            let line = e.span().map_or(0, |s| text[..s.start].matches('\n').count() + 1);
-            anyhow::anyhow!("config file {} line {line}: {}", path.display(), e.message().trim())
+            let line = e
+                .span()
+                .map_or(0, |s| text[..s.start].matches('\n').count() + 1);
+            anyhow::anyhow!(
+                "config file {} line {line}: {}",
+                path.display(),
+                e.message().trim()
+            )
         })
     }
 }
@@ -110,14 +121,22 @@ impl Settings {
     /// command line replaces the file's value, lists included.
     pub fn merge(cli: FileSettings, file: FileSettings) -> anyhow::Result<Self> {
         let s = Settings {
-            iface: cli.iface.or(file.iface).context("no interface: give --iface (or `iface` in the config file)")?,
+            iface: cli
+                .iface
+                .or(file.iface)
+                .context("no interface: give --iface (or `iface` in the config file)")?,
             peers: non_empty(cli.peer).or(file.peer).unwrap_or_default(),
-            client_cidrs: non_empty(cli.client_cidr).or(file.client_cidr).unwrap_or_default(),
+            client_cidrs: non_empty(cli.client_cidr)
+                .or(file.client_cidr)
+                .unwrap_or_default(),
             snat: non_empty(cli.snat).or(file.snat).unwrap_or_default(),
             tunnel_local: cli.tunnel_local.or(file.tunnel_local),
             ports: cli.ports.or(file.ports).unwrap_or(DEFAULT_PORTS),
             attach: cli.attach.or(file.attach).unwrap_or_default(),
-            max_flows: cli.max_flows.or(file.max_flows).unwrap_or(DEFAULT_MAX_FLOWS),
+            max_flows: cli
+                .max_flows
+                .or(file.max_flows)
+                .unwrap_or(DEFAULT_MAX_FLOWS),
         };
         s.validate()?;
         Ok(s)
@@ -125,13 +144,20 @@ impl Settings {
 
     fn validate(&self) -> anyhow::Result<()> {
         if self.peers.is_empty() {
-            bail!("no tunnel peers: give --peer (or `peer` in the config file); without one nothing may tunnel to this host");
+            bail!(
+                "no tunnel peers: give --peer (or `peer` in the config file); without one nothing may tunnel to this host"
+            );
         }
         if self.client_cidrs.is_empty() {
-            bail!("no client ranges: give --client-cidr (or `client-cidr`); without one nothing is translated");
+            bail!(
+                "no client ranges: give --client-cidr (or `client-cidr`); without one nothing is translated"
+            );
         }
         if self.snat.len() > egress_common::config::MAX_SNAT_ADDRS {
-            bail!("snat: at most {} translation addresses", egress_common::config::MAX_SNAT_ADDRS);
+            bail!(
+                "snat: at most {} translation addresses",
+                egress_common::config::MAX_SNAT_ADDRS
+            );
         }
         if self.max_flows == 0 || self.max_flows > (u32::MAX / 2) {
             bail!("max-flows: must be between 1 and {}", u32::MAX / 2);
@@ -160,7 +186,13 @@ mod tests {
 
     #[test]
     fn port_range_parses_and_rejects() {
-        assert_eq!("1024-2048".parse::<PortRange>(), Ok(PortRange { min: 1024, max: 2048 }));
+        assert_eq!(
+            "1024-2048".parse::<PortRange>(),
+            Ok(PortRange {
+                min: 1024,
+                max: 2048
+            })
+        );
         assert!("2048-1024".parse::<PortRange>().is_err());
         assert!("0-10".parse::<PortRange>().is_err());
         assert!("80".parse::<PortRange>().is_err());
@@ -176,7 +208,13 @@ mod tests {
         let s = Settings::merge(cli(), file).unwrap();
         assert_eq!(s.iface, "eth0");
         assert_eq!(s.peers, vec![Ipv4Addr::new(10, 0, 1, 10)]);
-        assert_eq!(s.ports, PortRange { min: 2000, max: 3000 });
+        assert_eq!(
+            s.ports,
+            PortRange {
+                min: 2000,
+                max: 3000
+            }
+        );
         assert_eq!(s.max_flows, DEFAULT_MAX_FLOWS);
     }
 

@@ -16,7 +16,11 @@ const RUNS: usize = 20_000;
 
 fn median_ns(gw: &mut Gateway, frame: &[u8]) -> u128 {
     let mut out = vec![0u8; frame.len() + 256];
-    let mut ns: Vec<u128> = gw.test_run(frame, RUNS, &mut out).iter().map(|r| r.duration.as_nanos()).collect();
+    let mut ns: Vec<u128> = gw
+        .test_run(frame, RUNS, &mut out)
+        .iter()
+        .map(|r| r.duration.as_nanos())
+        .collect();
     ns.sort_unstable();
     ns[ns.len() / 2]
 }
@@ -24,11 +28,28 @@ fn median_ns(gw: &mut Gateway, frame: &[u8]) -> u128 {
 fn main() {
     let mut gw = Gateway::new();
     let payload = [0u8; 64];
-    let out_l4 = L4::Tcp { sport: 23456, dport: 443, syn: false, payload: &payload };
-    let outbound = ethernet(ROUTER_MAC, GW_MAC, &encapsulate(Ip::new(PEER, GW), &ip_packet(Ip::new(CLIENT, SERVER), out_l4)));
+    let out_l4 = L4::Tcp {
+        sport: 23456,
+        dport: 443,
+        syn: false,
+        payload: &payload,
+    };
+    let outbound = ethernet(
+        ROUTER_MAC,
+        GW_MAC,
+        &encapsulate(
+            Ip::new(PEER, GW),
+            &ip_packet(Ip::new(CLIENT, SERVER), out_l4),
+        ),
+    );
     // Create the flow, then time packets of the established flow.
     gw.run(&outbound);
-    let ret_l4 = L4::Tcp { sport: 443, dport: 23456, syn: false, payload: &payload };
+    let ret_l4 = L4::Tcp {
+        sport: 443,
+        dport: 23456,
+        syn: false,
+        payload: &payload,
+    };
     let inbound = ethernet(ROUTER_MAC, GW_MAC, &ip_packet(Ip::new(SERVER, GW), ret_l4));
 
     println!("BPF_PROG_TEST_RUN, median of {RUNS} single runs, 64-byte TCP payload");

@@ -9,10 +9,25 @@ use etherparse::{
 /// A transport header and payload for [`ip_packet`].
 #[derive(Clone, Copy)]
 pub enum L4<'a> {
-    Tcp { sport: u16, dport: u16, syn: bool, payload: &'a [u8] },
-    Udp { sport: u16, dport: u16, payload: &'a [u8] },
-    EchoRequest { id: u16, seq: u16 },
-    EchoReply { id: u16, seq: u16 },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        syn: bool,
+        payload: &'a [u8],
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+        payload: &'a [u8],
+    },
+    EchoRequest {
+        id: u16,
+        seq: u16,
+    },
+    EchoReply {
+        id: u16,
+        seq: u16,
+    },
 }
 
 /// IPv4 header fields the tests vary.
@@ -28,7 +43,14 @@ pub struct Ip {
 
 impl Ip {
     pub fn new(src: [u8; 4], dst: [u8; 4]) -> Self {
-        Self { src, dst, ttl: 64, id: 0x1234, df: true, tos: 0 }
+        Self {
+            src,
+            dst,
+            ttl: 64,
+            id: 0x1234,
+            df: true,
+            tos: 0,
+        }
     }
 
     fn header(&self) -> Ipv4Header {
@@ -46,16 +68,29 @@ pub fn ip_packet(ip: Ip, l4: L4) -> Vec<u8> {
     let b = PacketBuilder::ip(IpHeaders::Ipv4(ip.header(), Default::default()));
     let mut out = Vec::new();
     match l4 {
-        L4::Tcp { sport, dport, syn, payload } => {
+        L4::Tcp {
+            sport,
+            dport,
+            syn,
+            payload,
+        } => {
             let b = b.tcp(sport, dport, 1000, 64240);
             let b = if syn { b.syn() } else { b.ack(1).psh() };
             b.write(&mut out, payload).unwrap();
         }
-        L4::Udp { sport, dport, payload } => b.udp(sport, dport).write(&mut out, payload).unwrap(),
-        L4::EchoRequest { id, seq } => {
-            b.icmpv4_echo_request(id, seq).write(&mut out, b"ping").unwrap()
-        }
-        L4::EchoReply { id, seq } => b.icmpv4_echo_reply(id, seq).write(&mut out, b"ping").unwrap(),
+        L4::Udp {
+            sport,
+            dport,
+            payload,
+        } => b.udp(sport, dport).write(&mut out, payload).unwrap(),
+        L4::EchoRequest { id, seq } => b
+            .icmpv4_echo_request(id, seq)
+            .write(&mut out, b"ping")
+            .unwrap(),
+        L4::EchoReply { id, seq } => b
+            .icmpv4_echo_reply(id, seq)
+            .write(&mut out, b"ping")
+            .unwrap(),
     }
     out
 }
@@ -71,9 +106,13 @@ pub fn encapsulate(outer: Ip, inner: &[u8]) -> Vec<u8> {
 
 /// `packet` in an Ethernet II frame.
 pub fn ethernet(src: [u8; 6], dst: [u8; 6], packet: &[u8]) -> Vec<u8> {
-    let mut out = Ethernet2Header { source: src, destination: dst, ether_type: EtherType::IPV4 }
-        .to_bytes()
-        .to_vec();
+    let mut out = Ethernet2Header {
+        source: src,
+        destination: dst,
+        ether_type: EtherType::IPV4,
+    }
+    .to_bytes()
+    .to_vec();
     out.extend_from_slice(packet);
     out
 }
@@ -84,9 +123,15 @@ pub fn assert_checksums_valid(frame: &[u8]) {
     let mut ip = &frame[Ethernet2Header::LEN..];
     loop {
         let sliced = SlicedPacket::from_ip(ip).expect("output parses as IPv4");
-        let Some(etherparse::NetSlice::Ipv4(v4)) = &sliced.net else { panic!("not IPv4") };
+        let Some(etherparse::NetSlice::Ipv4(v4)) = &sliced.net else {
+            panic!("not IPv4")
+        };
         let h = v4.header().to_header();
-        assert_eq!(h.header_checksum, h.calc_header_checksum(), "IPv4 header checksum");
+        assert_eq!(
+            h.header_checksum,
+            h.calc_header_checksum(),
+            "IPv4 header checksum"
+        );
         let payload = v4.payload().payload;
         if v4.payload().ip_number == IpNumber::IPV4 {
             ip = payload;

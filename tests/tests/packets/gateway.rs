@@ -22,7 +22,10 @@ pub const CLIENT2: [u8; 4] = [10, 0, 2, 2];
 pub const SERVER: [u8; 4] = [203, 0, 113, 10];
 /// Reached via a next hop that has no neighbour entry.
 pub const UNRESOLVED: [u8; 4] = [198, 51, 100, 7];
-pub const PORTS: PortRange = PortRange { min: 20000, max: 29999 };
+pub const PORTS: PortRange = PortRange {
+    min: 20000,
+    max: 29999,
+};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -55,23 +58,39 @@ impl Gateway {
             format!("ip addr add {}/24 dev eth0", ip(GW)),
             format!("ip route add default via {}", ip(ROUTER)),
             format!("ip route add {}/32 via 10.1.1.2", ip(UNRESOLVED)),
-            format!("ip neigh replace {} lladdr {} dev eth0 nud permanent", ip(ROUTER), mac(ROUTER_MAC)),
+            format!(
+                "ip neigh replace {} lladdr {} dev eth0 nud permanent",
+                ip(ROUTER),
+                mac(ROUTER_MAC)
+            ),
             // bpf_fib_lookup routes only for interfaces with forwarding on.
             "sysctl -qw net.ipv4.conf.eth0.forwarding=1".into(),
         ] {
             exec(&ns, &cmd).unwrap();
         }
-        let ifindex: u32 = exec(&ns, "cat /sys/class/net/eth0/ifindex").unwrap().trim().parse().unwrap();
+        let ifindex: u32 = exec(&ns, "cat /sys/class/net/eth0/ifindex")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         let datapath = Datapath::load(&Policy {
             tunnel_local: GW.into(),
             snat: vec![GW.into()],
             ports: PORTS,
             peers: vec![PEER.into()],
-            client_cidrs: vec!["192.168.250.0/30".parse().unwrap(), "10.0.0.0/16".parse().unwrap()],
+            client_cidrs: vec![
+                "192.168.250.0/30".parse().unwrap(),
+                "10.0.0.0/16".parse().unwrap(),
+            ],
             max_flows: 1024,
         })
         .unwrap();
-        Self { datapath, ns, ifindex, _lab: lab }
+        Self {
+            datapath,
+            ns,
+            ifindex,
+            _lab: lab,
+        }
     }
 
     /// Runs the program once on `frame`, as received on eth0. Returns the
@@ -89,8 +108,15 @@ impl Gateway {
             v => panic!("unexpected XDP action {v}"),
         };
         let after = self.stats();
-        let moved: Vec<Reason> = Reason::ALL.into_iter().filter(|r| after[r] != before[r]).collect();
-        assert_eq!(moved.len(), 1, "exactly one reason counter per packet, got {moved:?}");
+        let moved: Vec<Reason> = Reason::ALL
+            .into_iter()
+            .filter(|r| after[r] != before[r])
+            .collect();
+        assert_eq!(
+            moved.len(),
+            1,
+            "exactly one reason counter per packet, got {moved:?}"
+        );
         assert_eq!(after[&moved[0]], before[&moved[0]] + 1);
         (verdict, out, moved[0])
     }
@@ -138,5 +164,8 @@ fn ip(a: [u8; 4]) -> std::net::Ipv4Addr {
 }
 
 fn mac(m: [u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }

@@ -36,12 +36,37 @@ fn outbound(gw: &mut Gateway, client: [u8; 4], l4: L4, want: Reason) -> u16 {
         t => panic!("{t:?}"),
     };
     let translated = match l4 {
-        L4::Tcp { dport, syn, payload, .. } => L4::Tcp { sport: port, dport, syn, payload },
-        L4::Udp { dport, payload, .. } => L4::Udp { sport: port, dport, payload },
+        L4::Tcp {
+            dport,
+            syn,
+            payload,
+            ..
+        } => L4::Tcp {
+            sport: port,
+            dport,
+            syn,
+            payload,
+        },
+        L4::Udp { dport, payload, .. } => L4::Udp {
+            sport: port,
+            dport,
+            payload,
+        },
         L4::EchoRequest { seq, .. } => L4::EchoRequest { id: port, seq },
         L4::EchoReply { .. } => unreachable!(),
     };
-    let want = ethernet(GW_MAC, ROUTER_MAC, &ip_packet(Ip { src: GW, ttl: ip.ttl - 1, ..ip }, translated));
+    let want = ethernet(
+        GW_MAC,
+        ROUTER_MAC,
+        &ip_packet(
+            Ip {
+                src: GW,
+                ttl: ip.ttl - 1,
+                ..ip
+            },
+            translated,
+        ),
+    );
     assert_eq!(out, want, "translated outbound frame");
     port
 }
@@ -49,13 +74,29 @@ fn outbound(gw: &mut Gateway, client: [u8; 4], l4: L4, want: Reason) -> u16 {
 /// Sends the server's reply `l4` to the translation; asserts it leaves
 /// encapsulated to the peer with only the destination translated back.
 fn inbound(gw: &mut Gateway, l4: L4, client: [u8; 4], client_l4: L4) {
-    let ip = Ip { df: false, tos: 0x28, ..Ip::new(SERVER, GW) };
+    let ip = Ip {
+        df: false,
+        tos: 0x28,
+        ..Ip::new(SERVER, GW)
+    };
     let (verdict, out, reason) = gw.run(&ethernet(ROUTER_MAC, GW_MAC, &ip_packet(ip, l4)));
     assert_eq!((verdict, reason), (Verdict::Tx, Reason::ReverseHit));
     assert_checksums_valid(&out);
-    let inner = ip_packet(Ip { dst: client, ttl: ip.ttl - 1, ..ip }, client_l4);
+    let inner = ip_packet(
+        Ip {
+            dst: client,
+            ttl: ip.ttl - 1,
+            ..ip
+        },
+        client_l4,
+    );
     // RFC 2003: TOS and DF copied from the inner header, TTL ours.
-    let outer = Ip { id: 0, df: ip.df, tos: ip.tos, ..Ip::new(GW, PEER) };
+    let outer = Ip {
+        id: 0,
+        df: ip.df,
+        tos: ip.tos,
+        ..Ip::new(GW, PEER)
+    };
     let mut want = ethernet(GW_MAC, ROUTER_MAC, &encapsulate(outer, &inner));
     assert_eq!(out.len(), want.len());
     want[OUTER_ID].copy_from_slice(&out[OUTER_ID]);
@@ -67,12 +108,27 @@ fn inbound(gw: &mut Gateway, l4: L4, client: [u8; 4], client_l4: L4) {
 #[test]
 fn tcp_outbound_and_return() {
     let mut gw = Gateway::new();
-    let syn = L4::Tcp { sport: 23456, dport: 80, syn: true, payload: b"" };
+    let syn = L4::Tcp {
+        sport: 23456,
+        dport: 80,
+        syn: true,
+        payload: b"",
+    };
     // The client's port lies in the range and is free: it is kept.
     assert_eq!(outbound(&mut gw, CLIENT, syn, Reason::NewFlow), 23456);
-    let data = L4::Tcp { sport: 23456, dport: 80, syn: false, payload: b"GET / HTTP/1.0\r\n\r\n" };
+    let data = L4::Tcp {
+        sport: 23456,
+        dport: 80,
+        syn: false,
+        payload: b"GET / HTTP/1.0\r\n\r\n",
+    };
     assert_eq!(outbound(&mut gw, CLIENT, data, Reason::Translated), 23456);
-    let reply = L4::Tcp { sport: 80, dport: 23456, syn: false, payload: b"HTTP/1.0 200 OK\r\n" };
+    let reply = L4::Tcp {
+        sport: 80,
+        dport: 23456,
+        syn: false,
+        payload: b"HTTP/1.0 200 OK\r\n",
+    };
     inbound(&mut gw, reply, CLIENT, reply);
     assert_eq!(gw.flow_entries(), 2);
 }
@@ -81,17 +137,41 @@ fn tcp_outbound_and_return() {
 fn udp_outbound_and_return_with_port_change() {
     let mut gw = Gateway::new();
     // Port 5353 is outside the range: the flow gets one from the range.
-    let q = L4::Udp { sport: 5353, dport: 53, payload: b"query" };
+    let q = L4::Udp {
+        sport: 5353,
+        dport: 53,
+        payload: b"query",
+    };
     let port = outbound(&mut gw, CLIENT, q, Reason::NewFlow);
     assert!((PORTS.min..=PORTS.max).contains(&port), "{port}");
-    let reply = L4::Udp { sport: 53, dport: port, payload: b"answer" };
-    inbound(&mut gw, reply, CLIENT, L4::Udp { sport: 53, dport: 5353, payload: b"answer" });
+    let reply = L4::Udp {
+        sport: 53,
+        dport: port,
+        payload: b"answer",
+    };
+    inbound(
+        &mut gw,
+        reply,
+        CLIENT,
+        L4::Udp {
+            sport: 53,
+            dport: 5353,
+            payload: b"answer",
+        },
+    );
 }
 
 #[test]
 fn udp_without_checksum_stays_without() {
     let mut gw = Gateway::new();
-    let mut inner = ip_packet(Ip::new(CLIENT, SERVER), L4::Udp { sport: 4000, dport: 9, payload: b"x" });
+    let mut inner = ip_packet(
+        Ip::new(CLIENT, SERVER),
+        L4::Udp {
+            sport: 4000,
+            dport: 9,
+            payload: b"x",
+        },
+    );
     inner[26..28].copy_from_slice(&[0, 0]);
     let (verdict, out, _) = gw.run(&from_peer(&inner));
     assert_eq!(verdict, Verdict::Tx);
@@ -102,20 +182,40 @@ fn udp_without_checksum_stays_without() {
 #[test]
 fn icmp_echo_outbound_and_return() {
     let mut gw = Gateway::new();
-    let id = outbound(&mut gw, CLIENT, L4::EchoRequest { id: 7, seq: 1 }, Reason::NewFlow);
+    let id = outbound(
+        &mut gw,
+        CLIENT,
+        L4::EchoRequest { id: 7, seq: 1 },
+        Reason::NewFlow,
+    );
     assert!((PORTS.min..=PORTS.max).contains(&id));
-    inbound(&mut gw, L4::EchoReply { id, seq: 1 }, CLIENT, L4::EchoReply { id: 7, seq: 1 });
+    inbound(
+        &mut gw,
+        L4::EchoReply { id, seq: 1 },
+        CLIENT,
+        L4::EchoReply { id: 7, seq: 1 },
+    );
 }
 
 #[test]
 fn colliding_flows_get_distinct_ports_and_replies_reach_their_owner() {
     let mut gw = Gateway::new();
-    let l4 = L4::Tcp { sport: 25000, dport: 443, syn: true, payload: b"" };
+    let l4 = L4::Tcp {
+        sport: 25000,
+        dport: 443,
+        syn: true,
+        payload: b"",
+    };
     let first = outbound(&mut gw, CLIENT, l4, Reason::NewFlow);
     let second = outbound(&mut gw, CLIENT2, l4, Reason::NewFlow);
     assert_eq!(first, 25000);
     assert_ne!(second, first);
-    let reply = |dport| L4::Tcp { sport: 443, dport, syn: false, payload: b"" };
+    let reply = |dport| L4::Tcp {
+        sport: 443,
+        dport,
+        syn: false,
+        payload: b"",
+    };
     inbound(&mut gw, reply(second), CLIENT2, reply(25000));
     inbound(&mut gw, reply(first), CLIENT, reply(25000));
     assert_eq!(gw.flow_entries(), 4);
@@ -125,16 +225,28 @@ fn colliding_flows_get_distinct_ports_and_replies_reach_their_owner() {
 fn unresolved_next_hop_goes_to_the_kernel_translated() {
     let mut gw = Gateway::new();
     let ip = Ip::new(CLIENT, UNRESOLVED);
-    let l4 = L4::Udp { sport: 21000, dport: 53, payload: b"q" };
+    let l4 = L4::Udp {
+        sport: 21000,
+        dport: 53,
+        payload: b"q",
+    };
     let (verdict, out, reason) = gw.run(&from_peer(&ip_packet(ip, l4)));
     assert_eq!((verdict, reason), (Verdict::Pass, Reason::NoNeighbour));
     // Addressed to us as it arrived; TTL left for the kernel to decrement.
-    assert_eq!(out, ethernet(ROUTER_MAC, GW_MAC, &ip_packet(Ip { src: GW, ..ip }, l4)));
+    assert_eq!(
+        out,
+        ethernet(ROUTER_MAC, GW_MAC, &ip_packet(Ip { src: GW, ..ip }, l4))
+    );
 }
 
 /// Frames the gateway must not translate: (what, frame, verdict, reason).
 fn rejected() -> Vec<(&'static str, Vec<u8>, Verdict, Reason)> {
-    let tcp = L4::Tcp { sport: 23456, dport: 80, syn: true, payload: b"" };
+    let tcp = L4::Tcp {
+        sport: 23456,
+        dport: 80,
+        syn: true,
+        payload: b"",
+    };
     let inner = ip_packet(Ip::new(CLIENT, SERVER), tcp);
     let mut arp = ethernet(ROUTER_MAC, GW_MAC, &[0u8; 28]);
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
@@ -142,7 +254,11 @@ fn rejected() -> Vec<(&'static str, Vec<u8>, Verdict, Reason)> {
     vec![
         (
             "peer not allowed",
-            ethernet(ROUTER_MAC, GW_MAC, &encapsulate(Ip::new(stranger, GW), &inner)),
+            ethernet(
+                ROUTER_MAC,
+                GW_MAC,
+                &encapsulate(Ip::new(stranger, GW), &inner),
+            ),
             Verdict::Drop,
             Reason::PeerNotAllowed,
         ),
@@ -160,21 +276,55 @@ fn rejected() -> Vec<(&'static str, Vec<u8>, Verdict, Reason)> {
         ),
         (
             "inner TTL 1",
-            from_peer(&ip_packet(Ip { ttl: 1, ..Ip::new(CLIENT, SERVER) }, tcp)),
+            from_peer(&ip_packet(
+                Ip {
+                    ttl: 1,
+                    ..Ip::new(CLIENT, SERVER)
+                },
+                tcp,
+            )),
             Verdict::Drop,
             Reason::TtlExceeded,
         ),
-        ("truncated inner header", from_peer(&inner)[..14 + 20 + 12].to_vec(), Verdict::Drop, Reason::Truncated),
+        (
+            "truncated inner header",
+            from_peer(&inner)[..14 + 20 + 12].to_vec(),
+            Verdict::Drop,
+            Reason::Truncated,
+        ),
         ("non-IPv4 (ARP)", arp, Verdict::Pass, Reason::NotIpv4),
         (
             "host traffic to the gateway (SSH)",
-            ethernet(ROUTER_MAC, GW_MAC, &ip_packet(Ip::new(SERVER, GW), L4::Tcp { sport: 50000, dport: 22, syn: true, payload: b"" })),
+            ethernet(
+                ROUTER_MAC,
+                GW_MAC,
+                &ip_packet(
+                    Ip::new(SERVER, GW),
+                    L4::Tcp {
+                        sport: 50000,
+                        dport: 22,
+                        syn: true,
+                        payload: b"",
+                    },
+                ),
+            ),
             Verdict::Pass,
             Reason::NotOurs,
         ),
         (
             "reply to a flow that does not exist",
-            ethernet(ROUTER_MAC, GW_MAC, &ip_packet(Ip::new(SERVER, GW), L4::Udp { sport: 53, dport: 20001, payload: b"" })),
+            ethernet(
+                ROUTER_MAC,
+                GW_MAC,
+                &ip_packet(
+                    Ip::new(SERVER, GW),
+                    L4::Udp {
+                        sport: 53,
+                        dport: 20001,
+                        payload: b"",
+                    },
+                ),
+            ),
             Verdict::Pass,
             Reason::NotOurs,
         ),
