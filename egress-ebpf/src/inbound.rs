@@ -11,7 +11,7 @@ use egress_common::{
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
-    fib::{self, NextHop},
+    fib,
     l4::{self, Side},
     nat::{ETH_LEN, IP_DF, IP_LEN, IP_MF_OFFSET, Outcome, send},
     packet::Hook,
@@ -61,15 +61,15 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Reason> {
     state::touch(flow, len);
 
     let outer = outer_header(ip, outer_len, cfg.tunnel_local, flow.peer_addr);
-    // The kernel's forwarding path decrements the TTL itself.
-    let dec_ttl = matches!(hop, NextHop::Resolved { .. });
+    // Always our hop on the inner TTL: should the kernel forward this packet
+    // (unresolved neighbour), it decrements the outer TTL only.
     l4::translate(
         pkt,
         ETH_LEN,
         Side::Dst,
         flow.client_addr,
         flow.client_port,
-        dec_ttl,
+        true,
     )?;
 
     // SAFETY: read before the head moves; the copy outlives the packet view.
