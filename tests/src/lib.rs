@@ -10,6 +10,7 @@ pub mod echo;
 pub mod ipip;
 pub mod netns;
 pub mod topology;
+pub mod xdp_pass;
 
 pub use daemon::Daemon;
 pub use netns::{Lab, exec, in_netns};

@@ -9,7 +9,7 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 /// Every namespace name starts with this, then the owning pid: that is how a
 /// later run recognises leftovers of a killed one.
@@ -49,12 +49,14 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
     })
 }
 
-/// Namespaces and a log directory that are removed on drop, panic or not.
-/// Processes still running inside the namespaces are killed first.
+/// Namespaces and a log directory that are removed on drop, panic or not
+/// (the directory is kept after a failure). Processes still running inside
+/// the namespaces are killed first.
 pub struct Lab {
     prefix: String,
     namespaces: Vec<String>,
     dir: PathBuf,
+    keep_dir: AtomicBool,
 }
 
 impl Lab {
@@ -69,6 +71,7 @@ impl Lab {
             prefix,
             namespaces: Vec::new(),
             dir,
+            keep_dir: AtomicBool::new(false),
         })
     }
 
@@ -81,9 +84,18 @@ impl Lab {
         Ok(name)
     }
 
-    /// Directory for logs and scratch files; kept if the test panicked.
+    /// Directory for logs and scratch files.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Passes `result` through; an error keeps the directory for a look at
+    /// the logs (a later run removes it) and says where it is.
+    pub fn keep_logs_on_err<T>(&self, result: Result<T>) -> Result<T> {
+        if result.is_err() {
+            self.keep_dir.store(true, Ordering::Relaxed);
+        }
+        result.with_context(|| format!("logs in {}", self.dir.display()))
     }
 
     /// Starts `program args` (args split on whitespace) in `ns`, logging to
@@ -114,7 +126,7 @@ impl Drop for Lab {
         }
         if std::thread::panicking() {
             eprintln!("logs kept in {}", self.dir.display());
-        } else {
+        } else if !self.keep_dir.load(Ordering::Relaxed) {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }

@@ -4,8 +4,10 @@
 use crate::addrs::*;
 use crate::daemon::Daemon;
 use crate::netns::{Lab, exec};
+use crate::xdp_pass;
 use anyhow::Result;
 use std::net::Ipv4Addr;
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::time::Duration;
 
@@ -16,6 +18,7 @@ const QUICK_READY: Duration = Duration::from_secs(10);
 /// Four namespaces: the client and server reach each other only through the
 /// gateway, via the router that joins all three.
 pub struct Topology {
+    _router_xdp: OwnedFd,
     pub lab: Lab,
     pub router: String,
     pub gateway: String,
@@ -48,10 +51,9 @@ impl Topology {
             (ROUTER_SERVER_IFACE, ROUTER_SERVER_IP, &server, SERVER_IP),
         ] {
             veth_link(&router, router_if, router_ip, host, host_ip)?;
-            // Native XDP on the gateway's veth: XDP_TX or redirect into a veth
-            // needs NAPI on its peer, which GRO provides.
-            exec(&router, &format!("ethtool -K {router_if} gro on"))?;
         }
+        // The gateway's native XDP_TX lands on this veth: see `xdp_pass`.
+        let router_xdp = xdp_pass::attach(&router, ROUTER_GATEWAY_IFACE)?;
         exec(
             &gateway,
             &format!("sysctl -qw net.ipv4.conf.{HOST_IFACE}.rp_filter=0"),
@@ -69,6 +71,7 @@ impl Topology {
             &format!("ip route add {INTERNET_CIDR} dev {TUN_IFACE} src {CLIENT_TUN_IP}"),
         )?;
         Ok(Self {
+            _router_xdp: router_xdp,
             lab,
             router,
             gateway,
@@ -161,6 +164,11 @@ pub fn start_ipip_peer(
     let mut peer = lab.spawn(ns, "ipip-peer", bin, &args)?;
     peer.wait_for("ready", QUICK_READY)?;
     Ok(peer)
+}
+
+/// Text spanning many full-sized segments, to serve over HTTP.
+pub fn large_page() -> String {
+    (0..20_000).map(|i| format!("line {i:05}\n")).collect()
 }
 
 /// `python3 -m http.server` minus its reverse DNS lookup of the bound

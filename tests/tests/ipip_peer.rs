@@ -3,7 +3,7 @@
 //! crosses proves encapsulation, decapsulation and header fields are right,
 //! independently of the gateway.
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -12,7 +12,7 @@ use std::time::Duration;
 use tests::addrs::{HOST_IFACE, HTTP_PORT};
 use tests::echo::{udp_request, udp_server};
 use tests::ipip::{IPPROTO_IPIP, checksum};
-use tests::topology::{add_tun, start_http_server, start_ipip_peer, veth_link};
+use tests::topology::{add_tun, large_page, start_http_server, start_ipip_peer, veth_link};
 use tests::{Lab, exec, in_netns, require_root};
 
 const A_UNDERLAY: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 10);
@@ -35,25 +35,29 @@ fn ipip_peer_back_to_back() -> Result<()> {
     let bin = Path::new(env!("CARGO_BIN_EXE_ipip-peer"));
     let _peer_a = start_ipip_peer(&lab, &a, bin, A_UNDERLAY, B_UNDERLAY)?;
     let _peer_b = start_ipip_peer(&lab, &b, bin, B_UNDERLAY, A_UNDERLAY)?;
+    lab.keep_logs_on_err(across(&lab, &a, &b))
+}
 
-    let out = exec(&a, &format!("ping -c 3 -W 2 {B_TUN}"))?;
+/// Ping (sizes up to the TUN MTU), UDP and HTTP from `a` to `b`.
+fn across(lab: &Lab, a: &str, b: &str) -> Result<()> {
+    let out = exec(a, &format!("ping -c 3 -W 2 {B_TUN}"))?;
     ensure!(out.contains("3 received"), "{out}");
 
-    outer_headers_copy_df_and_tos(&a, &b)?;
+    outer_headers_copy_df_and_tos(a, b)?;
 
-    let _udp = udp_server(&b, SocketAddr::from((B_TUN, UDP_PORT)))?;
-    let reply = udp_request(&a, A_TUN, (B_TUN, UDP_PORT).into(), b"over the tunnel")?;
+    let _udp = udp_server(b, SocketAddr::from((B_TUN, UDP_PORT)))?;
+    let reply = udp_request(a, A_TUN, (B_TUN, UDP_PORT).into(), b"over the tunnel")?;
     ensure!(reply.seen.ip() == A_TUN, "server saw {}", reply.seen);
     ensure!(reply.body == b"over the tunnel");
 
     // Many full-sized TCP segments, both ways of the tunnel.
     let www = lab.dir().join("www");
     std::fs::create_dir(&www)?;
-    let content: String = (0..20_000).map(|i| format!("line {i:05}\n")).collect();
+    let content = large_page();
     std::fs::write(www.join("big.txt"), &content)?;
-    let _http = start_http_server(&lab, &b, B_TUN, &www)?;
+    let _http = start_http_server(lab, b, B_TUN, &www)?;
     let got = exec(
-        &a,
+        a,
         &format!("curl -sS --max-time 20 http://{B_TUN}:{HTTP_PORT}/big.txt"),
     )?;
     ensure!(
@@ -85,7 +89,9 @@ fn outer_headers_copy_df_and_tos(a: &str, b: &str) -> Result<()> {
     let (mut full, mut small) = (None, None);
     let mut buf = [0; 2048];
     while full.is_none() || small.is_none() {
-        let n = (&capture).read(&mut buf)?;
+        let n = (&capture)
+            .read(&mut buf)
+            .context("waiting for the encapsulated pings")?;
         let hdr: [u8; 20] = buf[..20].try_into()?;
         match n {
             1500 => full = Some(hdr),
