@@ -148,6 +148,16 @@ fn run(settings: Settings) -> anyhow::Result<()> {
         .context("cannot start the runtime")?
         .block_on(serve(&mut datapath))?;
 
+    for (reason, packets) in datapath.stats()? {
+        if packets > 0 {
+            tracing::info!(
+                reason = reason.as_str(),
+                verdict = reason.verdict().as_str(),
+                packets,
+                "packet counter"
+            );
+        }
+    }
     tracing::info!(iface = %iface.name, "detaching");
     drop(datapath);
     Ok(())
