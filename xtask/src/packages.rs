@@ -1,0 +1,40 @@
+//! Debian packages that the privileged tests and the demo shell out to.
+
+use anyhow::Result;
+
+use crate::workspace::{Workspace, step};
+
+/// (command the tests run, Debian 12 package providing it, pinned version)
+const PACKAGES: &[(&str, &str, &str)] = &[
+    ("ip", "iproute2", "6.1.0-3"),
+    ("ping", "iputils-ping", "3:20221126-1+deb12u1"),
+    ("curl", "curl", "7.88.1-10+deb12u15"),
+    ("ethtool", "ethtool", "1:6.1-1"),
+];
+
+/// Installs the packages whose command is missing; does nothing (and needs no
+/// network) when all are present.
+pub fn ensure_packages(ws: &Workspace) -> Result<()> {
+    let missing: Vec<_> = PACKAGES
+        .iter()
+        .filter(|(cmd, ..)| !ws.has_command(cmd))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let apt = |args: &[&str]| {
+        let mut cmd = ws.command("apt-get");
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    step("apt-get update", &mut apt(&["update"]))?;
+    let pinned: Vec<String> = missing
+        .iter()
+        .map(|(_, pkg, version)| format!("{pkg}={version}"))
+        .collect();
+    let mut install = apt(&["install", "-y", "--no-install-recommends"]);
+    step(
+        &format!("apt-get install {}", pinned.join(" ")),
+        install.args(&pinned),
+    )
+}

@@ -1,0 +1,37 @@
+//! `cargo xtask run`: the interactive demo.
+
+use anyhow::Result;
+
+use crate::{
+    build::build_bins,
+    packages::ensure_packages,
+    toolchain::ensure_bpf_linker,
+    workspace::{Workspace, require_root, step},
+};
+
+pub fn run(ws: &mut Workspace) -> Result<()> {
+    require_root("run")?;
+    ensure_bpf_linker(ws)?;
+    ensure_packages(ws)?;
+    build_bins(ws, false)?;
+    let egress = ws.egress_bin(false)?;
+    let demo = ws.profile_dir(false).join("demo");
+    // Ctrl-C reaches the whole foreground process group, so the demo gets it
+    // directly; we only have to survive it and wait for the demo to clean up.
+    ignore_sigint();
+    step("demo", ws.command(&demo).env("EGRESS_BIN", egress))
+}
+
+extern "C" fn on_sigint(_: libc::c_int) {}
+
+/// A no-op handler rather than SIG_IGN: handlers reset to default across exec,
+/// ignored signals would stay ignored in the demo.
+fn ignore_sigint() {
+    // SAFETY: the handler is async-signal-safe (it does nothing).
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        )
+    };
+}
