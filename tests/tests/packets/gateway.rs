@@ -22,6 +22,10 @@ pub const CLIENT2: [u8; 4] = [10, 0, 2, 2];
 pub const SERVER: [u8; 4] = [203, 0, 113, 10];
 /// Reached via a next hop that has no neighbour entry.
 pub const UNRESOLVED: [u8; 4] = [198, 51, 100, 7];
+/// Routed out of a second interface, eth1, via a resolved next hop.
+pub const BEYOND_ETH1: [u8; 4] = [198, 18, 0, 5];
+pub const ETH1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x20];
+pub const ETH1_NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 pub const PORTS: PortRange = PortRange {
     min: 20000,
     max: 29999,
@@ -30,12 +34,14 @@ pub const PORTS: PortRange = PortRange {
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
 
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
 pub enum Verdict {
     Drop,
     Pass,
     Tx,
+    Redirect,
 }
 
 pub struct Gateway {
@@ -58,6 +64,16 @@ impl Gateway {
             format!("ip addr add {}/24 dev eth0", ip(GW)),
             format!("ip route add default via {}", ip(ROUTER)),
             format!("ip route add {}/32 via 10.1.1.2", ip(UNRESOLVED)),
+            "ip link add eth1 type veth peer name p1".into(),
+            format!("ip link set eth1 address {}", mac(ETH1_MAC)),
+            "ip link set eth1 up".into(),
+            "ip link set p1 up".into(),
+            "ip addr add 192.0.2.1/24 dev eth1".into(),
+            format!(
+                "ip neigh replace 192.0.2.2 lladdr {} dev eth1 nud permanent",
+                mac(ETH1_NEXT_HOP_MAC)
+            ),
+            format!("ip route add {}/32 via 192.0.2.2", ip(BEYOND_ETH1)),
             format!(
                 "ip neigh replace {} lladdr {} dev eth0 nud permanent",
                 ip(ROUTER),
@@ -105,6 +121,7 @@ impl Gateway {
             XDP_DROP => Verdict::Drop,
             XDP_PASS => Verdict::Pass,
             XDP_TX => Verdict::Tx,
+            XDP_REDIRECT => Verdict::Redirect,
             v => panic!("unexpected XDP action {v}"),
         };
         let after = self.stats();

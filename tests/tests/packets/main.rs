@@ -239,6 +239,28 @@ fn unresolved_next_hop_goes_to_the_kernel_translated() {
     );
 }
 
+#[test]
+fn route_via_another_interface_is_redirected_there() {
+    let mut gw = Gateway::new();
+    let ip = Ip::new(CLIENT, BEYOND_ETH1);
+    let l4 = L4::Udp {
+        sport: 21000,
+        dport: 53,
+        payload: b"q",
+    };
+    let (verdict, out, reason) = gw.run(&from_peer(&ip_packet(ip, l4)));
+    assert_eq!((verdict, reason), (Verdict::Redirect, Reason::NewFlow));
+    let translated = Ip {
+        src: GW,
+        ttl: ip.ttl - 1,
+        ..ip
+    };
+    assert_eq!(
+        out,
+        ethernet(ETH1_MAC, ETH1_NEXT_HOP_MAC, &ip_packet(translated, l4))
+    );
+}
+
 /// Frames the gateway must not translate: (what, frame, verdict, reason).
 fn rejected() -> Vec<(&'static str, Vec<u8>, Verdict, Reason)> {
     let tcp = L4::Tcp {
