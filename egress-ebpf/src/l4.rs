@@ -23,6 +23,17 @@ pub struct IcmpEcho {
     pub seq: [u8; 2],
 }
 
+/// The ports that open both TCP and UDP headers.
+#[repr(C)]
+struct PortPair {
+    src: [u8; 2],
+    dst: [u8; 2],
+}
+
+/// Offsets of the checksum in the TCP and UDP headers.
+const TCP_CHECK: usize = 16;
+const UDP_CHECK: usize = 6;
+
 /// Which end of the packet a translation rewrites.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -41,13 +52,11 @@ pub fn ports(pkt: Packet, off: usize, proto: u8, side: Side) -> Result<([u8; 2],
     // packet is live in this function.
     unsafe {
         match proto {
-            IPPROTO_TCP => {
-                let tcp: &TcpHdr = pkt.get(off)?;
-                Ok((tcp.source, tcp.dest))
-            }
-            IPPROTO_UDP => {
-                let udp: &UdpHdr = pkt.get(off)?;
-                Ok((udp.src, udp.dst))
+            IPPROTO_TCP | IPPROTO_UDP => {
+                // The whole header must be there: its checksum gets rewritten.
+                pkt.get::<u8>(off + min_len(proto) - 1)?;
+                let ports: &PortPair = pkt.get(off)?;
+                Ok((ports.src, ports.dst))
             }
             IPPROTO_ICMP => {
                 let icmp: &IcmpEcho = pkt.get(off)?;
@@ -102,43 +111,39 @@ pub fn translate(
     }
     ip.check = ip_check.finish();
 
-    // SAFETY: see above.
+    let proto = ip.proto;
+    // SAFETY: the port pair, the checksum and the ICMP header are disjoint
+    // (ports at 0..4, TCP checksum at 16, UDP checksum at 6) and each is the
+    // only live reference to its bytes.
     unsafe {
-        match ip.proto {
-            IPPROTO_TCP => {
-                let tcp: &mut TcpHdr = pkt.get(l4)?;
-                let p = match side {
-                    Side::Src => &mut tcp.source,
-                    Side::Dst => &mut tcp.dest,
-                };
-                let old_port = core::mem::replace(p, port);
-                tcp.check = Incremental::new(tcp.check)
-                    .replace4(old_addr, addr)
-                    .replace2(old_port, port)
-                    .finish();
-            }
-            IPPROTO_UDP => {
-                let udp: &mut UdpHdr = pkt.get(l4)?;
-                let p = match side {
-                    Side::Src => &mut udp.src,
-                    Side::Dst => &mut udp.dst,
-                };
-                let old_port = core::mem::replace(p, port);
-                // Zero means the sender computed no checksum: keep it so.
-                if udp.check != [0, 0] {
-                    udp.check = Incremental::new(udp.check)
-                        .replace4(old_addr, addr)
-                        .replace2(old_port, port)
-                        .finish_udp();
-                }
-            }
-            _ => {
-                // ICMP echo: no pseudo-header, only the identifier changes.
-                let icmp: &mut IcmpEcho = pkt.get(l4)?;
-                let old_id = core::mem::replace(&mut icmp.id, port);
-                icmp.check = Incremental::new(icmp.check).replace2(old_id, port).finish();
-            }
+        if proto == IPPROTO_ICMP {
+            // ICMP echo: no pseudo-header, only the identifier changes.
+            let icmp: &mut IcmpEcho = pkt.get(l4)?;
+            let old_id = core::mem::replace(&mut icmp.id, port);
+            icmp.check = Incremental::new(icmp.check).replace2(old_id, port).finish();
+            return Ok(());
         }
+        let ports: &mut PortPair = pkt.get(l4)?;
+        let slot = match side {
+            Side::Src => &mut ports.src,
+            Side::Dst => &mut ports.dst,
+        };
+        let old_port = core::mem::replace(slot, port);
+        let check_at = if proto == IPPROTO_TCP {
+            TCP_CHECK
+        } else {
+            UDP_CHECK
+        };
+        let check: &mut [u8; 2] = pkt.get(l4 + check_at)?;
+        let sum = Incremental::new(*check)
+            .replace4(old_addr, addr)
+            .replace2(old_port, port);
+        *check = match (proto, *check) {
+            // Zero means the sender computed no UDP checksum: keep it so.
+            (IPPROTO_UDP, [0, 0]) => [0, 0],
+            (IPPROTO_UDP, _) => sum.finish_udp(),
+            _ => sum.finish(),
+        };
     }
     Ok(())
 }
