@@ -13,8 +13,7 @@ pub fn build(ws: &mut Workspace, release: bool) -> Result<()> {
 }
 
 /// Builds the default members' binaries; egress-user's build script compiles
-/// egress-ebpf for BPF. Not `--workspace`: that would also build egress-ebpf for
-/// the host, whose bin is also named `egress` and would clobber the gateway's.
+/// egress-ebpf for BPF (its host build is an empty stub, so it is left out).
 pub fn build_bins(ws: &Workspace, release: bool) -> Result<()> {
     let mut cargo = ws.cargo();
     cargo.args(["build", "--bins"]);
