@@ -19,7 +19,8 @@ use ipnet::Ipv4Net;
 use crate::settings::{AttachMode, PortRange};
 
 /// The compiled eBPF object, built by build.rs.
-pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress-datapath"));
+pub static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress-datapath"));
 
 /// Name of the XDP program in [`OBJECT`].
 pub const XDP_PROGRAM: &str = "egress_xdp";

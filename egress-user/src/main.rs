@@ -174,9 +174,17 @@ async fn serve(datapath: &mut Datapath) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
             _ = tick.tick() => {
                 let started = std::time::Instant::now();
-                let sweep = gc::sweep(&mut datapath.flows()?, gc::monotonic_ns())
-                    .context("flow table sweep failed")?;
-                tracing::debug!(live = sweep.live, expired = sweep.expired, took = ?started.elapsed(), "swept flows");
+                // A failed sweep is retried at the next tick; the data path
+                // is unaffected meanwhile.
+                match gc::sweep(&mut datapath.flows()?, gc::monotonic_ns()) {
+                    Ok(sweep) => tracing::debug!(
+                        live = sweep.live,
+                        expired = sweep.expired,
+                        took = ?started.elapsed(),
+                        "swept flows"
+                    ),
+                    Err(e) => tracing::warn!("flow table sweep failed: {e}"),
+                }
             }
         }
     }

@@ -8,6 +8,7 @@ use aya::programs::{TestRun as _, TestRunOptions, TestRunResult};
 use egress_common::reason::Reason;
 use egress_user::{
     datapath::{Datapath, Policy},
+    gc,
     settings::PortRange,
 };
 use tests::{Lab, exec, in_netns};
@@ -168,6 +169,11 @@ impl Gateway {
 
     fn stats(&self) -> HashMap<Reason, u64> {
         self.datapath.stats().unwrap().into_iter().collect()
+    }
+
+    /// One garbage-collection sweep as the daemon runs it, at time `now_ns`.
+    pub fn sweep(&mut self, now_ns: u64) -> gc::Sweep {
+        gc::sweep(&mut self.datapath.flows().unwrap(), now_ns).unwrap()
     }
 
     /// Number of map entries in the flow table (two per flow).

@@ -261,6 +261,48 @@ fn route_via_another_interface_is_redirected_there() {
     );
 }
 
+#[test]
+fn sweep_expires_idle_flows_whole_and_keeps_live_ones() {
+    let mut gw = Gateway::new();
+    let echo_id = outbound(
+        &mut gw,
+        CLIENT,
+        L4::EchoRequest { id: 7, seq: 1 },
+        Reason::NewFlow,
+    );
+    let udp = L4::Udp {
+        sport: 21000,
+        dport: 53,
+        payload: b"q",
+    };
+    outbound(&mut gw, CLIENT, udp, Reason::NewFlow);
+    let now = egress_user::gc::monotonic_ns();
+    let secs = |s: u64| now + s * 1_000_000_000;
+    let sweep = |gw: &mut Gateway, t| {
+        let s = gw.sweep(t);
+        (s.live, s.expired)
+    };
+    assert_eq!(sweep(&mut gw, now), (2, 0));
+    // ICMP echo idles out after 60 s, UDP only after 300 s.
+    assert_eq!(sweep(&mut gw, secs(61)), (1, 1));
+    assert_eq!(
+        gw.flow_entries(),
+        2,
+        "both halves of the echo flow go, the UDP flow stays"
+    );
+    let reply = ip_packet(
+        Ip::new(SERVER, GW),
+        L4::EchoReply {
+            id: echo_id,
+            seq: 1,
+        },
+    );
+    let (verdict, _, reason) = gw.run(&ethernet(ROUTER_MAC, GW_MAC, &reply));
+    assert_eq!((verdict, reason), (Verdict::Pass, Reason::NotOurs));
+    assert_eq!(sweep(&mut gw, secs(301)), (0, 1));
+    assert_eq!(gw.flow_entries(), 0);
+}
+
 /// Frames the gateway must not translate: (what, frame, verdict, reason).
 fn rejected() -> Vec<(&'static str, Vec<u8>, Verdict, Reason)> {
     let tcp = L4::Tcp {
