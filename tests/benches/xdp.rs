@@ -28,12 +28,7 @@ fn median_ns(gw: &mut Gateway, frame: &[u8]) -> u128 {
 fn main() {
     let mut gw = Gateway::new();
     let payload = [0u8; 64];
-    let out_l4 = L4::Tcp {
-        sport: 23456,
-        dport: 443,
-        syn: false,
-        payload: &payload,
-    };
+    let out_l4 = L4::tcp(23456, 443, &payload);
     let outbound = ethernet(
         ROUTER_MAC,
         GW_MAC,
@@ -44,12 +39,7 @@ fn main() {
     );
     // Create the flow, then time packets of the established flow.
     gw.run(&outbound);
-    let ret_l4 = L4::Tcp {
-        sport: 443,
-        dport: 23456,
-        syn: false,
-        payload: &payload,
-    };
+    let ret_l4 = L4::tcp(443, 23456, &payload);
     let inbound = ethernet(ROUTER_MAC, GW_MAC, &ip_packet(Ip::new(SERVER, GW), ret_l4));
 
     println!("BPF_PROG_TEST_RUN, median of {RUNS} single runs, 64-byte TCP payload");

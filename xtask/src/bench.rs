@@ -3,18 +3,13 @@
 use anyhow::Result;
 
 use crate::{
-    build::build_bins,
-    packages::ensure_packages,
-    toolchain::ensure_bpf_linker,
-    workspace::{Workspace, require_root, step},
+    build::{build_bins, prepare_privileged},
+    workspace::{Workspace, step},
 };
 
 pub fn bench(ws: &mut Workspace) -> Result<()> {
-    require_root("bench")?;
-    ensure_bpf_linker(ws)?;
-    ensure_packages(ws)?;
-    build_bins(ws, true)?;
-    let egress = ws.egress_bin(true)?;
+    prepare_privileged(ws, "bench")?;
+    let egress = build_bins(ws, true)?;
     // Only the bench targets: the lib and bins have no benchmarks.
     step(
         "bench",

@@ -3,18 +3,13 @@
 use anyhow::Result;
 
 use crate::{
-    build::build_bins,
-    packages::ensure_packages,
-    toolchain::ensure_bpf_linker,
-    workspace::{Workspace, require_root, step},
+    build::{build_bins, prepare_privileged},
+    workspace::{Workspace, step},
 };
 
 pub fn run(ws: &mut Workspace) -> Result<()> {
-    require_root("run")?;
-    ensure_bpf_linker(ws)?;
-    ensure_packages(ws)?;
-    build_bins(ws, false)?;
-    let egress = ws.egress_bin(false)?;
+    prepare_privileged(ws, "run")?;
+    let egress = build_bins(ws, false)?;
     let demo = ws.profile_dir(false).join("demo");
     // Ctrl-C reaches the whole foreground process group, so the demo gets it
     // directly; we only have to survive it and wait for the demo to clean up.

@@ -3,17 +3,12 @@
 use anyhow::Result;
 
 use crate::{
-    build::build_bins,
-    packages::ensure_packages,
-    toolchain::ensure_bpf_linker,
-    workspace::{Workspace, require_root, step},
+    build::{build_bins, prepare_privileged},
+    workspace::{Workspace, step},
 };
 
 pub fn test(ws: &mut Workspace) -> Result<()> {
-    // Checked first so a non-root run fails before minutes of building.
-    require_root("test")?;
-    ensure_bpf_linker(ws)?;
-    ensure_packages(ws)?;
+    prepare_privileged(ws, "test")?;
     step("fmt", ws.cargo().args(["fmt", "--all", "--", "--check"]))?;
     step(
         "clippy",
@@ -45,9 +40,7 @@ pub fn test(ws: &mut Workspace) -> Result<()> {
         ws.cargo()
             .args(["test", "--workspace", "--exclude", "tests"]),
     )?;
-    // Built after the unit tests so nothing they build can replace target/debug/egress.
-    build_bins(ws, false)?;
-    let egress = ws.egress_bin(false)?;
+    let egress = build_bins(ws, false)?;
     step(
         "packet and namespace tests",
         ws.cargo()

@@ -30,6 +30,28 @@ pub enum L4<'a> {
     },
 }
 
+impl<'a> L4<'a> {
+    /// A TCP SYN without payload.
+    pub fn syn(sport: u16, dport: u16) -> Self {
+        L4::Tcp {
+            sport,
+            dport,
+            syn: true,
+            payload: b"",
+        }
+    }
+
+    /// A TCP segment of an established connection.
+    pub fn tcp(sport: u16, dport: u16, payload: &'a [u8]) -> Self {
+        L4::Tcp {
+            sport,
+            dport,
+            syn: false,
+            payload,
+        }
+    }
+}
+
 /// IPv4 header fields the tests vary.
 #[derive(Clone, Copy)]
 pub struct Ip {

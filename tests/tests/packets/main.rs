@@ -108,27 +108,12 @@ fn inbound(gw: &mut Gateway, l4: L4, client: [u8; 4], client_l4: L4) {
 #[test]
 fn tcp_outbound_and_return() {
     let mut gw = Gateway::new();
-    let syn = L4::Tcp {
-        sport: 23456,
-        dport: 80,
-        syn: true,
-        payload: b"",
-    };
+    let syn = L4::syn(23456, 80);
     // The client's port lies in the range and is free: it is kept.
     assert_eq!(outbound(&mut gw, CLIENT, syn, Reason::NewFlow), 23456);
-    let data = L4::Tcp {
-        sport: 23456,
-        dport: 80,
-        syn: false,
-        payload: b"GET / HTTP/1.0\r\n\r\n",
-    };
+    let data = L4::tcp(23456, 80, b"GET / HTTP/1.0\r\n\r\n");
     assert_eq!(outbound(&mut gw, CLIENT, data, Reason::Translated), 23456);
-    let reply = L4::Tcp {
-        sport: 80,
-        dport: 23456,
-        syn: false,
-        payload: b"HTTP/1.0 200 OK\r\n",
-    };
+    let reply = L4::tcp(80, 23456, b"HTTP/1.0 200 OK\r\n");
     inbound(&mut gw, reply, CLIENT, reply);
     assert_eq!(gw.flow_entries(), 2);
 }
@@ -200,22 +185,12 @@ fn icmp_echo_outbound_and_return() {
 #[test]
 fn colliding_flows_get_distinct_ports_and_replies_reach_their_owner() {
     let mut gw = Gateway::new();
-    let l4 = L4::Tcp {
-        sport: 25000,
-        dport: 443,
-        syn: true,
-        payload: b"",
-    };
+    let l4 = L4::syn(25000, 443);
     let first = outbound(&mut gw, CLIENT, l4, Reason::NewFlow);
     let second = outbound(&mut gw, CLIENT2, l4, Reason::NewFlow);
     assert_eq!(first, 25000);
     assert_ne!(second, first);
-    let reply = |dport| L4::Tcp {
-        sport: 443,
-        dport,
-        syn: false,
-        payload: b"",
-    };
+    let reply = |dport| L4::tcp(443, dport, b"");
     inbound(&mut gw, reply(second), CLIENT2, reply(25000));
     inbound(&mut gw, reply(first), CLIENT, reply(25000));
     assert_eq!(gw.flow_entries(), 4);
@@ -305,12 +280,7 @@ fn sweep_expires_idle_flows_whole_and_keeps_live_ones() {
 
 /// Frames the gateway must not translate: (what, frame, verdict, reason).
 fn rejected() -> Vec<(&'static str, Vec<u8>, Verdict, Reason)> {
-    let tcp = L4::Tcp {
-        sport: 23456,
-        dport: 80,
-        syn: true,
-        payload: b"",
-    };
+    let tcp = L4::syn(23456, 80);
     let inner = ip_packet(Ip::new(CLIENT, SERVER), tcp);
     let mut arp = ethernet(ROUTER_MAC, GW_MAC, &[0u8; 28]);
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
@@ -362,15 +332,7 @@ fn rejected() -> Vec<(&'static str, Vec<u8>, Verdict, Reason)> {
             ethernet(
                 ROUTER_MAC,
                 GW_MAC,
-                &ip_packet(
-                    Ip::new(SERVER, GW),
-                    L4::Tcp {
-                        sport: 50000,
-                        dport: 22,
-                        syn: true,
-                        payload: b"",
-                    },
-                ),
+                &ip_packet(Ip::new(SERVER, GW), L4::syn(50000, 22)),
             ),
             Verdict::Pass,
             Reason::NotOurs,
