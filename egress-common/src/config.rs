@@ -16,6 +16,8 @@ pub struct Config {
     pub port_max: u16,
     /// Number of valid entries in `snat_addrs`, at least 1 once configured.
     pub snat_count: u32,
+    /// Most flows one client address may have at once; 0 for no limit.
+    pub max_client_flows: u32,
     pub snat_addrs: [[u8; 4]; MAX_SNAT_ADDRS],
 }
 
@@ -27,6 +29,7 @@ impl Config {
         port_min: 0,
         port_max: 0,
         snat_count: 0,
+        max_client_flows: 0,
         snat_addrs: [[0; 4]; MAX_SNAT_ADDRS],
     };
 
@@ -93,6 +96,6 @@ mod tests {
 
     #[test]
     fn no_padding_in_global() {
-        assert_eq!(core::mem::size_of::<Config>(), 12 + 4 * MAX_SNAT_ADDRS);
+        assert_eq!(core::mem::size_of::<Config>(), 16 + 4 * MAX_SNAT_ADDRS);
     }
 }

@@ -1,8 +1,15 @@
-//! Connection-state map layout: one `FLOWS` hash map holds two entries per
-//! flow, one keyed by the outbound (client-side) tuple and one keyed by the
-//! return (Internet-side) tuple. Both carry the whole translation, so either
-//! direction rewrites with a single lookup, and the daemon can always derive
-//! the twin of an entry it expires.
+//! Connection-state map layout.
+//!
+//! `FLOWS` holds two entries per flow (a 5-tuple session), one keyed by the
+//! outbound (client-side) tuple and one keyed by the return (Internet-side)
+//! tuple. Both carry the whole translation, so either direction rewrites with
+//! a single lookup, and the daemon can always derive the twin of an entry it
+//! expires. Each half counts its own direction's packets and TCP flags.
+//!
+//! `MAPPINGS` holds the endpoint-independent mappings (RFC 4787 REQ-1) that
+//! flows are created from, again as two entries: client address:port →
+//! translation address:port, and the reverse, which reserves the translation
+//! port for one client per (protocol, translation address).
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_IPIP: u8 = 4;
@@ -44,14 +51,23 @@ pub struct Flow {
     pub nat_port: [u8; 2],
     pub remote_port: [u8; 2],
     pub proto: u8,
-    pub _pad: u8,
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of creation and of the last
-    /// packet through this half of the flow.
+    /// TCP: the flags seen in this half's direction since the connection's
+    /// SYN (see [`crate::tcp`]).
+    pub tcp_flags: u8,
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC) of creation and of the
+    /// last packet through this half of the flow.
     pub created_ns: u64,
     pub last_seen_ns: u64,
     /// Packets and bytes (IP length) through this half of the flow.
     pub packets: u64,
     pub bytes: u64,
+    /// TCP handshake time stamps (`bpf_ktime_get_ns`): outbound half, the
+    /// client's SYN; return half, the server's SYN-ACK. 0 until seen.
+    pub handshake_ns: u64,
+    /// TCP round trip measured from the handshake, 0 until known: outbound
+    /// half, the tunnel leg (SYN-ACK sent to the client → its ACK); return
+    /// half, the Internet leg (SYN sent to the server → its SYN-ACK).
+    pub rtt_ns: u64,
 }
 
 impl Flow {
@@ -82,6 +98,61 @@ impl Flow {
     }
 }
 
+/// Key of a `MAPPINGS` entry: an address and port (or echo identifier) of
+/// one protocol, on the client side (`DIR_OUT`) or the translated side
+/// (`DIR_IN`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PortKey {
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub proto: u8,
+    pub dir: u8,
+}
+
+/// The other side of a mapping: for a `DIR_OUT` key the translation, for a
+/// `DIR_IN` key the client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Mapping {
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+    /// When a flow last started from this mapping: the daemon keeps a
+    /// mapping without flows for a grace period, so a flow being created
+    /// from it on another CPU is never orphaned.
+    pub used_ns: u64,
+}
+
+impl Mapping {
+    /// The pair of `MAPPINGS` entries for client `client`:`cport` translated
+    /// to `nat`:`nport`: (client-side key, its value), (translated-side key,
+    /// its value).
+    pub fn pair(
+        proto: u8,
+        client: ([u8; 4], [u8; 2]),
+        nat: ([u8; 4], [u8; 2]),
+        used_ns: u64,
+    ) -> [(PortKey, Mapping); 2] {
+        let entry = |(addr, port): ([u8; 4], [u8; 2]), dir| PortKey {
+            addr,
+            port,
+            proto,
+            dir,
+        };
+        let value = |(addr, port): ([u8; 4], [u8; 2])| Mapping {
+            addr,
+            port,
+            _pad: [0; 2],
+            used_ns,
+        };
+        [
+            (entry(client, DIR_OUT), value(nat)),
+            (entry(nat, DIR_IN), value(client)),
+        ]
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain `repr(C)` structs of integers and byte arrays with
@@ -89,6 +160,10 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Flow {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PortKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Mapping {}
 }
 
 #[cfg(test)]
@@ -125,6 +200,8 @@ mod tests {
         // The kernel and user side agree on these sizes; a change is a map
         // format change that breaks reuse of pinned state.
         assert_eq!(core::mem::size_of::<FlowKey>(), 16);
-        assert_eq!(core::mem::size_of::<Flow>(), 56);
+        assert_eq!(core::mem::size_of::<Flow>(), 72);
+        assert_eq!(core::mem::size_of::<PortKey>(), 8);
+        assert_eq!(core::mem::size_of::<Mapping>(), 16);
     }
 }

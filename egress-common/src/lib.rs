@@ -9,5 +9,7 @@
 pub mod checksum;
 pub mod config;
 pub mod flow;
+pub mod headers;
 pub mod ports;
 pub mod reason;
+pub mod tcp;

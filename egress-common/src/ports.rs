@@ -9,14 +9,19 @@ pub const PORT_TRIES: u32 = 16;
 /// Attempt 0 keeps the client's own port when it lies in the range (port
 /// preservation, as MASQUERADE does); later attempts walk the range from a
 /// random start with an odd stride, so consecutive tries never repeat within
-/// the range's size and collisions do not cluster.
+/// the range's size and collisions do not cluster. A range no larger than
+/// [`PORT_TRIES`] is walked port by port, so every port of it is tried.
 #[inline(always)]
 pub fn candidate(client_port: u16, min: u16, max: u16, random: u32, attempt: u32) -> u16 {
     let span = u32::from(max.saturating_sub(min)) + 1;
     if attempt == 0 && (min..=max).contains(&client_port) {
         return client_port;
     }
-    let stride = (random >> 16) | 1;
+    let stride = if span <= PORT_TRIES {
+        1
+    } else {
+        (random >> 16) | 1
+    };
     let off = random.wrapping_add(attempt.wrapping_mul(stride)) % span;
     min + off as u16
 }
@@ -44,6 +49,14 @@ mod tests {
     }
 
     proptest::proptest! {
+        #[test]
+        fn a_small_range_is_tried_whole(cp in 0u16.., lo in 1u16..60000, width in 0u16..PORT_TRIES as u16, r in 0u32..) {
+            let hi = lo + width;
+            let tried: std::collections::HashSet<_> =
+                (0..PORT_TRIES).map(|a| candidate(cp, lo, hi, r, a)).collect();
+            proptest::prop_assert_eq!(tried.len(), usize::from(width) + 1);
+        }
+
         #[test]
         fn always_in_range(cp in 0u16.., lo in 0u16.., width in 0u16.., r in 0u32.., a in 0u32..PORT_TRIES) {
             let hi = lo.saturating_add(width);

@@ -49,6 +49,8 @@ pub enum Reason {
     PortsExhausted,
     /// The flow table is full.
     TableFull,
+    /// The client already has its configured maximum of flows (RFC 6888 REQ-4).
+    ClientLimit,
     /// No route, or a blackhole/unreachable/prohibit route.
     NoRoute,
     /// Forwarding is disabled on the interface, or the route is local.
@@ -61,6 +63,11 @@ pub enum Reason {
 
 impl Reason {
     pub const COUNT: u32 = Reason::Internal as u32 + 1;
+
+    /// Size of the pinned counter array: room for reasons added later, so
+    /// an upgrade keeps its counters. New reasons are appended, never
+    /// inserted, for the same reason.
+    pub const SLOTS: u32 = 64;
 
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::Translated,
@@ -82,6 +89,7 @@ impl Reason {
         Reason::TtlExceeded,
         Reason::PortsExhausted,
         Reason::TableFull,
+        Reason::ClientLimit,
         Reason::NoRoute,
         Reason::NotForwarded,
         Reason::TooBig,
@@ -110,6 +118,7 @@ impl Reason {
             Reason::TtlExceeded => "ttl_exceeded",
             Reason::PortsExhausted => "ports_exhausted",
             Reason::TableFull => "table_full",
+            Reason::ClientLimit => "client_limit",
             Reason::NoRoute => "no_route",
             Reason::NotForwarded => "not_forwarded",
             Reason::TooBig => "too_big",
@@ -126,6 +135,8 @@ impl Reason {
         }
     }
 }
+
+const _: () = assert!(Reason::COUNT <= Reason::SLOTS);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {

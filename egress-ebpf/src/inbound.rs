@@ -3,9 +3,9 @@
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use egress_common::{
-    checksum,
     config::{Config, OUTER_TTL},
-    flow::{DIR_IN, FlowKey, IPPROTO_IPIP},
+    flow::{DIR_IN, FlowKey, IPPROTO_IPIP, IPPROTO_TCP},
+    headers::{IP_DF, Ipv4},
     reason::Reason,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
@@ -13,7 +13,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use crate::{
     fib,
     l4::{self, Side},
-    nat::{ETH_LEN, IP_DF, IP_LEN, IP_MF_OFFSET, Outcome, send},
+    nat::{ETH_LEN, IP_LEN, IP_MF_OFFSET, Outcome, send},
     packet::Hook,
     state,
 };
@@ -58,7 +58,11 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Reason> {
         IPPROTO_IPIP,
         outer_len,
     )?;
-    state::touch(flow, len);
+    let now = state::now();
+    state::touch(flow, len, now);
+    if key.proto == IPPROTO_TCP {
+        state::track_in(flow, l4::tcp_flags(pkt, ETH_LEN + IP_LEN));
+    }
 
     let outer = outer_header(ip, outer_len, cfg.tunnel_local, flow.peer_addr);
     // Always our hop on the inner TTL: should the kernel forward this packet
@@ -77,45 +81,23 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Reason> {
     hook.adjust_head(-(IP_LEN as i32))?;
     let pkt = hook.packet();
     // SAFETY: the only live reference into the packet.
-    let hdr: &mut [u8; IP_LEN] = unsafe { pkt.get(ETH_LEN)? };
-    *hdr = outer;
+    outer.write(unsafe { pkt.get(ETH_LEN)? });
     send(hook, pkt, &hop, &orig, Reason::ReverseHit)
 }
 
 /// The RFC 2003 outer header for `inner`: TOS and DF copied from the inner
 /// header, a fresh ID, our TTL, protocol 4 and a valid checksum.
 #[inline(always)]
-fn outer_header(inner: &Ipv4Hdr, tot_len: u16, src: [u8; 4], dst: [u8; 4]) -> [u8; IP_LEN] {
-    let df = u16::from_be_bytes(inner.frags) & IP_DF;
-    // SAFETY: no preconditions.
-    let id = unsafe { bpf_get_prandom_u32() } as u16;
-    let [l0, l1] = tot_len.to_be_bytes();
-    let [i0, i1] = id.to_be_bytes();
-    let [f0, f1] = df.to_be_bytes();
-    let mut h = [
-        0x45,
-        inner.tos,
-        l0,
-        l1,
-        i0,
-        i1,
-        f0,
-        f1,
-        OUTER_TTL,
-        IPPROTO_IPIP,
-        0,
-        0,
-        src[0],
-        src[1],
-        src[2],
-        src[3],
-        dst[0],
-        dst[1],
-        dst[2],
-        dst[3],
-    ];
-    let [c0, c1] = checksum::ipv4_header(&h);
-    h[10] = c0;
-    h[11] = c1;
-    h
+fn outer_header(inner: &Ipv4Hdr, tot_len: u16, src: [u8; 4], dst: [u8; 4]) -> Ipv4 {
+    Ipv4 {
+        tos: inner.tos,
+        tot_len,
+        // SAFETY: no preconditions.
+        id: unsafe { bpf_get_prandom_u32() } as u16,
+        df: u16::from_be_bytes(inner.frags) & IP_DF != 0,
+        ttl: OUTER_TTL,
+        proto: IPPROTO_IPIP,
+        src,
+        dst,
+    }
 }

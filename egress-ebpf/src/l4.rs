@@ -33,6 +33,8 @@ struct PortPair {
 /// Offsets of the checksum in the TCP and UDP headers.
 const TCP_CHECK: usize = 16;
 const UDP_CHECK: usize = 6;
+/// Offset of the flags byte (FIN..CWR) in the TCP header.
+const TCP_FLAGS: usize = 13;
 
 /// Which end of the packet a translation rewrites.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -69,6 +71,13 @@ pub fn ports(pkt: Packet, off: usize, proto: u8, side: Side) -> Result<([u8; 2],
             _ => Err(Reason::Unsupported),
         }
     }
+}
+
+/// The flags of the TCP header at `off` (validated by [`ports`]).
+#[inline(always)]
+pub fn tcp_flags(pkt: Packet, off: usize) -> u8 {
+    // SAFETY: a read-only view of one byte.
+    unsafe { pkt.get::<u8>(off + TCP_FLAGS).map_or(0, |f| *f) }
 }
 
 /// Smallest transport header `ports` reads for `proto`.

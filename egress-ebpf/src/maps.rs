@@ -1,19 +1,34 @@
 //! Maps, the load-time configuration and the reason counters.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
 };
 use egress_common::{
     config::Config,
-    flow::{Flow, FlowKey},
+    flow::{Flow, FlowKey, Mapping, PortKey},
     reason::Reason,
 };
 
-/// Both halves of every flow. Sized by the loader (`FLOW_TABLE_*`); a plain
-/// hash map, never an LRU, so entries only go when the daemon expires them.
+// The connection state (`FLOWS`, `MAPPINGS`, `CLIENT_FLOWS`) and the
+// counters are pinned by name, so a restarted daemon carries on with them.
+// The state maps are sized by the loader and are plain hash maps, never
+// LRUs: entries only go when the daemon expires them, both halves together.
+
+/// Both halves of every flow.
 #[map]
-pub static FLOWS: HashMap<FlowKey, Flow> = HashMap::with_max_entries(1024, 0);
+pub static FLOWS: HashMap<FlowKey, Flow> = HashMap::pinned(1024, 0);
+
+/// Both halves of every endpoint-independent mapping.
+#[map]
+pub static MAPPINGS: HashMap<PortKey, Mapping> = HashMap::pinned(1024, 0);
+
+/// Live flows per client address, for the per-client cap. Incremented
+/// here, recounted by the daemon's sweeps. Allocated as clients appear: one
+/// per flow would be far more than there are clients.
+#[map]
+pub static CLIENT_FLOWS: HashMap<[u8; 4], u64> = HashMap::pinned(1024, BPF_F_NO_PREALLOC);
 
 /// Outer source addresses allowed to tunnel to us (value unused).
 #[map]
@@ -25,7 +40,7 @@ pub static CLIENTS: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(1024, 0);
 
 /// Packets per [`Reason`].
 #[map]
-pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::SLOTS, 0);
 
 /// Rewritten by the loader before the program is loaded.
 #[unsafe(no_mangle)]

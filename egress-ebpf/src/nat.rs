@@ -17,7 +17,6 @@ pub const ETH_LEN: usize = EthHdr::LEN;
 pub const IP_LEN: usize = Ipv4Hdr::LEN;
 /// Flags and fragment offset bits other than DF: MF and the offset.
 pub const IP_MF_OFFSET: u16 = 0x3fff;
-pub const IP_DF: u16 = 0x4000;
 
 /// A packet the program acts on, and the counter that records why.
 pub struct Outcome {

@@ -2,13 +2,15 @@
 
 use egress_common::{
     config::Config,
-    flow::{DIR_OUT, FlowKey},
+    flow::{DIR_OUT, FlowKey, IPPROTO_TCP},
+    headers::{ICMP_ADMIN_PROHIBITED, ICMP_DEST_UNREACH},
     reason::Reason,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     fib::{self, NextHop},
+    icmp,
     l4::{self, Side},
     maps,
     nat::{ETH_LEN, IP_LEN, IP_MF_OFFSET, Outcome, send},
@@ -42,11 +44,23 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Reason> {
     };
     // Route before creating state: an unroutable destination leaves none.
     let hop = fib::lookup(hook, nat_addr, key.dst, key.proto, inner.len)?;
+    let now = state::now();
     let (flow, reason) = match existing {
         Some(f) => (f, Reason::Translated),
-        None => (state::create(&key, inner.peer, cfg)?, Reason::NewFlow),
+        None => match state::create(&key, inner.peer, cfg, now) {
+            Ok(()) => (state::find(&key).ok_or(Reason::Internal)?, Reason::NewFlow),
+            // Refused: tell the client at once (RFC 5508 REQ-8) rather than
+            // let it time out.
+            Err(r @ (Reason::PortsExhausted | Reason::TableFull | Reason::ClientLimit)) => {
+                return icmp::to_client(hook, ICMP_DEST_UNREACH, ICMP_ADMIN_PROHIBITED, r);
+            }
+            Err(r) => return Err(r),
+        },
     };
-    state::touch(flow, inner.len);
+    state::touch(flow, inner.len, now);
+    if key.proto == IPPROTO_TCP {
+        state::track_out(flow, l4::tcp_flags(pkt, INNER + IP_LEN));
+    }
 
     // The kernel's forwarding path decrements the TTL itself.
     let dec_ttl = matches!(hop, NextHop::Resolved { .. });

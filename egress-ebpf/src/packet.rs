@@ -64,4 +64,6 @@ pub trait Hook {
     fn fib_lookup(&self, params: &mut bpf_fib_lookup) -> i64;
     /// Removes (`delta > 0`) or adds (`delta < 0`) bytes at the packet's head.
     fn adjust_head(&mut self, delta: i32) -> Result<(), Reason>;
+    /// Cuts the packet to `len` bytes (never longer than it is).
+    fn truncate(&mut self, len: usize) -> Result<(), Reason>;
 }

@@ -1,84 +1,180 @@
-//! Flow lookup and creation in the `FLOWS` map.
+//! Connection state: endpoint-independent mappings, the flows created from
+//! them, and what each packet records in its flow.
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
 };
 use egress_common::{
     config::Config,
-    flow::{Flow, FlowKey},
+    flow::{DIR_OUT, Flow, FlowKey, Mapping, PortKey},
     ports::{PORT_TRIES, candidate},
     reason::Reason,
+    tcp,
 };
 
-use crate::maps::FLOWS;
+use crate::maps::{CLIENT_FLOWS, FLOWS, MAPPINGS};
 
 const EEXIST: i32 = 17;
+const NOEXIST: u64 = BPF_NOEXIST as u64;
 
+/// The clock flows are stamped with: CLOCK_MONOTONIC to the last tick,
+/// cheap enough for every packet and fine for idle timeouts.
 #[inline(always)]
 pub fn now() -> u64 {
     // SAFETY: no preconditions.
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-/// The flow stored under `key`, if any.
+/// The same clock to the nanosecond, for round-trip times: a tick (up to
+/// 4 ms) is more than many round trips. Only read on handshake segments.
+#[inline(always)]
+fn precise_now() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// The flow half stored under `key`, if any.
 #[inline(always)]
 pub fn find(key: &FlowKey) -> Option<&'static mut Flow> {
     // SAFETY: entries are only deleted by the daemon's garbage collector,
     // after they have been idle for a whole timeout; the fields we write are
-    // counters and timestamps, where a lost update is harmless.
+    // counters, flags and timestamps, where a lost update is harmless.
     FLOWS.get_ptr_mut(key).map(|f| unsafe { &mut *f })
 }
 
-/// Creates the flow for an outbound packet with tuple `key` from `peer`.
+/// Creates the flow for an outbound packet with tuple `key` from `peer`,
+/// translated with the client's mapping (created if it has none); [`find`]
+/// returns it afterwards.
 ///
-/// The return-half entry is inserted first with `BPF_NOEXIST`: that claims
-/// the translation tuple atomically, and a collision just moves to the next
-/// candidate port. The outbound half follows; if another CPU created the
-/// same flow meanwhile, our return half is withdrawn and its flow is used, so
-/// concurrent first packets end with one mapping and never a half flow.
-#[inline(always)]
-pub fn create(key: &FlowKey, peer: [u8; 4], cfg: &Config) -> Result<&'static mut Flow, Reason> {
-    let t = now();
-    let mut flow = Flow {
+/// The mapping makes the return tuple unique to this client, so the return
+/// half can go in first with `BPF_NOEXIST`: if it exists, another CPU is
+/// creating this very flow, and whichever outbound insert wins, both halves
+/// end up present and identical. A half is only withdrawn by the CPU that
+/// inserted it, when the table is full.
+///
+/// A function of its own (first packets only): inlined, the flow and
+/// mapping values it builds would push the program past the BPF stack. (So
+/// it returns no more than fits the one BPF return register.)
+#[inline(never)]
+pub fn create(key: &FlowKey, peer: [u8; 4], cfg: &Config, now: u64) -> Result<(), Reason> {
+    admit(key.src, cfg)?;
+    let (nat_addr, nat_port) = mapping(key, cfg, now)?;
+    let flow = Flow {
         client_addr: key.src,
-        nat_addr: cfg.snat_for(key.src),
+        nat_addr,
         remote_addr: key.dst,
         peer_addr: peer,
         client_port: key.sport,
-        nat_port: [0; 2],
+        nat_port,
         remote_port: key.dport,
         proto: key.proto,
-        _pad: 0,
-        created_ns: t,
-        last_seen_ns: t,
+        tcp_flags: 0,
+        created_ns: now,
+        last_seen_ns: now,
         packets: 0,
         bytes: 0,
+        handshake_ns: 0,
+        rtt_ns: 0,
     };
+    let in_key = flow.in_key();
+    let inserted_in = match FLOWS.insert(&in_key, &flow, NOEXIST) {
+        Ok(()) => true,
+        Err(e) if e == -EEXIST => false,
+        Err(_) => return Err(Reason::TableFull),
+    };
+    match FLOWS.insert(key, &flow, NOEXIST) {
+        Ok(()) => count_client(key.src),
+        Err(e) if e == -EEXIST => {}
+        Err(_) => {
+            if inserted_in {
+                // Best effort: should it fail, the daemon's sweep removes
+                // the lone half.
+                let _ = FLOWS.remove(&in_key);
+            }
+            return Err(Reason::TableFull);
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a new flow to a client at its cap (RFC 6888 REQ-4).
+#[inline(always)]
+fn admit(client: [u8; 4], cfg: &Config) -> Result<(), Reason> {
+    if cfg.max_client_flows == 0 {
+        return Ok(());
+    }
+    // SAFETY: a plain read of a counter.
+    match unsafe { CLIENT_FLOWS.get(&client) } {
+        Some(&n) if n >= u64::from(cfg.max_client_flows) => Err(Reason::ClientLimit),
+        _ => Ok(()),
+    }
+}
+
+#[inline(always)]
+fn count_client(client: [u8; 4]) {
+    if CLIENT_FLOWS.insert(&client, &1u64, NOEXIST).is_ok() {
+        return;
+    }
+    if let Some(n) = CLIENT_FLOWS.get_ptr_mut(&client) {
+        // SAFETY: a valid, aligned map value; other CPUs update it
+        // atomically too. (The BPF target has no compare-and-swap, so
+        // `core::sync::atomic` offers no fetch_add; the add itself is a
+        // single BPF atomic instruction.)
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, 1) };
+    }
+}
+
+/// The translation address and port for the client side of `key`: its
+/// existing mapping, or a new one (RFC 4787 REQ-1, endpoint-independent).
+///
+/// A new mapping first reserves its translation port with the
+/// translated-side entry (`BPF_NOEXIST` makes the reservation atomic, and a
+/// port in use moves on to the next candidate), then publishes the
+/// client-side entry. Losing that second race to another CPU withdraws our
+/// reservation and takes the winner's mapping.
+#[inline(always)]
+fn mapping(key: &FlowKey, cfg: &Config, now: u64) -> Result<([u8; 4], [u8; 2]), Reason> {
+    let client = PortKey {
+        addr: key.src,
+        port: key.sport,
+        proto: key.proto,
+        dir: DIR_OUT,
+    };
+    if let Some(m) = MAPPINGS.get_ptr_mut(&client) {
+        // SAFETY: a valid map value; `used_ns` is only a hint to the sweep.
+        let m = unsafe { &mut *m };
+        m.used_ns = now;
+        return Ok((m.addr, m.port));
+    }
+    let nat_addr = cfg.snat_for(key.src);
     // SAFETY: no preconditions.
     let random = unsafe { bpf_get_prandom_u32() };
     let client_port = u16::from_be_bytes(key.sport);
     for attempt in 0..PORT_TRIES {
-        let port = candidate(client_port, cfg.port_min, cfg.port_max, random, attempt);
-        flow.nat_port = port.to_be_bytes();
-        let in_key = flow.in_key();
-        match FLOWS.insert(&in_key, &flow, BPF_NOEXIST as u64) {
+        let port =
+            candidate(client_port, cfg.port_min, cfg.port_max, random, attempt).to_be_bytes();
+        let [(out_key, out), (in_key, inb)] =
+            Mapping::pair(key.proto, (key.src, key.sport), (nat_addr, port), now);
+        match MAPPINGS.insert(&in_key, &inb, NOEXIST) {
             Ok(()) => {}
             Err(e) if e == -EEXIST => continue,
             Err(_) => return Err(Reason::TableFull),
         }
-        return match FLOWS.insert(key, &flow, BPF_NOEXIST as u64) {
-            Ok(()) => find(key).ok_or(Reason::Internal),
+        return match MAPPINGS.insert(&out_key, &out, NOEXIST) {
+            Ok(()) => Ok((nat_addr, port)),
             Err(e) => {
-                // Withdraw the half we just inserted; it is ours alone, so
-                // the delete cannot race with anyone.
-                if FLOWS.remove(&in_key).is_err() {
-                    return Err(Reason::Internal);
+                // The reservation is ours alone: nothing else can be using it.
+                let _ = MAPPINGS.remove(&in_key);
+                if e != -EEXIST {
+                    return Err(Reason::TableFull);
                 }
-                if e == -EEXIST {
-                    find(key).ok_or(Reason::Internal)
-                } else {
-                    Err(Reason::TableFull)
+                // SAFETY: a plain read of the winner's mapping.
+                match unsafe { MAPPINGS.get(&out_key) } {
+                    Some(m) => Ok((m.addr, m.port)),
+                    None => Err(Reason::Internal),
                 }
             }
         };
@@ -88,8 +184,54 @@ pub fn create(key: &FlowKey, peer: [u8; 4], cfg: &Config) -> Result<&'static mut
 
 /// Accounts one packet of `bytes` to a flow half.
 #[inline(always)]
-pub fn touch(flow: &mut Flow, bytes: u16) {
-    flow.last_seen_ns = now();
+pub fn touch(flow: &mut Flow, bytes: u16, now: u64) {
+    flow.last_seen_ns = now;
     flow.packets += 1;
     flow.bytes += u64::from(bytes);
+}
+
+const TRACKED: u8 = tcp::FIN | tcp::SYN | tcp::RST | tcp::ACK;
+
+/// Records an outbound TCP segment's `flags` in the flow's outbound half:
+/// a new connection on the same tuple restarts both halves' records, the
+/// SYN stamps the handshake, and the client's first ACK after the server's
+/// SYN-ACK gives the tunnel leg's round trip.
+#[inline(always)]
+pub fn track_out(out: &mut Flow, flags: u8) {
+    if tcp::reopens(out.tcp_flags, flags) {
+        out.tcp_flags = 0;
+        out.rtt_ns = 0;
+        if let Some(inb) = find(&out.in_key()) {
+            inb.tcp_flags = 0;
+            inb.handshake_ns = 0;
+            inb.rtt_ns = 0;
+        }
+    }
+    if flags & (tcp::SYN | tcp::ACK) == tcp::SYN {
+        out.handshake_ns = precise_now();
+    } else if flags & tcp::ACK != 0
+        && out.tcp_flags & tcp::ACK == 0
+        && let Some(inb) = find(&out.in_key())
+        && inb.handshake_ns != 0
+    {
+        out.rtt_ns = precise_now().saturating_sub(inb.handshake_ns);
+    }
+    out.tcp_flags |= flags & TRACKED;
+}
+
+/// Records a return TCP segment's `flags` in the flow's return half: the
+/// server's first SYN-ACK stamps the handshake and gives the Internet leg's
+/// round trip since the client's SYN.
+#[inline(always)]
+pub fn track_in(inb: &mut Flow, flags: u8) {
+    if flags & (tcp::SYN | tcp::ACK) == tcp::SYN | tcp::ACK && inb.handshake_ns == 0 {
+        let now = precise_now();
+        inb.handshake_ns = now;
+        if let Some(out) = find(&inb.out_key())
+            && out.handshake_ns != 0
+        {
+            inb.rtt_ns = now.saturating_sub(out.handshake_ns);
+        }
+    }
+    inb.tcp_flags |= flags & TRACKED;
 }

@@ -3,7 +3,7 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{bpf_fib_lookup, xdp_action},
-    helpers::{bpf_redirect, bpf_xdp_adjust_head},
+    helpers::{bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     macros::xdp,
     programs::XdpContext,
 };
@@ -45,6 +45,16 @@ impl Hook for Xdp {
     fn adjust_head(&mut self, delta: i32) -> Result<(), Reason> {
         // SAFETY: the caller re-reads the packet afterwards.
         match unsafe { bpf_xdp_adjust_head(self.0.ctx, delta) } {
+            0 => Ok(()),
+            _ => Err(Reason::Internal),
+        }
+    }
+
+    #[inline(always)]
+    fn truncate(&mut self, len: usize) -> Result<(), Reason> {
+        let delta = len as i32 - self.packet().len() as i32;
+        // SAFETY: the caller re-reads the packet afterwards.
+        match unsafe { bpf_xdp_adjust_tail(self.0.ctx, delta) } {
             0 => Ok(()),
             _ => Err(Reason::Internal),
         }

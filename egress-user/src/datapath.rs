@@ -1,22 +1,25 @@
 //! The eBPF side as the daemon sees it: load with settings, fill the
 //! policy maps, attach, read counters and flows.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::Context as _;
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
     programs::{Xdp, XdpMode},
 };
 use egress_common::{
     config::Config,
-    flow::{Flow, FlowKey},
+    flow::{Flow, FlowKey, Mapping, PortKey},
     reason::Reason,
 };
 use ipnet::Ipv4Net;
 
-use crate::settings::{AttachMode, PortRange};
+use crate::{
+    pinning,
+    settings::{AttachMode, PortRange},
+};
 
 /// The compiled eBPF object, built by build.rs.
 pub static OBJECT: &[u8] =
@@ -34,6 +37,12 @@ pub struct Policy {
     pub peers: Vec<Ipv4Addr>,
     pub client_cidrs: Vec<Ipv4Net>,
     pub max_flows: u32,
+    /// Most flows per client address; 0 for no limit.
+    pub max_client_flows: u32,
+    /// bpffs directory the connection state is pinned in.
+    pub state_dir: PathBuf,
+    /// Drop the state a previous run left in `state_dir`.
+    pub reset_state: bool,
 }
 
 impl Policy {
@@ -43,6 +52,7 @@ impl Policy {
         c.port_min = self.ports.min;
         c.port_max = self.ports.max;
         c.snat_count = self.snat.len() as u32;
+        c.max_client_flows = self.max_client_flows;
         for (slot, a) in c.snat_addrs.iter_mut().zip(&self.snat) {
             *slot = a.octets();
         }
@@ -55,15 +65,38 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the programs with `policy` and fills the policy maps.
+    /// Loads the programs with `policy`, picking up the connection state
+    /// pinned by an earlier run unless told to reset it, and fills the
+    /// policy maps.
     pub fn load(policy: &Policy) -> anyhow::Result<Self> {
+        pinning::prepare(&policy.state_dir, policy.reset_state)?;
+        let resumed = pinning::has_state(&policy.state_dir);
         let config = policy.config();
+        // Two entries per flow (outbound and return half), and at most one
+        // mapping (two entries) per flow.
+        let entries = policy.max_flows.saturating_mul(2);
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
-            // Two entries per flow: the outbound and the return half.
-            .map_max_entries("FLOWS", policy.max_flows.saturating_mul(2))
+            .default_map_pin_directory(&policy.state_dir)
+            .map_max_entries("FLOWS", entries)
+            .map_max_entries("MAPPINGS", entries)
+            .map_max_entries("CLIENT_FLOWS", policy.max_flows)
             .load(OBJECT)
-            .context("cannot load the eBPF programs (needs root or CAP_BPF + CAP_NET_ADMIN, and a kernel with BTF)")?;
+            .map_err(|e| match e {
+                EbpfError::MapError(e @ MapError::IncompatiblePinnedMap { .. }) => anyhow::anyhow!(
+                    "{e}: the connection state in {} was made with other settings \
+                     (--max-flows) or by a version with another state format; \
+                     run with those settings, or start over with --reset-state \
+                     (live connections through the gateway will break)",
+                    policy.state_dir.display()
+                ),
+                e => anyhow::Error::new(e).context(
+                    "cannot load the eBPF programs (needs root or CAP_BPF + CAP_NET_ADMIN, and a kernel with BTF)",
+                ),
+            })?;
+        if resumed {
+            tracing::info!(dir = %policy.state_dir.display(), "resuming the connection state of the previous run");
+        }
 
         let mut peers: HashMap<_, [u8; 4], u8> = HashMap::try_from(map(&mut ebpf, "PEERS")?)?;
         for p in &policy.peers {
@@ -134,10 +167,26 @@ impl Datapath {
             .collect()
     }
 
-    /// The flow table.
-    pub fn flows(&mut self) -> anyhow::Result<HashMap<&mut MapData, FlowKey, Flow>> {
-        Ok(HashMap::try_from(map(&mut self.ebpf, "FLOWS")?)?)
+    /// The connection state, for the garbage collector and for inspection.
+    pub fn state(&mut self) -> anyhow::Result<State<'_>> {
+        let [flows, mappings, clients] =
+            self.ebpf
+                .maps_disjoint_mut(["FLOWS", "MAPPINGS", "CLIENT_FLOWS"]);
+        let missing = |name| move || anyhow::anyhow!("{name} map missing from the eBPF object");
+        Ok(State {
+            flows: HashMap::try_from(flows.ok_or_else(missing("FLOWS"))?)?,
+            mappings: HashMap::try_from(mappings.ok_or_else(missing("MAPPINGS"))?)?,
+            clients: HashMap::try_from(clients.ok_or_else(missing("CLIENT_FLOWS"))?)?,
+        })
     }
+}
+
+/// The connection-state maps.
+pub struct State<'a> {
+    pub flows: HashMap<&'a mut MapData, FlowKey, Flow>,
+    pub mappings: HashMap<&'a mut MapData, PortKey, Mapping>,
+    /// Live flows per client address.
+    pub clients: HashMap<&'a mut MapData, [u8; 4], u64>,
 }
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {

@@ -1,19 +1,64 @@
-//! Expiry of idle flows. The data path only creates flows and stamps their
-//! halves with the last packet's time; the daemon removes flows idle for
-//! longer than their protocol's timeout, both halves together.
+//! Expiry of idle flows, and of the mappings and client counts they leave
+//! behind. The data path only creates state and stamps it with the last
+//! packet's time and TCP flags; the daemon decides when it is dead.
 
-use std::time::Duration;
+use std::{
+    collections::{HashMap as StdMap, HashSet},
+    time::{Duration, Instant},
+};
 
 use aya::maps::{HashMap, MapData, MapError};
-use egress_common::flow::{DIR_OUT, Flow, FlowKey, IPPROTO_ICMP, IPPROTO_TCP};
+use egress_common::{
+    flow::{DIR_IN, DIR_OUT, Flow, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, Mapping, PortKey},
+    tcp::TcpState,
+};
 
-/// Idle timeouts: RFC 5382 REQ-5 (TCP established ≥ 2 h 4 min), RFC 4787
-/// REQ-5 (UDP ≥ 2 min, 5 min recommended), RFC 5508 REQ-6 (ICMP ≥ 60 s).
-pub fn timeout(proto: u8) -> Duration {
-    match proto {
-        IPPROTO_TCP => Duration::from_secs(2 * 3600 + 4 * 60),
-        IPPROTO_ICMP => Duration::from_secs(60),
-        _ => Duration::from_secs(300),
+use crate::datapath::State;
+
+/// State that looks dead but may be in the middle of being created (a
+/// mapping no flow uses yet, a flow half without its twin) is left alone
+/// until it has been idle this long.
+pub const GRACE: Duration = Duration::from_secs(10);
+
+/// Idle timeouts by protocol and TCP state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// RFC 5382 REQ-5: at least 2 h 4 min.
+    pub tcp_established: Duration,
+    /// RFC 5382 REQ-5: handshake and teardown, at least 4 min.
+    pub tcp_transitory: Duration,
+    /// After a RST: the connection is over; the entry only absorbs stragglers.
+    pub tcp_reset: Duration,
+    /// RFC 4787 REQ-5: at least 2 min, 5 min recommended.
+    pub udp: Duration,
+    /// RFC 5508 REQ-1: ICMP query mappings, at least 60 s.
+    pub icmp: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            tcp_established: Duration::from_secs(2 * 3600 + 4 * 60),
+            tcp_transitory: Duration::from_secs(4 * 60),
+            tcp_reset: Duration::from_secs(10),
+            udp: Duration::from_secs(5 * 60),
+            icmp: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Timeouts {
+    /// How long the flow with these halves may stay idle.
+    pub fn of(&self, out: &Flow, inb: &Flow) -> Duration {
+        match out.proto {
+            IPPROTO_TCP => match TcpState::of(out.tcp_flags, inb.tcp_flags) {
+                TcpState::Established => self.tcp_established,
+                TcpState::Reset => self.tcp_reset,
+                _ => self.tcp_transitory,
+            },
+            IPPROTO_ICMP => self.icmp,
+            _ => self.udp,
+        }
     }
 }
 
@@ -24,43 +69,186 @@ pub fn monotonic_ns() -> u64 {
     t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }
 
+/// What one sweep found and did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Sweep {
+    /// Flows left, and flows removed (both halves each).
     pub live: usize,
     pub expired: usize,
+    /// Mappings left, and mappings removed.
+    pub mappings: usize,
+    pub mappings_expired: usize,
+    pub took: Duration,
 }
 
-/// Removes every flow idle past its timeout at time `now_ns`, and any
-/// outbound half whose return half is missing (a sweep cut short).
-pub fn sweep(
-    flows: &mut HashMap<&mut MapData, FlowKey, Flow>,
-    now_ns: u64,
-) -> Result<Sweep, MapError> {
-    let keys: Vec<FlowKey> = flows.keys().collect::<Result<_, _>>()?;
+/// Removes every flow idle past its timeout at time `now_ns`, then every
+/// mapping no remaining flow uses, and brings the per-client flow counts
+/// up to date. Halves left alone by an interrupted sweep or a failed insert
+/// go too, once idle past the grace period.
+pub fn sweep(state: &mut State, timeouts: &Timeouts, now_ns: u64) -> Result<Sweep, MapError> {
+    let started = Instant::now();
+    let idle = |last_ns: u64| Duration::from_nanos(now_ns.saturating_sub(last_ns));
+    let flows: StdMap<FlowKey, Flow> = state.flows.iter().collect::<Result<_, _>>()?;
     let mut sweep = Sweep::default();
-    for key in keys.into_iter().filter(|k| k.dir == DIR_OUT) {
-        let Ok(out) = flows.get(&key, 0) else {
-            continue;
+    let mut live_clients: StdMap<[u8; 4], u64> = StdMap::new();
+    let mut expired_clients: StdMap<[u8; 4], u64> = StdMap::new();
+    let mut used: HashSet<PortKey> = HashSet::new();
+
+    for (key, half) in &flows {
+        let twin_key = match key.dir {
+            DIR_OUT => half.in_key(),
+            _ => half.out_key(),
         };
-        let last_in = flows.get(&out.in_key(), 0).map(|f| f.last_seen_ns);
-        let last = out.last_seen_ns.max(*last_in.as_ref().unwrap_or(&0));
-        let idle = Duration::from_nanos(now_ns.saturating_sub(last));
-        if last_in.is_ok() && idle <= timeout(out.proto) {
+        let twin = flows.get(&twin_key);
+        let (out, inb) = match (key.dir, twin) {
+            (DIR_OUT, Some(inb)) => (half, inb),
+            // Each whole flow is judged once, from its outbound half.
+            (_, Some(_)) => continue,
+            // A lone half: what a cut-short sweep leaves, or a flow created
+            // while this sweep read the table.
+            (_, None) => {
+                if idle(half.last_seen_ns) > GRACE && state.flows.get(&twin_key, 0).is_err() {
+                    remove(&mut state.flows, key)?;
+                }
+                continue;
+            }
+        };
+        let last = out.last_seen_ns.max(inb.last_seen_ns);
+        if idle(last) <= timeouts.of(out, inb) {
             sweep.live += 1;
+            *live_clients.entry(out.client_addr).or_default() += 1;
+            used.insert(client_key(out));
             continue;
         }
         // Return half first: once it is gone no reply can use the flow.
-        remove(flows, &out.in_key())?;
-        remove(flows, &key)?;
+        remove(&mut state.flows, &twin_key)?;
+        remove(&mut state.flows, key)?;
         sweep.expired += 1;
+        *expired_clients.entry(out.client_addr).or_default() += 1;
     }
+
+    let mappings: StdMap<PortKey, Mapping> = state.mappings.iter().collect::<Result<_, _>>()?;
+    for (key, m) in &mappings {
+        if key.dir != DIR_OUT {
+            // A reservation whose client side is gone (creation in progress,
+            // or a cut-short sweep).
+            let out = PortKey {
+                addr: m.addr,
+                port: m.port,
+                dir: DIR_OUT,
+                ..*key
+            };
+            if !mappings.contains_key(&out) && idle(m.used_ns) > GRACE {
+                remove(&mut state.mappings, key)?;
+            }
+            continue;
+        }
+        // The second read catches a flow started from the mapping since
+        // the table was read.
+        let recent = |m: &Mapping| idle(m.used_ns) <= GRACE;
+        if used.contains(key) || recent(m) || state.mappings.get(key, 0).is_ok_and(|m| recent(&m)) {
+            sweep.mappings += 1;
+            continue;
+        }
+        // Client side first: once it is gone no new flow can use the port.
+        remove(&mut state.mappings, key)?;
+        let reservation = PortKey {
+            addr: m.addr,
+            port: m.port,
+            dir: DIR_IN,
+            ..*key
+        };
+        remove(&mut state.mappings, &reservation)?;
+        sweep.mappings_expired += 1;
+    }
+
+    recount_clients(&mut state.clients, &live_clients, &expired_clients)?;
+    sweep.took = started.elapsed();
     Ok(sweep)
 }
 
-fn remove(flows: &mut HashMap<&mut MapData, FlowKey, Flow>, key: &FlowKey) -> Result<(), MapError> {
-    match flows.remove(key) {
+/// The client-side mapping key a flow was created from.
+fn client_key(out: &Flow) -> PortKey {
+    PortKey {
+        addr: out.client_addr,
+        port: out.client_port,
+        proto: out.proto,
+        dir: DIR_OUT,
+    }
+}
+
+/// Takes the expired flows off each client's count. The data path adds to
+/// the counts concurrently, so a count is read just before it is written,
+/// and never set below the live flows this sweep saw.
+fn recount_clients(
+    counts: &mut HashMap<&mut MapData, [u8; 4], u64>,
+    live: &StdMap<[u8; 4], u64>,
+    expired: &StdMap<[u8; 4], u64>,
+) -> Result<(), MapError> {
+    let clients: Vec<[u8; 4]> = counts.keys().collect::<Result<_, _>>()?;
+    for client in clients.iter().chain(live.keys()) {
+        let now = counts.get(client, 0).unwrap_or(0);
+        let want = now
+            .saturating_sub(expired.get(client).copied().unwrap_or(0))
+            .max(live.get(client).copied().unwrap_or(0));
+        match (want, now) {
+            (w, n) if w == n => {}
+            (0, _) => remove(counts, client)?,
+            (w, _) => counts.insert(client, &w, 0)?,
+        }
+    }
+    Ok(())
+}
+
+fn remove<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<&mut MapData, K, V>,
+    key: &K,
+) -> Result<(), MapError> {
+    match map.remove(key) {
         // Already gone: the twin of a half removed by an earlier sweep.
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         r => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use egress_common::{
+        flow::IPPROTO_UDP,
+        tcp::{ACK, FIN, RST, SYN},
+    };
+
+    use super::*;
+
+    fn tcp(out: u8, inb: u8) -> (Flow, Flow) {
+        let f = |tcp_flags| Flow {
+            proto: IPPROTO_TCP,
+            tcp_flags,
+            ..Flow::default()
+        };
+        (f(out), f(inb))
+    }
+
+    #[test]
+    fn timeouts_follow_protocol_and_tcp_state() {
+        let t = Timeouts::default();
+        let (o, i) = tcp(SYN | ACK, SYN | ACK);
+        assert_eq!(t.of(&o, &i), Duration::from_secs(7440));
+        let (o, i) = tcp(SYN, 0);
+        assert_eq!(t.of(&o, &i), Duration::from_secs(240));
+        let (o, i) = tcp(SYN | ACK | FIN, SYN | ACK);
+        assert_eq!(t.of(&o, &i), Duration::from_secs(240));
+        let (o, i) = tcp(SYN | ACK, RST);
+        assert_eq!(t.of(&o, &i), Duration::from_secs(10));
+        let udp = Flow {
+            proto: IPPROTO_UDP,
+            ..Flow::default()
+        };
+        assert_eq!(t.of(&udp, &udp), Duration::from_secs(300));
+        let icmp = Flow {
+            proto: IPPROTO_ICMP,
+            ..Flow::default()
+        };
+        assert_eq!(t.of(&icmp, &icmp), Duration::from_secs(60));
     }
 }

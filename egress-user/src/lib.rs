@@ -4,5 +4,6 @@
 pub mod datapath;
 pub mod gc;
 pub mod netif;
+pub mod pinning;
 pub mod settings;
 pub mod sysctl;

@@ -4,11 +4,12 @@ use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use egress_common::reason::Reason;
 use egress_user::{
     datapath::{Datapath, Policy},
     gc,
     netif::Interface,
-    settings::{AttachMode, FileSettings, PortRange, Settings},
+    settings::{AttachMode, FileSettings, FileTimeouts, PortRange, Settings},
     sysctl::Sysctls,
 };
 use ipnet::Ipv4Net;
@@ -56,9 +57,24 @@ struct RunArgs {
     /// XDP attach mode.
     #[arg(long, value_enum)]
     attach: Option<AttachMode>,
-    /// Flow table capacity [default: 262144].
+    /// Flow table capacity [default: 1048576].
     #[arg(long)]
     max_flows: Option<u32>,
+    /// Most flows one client address may have at once, 0 for no limit [default: 65536].
+    #[arg(long)]
+    max_client_flows: Option<u32>,
+    /// Idle timeout KIND=DURATION, KIND one of tcp-established, tcp-transitory,
+    /// tcp-reset, udp, icmp (repeatable) [defaults: 2h4m, 4m, 10s, 5m, 60s].
+    #[arg(long = "timeout", value_name = "KIND=DURATION")]
+    timeouts: Vec<String>,
+    /// bpffs directory where the connection state persists across restarts
+    /// [default: /sys/fs/bpf/egress].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Start with empty connection state instead of the previous run's
+    /// (live connections through the gateway break).
+    #[arg(long)]
+    reset_state: bool,
 }
 
 impl RunArgs {
@@ -67,6 +83,12 @@ impl RunArgs {
             Some(path) => FileSettings::read(path)?,
             None => FileSettings::default(),
         };
+        let mut timeouts = FileTimeouts::default();
+        for flag in &self.timeouts {
+            timeouts
+                .set(flag)
+                .map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
+        }
         let cli = FileSettings {
             iface: self.iface,
             peer: Some(self.peers),
@@ -76,6 +98,9 @@ impl RunArgs {
             ports: self.ports,
             attach: self.attach,
             max_flows: self.max_flows,
+            max_client_flows: self.max_client_flows,
+            state_dir: self.state_dir,
+            timeouts,
         };
         Settings::merge(cli, file)
     }
@@ -92,7 +117,10 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => args.settings().and_then(run),
+        Command::Run(args) => {
+            let reset_state = args.reset_state;
+            args.settings().and_then(|s| run(s, reset_state))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -103,7 +131,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(settings: Settings) -> anyhow::Result<()> {
+fn run(settings: Settings, reset_state: bool) -> anyhow::Result<()> {
+    for warning in settings.warnings() {
+        tracing::warn!("{warning}");
+    }
     let iface = Interface::find(&settings.iface)?;
     let primary = iface.primary;
     let needs_address = || {
@@ -125,6 +156,9 @@ fn run(settings: Settings) -> anyhow::Result<()> {
         peers: settings.peers.clone(),
         client_cidrs: settings.client_cidrs.clone(),
         max_flows: settings.max_flows,
+        max_client_flows: settings.max_client_flows,
+        state_dir: settings.state_dir.clone(),
+        reset_state,
     };
 
     let mut datapath = Datapath::load(&policy)?;
@@ -139,6 +173,7 @@ fn run(settings: Settings) -> anyhow::Result<()> {
         peers = ?policy.peers,
         client_cidrs = ?policy.client_cidrs,
         max_flows = policy.max_flows,
+        max_client_flows = policy.max_client_flows,
         "attached XDP program; gateway ready"
     );
 
@@ -146,7 +181,7 @@ fn run(settings: Settings) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?
-        .block_on(serve(&mut datapath))?;
+        .block_on(serve(&mut datapath, &settings.timeouts))?;
 
     for (reason, packets) in datapath.stats()? {
         if packets > 0 {
@@ -163,31 +198,56 @@ fn run(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sweeps idle flows until SIGINT or SIGTERM.
-async fn serve(datapath: &mut Datapath) -> anyhow::Result<()> {
+/// Sweeps idle state and reports refused flows until SIGINT or SIGTERM.
+async fn serve(datapath: &mut Datapath, timeouts: &gc::Timeouts) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut tick = tokio::time::interval(GC_INTERVAL);
+    let mut refused = Refusals::default();
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = tick.tick() => {
-                let started = std::time::Instant::now();
                 // A failed sweep is retried at the next tick; the data path
                 // is unaffected meanwhile.
-                match gc::sweep(&mut datapath.flows()?, gc::monotonic_ns()) {
-                    Ok(sweep) => tracing::debug!(
-                        live = sweep.live,
-                        expired = sweep.expired,
-                        took = ?started.elapsed(),
-                        "swept flows"
+                match gc::sweep(&mut datapath.state()?, timeouts, gc::monotonic_ns()) {
+                    Ok(s) if s.expired + s.mappings_expired > 0 => tracing::info!(
+                        expired = s.expired, live = s.live, mappings_expired = s.mappings_expired,
+                        mappings = s.mappings, took = ?s.took, "swept idle flows"
                     ),
+                    Ok(s) => tracing::debug!(live = s.live, mappings = s.mappings, took = ?s.took, "swept flows"),
                     Err(e) => tracing::warn!("flow table sweep failed: {e}"),
                 }
+                refused.report(&datapath.stats()?);
             }
         }
     }
     tracing::info!("signal received, shutting down");
     Ok(())
+}
+
+/// New flows refused for lack of room, logged once per tick at most.
+#[derive(Default)]
+struct Refusals(std::collections::HashMap<Reason, u64>);
+
+impl Refusals {
+    fn report(&mut self, stats: &[(Reason, u64)]) {
+        for &(reason, total) in stats {
+            let why = match reason {
+                Reason::PortsExhausted => "no free translation port",
+                Reason::TableFull => "the flow table is full (--max-flows)",
+                Reason::ClientLimit => "the client is at its flow cap (--max-client-flows)",
+                _ => continue,
+            };
+            let seen = self.0.insert(reason, total).unwrap_or(total);
+            if total > seen {
+                tracing::warn!(
+                    refused = total - seen,
+                    reason = reason.as_str(),
+                    "new flows refused since the last report: {why}"
+                );
+            }
+        }
+    }
 }

@@ -1,11 +1,19 @@
 //! Gateway settings: command-line flags over an optional TOML file, checked
 //! once, with errors that name the offending key.
 
-use std::{fmt, net::Ipv4Addr, path::Path, str::FromStr};
+use std::{
+    fmt,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
 
 use anyhow::{Context as _, bail};
 use ipnet::Ipv4Net;
 use serde::Deserialize;
+
+use crate::{gc::Timeouts, pinning::DEFAULT_STATE_DIR};
 
 /// Default translation ports: below Linux's default ephemeral range
 /// (32768-60999), so the gateway host's own connections never collide
@@ -15,7 +23,10 @@ pub const DEFAULT_PORTS: PortRange = PortRange {
     max: 32767,
 };
 /// Default flow table capacity (each flow uses two map entries).
-pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
+pub const DEFAULT_MAX_FLOWS: u32 = 1 << 20;
+/// Default cap on one client's flows (RFC 6888 REQ-4): generous for a busy
+/// host, a small share of the table.
+pub const DEFAULT_MAX_CLIENT_FLOWS: u32 = 65_536;
 
 /// An inclusive port range, written `LO-HI`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,6 +94,62 @@ pub struct FileSettings {
     pub ports: Option<PortRange>,
     pub attach: Option<AttachMode>,
     pub max_flows: Option<u32>,
+    pub max_client_flows: Option<u32>,
+    pub state_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub timeouts: FileTimeouts,
+}
+
+/// The `[timeouts]` table: idle timeouts as human durations ("2h4m", "30s").
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileTimeouts {
+    #[serde(default, with = "humantime_serde")]
+    pub tcp_established: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub tcp_transitory: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub tcp_reset: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub udp: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub icmp: Option<Duration>,
+}
+
+impl FileTimeouts {
+    /// Sets one timeout from a `KIND=DURATION` flag.
+    pub fn set(&mut self, flag: &str) -> Result<(), String> {
+        let (kind, value) = flag
+            .split_once('=')
+            .ok_or_else(|| format!("{flag:?} is not KIND=DURATION, e.g. udp=5m"))?;
+        let d = humantime::parse_duration(value.trim())
+            .map_err(|e| format!("{value:?} is not a duration like 2h4m or 30s: {e}"))?;
+        let slot = match kind.trim() {
+            "tcp-established" => &mut self.tcp_established,
+            "tcp-transitory" => &mut self.tcp_transitory,
+            "tcp-reset" => &mut self.tcp_reset,
+            "udp" => &mut self.udp,
+            "icmp" => &mut self.icmp,
+            k => {
+                return Err(format!(
+                    "unknown timeout {k:?}: one of tcp-established, tcp-transitory, tcp-reset, udp, icmp"
+                ));
+            }
+        };
+        *slot = Some(d);
+        Ok(())
+    }
+
+    /// These timeouts over `base`'s.
+    fn over(&self, base: Timeouts) -> Timeouts {
+        Timeouts {
+            tcp_established: self.tcp_established.unwrap_or(base.tcp_established),
+            tcp_transitory: self.tcp_transitory.unwrap_or(base.tcp_transitory),
+            tcp_reset: self.tcp_reset.unwrap_or(base.tcp_reset),
+            udp: self.udp.unwrap_or(base.udp),
+            icmp: self.icmp.unwrap_or(base.icmp),
+        }
+    }
 }
 
 impl FileSettings {
@@ -114,6 +181,9 @@ pub struct Settings {
     pub ports: PortRange,
     pub attach: AttachMode,
     pub max_flows: u32,
+    pub max_client_flows: u32,
+    pub state_dir: PathBuf,
+    pub timeouts: Timeouts,
 }
 
 impl Settings {
@@ -137,6 +207,15 @@ impl Settings {
                 .max_flows
                 .or(file.max_flows)
                 .unwrap_or(DEFAULT_MAX_FLOWS),
+            max_client_flows: cli
+                .max_client_flows
+                .or(file.max_client_flows)
+                .unwrap_or(DEFAULT_MAX_CLIENT_FLOWS),
+            state_dir: cli
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            timeouts: cli.timeouts.over(file.timeouts.over(Timeouts::default())),
         };
         s.validate()?;
         Ok(s)
@@ -162,7 +241,41 @@ impl Settings {
         if self.max_flows == 0 || self.max_flows > (u32::MAX / 2) {
             bail!("max-flows: must be between 1 and {}", u32::MAX / 2);
         }
+        let t = &self.timeouts;
+        for (key, d) in [
+            ("tcp-established", t.tcp_established),
+            ("tcp-transitory", t.tcp_transitory),
+            ("tcp-reset", t.tcp_reset),
+            ("udp", t.udp),
+            ("icmp", t.icmp),
+        ] {
+            if d.is_zero() {
+                bail!("timeouts.{key}: must be longer than zero");
+            }
+        }
         Ok(())
+    }
+
+    /// Settings that work but fall short of what the RFCs require of a NAT.
+    pub fn warnings(&self) -> Vec<String> {
+        let t = &self.timeouts;
+        let rfc = Timeouts::default();
+        [
+            ("tcp-established", t.tcp_established, rfc.tcp_established, "RFC 5382 REQ-5"),
+            ("tcp-transitory", t.tcp_transitory, rfc.tcp_transitory, "RFC 5382 REQ-5"),
+            ("udp", t.udp, Duration::from_secs(120), "RFC 4787 REQ-5"),
+            ("icmp", t.icmp, rfc.icmp, "RFC 5508 REQ-1"),
+        ]
+        .into_iter()
+        .filter(|&(_, d, min, _)| d < min)
+        .map(|(key, d, min, rfc)| {
+            format!(
+                "timeouts.{key} = {} is below the {} that {rfc} requires; long-idle connections will break",
+                humantime::format_duration(d),
+                humantime::format_duration(min)
+            )
+        })
+        .collect()
     }
 }
 
@@ -216,6 +329,25 @@ mod tests {
             }
         );
         assert_eq!(s.max_flows, DEFAULT_MAX_FLOWS);
+    }
+
+    #[test]
+    fn timeouts_from_file_and_flags() {
+        let file: FileSettings =
+            toml::from_str("[timeouts]\nudp = \"2m 30s\"\ntcp-established = \"3h\"\n").unwrap();
+        let mut c = cli();
+        c.timeouts.set("udp=45s").unwrap();
+        let s = Settings::merge(c, file).unwrap();
+        assert_eq!(s.timeouts.udp, Duration::from_secs(45));
+        assert_eq!(s.timeouts.tcp_established, Duration::from_secs(3 * 3600));
+        assert_eq!(s.timeouts.icmp, Timeouts::default().icmp);
+        let warnings = s.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("timeouts.udp"), "{warnings:?}");
+        assert!(FileTimeouts::default().set("tcp=1m").is_err());
+        assert!(FileTimeouts::default().set("udp=soon").is_err());
+        let e = toml::from_str::<FileSettings>("[timeouts]\nudp = \"5 parsecs\"").unwrap_err();
+        assert!(e.to_string().contains("udp"), "{e}");
     }
 
     #[test]

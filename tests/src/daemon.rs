@@ -74,9 +74,10 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
-    /// SIGTERM first so the daemon can clean up (the gateway detaches XDP).
-    fn drop(&mut self) {
+impl Daemon {
+    /// Stops the process: SIGTERM first so it can clean up (the gateway
+    /// detaches XDP), SIGKILL if it has not exited after a grace period.
+    pub fn stop(&mut self) {
         let pid = Pid::from_raw(self.child.id() as i32);
         let _ = kill(pid, Signal::SIGTERM);
         let deadline = Instant::now() + GRACE;
@@ -88,5 +89,11 @@ impl Drop for Daemon {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

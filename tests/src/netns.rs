@@ -2,6 +2,7 @@
 
 use crate::daemon::Daemon;
 use anyhow::{Context, Result, bail};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, setns};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -89,6 +90,26 @@ impl Lab {
         &self.dir
     }
 
+    /// A directory for a gateway's pinned state, on a BPF filesystem of
+    /// this lab's own (mounted on first use, unmounted on drop). Not under
+    /// /sys/fs/bpf: `ip netns exec` mounts a fresh /sys for each command,
+    /// which would hide that from a gateway started again.
+    pub fn state_dir(&self) -> Result<PathBuf> {
+        let bpffs = self.dir.join(BPFFS_DIR);
+        if !bpffs.exists() {
+            std::fs::create_dir(&bpffs)?;
+            mount(
+                Some("bpf"),
+                &bpffs,
+                Some("bpf"),
+                MsFlags::empty(),
+                None::<&str>,
+            )
+            .with_context(|| format!("mount bpffs on {}", bpffs.display()))?;
+        }
+        Ok(bpffs.join("state"))
+    }
+
     /// Passes `result` through; an error keeps the directory for a look at
     /// the logs (a later run removes it) and says where it is.
     pub fn keep_logs_on_err<T>(&self, result: Result<T>) -> Result<T> {
@@ -124,6 +145,7 @@ impl Drop for Lab {
         for ns in self.namespaces.iter().rev() {
             delete_ns(ns);
         }
+        unmount_bpffs(&self.dir);
         if std::thread::panicking() {
             eprintln!("logs kept in {}", self.dir.display());
         } else if !self.keep_dir.load(Ordering::Relaxed) {
@@ -177,10 +199,20 @@ fn remove_stale() {
     if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
         for entry in entries.flatten() {
             if entry.file_name().to_str().is_some_and(is_stale) {
+                unmount_bpffs(&entry.path());
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
     }
+}
+
+/// The lab directory's BPF filesystem mount point.
+const BPFFS_DIR: &str = "bpffs";
+
+/// Unmounts a lab directory's BPF filesystem, if it has one; its pins go
+/// with it.
+fn unmount_bpffs(lab_dir: &Path) {
+    let _ = umount2(&lab_dir.join(BPFFS_DIR), MntFlags::MNT_DETACH);
 }
 
 /// `egt-<pid>-...` whose pid is gone.

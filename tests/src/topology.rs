@@ -90,8 +90,10 @@ impl Topology {
             .iter()
             .map(|c| format!(" --client-cidr {c}"))
             .collect();
+        let state = self.lab.state_dir()?;
         let args = format!(
-            "run --iface {HOST_IFACE} --peer {CLIENT_UNDERLAY_IP}{cidrs} --snat {GATEWAY_IP}"
+            "run --iface {HOST_IFACE} --peer {CLIENT_UNDERLAY_IP}{cidrs} --snat {GATEWAY_IP} --state-dir {}",
+            state.display()
         );
         let mut gw = self.lab.spawn(&self.gateway, "gateway", bin, &args)?;
         gw.wait_for("ready", GATEWAY_READY)?;
@@ -122,6 +124,15 @@ impl Stack {
             peer,
             topo,
         })
+    }
+}
+
+impl Stack {
+    /// Stops the gateway and starts it again, as an upgrade does.
+    pub fn restart_gateway(&mut self, egress_bin: &Path) -> Result<()> {
+        self.gateway.stop();
+        self.gateway = self.topo.start_gateway(egress_bin)?;
+        Ok(())
     }
 }
 

@@ -1,10 +1,14 @@
 //! Frames built, and checked, with etherparse: an implementation of the
 //! wire formats independent of the gateway's own.
 
+use egress_common::tcp;
 use etherparse::{
     EtherType, Ethernet2Header, IpHeaders, IpNumber, Ipv4Header, PacketBuilder, SlicedPacket,
     TransportSlice,
 };
+
+/// TCP PSH, which the gateway does not track.
+pub const PSH: u8 = 0x08;
 
 /// A transport header and payload for [`ip_packet`].
 #[derive(Clone, Copy)]
@@ -12,7 +16,8 @@ pub enum L4<'a> {
     Tcp {
         sport: u16,
         dport: u16,
-        syn: bool,
+        /// TCP flags, as in the header (`egress_common::tcp`).
+        flags: u8,
         payload: &'a [u8],
     },
     Udp {
@@ -33,20 +38,20 @@ pub enum L4<'a> {
 impl<'a> L4<'a> {
     /// A TCP SYN without payload.
     pub fn syn(sport: u16, dport: u16) -> Self {
-        L4::Tcp {
-            sport,
-            dport,
-            syn: true,
-            payload: b"",
-        }
+        Self::segment(sport, dport, tcp::SYN, b"")
     }
 
     /// A TCP segment of an established connection.
     pub fn tcp(sport: u16, dport: u16, payload: &'a [u8]) -> Self {
+        Self::segment(sport, dport, tcp::ACK | PSH, payload)
+    }
+
+    /// A TCP segment with `flags`.
+    pub fn segment(sport: u16, dport: u16, flags: u8, payload: &'a [u8]) -> Self {
         L4::Tcp {
             sport,
             dport,
-            syn: false,
+            flags,
             payload,
         }
     }
@@ -93,11 +98,26 @@ pub fn ip_packet(ip: Ip, l4: L4) -> Vec<u8> {
         L4::Tcp {
             sport,
             dport,
-            syn,
+            flags,
             payload,
         } => {
-            let b = b.tcp(sport, dport, 1000, 64240);
-            let b = if syn { b.syn() } else { b.ack(1).psh() };
+            let mut b = b.tcp(sport, dport, 1000, 64240);
+            let has = |bit| flags & bit != 0;
+            if has(tcp::SYN) {
+                b = b.syn();
+            }
+            if has(tcp::FIN) {
+                b = b.fin();
+            }
+            if has(tcp::RST) {
+                b = b.rst();
+            }
+            if has(PSH) {
+                b = b.psh();
+            }
+            if has(tcp::ACK) {
+                b = b.ack(1);
+            }
             b.write(&mut out, payload).unwrap();
         }
         L4::Udp {
@@ -114,6 +134,16 @@ pub fn ip_packet(ip: Ip, l4: L4) -> Vec<u8> {
             .write(&mut out, b"ping")
             .unwrap(),
     }
+    out
+}
+
+/// An ICMP error of type `kind` from `ip`, quoting `quote`.
+pub fn icmp_error(ip: Ip, kind: etherparse::Icmpv4Type, quote: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ip(IpHeaders::Ipv4(ip.header(), Default::default()))
+        .icmpv4(kind)
+        .write(&mut out, quote)
+        .unwrap();
     out
 }
 

@@ -5,7 +5,10 @@
 use std::collections::HashMap;
 
 use aya::programs::{TestRun as _, TestRunOptions, TestRunResult};
-use egress_common::reason::Reason;
+use egress_common::{
+    flow::{DIR_OUT, Flow, FlowKey, Mapping, PortKey},
+    reason::Reason,
+};
 use egress_user::{
     datapath::{Datapath, Policy},
     gc,
@@ -47,6 +50,7 @@ pub enum Verdict {
 
 pub struct Gateway {
     datapath: Datapath,
+    policy: Policy,
     ns: String,
     ifindex: u32,
     _lab: Lab,
@@ -54,6 +58,11 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new() -> Self {
+        Self::with(|_| {})
+    }
+
+    /// A gateway whose policy `adjust` has changed from the tests' default.
+    pub fn with(adjust: impl FnOnce(&mut Policy)) -> Self {
         tests::require_root().unwrap();
         let mut lab = Lab::new().unwrap();
         let ns = lab.add_ns("pkt").unwrap();
@@ -90,7 +99,8 @@ impl Gateway {
             .trim()
             .parse()
             .unwrap();
-        let datapath = Datapath::load(&Policy {
+        let state_dir = lab.state_dir().unwrap();
+        let mut policy = Policy {
             tunnel_local: GW.into(),
             snat: vec![GW.into()],
             ports: PORTS,
@@ -100,14 +110,28 @@ impl Gateway {
                 "10.0.0.0/16".parse().unwrap(),
             ],
             max_flows: 1024,
-        })
-        .unwrap();
+            max_client_flows: 0,
+            state_dir,
+            reset_state: false,
+        };
+        adjust(&mut policy);
+        let datapath = Datapath::load(&policy).unwrap();
         Self {
             datapath,
+            policy,
             ns,
             ifindex,
             _lab: lab,
         }
+    }
+
+    /// Unloads the data path and loads it again, as a restarted daemon
+    /// does: keeping the pinned state, or starting clean with `reset`.
+    pub fn restart(&mut self, reset: bool) {
+        self.policy.reset_state = reset;
+        // The old instance is dropped only once the new one is loaded, like
+        // an upgrade that starts the new daemon before the old one exits.
+        self.datapath = Datapath::load(&self.policy).unwrap();
     }
 
     /// Runs the program once on `frame`, as received on eth0. Returns the
@@ -144,12 +168,7 @@ impl Gateway {
     /// rewrites packets in place, so the kernel's own repeat would not redo
     /// the work); `out` receives the frame as the last run left it.
     pub fn test_run(&mut self, frame: &[u8], n: usize, out: &mut [u8]) -> Vec<TestRunResult> {
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
-        // rx_queue_index, egress_ifindex.
-        let ctx: Vec<u8> = [0, frame.len() as u32, 0, self.ifindex, 0, 0]
-            .iter()
-            .flat_map(|v| v.to_ne_bytes())
-            .collect();
+        let ctx = xdp_md(frame, self.ifindex);
         let prog = self.datapath.xdp().unwrap();
         in_netns(&self.ns, || {
             (0..n)
@@ -167,19 +186,91 @@ impl Gateway {
         .unwrap()
     }
 
+    /// Runs the frames, in order, on two threads at once: first packets of
+    /// the same flows race each other on the two CPUs.
+    pub fn race(&mut self, frames: &[Vec<u8>]) {
+        let ifindex = self.ifindex;
+        let prog = &*self.datapath.xdp().unwrap();
+        let ns = &self.ns;
+        let run_all = || {
+            in_netns(ns, || {
+                let mut out = vec![0u8; 2048];
+                for frame in frames {
+                    prog.test_run(TestRunOptions {
+                        data_in: Some(frame),
+                        data_out: Some(&mut out),
+                        ctx_in: Some(&xdp_md(frame, ifindex)),
+                        ..TestRunOptions::new()
+                    })
+                    .expect("BPF_PROG_TEST_RUN");
+                }
+            })
+            .unwrap()
+        };
+        std::thread::scope(|s| {
+            let other = s.spawn(run_all);
+            run_all();
+            other.join().unwrap();
+        });
+    }
+
     fn stats(&self) -> HashMap<Reason, u64> {
         self.datapath.stats().unwrap().into_iter().collect()
     }
 
     /// One garbage-collection sweep as the daemon runs it, at time `now_ns`.
     pub fn sweep(&mut self, now_ns: u64) -> gc::Sweep {
-        gc::sweep(&mut self.datapath.flows().unwrap(), now_ns).unwrap()
+        gc::sweep(
+            &mut self.datapath.state().unwrap(),
+            &gc::Timeouts::default(),
+            now_ns,
+        )
+        .unwrap()
     }
 
     /// Number of map entries in the flow table (two per flow).
     pub fn flow_entries(&mut self) -> usize {
-        self.datapath.flows().unwrap().keys().count()
+        self.datapath.state().unwrap().flows.keys().count()
     }
+
+    /// Every flow half, by key.
+    pub fn flows(&mut self) -> HashMap<FlowKey, Flow> {
+        let state = self.datapath.state().unwrap();
+        state.flows.iter().map(Result::unwrap).collect()
+    }
+
+    /// The outbound halves only: one per flow.
+    pub fn outbound_flows(&mut self) -> Vec<Flow> {
+        let mut flows: Vec<Flow> = self
+            .flows()
+            .into_iter()
+            .filter(|(k, _)| k.dir == DIR_OUT)
+            .map(|(_, f)| f)
+            .collect();
+        flows.sort_by_key(|f| f.created_ns);
+        flows
+    }
+
+    /// Every mapping entry, by key.
+    pub fn mappings(&mut self) -> HashMap<PortKey, Mapping> {
+        let state = self.datapath.state().unwrap();
+        state.mappings.iter().map(Result::unwrap).collect()
+    }
+
+    /// The per-client flow count the data path enforces its cap with.
+    pub fn client_flows(&mut self, client: [u8; 4]) -> u64 {
+        let state = self.datapath.state().unwrap();
+        state.clients.get(&client, 0).unwrap_or(0)
+    }
+}
+
+/// The `struct xdp_md` a frame arrives with on `ifindex`: data, data_end,
+/// data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+fn xdp_md(frame: &[u8], ifindex: u32) -> Vec<u8> {
+    [0, frame.len() as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|v| v.to_ne_bytes())
+        .collect()
 }
 
 fn ip(a: [u8; 4]) -> std::net::Ipv4Addr {

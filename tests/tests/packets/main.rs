@@ -4,6 +4,7 @@
 
 mod frames;
 mod gateway;
+mod state;
 
 use egress_common::reason::Reason;
 use frames::{Ip, L4, assert_checksums_valid, encapsulate, ethernet, ip_packet};
@@ -21,7 +22,12 @@ fn from_peer(inner: &[u8]) -> Vec<u8> {
 /// Sends `l4` from `client` outbound; asserts it leaves decapsulated with
 /// only the source translated, and returns the translated source port.
 fn outbound(gw: &mut Gateway, client: [u8; 4], l4: L4, want: Reason) -> u16 {
-    let ip = Ip::new(client, SERVER);
+    outbound_to(gw, client, SERVER, l4, want)
+}
+
+/// As [`outbound`], to `remote`.
+fn outbound_to(gw: &mut Gateway, client: [u8; 4], remote: [u8; 4], l4: L4, want: Reason) -> u16 {
+    let ip = Ip::new(client, remote);
     let (verdict, out, reason) = gw.run(&from_peer(&ip_packet(ip, l4)));
     assert_eq!((verdict, reason), (Verdict::Tx, want));
     assert_checksums_valid(&out);
@@ -38,13 +44,13 @@ fn outbound(gw: &mut Gateway, client: [u8; 4], l4: L4, want: Reason) -> u16 {
     let translated = match l4 {
         L4::Tcp {
             dport,
-            syn,
+            flags,
             payload,
             ..
         } => L4::Tcp {
             sport: port,
             dport,
-            syn,
+            flags,
             payload,
         },
         L4::Udp { dport, payload, .. } => L4::Udp {
@@ -74,10 +80,15 @@ fn outbound(gw: &mut Gateway, client: [u8; 4], l4: L4, want: Reason) -> u16 {
 /// Sends the server's reply `l4` to the translation; asserts it leaves
 /// encapsulated to the peer with only the destination translated back.
 fn inbound(gw: &mut Gateway, l4: L4, client: [u8; 4], client_l4: L4) {
+    inbound_from(gw, SERVER, l4, client, client_l4)
+}
+
+/// As [`inbound`], from `remote`.
+fn inbound_from(gw: &mut Gateway, remote: [u8; 4], l4: L4, client: [u8; 4], client_l4: L4) {
     let ip = Ip {
         df: false,
         tos: 0x28,
-        ..Ip::new(SERVER, GW)
+        ..Ip::new(remote, GW)
     };
     let (verdict, out, reason) = gw.run(&ethernet(ROUTER_MAC, GW_MAC, &ip_packet(ip, l4)));
     assert_eq!((verdict, reason), (Verdict::Tx, Reason::ReverseHit));

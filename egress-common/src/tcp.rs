@@ -1,0 +1,114 @@
+//! TCP connection tracking from the flags each direction has seen.
+//!
+//! Each half of a flow ORs the flags of its direction's segments into
+//! `Flow::tcp_flags`; the connection's state follows from the two sets.
+//! Neither direction ever overwrites the other's record, so two CPUs updating
+//! the halves of one flow cannot lose a transition.
+
+pub const FIN: u8 = 0x01;
+pub const SYN: u8 = 0x02;
+pub const RST: u8 = 0x04;
+pub const ACK: u8 = 0x10;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TcpState {
+    /// The client's SYN went out; no answer yet.
+    SynSent,
+    /// The server answered with SYN-ACK; the client has not acknowledged it.
+    SynReceived,
+    Established,
+    /// One side has sent FIN.
+    Closing,
+    /// Both sides have sent FIN.
+    Closed,
+    /// Either side has sent RST.
+    Reset,
+}
+
+impl TcpState {
+    /// The state of a connection whose outbound half has seen `out` flags and
+    /// whose return half has seen `inb`.
+    pub const fn of(out: u8, inb: u8) -> Self {
+        let all = out | inb;
+        if all & RST != 0 {
+            Self::Reset
+        } else if out & FIN != 0 && inb & FIN != 0 {
+            Self::Closed
+        } else if all & FIN != 0 {
+            Self::Closing
+        } else if out & ACK != 0 && inb != 0 {
+            // The client acknowledged something the server sent: the SYN-ACK,
+            // or, for a connection picked up mid-stream, data.
+            Self::Established
+        } else if inb & SYN != 0 {
+            Self::SynReceived
+        } else {
+            Self::SynSent
+        }
+    }
+
+    /// Handshake and teardown states: short idle timeout (RFC 5382 REQ-5
+    /// "transitory").
+    pub const fn is_transitory(self) -> bool {
+        matches!(
+            self,
+            Self::SynSent | Self::SynReceived | Self::Closing | Self::Closed
+        )
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::SynSent => "syn_sent",
+            Self::SynReceived => "syn_received",
+            Self::Established => "established",
+            Self::Closing => "closing",
+            Self::Closed => "closed",
+            Self::Reset => "reset",
+        }
+    }
+}
+
+/// Whether an outbound segment with `flags` opens a new connection on a flow
+/// whose outbound half has seen `seen`: a SYN after the previous connection
+/// on the same 5-tuple ended. Its halves then start their records afresh.
+pub const fn reopens(seen: u8, flags: u8) -> bool {
+    flags & (SYN | ACK) == SYN && seen & (FIN | RST) != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshake() {
+        assert_eq!(TcpState::of(SYN, 0), TcpState::SynSent);
+        assert_eq!(TcpState::of(SYN, SYN | ACK), TcpState::SynReceived);
+        assert_eq!(TcpState::of(SYN | ACK, SYN | ACK), TcpState::Established);
+    }
+
+    #[test]
+    fn teardown() {
+        let est = SYN | ACK;
+        assert_eq!(TcpState::of(est | FIN, est), TcpState::Closing);
+        assert_eq!(TcpState::of(est, est | FIN), TcpState::Closing);
+        assert_eq!(TcpState::of(est | FIN, est | FIN), TcpState::Closed);
+        assert_eq!(TcpState::of(est, est | RST), TcpState::Reset);
+        assert_eq!(TcpState::of(est | FIN | RST, est | FIN), TcpState::Reset);
+    }
+
+    #[test]
+    fn unanswered_ack_is_not_established() {
+        // A mid-stream segment with nothing back from the server yet.
+        assert_eq!(TcpState::of(ACK, 0), TcpState::SynSent);
+        assert_eq!(TcpState::of(ACK, ACK), TcpState::Established);
+    }
+
+    #[test]
+    fn only_a_bare_syn_after_an_end_reopens() {
+        assert!(reopens(SYN | ACK | FIN, SYN));
+        assert!(reopens(SYN | RST, SYN));
+        assert!(!reopens(SYN, SYN), "a retransmitted SYN");
+        assert!(!reopens(SYN | ACK | FIN, SYN | ACK));
+        assert!(!reopens(SYN | ACK | FIN, ACK));
+    }
+}

@@ -1,0 +1,82 @@
+//! Where connection state outlives the daemon: maps pinned in a bpffs
+//! directory, which a restarted (or upgraded) daemon picks up again.
+
+use std::{fs, io, path::Path};
+
+use anyhow::{Context as _, bail};
+use nix::{mount::MsFlags, sys::statfs};
+
+/// The default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/sys/fs/bpf/egress";
+/// Where the BPF filesystem lives when the host has one.
+const BPFFS: &str = "/sys/fs/bpf";
+/// The maps the data path pins (the `#[map]`s declared `pinned`).
+pub const PINNED_MAPS: [&str; 4] = ["FLOWS", "MAPPINGS", "CLIENT_FLOWS", "STATS"];
+
+/// Makes `dir` ready to hold pinned maps: on a BPF filesystem (mounting
+/// one on /sys/fs/bpf, as systemd does at boot, if the host has none) and,
+/// with `reset`, emptied of the state a previous run left there.
+pub fn prepare(dir: &Path, reset: bool) -> anyhow::Result<()> {
+    let parent = dir
+        .parent()
+        .with_context(|| format!("state directory {} has no parent", dir.display()))?;
+    if !on_bpffs(parent)? {
+        if parent != Path::new(BPFFS) {
+            bail!(
+                "state directory {} is not on a BPF filesystem (mount -t bpf bpf {})",
+                dir.display(),
+                parent.display()
+            );
+        }
+        nix::mount::mount(
+            Some("bpf"),
+            BPFFS,
+            Some("bpf"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .with_context(|| format!("cannot mount the BPF filesystem on {BPFFS}"))?;
+        tracing::info!("mounted the BPF filesystem on {BPFFS}");
+    }
+    if reset {
+        remove(dir)?;
+    }
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
+}
+
+/// Removes the pinned state in `dir`, and `dir` itself if that empties it.
+pub fn remove(dir: &Path) -> anyhow::Result<()> {
+    let mut removed = 0;
+    for name in PINNED_MAPS {
+        let pin = dir.join(name);
+        match fs::remove_file(&pin) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot remove {}", pin.display())),
+        }
+    }
+    if removed > 0 {
+        tracing::info!(dir = %dir.display(), "removed the previous run's connection state");
+    }
+    match fs::remove_dir(dir) {
+        Err(e)
+            if e.kind() != io::ErrorKind::NotFound && e.raw_os_error() != Some(libc::ENOTEMPTY) =>
+        {
+            Err(e).with_context(|| format!("cannot remove {}", dir.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Whether pinned state from an earlier run is present in `dir`.
+pub fn has_state(dir: &Path) -> bool {
+    dir.join(PINNED_MAPS[0]).exists()
+}
+
+fn on_bpffs(path: &Path) -> anyhow::Result<bool> {
+    match statfs::statfs(path) {
+        Ok(fs) => Ok(fs.filesystem_type() == statfs::BPF_FS_MAGIC),
+        Err(nix::Error::ENOENT) => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("cannot stat {}", path.display())),
+    }
+}

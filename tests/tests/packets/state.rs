@@ -1,0 +1,331 @@
+//! Connection state: TCP tracking, timeouts, endpoint-independent mapping,
+//! port allocation under pressure, caps, races and restarts.
+
+use std::collections::HashSet;
+
+use egress_common::{
+    flow::{DIR_IN, DIR_OUT, Flow},
+    reason::Reason,
+    tcp::{ACK, FIN, RST, SYN, TcpState},
+};
+use egress_user::settings::PortRange;
+use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
+
+use super::*;
+use crate::frames::icmp_error;
+
+/// A second Internet host, routed like the first.
+const SERVER2: [u8; 4] = [198, 51, 100, 20];
+
+fn udp(sport: u16) -> L4<'static> {
+    L4::Udp {
+        sport,
+        dport: 53,
+        payload: b"q",
+    }
+}
+
+/// The one flow's outbound and return halves.
+fn halves(gw: &mut Gateway) -> (Flow, Flow) {
+    let flows = gw.flows();
+    assert_eq!(flows.len(), 2, "one flow, two halves");
+    let out = *flows.iter().find(|(k, _)| k.dir == DIR_OUT).unwrap().1;
+    (out, flows[&out.in_key()])
+}
+
+fn tcp_state(gw: &mut Gateway) -> TcpState {
+    let (out, inb) = halves(gw);
+    TcpState::of(out.tcp_flags, inb.tcp_flags)
+}
+
+#[test]
+fn tcp_state_follows_handshake_and_teardown_in_both_directions() {
+    let mut gw = Gateway::new();
+    let out = |gw: &mut Gateway, flags, want| {
+        outbound(gw, CLIENT, L4::segment(23456, 80, flags, b""), want);
+    };
+    let back = |gw: &mut Gateway, flags| {
+        let l4 = L4::segment(80, 23456, flags, b"");
+        inbound(gw, l4, CLIENT, l4);
+    };
+    out(&mut gw, SYN, Reason::NewFlow);
+    assert_eq!(tcp_state(&mut gw), TcpState::SynSent);
+    back(&mut gw, SYN | ACK);
+    assert_eq!(tcp_state(&mut gw), TcpState::SynReceived);
+    out(&mut gw, ACK, Reason::Translated);
+    assert_eq!(tcp_state(&mut gw), TcpState::Established);
+
+    // Round trips from the handshake: Internet leg SYN → SYN-ACK, tunnel
+    // leg SYN-ACK → ACK, each on the nanosecond clock.
+    let (o, i) = halves(&mut gw);
+    assert!(o.handshake_ns > 0 && i.handshake_ns > o.handshake_ns);
+    assert_eq!(i.rtt_ns, i.handshake_ns - o.handshake_ns);
+    assert!(o.rtt_ns > 0, "tunnel leg measured");
+
+    out(&mut gw, FIN | ACK, Reason::Translated);
+    assert_eq!(tcp_state(&mut gw), TcpState::Closing);
+    back(&mut gw, FIN | ACK);
+    assert_eq!(tcp_state(&mut gw), TcpState::Closed);
+    // The same 5-tuple opens a new connection: both records start again.
+    out(&mut gw, SYN, Reason::Translated);
+    assert_eq!(tcp_state(&mut gw), TcpState::SynSent);
+    assert_eq!(halves(&mut gw).1.handshake_ns, 0);
+    back(&mut gw, RST | ACK);
+    assert_eq!(tcp_state(&mut gw), TcpState::Reset);
+}
+
+#[test]
+fn unsolicited_inbound_packets_create_no_state() {
+    let mut gw = Gateway::new();
+    for l4 in [
+        L4::syn(80, 20005),
+        udp(20005),
+        L4::EchoReply { id: 20005, seq: 1 },
+    ] {
+        let frame = ethernet(ROUTER_MAC, GW_MAC, &ip_packet(Ip::new(SERVER, GW), l4));
+        let (verdict, out, reason) = gw.run(&frame);
+        assert_eq!((verdict, reason), (Verdict::Pass, Reason::NotOurs));
+        assert_eq!(out, frame);
+    }
+    assert_eq!(gw.flow_entries(), 0);
+    assert!(gw.mappings().is_empty());
+}
+
+#[test]
+fn mapping_is_endpoint_independent() {
+    let mut gw = Gateway::new();
+    // 40000 is outside the translation range: the mapping picks a port.
+    let to = |dport| L4::syn(40000, dport);
+    let port = outbound_to(&mut gw, CLIENT, SERVER, to(80), Reason::NewFlow);
+    assert_ne!(port, 40000);
+    assert_eq!(
+        outbound_to(&mut gw, CLIENT, SERVER2, to(443), Reason::NewFlow),
+        port,
+        "a second destination sees the same translated port"
+    );
+    let reply = |sport, dport| L4::tcp(sport, dport, b"x");
+    inbound_from(
+        &mut gw,
+        SERVER2,
+        reply(443, port),
+        CLIENT,
+        reply(443, 40000),
+    );
+    inbound_from(&mut gw, SERVER, reply(80, port), CLIENT, reply(80, 40000));
+    assert_eq!(gw.flow_entries(), 4);
+    assert_eq!(
+        gw.mappings().len(),
+        2,
+        "one mapping: client and reservation side"
+    );
+}
+
+/// Asserts that `frame`, refused, came back as ICMP destination
+/// unreachable, administratively prohibited, to `client` through the tunnel.
+fn assert_refused(gw: &mut Gateway, client: [u8; 4], l4: L4, want: Reason) {
+    let inner = ip_packet(Ip::new(client, SERVER), l4);
+    let (verdict, out, reason) = gw.run(&from_peer(&inner));
+    assert_eq!((verdict, reason), (Verdict::Tx, want));
+    assert_checksums_valid(&out);
+    let id = |at: usize| u16::from_be_bytes([out[at], out[at + 1]]);
+    let error = Ip {
+        id: id(14 + 20 + 4),
+        df: false,
+        tos: 0xc0,
+        ..Ip::new(GW, client)
+    };
+    let error = icmp_error(
+        error,
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FilterProhibited),
+        &inner[..28],
+    );
+    let outer = Ip {
+        id: id(14 + 4),
+        df: false,
+        tos: 0xc0,
+        ..Ip::new(GW, PEER)
+    };
+    assert_eq!(
+        out,
+        ethernet(GW_MAC, ROUTER_MAC, &encapsulate(outer, &error)),
+        "ICMP 3/13 to the client"
+    );
+}
+
+#[test]
+fn exhausted_ports_refuse_new_flows_and_keep_old_ones() {
+    let mut gw = Gateway::with(|p| {
+        p.ports = PortRange {
+            min: 20000,
+            max: 20001,
+        }
+    });
+    assert_eq!(
+        outbound(&mut gw, CLIENT, udp(20000), Reason::NewFlow),
+        20000
+    );
+    assert_eq!(
+        outbound(&mut gw, CLIENT2, udp(20001), Reason::NewFlow),
+        20001
+    );
+    assert_refused(&mut gw, CLIENT, udp(20001), Reason::PortsExhausted);
+    assert_eq!(
+        outbound(&mut gw, CLIENT, udp(20000), Reason::Translated),
+        20000
+    );
+    assert_eq!(
+        outbound(&mut gw, CLIENT2, udp(20001), Reason::Translated),
+        20001
+    );
+    // Another protocol has its own ports.
+    let echo = L4::EchoRequest { id: 9, seq: 1 };
+    outbound(&mut gw, CLIENT, echo, Reason::NewFlow);
+    assert_eq!(gw.flow_entries(), 6);
+}
+
+#[test]
+fn a_full_table_refuses_new_flows_and_keeps_old_ones() {
+    let mut gw = Gateway::with(|p| p.max_flows = 2);
+    outbound(&mut gw, CLIENT, udp(21000), Reason::NewFlow);
+    outbound(&mut gw, CLIENT2, udp(21000), Reason::NewFlow);
+    assert_refused(&mut gw, CLIENT, udp(21001), Reason::TableFull);
+    outbound(&mut gw, CLIENT, udp(21000), Reason::Translated);
+    outbound(&mut gw, CLIENT2, udp(21000), Reason::Translated);
+    assert_eq!(gw.flow_entries(), 4);
+}
+
+#[test]
+fn a_client_at_its_cap_is_refused_and_others_are_not() {
+    let mut gw = Gateway::with(|p| p.max_client_flows = 2);
+    outbound(&mut gw, CLIENT, udp(21000), Reason::NewFlow);
+    outbound_to(&mut gw, CLIENT, SERVER2, udp(21000), Reason::NewFlow);
+    assert_refused(&mut gw, CLIENT, udp(21001), Reason::ClientLimit);
+    outbound(&mut gw, CLIENT, udp(21000), Reason::Translated);
+    outbound(&mut gw, CLIENT2, udp(21000), Reason::NewFlow);
+    assert_eq!((gw.client_flows(CLIENT), gw.client_flows(CLIENT2)), (2, 1));
+}
+
+#[test]
+fn sweeps_remove_exactly_the_flows_past_their_timeout() {
+    let mut gw = Gateway::new();
+    let syn = |port| L4::syn(port, 80);
+    // Established TCP (21000), handshake only (21001), reset (21002).
+    outbound(&mut gw, CLIENT, syn(21000), Reason::NewFlow);
+    let reply = L4::segment(80, 21000, SYN | ACK, b"");
+    inbound(&mut gw, reply, CLIENT, reply);
+    outbound(&mut gw, CLIENT, L4::tcp(21000, 80, b""), Reason::Translated);
+    outbound(&mut gw, CLIENT, syn(21001), Reason::NewFlow);
+    outbound(&mut gw, CLIENT, syn(21002), Reason::NewFlow);
+    let rst = L4::segment(80, 21002, RST | ACK, b"");
+    inbound(&mut gw, rst, CLIENT, rst);
+    outbound(&mut gw, CLIENT, udp(21003), Reason::NewFlow);
+    let echo = L4::EchoRequest { id: 21004, seq: 1 };
+    outbound(&mut gw, CLIENT, echo, Reason::NewFlow);
+
+    let now = egress_user::gc::monotonic_ns();
+    let live_ports = |gw: &mut Gateway| -> HashSet<u16> {
+        gw.outbound_flows()
+            .iter()
+            .map(|f| u16::from_be_bytes(f.client_port))
+            .collect()
+    };
+    // (seconds idle, client ports still live): reset 10 s, ICMP 60 s,
+    // transitory 4 min, UDP 5 min, established 2 h 4 min.
+    for (secs, live) in [
+        (0, &[21000, 21001, 21002, 21003, 21004][..]),
+        (11, &[21000, 21001, 21003, 21004]),
+        (61, &[21000, 21001, 21003]),
+        (241, &[21000, 21003]),
+        (301, &[21000]),
+        (7439, &[21000]),
+        (7441, &[]),
+    ] {
+        let sweep = gw.sweep(now + secs * 1_000_000_000);
+        assert_eq!(
+            live_ports(&mut gw),
+            live.iter().copied().collect(),
+            "after {secs} s"
+        );
+        assert_eq!(sweep.live, live.len());
+        assert_eq!(
+            gw.client_flows(CLIENT),
+            live.len() as u64,
+            "client count after {secs} s"
+        );
+    }
+    assert_eq!(gw.flow_entries(), 0);
+    assert!(
+        gw.mappings().is_empty(),
+        "unused mappings expire with their flows"
+    );
+}
+
+#[test]
+fn restart_keeps_flows_and_reset_clears_them() {
+    let mut gw = Gateway::new();
+    let port = outbound(&mut gw, CLIENT, udp(5353), Reason::NewFlow);
+    gw.restart(false);
+    assert_eq!(
+        outbound(&mut gw, CLIENT, udp(5353), Reason::Translated),
+        port
+    );
+    let reply = |dport| L4::Udp {
+        sport: 53,
+        dport,
+        payload: b"a",
+    };
+    inbound(&mut gw, reply(port), CLIENT, reply(5353));
+    gw.restart(true);
+    assert_eq!(gw.flow_entries(), 0);
+    outbound(&mut gw, CLIENT, udp(5353), Reason::NewFlow);
+}
+
+#[test]
+fn first_packets_racing_on_two_cpus_make_one_flow_each() {
+    let mut gw = Gateway::new();
+    // Client ports inside the range: both CPUs try to preserve the same port.
+    let ports = 21000..21200u16;
+    let frames: Vec<Vec<u8>> = ports
+        .clone()
+        .map(|p| from_peer(&ip_packet(Ip::new(CLIENT, SERVER), udp(p))))
+        .collect();
+    gw.race(&frames);
+
+    let flows = gw.flows();
+    let outs: Vec<&Flow> = flows
+        .iter()
+        .filter(|(k, _)| k.dir == DIR_OUT)
+        .map(|(_, f)| f)
+        .collect();
+    assert_eq!(outs.len(), ports.len());
+    assert_eq!(flows.len(), 2 * ports.len(), "no half left alone");
+    let mut nat_ports = HashSet::new();
+    for out in &outs {
+        let inb = &flows[&out.in_key()];
+        assert_eq!(
+            out.in_key(),
+            inb.in_key(),
+            "halves agree on the translation"
+        );
+        assert!(nat_ports.insert(out.nat_port), "translated port used twice");
+    }
+    let mappings = gw.mappings();
+    assert_eq!(
+        mappings.len(),
+        2 * ports.len(),
+        "one mapping per client port"
+    );
+    for (key, m) in &mappings {
+        let twin = mappings
+            .iter()
+            .find(|(k, _)| k.dir != key.dir && k.addr == m.addr && k.port == m.port)
+            .expect("each mapping entry has its twin");
+        assert_eq!((twin.1.addr, twin.1.port), (key.addr, key.port));
+        assert!(key.dir == DIR_OUT || key.dir == DIR_IN);
+    }
+    assert_eq!(
+        gw.client_flows(CLIENT),
+        ports.len() as u64,
+        "each flow counted once"
+    );
+}

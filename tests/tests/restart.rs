@@ -1,0 +1,70 @@
+//! The gateway restarted (an upgrade) under an established TCP connection:
+//! the pinned connection state carries it over. Needs root.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Result, ensure};
+use tests::{
+    Stack,
+    addrs::{GATEWAY_IP, SERVER_IP},
+    egress_bin, in_netns, require_root,
+};
+
+const PORT: u16 = 9100;
+const WAIT: Duration = Duration::from_secs(10);
+
+/// One round: the client sends `msg`, the server reads it whole and sends
+/// it back, the client reads the echo.
+fn round(client: &mut TcpStream, server: &mut TcpStream, msg: &[u8]) -> Result<()> {
+    client.write_all(msg)?;
+    let mut got = vec![0; msg.len()];
+    server.read_exact(&mut got)?;
+    ensure!(got == msg, "server got other bytes");
+    server.write_all(&got)?;
+    client.read_exact(&mut got)?;
+    ensure!(got == msg, "client got other bytes");
+    Ok(())
+}
+
+#[test]
+fn established_tcp_connection_survives_a_gateway_restart() -> Result<()> {
+    require_root()?;
+    let bin = egress_bin()?;
+    let mut stack = Stack::start(&bin, Path::new(env!("CARGO_BIN_EXE_ipip-peer")))?;
+    let result = (|| {
+        let addr = SocketAddr::from((SERVER_IP, PORT));
+        let listener = in_netns(&stack.topo.server, || TcpListener::bind(addr))??;
+        let mut client = in_netns(&stack.topo.client, || {
+            TcpStream::connect_timeout(&addr, WAIT)
+        })??;
+        let (mut server, seen) = listener.accept()?;
+        for s in [&client, &server] {
+            s.set_read_timeout(Some(WAIT))?;
+        }
+        ensure!(seen.ip() == GATEWAY_IP, "server saw {seen}");
+        let data: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+        round(&mut client, &mut server, &data)?;
+
+        stack.restart_gateway(&bin)?;
+        ensure!(
+            stack
+                .gateway
+                .log()
+                .contains("resuming the connection state"),
+            "the restarted gateway did not pick up the pinned state:\n{}",
+            stack.gateway.log()
+        );
+        // Without the old flow the client's next segment would leave from a
+        // new translated port, and the server would answer with a reset.
+        for _ in 0..3 {
+            round(&mut client, &mut server, &data)?;
+        }
+        Ok(())
+    })();
+    stack.topo.lab.keep_logs_on_err(result)
+}
