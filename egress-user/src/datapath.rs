@@ -1,12 +1,16 @@
 //! The eBPF side as the daemon sees it: load with settings, fill the
 //! policy maps, attach, read counters and flows.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::Ipv4Addr,
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::PathBuf,
+};
 
 use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{HashMap, IterableMap as _, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
     programs::{Xdp, XdpMode},
 };
 use egress_common::{
@@ -181,12 +185,33 @@ impl Datapath {
     }
 }
 
+/// Kernel memory charged to a map: the `memlock` line of its fdinfo.
+fn memlock(map: &MapData) -> anyhow::Result<u64> {
+    let path = format!("/proc/self/fdinfo/{}", map.fd().as_fd().as_raw_fd());
+    let info = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no memlock in {path}"))
+}
+
 /// The connection-state maps.
 pub struct State<'a> {
     pub flows: HashMap<&'a mut MapData, FlowKey, Flow>,
     pub mappings: HashMap<&'a mut MapData, PortKey, Mapping>,
     /// Live flows per client address.
     pub clients: HashMap<&'a mut MapData, [u8; 4], u64>,
+}
+
+impl State<'_> {
+    /// Kernel memory of each state map, in bytes.
+    pub fn memory(&self) -> anyhow::Result<[(&'static str, u64); 3]> {
+        Ok([
+            ("flows", memlock(self.flows.map())?),
+            ("mappings", memlock(self.mappings.map())?),
+            ("client_flows", memlock(self.clients.map())?),
+        ])
+    }
 }
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {

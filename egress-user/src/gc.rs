@@ -2,18 +2,16 @@
 //! behind. The data path only creates state and stamps it with the last
 //! packet's time and TCP flags; the daemon decides when it is dead.
 
-use std::{
-    collections::{HashMap as StdMap, HashSet},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use aya::maps::{HashMap, MapData, MapError};
 use egress_common::{
     flow::{DIR_IN, DIR_OUT, Flow, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, Mapping, PortKey},
     tcp::TcpState,
 };
+use rustc_hash::{FxHashMap, FxHashSet};
 
-use crate::datapath::State;
+use crate::{batch, datapath::State};
 
 /// State that looks dead but may be in the middle of being created (a
 /// mapping no flow uses yet, a flow half without its twin) is left alone
@@ -85,82 +83,96 @@ pub struct Sweep {
 /// mapping no remaining flow uses, and brings the per-client flow counts
 /// up to date. Halves left alone by an interrupted sweep or a failed insert
 /// go too, once idle past the grace period.
-pub fn sweep(state: &mut State, timeouts: &Timeouts, now_ns: u64) -> Result<Sweep, MapError> {
+///
+/// The tables are read and pruned in bulk; within each flow (and mapping)
+/// the side that admits new packets or flows goes first.
+pub fn sweep(state: &mut State, timeouts: &Timeouts, now_ns: u64) -> anyhow::Result<Sweep> {
     let started = Instant::now();
     let idle = |last_ns: u64| Duration::from_nanos(now_ns.saturating_sub(last_ns));
-    let flows: StdMap<FlowKey, Flow> = state.flows.iter().collect::<Result<_, _>>()?;
+    let flows = batch::dump(&state.flows)?;
+    // Return halves by key, each marked once its outbound half claims it.
+    let mut returns: FxHashMap<FlowKey, (&Flow, bool)> =
+        FxHashMap::with_capacity_and_hasher(flows.len() / 2, Default::default());
+    returns.extend(
+        flows
+            .iter()
+            .filter(|(k, _)| k.dir == DIR_IN)
+            .map(|(k, f)| (*k, (f, false))),
+    );
     let mut sweep = Sweep::default();
-    let mut live_clients: StdMap<[u8; 4], u64> = StdMap::new();
-    let mut expired_clients: StdMap<[u8; 4], u64> = StdMap::new();
-    let mut used: HashSet<PortKey> = HashSet::new();
+    let mut live_clients: FxHashMap<[u8; 4], u64> = FxHashMap::default();
+    let mut expired_clients: FxHashMap<[u8; 4], u64> = FxHashMap::default();
+    let mut used: FxHashSet<PortKey> =
+        FxHashSet::with_capacity_and_hasher(returns.len(), Default::default());
+    let (mut dead_in, mut dead_out, mut lone) = (Vec::new(), Vec::new(), Vec::new());
 
-    for (key, half) in &flows {
-        let twin_key = match key.dir {
-            DIR_OUT => half.in_key(),
-            _ => half.out_key(),
+    for (key, out) in flows.iter().filter(|(k, _)| k.dir == DIR_OUT) {
+        let in_key = out.in_key();
+        let Some((inb, claimed)) = returns.get_mut(&in_key) else {
+            lone.push((*key, in_key, out.last_seen_ns));
+            continue;
         };
-        let twin = flows.get(&twin_key);
-        let (out, inb) = match (key.dir, twin) {
-            (DIR_OUT, Some(inb)) => (half, inb),
-            // Each whole flow is judged once, from its outbound half.
-            (_, Some(_)) => continue,
-            // A lone half: what a cut-short sweep leaves, or a flow created
-            // while this sweep read the table.
-            (_, None) => {
-                if idle(half.last_seen_ns) > GRACE && state.flows.get(&twin_key, 0).is_err() {
-                    remove(&mut state.flows, key)?;
-                }
-                continue;
-            }
-        };
-        let last = out.last_seen_ns.max(inb.last_seen_ns);
-        if idle(last) <= timeouts.of(out, inb) {
+        *claimed = true;
+        if idle(out.last_seen_ns.max(inb.last_seen_ns)) <= timeouts.of(out, inb) {
             sweep.live += 1;
             *live_clients.entry(out.client_addr).or_default() += 1;
             used.insert(client_key(out));
-            continue;
+        } else {
+            dead_in.push(in_key);
+            dead_out.push(*key);
+            *expired_clients.entry(out.client_addr).or_default() += 1;
         }
-        // Return half first: once it is gone no reply can use the flow.
-        remove(&mut state.flows, &twin_key)?;
-        remove(&mut state.flows, key)?;
-        sweep.expired += 1;
-        *expired_clients.entry(out.client_addr).or_default() += 1;
+    }
+    // Return halves first: once they are gone no reply can use the flows.
+    batch::delete(&state.flows, &dead_in)?;
+    batch::delete(&state.flows, &dead_out)?;
+    sweep.expired = dead_out.len();
+
+    // Lone halves: what a cut-short sweep leaves, or flows created while
+    // this sweep read the table (hence the grace period and second look).
+    lone.extend(
+        returns
+            .iter()
+            .filter(|(_, (_, claimed))| !claimed)
+            .map(|(k, (f, _))| (*k, f.out_key(), f.last_seen_ns)),
+    );
+    for (key, twin, last_seen) in lone {
+        if idle(last_seen) > GRACE && state.flows.get(&twin, 0).is_err() {
+            remove(&mut state.flows, &key)?;
+        }
     }
 
-    let mappings: StdMap<PortKey, Mapping> = state.mappings.iter().collect::<Result<_, _>>()?;
+    let mappings: FxHashMap<PortKey, Mapping> = batch::dump(&state.mappings)?.into_iter().collect();
+    let (mut dead_clients, mut dead_reservations) = (Vec::new(), Vec::new());
+    let recent = |m: &Mapping| idle(m.used_ns) <= GRACE;
     for (key, m) in &mappings {
+        let twin = PortKey {
+            addr: m.addr,
+            port: m.port,
+            dir: if key.dir == DIR_OUT { DIR_IN } else { DIR_OUT },
+            ..*key
+        };
         if key.dir != DIR_OUT {
             // A reservation whose client side is gone (creation in progress,
             // or a cut-short sweep).
-            let out = PortKey {
-                addr: m.addr,
-                port: m.port,
-                dir: DIR_OUT,
-                ..*key
-            };
-            if !mappings.contains_key(&out) && idle(m.used_ns) > GRACE {
+            if !mappings.contains_key(&twin) && !recent(m) {
                 remove(&mut state.mappings, key)?;
             }
             continue;
         }
         // The second read catches a flow started from the mapping since
         // the table was read.
-        let recent = |m: &Mapping| idle(m.used_ns) <= GRACE;
         if used.contains(key) || recent(m) || state.mappings.get(key, 0).is_ok_and(|m| recent(&m)) {
             sweep.mappings += 1;
-            continue;
+        } else {
+            dead_clients.push(*key);
+            dead_reservations.push(twin);
         }
-        // Client side first: once it is gone no new flow can use the port.
-        remove(&mut state.mappings, key)?;
-        let reservation = PortKey {
-            addr: m.addr,
-            port: m.port,
-            dir: DIR_IN,
-            ..*key
-        };
-        remove(&mut state.mappings, &reservation)?;
-        sweep.mappings_expired += 1;
     }
+    // Client sides first: once they are gone no new flow can use the ports.
+    batch::delete(&state.mappings, &dead_clients)?;
+    batch::delete(&state.mappings, &dead_reservations)?;
+    sweep.mappings_expired = dead_clients.len();
 
     recount_clients(&mut state.clients, &live_clients, &expired_clients)?;
     sweep.took = started.elapsed();
@@ -182,8 +194,8 @@ fn client_key(out: &Flow) -> PortKey {
 /// and never set below the live flows this sweep saw.
 fn recount_clients(
     counts: &mut HashMap<&mut MapData, [u8; 4], u64>,
-    live: &StdMap<[u8; 4], u64>,
-    expired: &StdMap<[u8; 4], u64>,
+    live: &FxHashMap<[u8; 4], u64>,
+    expired: &FxHashMap<[u8; 4], u64>,
 ) -> Result<(), MapError> {
     let clients: Vec<[u8; 4]> = counts.keys().collect::<Result<_, _>>()?;
     for client in clients.iter().chain(live.keys()) {

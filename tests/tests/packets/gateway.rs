@@ -10,7 +10,7 @@ use egress_common::{
     reason::Reason,
 };
 use egress_user::{
-    datapath::{Datapath, Policy},
+    datapath::{Datapath, Policy, State},
     gc,
     settings::PortRange,
 };
@@ -220,23 +220,22 @@ impl Gateway {
 
     /// One garbage-collection sweep as the daemon runs it, at time `now_ns`.
     pub fn sweep(&mut self, now_ns: u64) -> gc::Sweep {
-        gc::sweep(
-            &mut self.datapath.state().unwrap(),
-            &gc::Timeouts::default(),
-            now_ns,
-        )
-        .unwrap()
+        gc::sweep(&mut self.state(), &gc::Timeouts::default(), now_ns).unwrap()
+    }
+
+    /// The connection-state maps.
+    pub fn state(&mut self) -> State<'_> {
+        self.datapath.state().unwrap()
     }
 
     /// Number of map entries in the flow table (two per flow).
     pub fn flow_entries(&mut self) -> usize {
-        self.datapath.state().unwrap().flows.keys().count()
+        self.state().flows.keys().count()
     }
 
     /// Every flow half, by key.
     pub fn flows(&mut self) -> HashMap<FlowKey, Flow> {
-        let state = self.datapath.state().unwrap();
-        state.flows.iter().map(Result::unwrap).collect()
+        self.state().flows.iter().map(Result::unwrap).collect()
     }
 
     /// The outbound halves only: one per flow.
@@ -253,14 +252,12 @@ impl Gateway {
 
     /// Every mapping entry, by key.
     pub fn mappings(&mut self) -> HashMap<PortKey, Mapping> {
-        let state = self.datapath.state().unwrap();
-        state.mappings.iter().map(Result::unwrap).collect()
+        self.state().mappings.iter().map(Result::unwrap).collect()
     }
 
     /// The per-client flow count the data path enforces its cap with.
     pub fn client_flows(&mut self, client: [u8; 4]) -> u64 {
-        let state = self.datapath.state().unwrap();
-        state.clients.get(&client, 0).unwrap_or(0)
+        self.state().clients.get(&client, 0).unwrap_or(0)
     }
 }
 

@@ -1,0 +1,110 @@
+//! Whole-map reads and bulk deletes with the kernel's batch commands
+//! (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_DELETE_BATCH`, Linux 5.6), which aya
+//! does not wrap: a sweep of a million flows costs a few hundred system
+//! calls instead of several million.
+
+use std::{
+    io,
+    mem::{size_of, zeroed},
+    os::fd::{AsFd as _, AsRawFd as _},
+};
+
+use aya::{
+    Pod,
+    maps::{HashMap, IterableMap as _, MapData},
+};
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+/// Entries per system call.
+const CHUNK: usize = 4096;
+
+/// The `batch` member of `union bpf_attr` (linux/bpf.h).
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+    // SAFETY: `attr` is a valid `bpf_attr.batch` whose pointers the caller
+    // set to buffers that outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            size_of::<BatchAttr>(),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn attr(map: &MapData) -> BatchAttr {
+    // SAFETY: all-zero is the valid "unset" value of every field.
+    let mut attr: BatchAttr = unsafe { zeroed() };
+    attr.map_fd = map.fd().as_fd().as_raw_fd() as u32;
+    attr
+}
+
+/// Every entry of `map` (entries changed meanwhile may or may not appear).
+pub fn dump<K: Pod, V: Pod>(map: &HashMap<&mut MapData, K, V>) -> io::Result<Vec<(K, V)>> {
+    let mut entries = Vec::new();
+    // SAFETY: `Pod` types are valid for any bit pattern, zeros included.
+    let mut keys: Vec<K> = vec![unsafe { zeroed() }; CHUNK];
+    // SAFETY: as above.
+    let mut values: Vec<V> = vec![unsafe { zeroed() }; CHUNK];
+    // The resume position, opaque to us: a bucket index for hash maps.
+    let mut cursor = [0u64; 2];
+    let mut first = true;
+    loop {
+        let mut a = attr(map.map());
+        a.in_batch = if first { 0 } else { cursor.as_ptr() as u64 };
+        a.out_batch = cursor.as_mut_ptr() as u64;
+        a.keys = keys.as_mut_ptr() as u64;
+        a.values = values.as_mut_ptr() as u64;
+        a.count = CHUNK as u32;
+        let done = match bpf(BPF_MAP_LOOKUP_BATCH, &mut a) {
+            Ok(()) => false,
+            // The end of the map, with the last entries in this batch.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Err(e) => return Err(e),
+        };
+        let n = a.count as usize;
+        entries.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        if done {
+            return Ok(entries);
+        }
+        first = false;
+    }
+}
+
+/// Deletes `keys` from `map`; keys already gone are skipped.
+pub fn delete<K: Pod, V: Pod>(map: &HashMap<&mut MapData, K, V>, keys: &[K]) -> io::Result<()> {
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let chunk = &rest[..rest.len().min(CHUNK)];
+        let mut a = attr(map.map());
+        a.keys = chunk.as_ptr() as u64;
+        a.count = chunk.len() as u32;
+        match bpf(BPF_MAP_DELETE_BATCH, &mut a) {
+            Ok(()) => rest = &rest[chunk.len()..],
+            // Stopped at a key that is not there: skip it, go on after it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                rest = &rest[a.count as usize + 1..];
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
