@@ -192,11 +192,7 @@ impl Program {
     /// on `ifindex` (of the calling thread's namespace) and carries out its
     /// verdicts: `XDP_TX` transmits out of that interface.
     pub fn run_live(&self, ifindex: u32, frame: &[u8], repeat: u32) -> std::io::Result<()> {
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, ...
-        let ctx: Vec<u8> = [0, frame.len() as u32, 0, ifindex, 0, 0]
-            .iter()
-            .flat_map(|v| v.to_ne_bytes())
-            .collect();
+        let ctx = xdp_md(frame, ifindex);
         let mut attr = TestRun {
             prog_fd: self.fd.as_raw_fd() as u32,
             data_size_in: frame.len() as u32,
@@ -209,6 +205,16 @@ impl Program {
         };
         bpf(BPF_PROG_TEST_RUN, &mut attr).map(drop)
     }
+}
+
+/// The `struct xdp_md` a frame arrives with on `ifindex`, for
+/// BPF_PROG_TEST_RUN: data, data_end, data_meta, ingress_ifindex,
+/// rx_queue_index, egress_ifindex.
+pub fn xdp_md(frame: &[u8], ifindex: u32) -> Vec<u8> {
+    [0, frame.len() as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|v| v.to_ne_bytes())
+        .collect()
 }
 
 /// Index of `iface` in the calling thread's namespace.
