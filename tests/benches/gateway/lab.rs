@@ -42,7 +42,7 @@ impl Kind {
 /// Fields drop in order: links and the daemon before the namespaces.
 pub struct BenchLab {
     _links: Vec<OwnedFd>,
-    pub _gateway: Option<Daemon>,
+    _gateway: Option<Daemon>,
     pub topo: Topology,
     pub kind: Kind,
     client_mac: [u8; 6],
@@ -77,16 +77,6 @@ impl BenchLab {
             }
             Kind::Kernel => {
                 kernel_nat(&topo)?;
-                exec(router, "ip rule add iif to-client lookup 100")?;
-                exec(
-                    router,
-                    &format!("ip route add default via {GATEWAY_IP} table 100"),
-                )?;
-                let client_range = CLIENT_CIDRS[0];
-                exec(
-                    router,
-                    &format!("ip route add {client_range} via {CLIENT_UNDERLAY_IP}"),
-                )?;
                 None
             }
         };
@@ -124,9 +114,23 @@ impl BenchLab {
 }
 
 /// The classic one-armed NAT gateway: forward, masquerade the client
-/// range, no ICMP redirects (traffic leaves by the interface it came in).
+/// range, no ICMP redirects (traffic leaves by the interface it came in);
+/// the router sends the client's traffic there instead of straight to the
+/// server, and the replies back to the client.
 fn kernel_nat(topo: &Topology) -> Result<()> {
-    let gw = &topo.gateway;
+    let (router, gw) = (&topo.router, &topo.gateway);
+    exec(
+        router,
+        &format!("ip rule add iif {ROUTER_CLIENT_IFACE} lookup 100"),
+    )?;
+    exec(
+        router,
+        &format!("ip route add default via {GATEWAY_IP} table 100"),
+    )?;
+    exec(
+        router,
+        &format!("ip route add {} via {CLIENT_UNDERLAY_IP}", CLIENT_CIDRS[0]),
+    )?;
     exec(gw, "sysctl -qw net.ipv4.ip_forward=1")?;
     exec(gw, "sysctl -qw net.ipv4.conf.all.send_redirects=0")?;
     exec(

@@ -3,6 +3,8 @@
 
 use crate::lab::{BenchLab, rx_packets};
 use anyhow::{Context, Result, ensure};
+use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+use nix::unistd::Pid;
 use socket2::{Domain, Socket, Type};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
@@ -23,6 +25,7 @@ pub const RATE_INTERVAL: Duration = Duration::from_secs(3);
 pub const TCP_INTERVAL: Duration = Duration::from_secs(3);
 pub const RR_ROUNDS: usize = 20_000;
 const RR_WARM_UP: usize = 1_000;
+const RR_CPU: usize = 0;
 const RR_TIMEOUT: Duration = Duration::from_secs(1);
 const TCP_PORT: u16 = 5201;
 const ECHO_PORT: u16 = 7;
@@ -121,8 +124,11 @@ pub fn tcp_throughput(lab: &BenchLab) -> Result<f64> {
 }
 
 /// Round-trip times of `RR_ROUNDS` UDP requests answered by an echo server,
-/// one at a time, sorted; lost ones are left out and counted.
+/// one at a time, sorted; lost ones are left out and counted. Client and
+/// server run on one CPU: otherwise where the scheduler happens to put them
+/// decides the figure (p50 moved between 20 and 70 us from run to run).
 pub fn rr_latency(lab: &BenchLab) -> Result<(Vec<Duration>, usize)> {
+    let _pinned = PinnedToCpu::new(RR_CPU)?;
     let topo = &lab.topo;
     let server = SocketAddr::from((SERVER_IP, ECHO_PORT));
     let _echo = udp_server(&topo.server, server)?;
@@ -158,5 +164,24 @@ fn await_echo(sock: &UdpSocket, seq: &[u8]) -> Result<bool> {
             }
             Err(e) => return Err(e.into()),
         }
+    }
+}
+
+/// Keeps the calling thread, and threads it starts, on one CPU until dropped.
+struct PinnedToCpu(CpuSet);
+
+impl PinnedToCpu {
+    fn new(cpu: usize) -> Result<Self> {
+        let before = sched_getaffinity(Pid::from_raw(0))?;
+        let mut one = CpuSet::new();
+        one.set(cpu)?;
+        sched_setaffinity(Pid::from_raw(0), &one)?;
+        Ok(Self(before))
+    }
+}
+
+impl Drop for PinnedToCpu {
+    fn drop(&mut self) {
+        let _ = sched_setaffinity(Pid::from_raw(0), &self.0);
     }
 }
