@@ -57,9 +57,11 @@ impl Drop for Server {
 }
 
 /// Replies to each datagram with the peer it came from and its payload.
+/// Blocks for the next datagram (up to a `TICK`), so a request is answered
+/// at once: the benchmark measures latency through it.
 pub fn udp_server(ns: &str, addr: SocketAddr) -> Result<Server> {
     let sock = in_netns(ns, || UdpSocket::bind(addr))??;
-    sock.set_nonblocking(true)?;
+    sock.set_read_timeout(Some(TICK))?;
     let mut buf = vec![0; 65536];
     Ok(Server::start(move || {
         let (n, peer) = sock.recv_from(&mut buf)?;
@@ -71,25 +73,45 @@ pub fn udp_server(ns: &str, addr: SocketAddr) -> Result<Server> {
 /// For each connection: reads the request until the client shuts down its
 /// sending side, answers, closes. Connections are served concurrently.
 pub fn tcp_server(ns: &str, addr: SocketAddr) -> Result<Server> {
+    serve_tcp(ns, addr, "tcp_server", |mut stream, peer| {
+        let mut request = Vec::new();
+        stream.read_to_end(&mut request)?;
+        stream.write_all(&reply(peer, &request))
+    })
+}
+
+/// For each connection: counts the bytes received until the client shuts
+/// down its sending side, then answers with the count (8 bytes, big-endian).
+pub fn tcp_sink(ns: &str, addr: SocketAddr) -> Result<Server> {
+    serve_tcp(ns, addr, "tcp_sink", |mut stream, _| {
+        let count = io::copy(&mut stream, &mut io::sink())?;
+        stream.write_all(&count.to_be_bytes())
+    })
+}
+
+/// Accepts connections on `addr` in `ns`; each is handled on its own thread
+/// as a blocking stream that gives up after `IDLE`.
+fn serve_tcp(
+    ns: &str,
+    addr: SocketAddr,
+    name: &'static str,
+    handle: fn(TcpStream, SocketAddr) -> io::Result<()>,
+) -> Result<Server> {
     let listener = in_netns(ns, || TcpListener::bind(addr))??;
     listener.set_nonblocking(true)?;
     Ok(Server::start(move || {
         let (stream, peer) = listener.accept()?;
         std::thread::spawn(move || {
-            if let Err(e) = answer(stream, peer) {
-                eprintln!("tcp_server: {peer}: {e}");
+            let served = stream
+                .set_nonblocking(false)
+                .and_then(|()| stream.set_read_timeout(Some(IDLE)))
+                .and_then(|()| handle(stream, peer));
+            if let Err(e) = served {
+                eprintln!("{name}: {peer}: {e}");
             }
         });
         Ok(())
     }))
-}
-
-fn answer(mut stream: TcpStream, peer: SocketAddr) -> io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(IDLE))?;
-    let mut request = Vec::new();
-    stream.read_to_end(&mut request)?;
-    stream.write_all(&reply(peer, &request))
 }
 
 fn reply(peer: SocketAddr, request: &[u8]) -> Vec<u8> {

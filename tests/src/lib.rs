@@ -9,8 +9,8 @@ pub mod daemon;
 pub mod echo;
 pub mod ipip;
 pub mod netns;
+pub mod tiny_bpf;
 pub mod topology;
-pub mod xdp_pass;
 
 pub use daemon::Daemon;
 pub use netns::{Lab, exec, in_netns};

@@ -4,7 +4,7 @@
 use crate::addrs::*;
 use crate::daemon::Daemon;
 use crate::netns::{Lab, exec};
-use crate::xdp_pass;
+use crate::tiny_bpf::{Hook, Program, programs};
 use anyhow::Result;
 use std::net::Ipv4Addr;
 use std::os::fd::OwnedFd;
@@ -52,8 +52,9 @@ impl Topology {
         ] {
             veth_link(&router, router_if, router_ip, host, host_ip)?;
         }
-        // The gateway's native XDP_TX lands on this veth: see `xdp_pass`.
-        let router_xdp = xdp_pass::attach(&router, ROUTER_GATEWAY_IFACE)?;
+        // The gateway's native XDP_TX lands on this veth: see `tiny_bpf`.
+        let router_xdp =
+            Program::load(Hook::Xdp, &programs::pass())?.attach(&router, ROUTER_GATEWAY_IFACE)?;
         exec(
             &gateway,
             &format!("sysctl -qw net.ipv4.conf.{HOST_IFACE}.rp_filter=0"),

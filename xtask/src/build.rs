@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use crate::{
-    packages::ensure_packages,
+    packages::{self, ensure_packages},
     toolchain::ensure_bpf_linker,
     workspace::{Workspace, require_root, step},
 };
@@ -21,7 +21,7 @@ pub fn build(ws: &mut Workspace, release: bool) -> Result<()> {
 pub fn prepare_privileged(ws: &mut Workspace, command: &str) -> Result<()> {
     require_root(command)?;
     ensure_bpf_linker(ws)?;
-    ensure_packages(ws)
+    ensure_packages(ws, packages::TEST)
 }
 
 /// Builds the default members' binaries; egress-user's build script compiles

@@ -1,21 +1,28 @@
-//! Debian packages that the privileged tests and the demo shell out to.
+//! Debian packages that the privileged tests, the demo and the benchmark
+//! shell out to.
 
 use anyhow::Result;
 
 use crate::workspace::{Workspace, step};
 
-/// (command the tests run, Debian 12 package providing it, pinned version)
-const PACKAGES: &[(&str, &str, &str)] = &[
+/// (command run, Debian 12 package providing it, pinned version)
+type Package = (&'static str, &'static str, &'static str);
+
+/// What the privileged tests and the demo run.
+pub const TEST: &[Package] = &[
     ("ip", "iproute2", "6.1.0-3"),
     ("ping", "iputils-ping", "3:20221126-1+deb12u1"),
     ("curl", "curl", "7.88.1-10+deb12u15"),
     ("ethtool", "ethtool", "1:6.1-1"),
 ];
 
+/// What the benchmark adds: the classic kernel NAT it compares against.
+pub const BENCH: &[Package] = &[("nft", "nftables", "1.0.6-2+deb12u2")];
+
 /// Installs the packages whose command is missing; does nothing (and needs no
 /// network) when all are present.
-pub fn ensure_packages(ws: &Workspace) -> Result<()> {
-    let missing: Vec<_> = PACKAGES
+pub fn ensure_packages(ws: &Workspace, packages: &[Package]) -> Result<()> {
+    let missing: Vec<_> = packages
         .iter()
         .filter(|(cmd, ..)| !ws.has_command(cmd))
         .collect();

@@ -14,6 +14,7 @@ use egress_user::{
     gc,
     settings::PortRange,
 };
+use tests::tiny_bpf::xdp_md;
 use tests::{Lab, exec, in_netns};
 
 pub const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x10];
@@ -168,11 +169,21 @@ impl Gateway {
     /// rewrites packets in place, so the kernel's own repeat would not redo
     /// the work); `out` receives the frame as the last run left it.
     pub fn test_run(&mut self, frame: &[u8], n: usize, out: &mut [u8]) -> Vec<TestRunResult> {
-        let ctx = xdp_md(frame, self.ifindex);
+        self.test_runs(std::iter::repeat_n(frame, n), out)
+    }
+
+    /// Runs the program once on each of `frames`, as `test_run` does.
+    pub fn test_runs<'f>(
+        &mut self,
+        frames: impl Iterator<Item = &'f [u8]> + Send,
+        out: &mut [u8],
+    ) -> Vec<TestRunResult> {
+        let ifindex = self.ifindex;
         let prog = self.datapath.xdp().unwrap();
         in_netns(&self.ns, || {
-            (0..n)
-                .map(|_| {
+            frames
+                .map(|frame| {
+                    let ctx = xdp_md(frame, ifindex);
                     prog.test_run(TestRunOptions {
                         data_in: Some(frame),
                         data_out: Some(&mut *out),
@@ -259,15 +270,6 @@ impl Gateway {
     pub fn client_flows(&mut self, client: [u8; 4]) -> u64 {
         self.state().clients.get(&client, 0).unwrap_or(0)
     }
-}
-
-/// The `struct xdp_md` a frame arrives with on `ifindex`: data, data_end,
-/// data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-fn xdp_md(frame: &[u8], ifindex: u32) -> Vec<u8> {
-    [0, frame.len() as u32, 0, ifindex, 0, 0]
-        .iter()
-        .flat_map(|v| v.to_ne_bytes())
-        .collect()
 }
 
 fn ip(a: [u8; 4]) -> std::net::Ipv4Addr {

@@ -1,0 +1,279 @@
+//! The figures as a table for people and JSON for machines.
+
+use crate::in_kernel::{InKernel, NEW_FLOWS_PER_RUN, PER_RUN, RUNS};
+use crate::traffic::{RATE_INTERVAL, RR_ROUNDS, TCP_INTERVAL};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+/// What generates the end-to-end traffic; also in the README.
+pub const GENERATOR: &str = "UDP: BPF_PROG_TEST_RUN in XDP live-frames mode on the client's \
+    eth0, one thread per core, each transmitting one pre-built frame (a flow of its own) with \
+    XDP_TX, counted by the server's eth0 rx counter while an XDP program there drops them. \
+    TCP and request/response: the client's own stack, encapsulated for the eBPF gateway by a \
+    tcx program and decapsulated by an XDP program (kernel speed, no userspace peer).";
+pub const BASELINE_NOTE: &str = "The kernel NAT baseline carries the client's traffic \
+    unencapsulated (this kernel has no ipip module): it is spared the decapsulation and \
+    encapsulation the eBPF gateway does, which flatters it.";
+const TARGET_IN_KERNEL: &str = "<= 2x floor and < 100 ns";
+const TARGET_RATE: &str = ">= 3x kernel";
+const TARGET_P99: &str = "lower than kernel";
+
+/// One in-kernel figure: each run's median ns/packet.
+#[derive(Default)]
+pub struct Series(Vec<u64>);
+
+impl Series {
+    pub fn push(&mut self, ns: u64) {
+        self.0.push(ns);
+    }
+
+    pub fn median(&self) -> u64 {
+        let mut runs = self.0.clone();
+        runs.sort_unstable();
+        runs[runs.len() / 2]
+    }
+}
+
+/// Everything measured end to end through one gateway.
+pub struct EndToEnd {
+    pub offered_pps: f64,
+    pub delivered_pps: f64,
+    pub tcp_bps: f64,
+    /// Sorted round-trip times.
+    pub rtts: Vec<Duration>,
+    pub lost: usize,
+}
+
+impl EndToEnd {
+    fn percentile_us(&self, q: f64) -> f64 {
+        let rank = ((q * self.rtts.len() as f64).ceil() as usize).clamp(1, self.rtts.len());
+        self.rtts[rank - 1].as_secs_f64() * 1e6
+    }
+}
+
+const PERCENTILES: [(&str, f64); 3] = [("p50", 0.50), ("p99", 0.99), ("p99_9", 0.999)];
+
+pub struct Report {
+    pub in_kernel: InKernel,
+    pub ebpf: EndToEnd,
+    pub kernel: EndToEnd,
+    pub elapsed: Duration,
+}
+
+impl Report {
+    /// (JSON key, table name, figures, whether `TARGET_IN_KERNEL` applies)
+    fn in_kernel_rows(&self) -> [(&'static str, &'static str, &Series, bool); 4] {
+        let k = &self.in_kernel;
+        [
+            (
+                "mac_swap_floor",
+                "MAC swap + XDP_TX (floor)",
+                &k.mac_swap_floor,
+                false,
+            ),
+            (
+                "established_outbound",
+                "established outbound (decap+SNAT+FIB)",
+                &k.outbound,
+                true,
+            ),
+            (
+                "established_return",
+                "established return (un-NAT+encap+FIB)",
+                &k.inbound,
+                true,
+            ),
+            (
+                "new_flow_outbound",
+                "new flow outbound (creates state)",
+                &k.new_flow,
+                false,
+            ),
+        ]
+    }
+
+    fn floor(&self) -> f64 {
+        self.in_kernel.mac_swap_floor.median() as f64
+    }
+
+    /// Whether an established path meets its target.
+    fn in_kernel_met(&self, s: &Series) -> bool {
+        let ns = s.median() as f64;
+        ns <= 2.0 * self.floor() && ns < 100.0
+    }
+
+    fn rate_ratio(&self) -> f64 {
+        self.ebpf.delivered_pps / self.kernel.delivered_pps
+    }
+
+    fn p99_lower(&self) -> bool {
+        self.ebpf.percentile_us(0.99) < self.kernel.percentile_us(0.99)
+    }
+
+    pub fn json(&self) -> Value {
+        let mut in_kernel = json!({
+            "method": format!("BPF_PROG_TEST_RUN, median of {RUNS} runs, each the median of \
+                {PER_RUN} single runs on fresh frames (kernel-timed)"),
+            "runs": RUNS,
+            "packets_per_run": PER_RUN,
+            "new_flows_per_run": NEW_FLOWS_PER_RUN,
+            "target": TARGET_IN_KERNEL,
+        });
+        for (key, _, s, targeted) in self.in_kernel_rows() {
+            in_kernel[key] = json!({
+                "ns_per_packet": s.median(),
+                "runs_ns": s.0,
+                "ratio_to_floor": s.median() as f64 / self.floor(),
+            });
+            if targeted {
+                in_kernel[key]["target_met"] = self.in_kernel_met(s).into();
+            }
+        }
+        let latency = |e: &EndToEnd| -> Value {
+            let mut v = json!({ "requests": e.rtts.len(), "lost": e.lost });
+            for (key, q) in PERCENTILES {
+                v[key] = e.percentile_us(q).into();
+            }
+            v
+        };
+        let mut latency_ratio = json!({});
+        for (key, q) in PERCENTILES {
+            latency_ratio[key] = (self.ebpf.percentile_us(q) / self.kernel.percentile_us(q)).into();
+        }
+        json!({
+            "schema": 1,
+            "machine": { "kernel": kernel_release(), "cpus": cpus() },
+            "bench_seconds": self.elapsed.as_secs_f64(),
+            "in_kernel": in_kernel,
+            "end_to_end": {
+                "generator": GENERATOR,
+                "baseline_note": BASELINE_NOTE,
+                "udp_small_packet_rate": {
+                    "interval_s": RATE_INTERVAL.as_secs_f64(),
+                    "ebpf_pps": self.ebpf.delivered_pps,
+                    "kernel_pps": self.kernel.delivered_pps,
+                    "ebpf_offered_pps": self.ebpf.offered_pps,
+                    "kernel_offered_pps": self.kernel.offered_pps,
+                    "ratio_ebpf_to_kernel": self.rate_ratio(),
+                    "target": TARGET_RATE,
+                    "target_met": self.rate_ratio() >= 3.0,
+                },
+                "tcp_throughput": {
+                    "streams": 1,
+                    "interval_s": TCP_INTERVAL.as_secs_f64(),
+                    "ebpf_bps": self.ebpf.tcp_bps,
+                    "kernel_bps": self.kernel.tcp_bps,
+                    "ratio_ebpf_to_kernel": self.ebpf.tcp_bps / self.kernel.tcp_bps,
+                },
+                "rr_latency_us": {
+                    "requests": RR_ROUNDS,
+                    "ebpf": latency(&self.ebpf),
+                    "kernel": latency(&self.kernel),
+                    "ratio_ebpf_to_kernel": latency_ratio,
+                    "target_p99": TARGET_P99,
+                    "target_p99_met": self.p99_lower(),
+                },
+            },
+            // The `state` bench measures these; it does not write them here yet.
+            "state_at_scale": {
+                "memory_bytes_at_1m_flows": null,
+                "new_flows_per_s": null,
+                "gc_sweep_ms_at_1m_flows": null,
+                "status": "see the state bench's output",
+            },
+        })
+    }
+
+    pub fn print(&self) {
+        let met = |ok: bool| if ok { "met" } else { "NOT met" };
+        println!();
+        println!(
+            "In kernel (BPF_PROG_TEST_RUN): median of {RUNS} runs x {PER_RUN} single runs on fresh \
+             frames ({NEW_FLOWS_PER_RUN} for new flows)"
+        );
+        println!(
+            "{:<40} {:>7} {:>8}  {:<26} target",
+            "path", "ns/pkt", "x floor", "runs (ns)"
+        );
+        for (_, name, s, targeted) in self.in_kernel_rows() {
+            let runs: Vec<String> = s.0.iter().map(u64::to_string).collect();
+            let target = if targeted {
+                format!("{TARGET_IN_KERNEL}: {}", met(self.in_kernel_met(s)))
+            } else {
+                String::new()
+            };
+            println!(
+                "{name:<40} {:>7} {:>8.2}  {:<26} {target}",
+                s.median(),
+                s.median() as f64 / self.floor(),
+                runs.join(" "),
+            );
+        }
+
+        println!();
+        println!("End to end: client -> router -> gateway -> server, in network namespaces");
+        println!(
+            "{:<36} {:>12} {:>12} {:>12}  target",
+            "figure", "eBPF", "kernel NAT", "eBPF/kernel"
+        );
+        let row = |name: &str, ebpf: f64, kernel: f64, target: String| {
+            println!(
+                "{name:<36} {ebpf:>12.3} {kernel:>12.3} {:>12.2}  {target}",
+                ebpf / kernel
+            );
+        };
+        row(
+            "UDP 64-byte packets (Mpps)",
+            self.ebpf.delivered_pps / 1e6,
+            self.kernel.delivered_pps / 1e6,
+            format!("{TARGET_RATE}: {}", met(self.rate_ratio() >= 3.0)),
+        );
+        row(
+            "  offered by the generator (Mpps)",
+            self.ebpf.offered_pps / 1e6,
+            self.kernel.offered_pps / 1e6,
+            String::new(),
+        );
+        row(
+            "TCP, 1 stream (Gbit/s)",
+            self.ebpf.tcp_bps / 1e9,
+            self.kernel.tcp_bps / 1e9,
+            String::new(),
+        );
+        for (key, q) in PERCENTILES {
+            let target = if key == "p99" {
+                format!("{TARGET_P99}: {}", met(self.p99_lower()))
+            } else {
+                String::new()
+            };
+            row(
+                &format!("UDP request/response {key} (us)"),
+                self.ebpf.percentile_us(q),
+                self.kernel.percentile_us(q),
+                target,
+            );
+        }
+        println!(
+            "  ({RR_ROUNDS} requests each; lost: eBPF {}, kernel {})",
+            self.ebpf.lost, self.kernel.lost
+        );
+        println!("Generator: {GENERATOR}");
+        println!("Note: {BASELINE_NOTE}");
+        println!();
+        println!(
+            "State at scale (memory at 1M flows, new flows/s, GC sweep at 1M): the `state` bench, \
+             below (not yet in the JSON)"
+        );
+        println!("Bench run took {:.0} s", self.elapsed.as_secs_f64());
+    }
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(0, usize::from)
+}

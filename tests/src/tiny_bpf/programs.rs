@@ -1,0 +1,161 @@
+//! The programs themselves. Each loads with `Program::load` on its hook.
+
+use super::asm::{Asm, Insn, R0, R1, R2, R3, R4, R5, R6, R7, Size};
+use crate::ipip;
+use std::net::Ipv4Addr;
+
+const XDP_DROP: i32 = 1;
+const XDP_PASS: i32 = 2;
+const XDP_TX: i32 = 3;
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
+const BPF_FUNC_XDP_ADJUST_HEAD: i32 = 44;
+const BPF_FUNC_SKB_ADJUST_ROOM: i32 = 50;
+const BPF_ADJ_ROOM_MAC: i32 = 1;
+const BPF_F_ADJ_ROOM_FIXED_GSO: i32 = 1 << 0;
+const BPF_F_ADJ_ROOM_ENCAP_L3_IPV4: i32 = 1 << 1;
+/// `struct __sk_buff` offsets.
+const SKB_LEN: i16 = 0;
+const SKB_DATA: i16 = 76;
+const SKB_DATA_END: i16 = 80;
+/// `struct xdp_md` offsets.
+const XDP_DATA: i16 = 0;
+const XDP_DATA_END: i16 = 4;
+const ETH_LEN: i16 = 14;
+const IP_LEN: i16 = 20;
+/// Offsets in an Ethernet frame carrying IPv4.
+const ETHERTYPE: i16 = 12;
+const IP_PROTO: i16 = ETH_LEN + 9;
+const IP_SRC: i16 = ETH_LEN + 12;
+/// ETH_P_IP as a little-endian load of the big-endian field sees it.
+const ETH_P_IP_LE: i32 = 0x0008;
+
+fn verdict(verdict: i32) -> Vec<Insn> {
+    Asm::default().mov_imm(R0, verdict).finish()
+}
+
+/// XDP: passes everything to the stack.
+pub fn pass() -> Vec<Insn> {
+    verdict(XDP_PASS)
+}
+
+/// XDP: drops everything; a sink that costs the receiver next to nothing.
+pub fn drop_all() -> Vec<Insn> {
+    verdict(XDP_DROP)
+}
+
+/// XDP: swaps the Ethernet addresses and sends the frame back out, the
+/// least any forwarding program does: the floor for per-packet cost.
+pub fn mac_swap() -> Vec<Insn> {
+    let mut a = Asm::default();
+    a.mov_imm(R0, XDP_DROP)
+        .load(Size::W, R2, R1, XDP_DATA)
+        .load(Size::W, R3, R1, XDP_DATA_END)
+        .exit_if_shorter(R2, R3, ETH_LEN.into(), R4)
+        .load(Size::W, R4, R2, 0)
+        .load(Size::H, R5, R2, 4)
+        .load(Size::W, R1, R2, 6)
+        .load(Size::H, R3, R2, 10)
+        .store(Size::W, R2, 0, R1)
+        .store(Size::H, R2, 4, R3)
+        .store(Size::W, R2, 6, R4)
+        .store(Size::H, R2, 10, R5)
+        .mov_imm(R0, XDP_TX);
+    a.finish()
+}
+
+/// XDP, for BPF_PROG_TEST_RUN's live-frames mode: writes `frame` over the
+/// packet and transmits it. Rewriting matters: the kernel recycles the
+/// pages of transmitted frames without restoring their contents, and the
+/// hops downstream (router, gateway) rewrite headers in place.
+pub fn send_frame(frame: &[u8]) -> Vec<Insn> {
+    let mut a = Asm::default();
+    a.mov_imm(R0, XDP_DROP)
+        .load(Size::W, R2, R1, XDP_DATA)
+        .load(Size::W, R3, R1, XDP_DATA_END)
+        .exit_if_shorter(R2, R3, frame.len() as i32, R4)
+        .store_bytes(R2, 0, frame)
+        .mov_imm(R0, XDP_TX);
+    a.finish()
+}
+
+/// XDP: strips the outer header of IP-in-IP frames (RFC 2003, no options)
+/// and passes the inner packet to the stack; passes anything else as is.
+pub fn ipip_decap() -> Vec<Insn> {
+    let mut a = Asm::default();
+    a.mov_imm(R0, XDP_PASS)
+        .load(Size::W, R2, R1, XDP_DATA)
+        .load(Size::W, R3, R1, XDP_DATA_END)
+        .exit_if_shorter(R2, R3, (ETH_LEN + IP_LEN).into(), R4)
+        .load(Size::H, R4, R2, ETHERTYPE)
+        .exit_if_ne32(R4, ETH_P_IP_LE)
+        .load(Size::B, R4, R2, IP_PROTO)
+        .exit_if_ne32(R4, ipip::IPPROTO_IPIP.into())
+        // The MAC addresses move forward over the outer header.
+        .load(Size::DW, R4, R2, 0)
+        .store(Size::DW, R2, IP_LEN, R4)
+        .load(Size::W, R4, R2, 8)
+        .store(Size::W, R2, IP_LEN + 8, R4)
+        .store_imm(Size::H, R2, IP_LEN + ETHERTYPE, ETH_P_IP_LE)
+        .mov_imm(R2, IP_LEN.into())
+        .call(BPF_FUNC_XDP_ADJUST_HEAD)
+        .mov_imm(R0, XDP_PASS);
+    a.finish()
+}
+
+/// tcx egress: IPv4 packets from `inner_src` leave encapsulated from
+/// `local` to `remote` (outer TTL 64, DF, TOS 0). GSO packets are marked
+/// as IP-in-IP so the kernel segments them with both headers.
+pub fn ipip_encap(inner_src: Ipv4Addr, local: Ipv4Addr, remote: Ipv4Addr) -> Vec<Insn> {
+    // The header ipip-peer would write, with length and checksum zero: its
+    // one's complement sum plus the length is the checksum to come.
+    let probe = [
+        0x45, 0, 0, 20, 0, 0, 0x40, 0, 64, 17, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    let mut outer = ipip::encapsulate(&probe, local, remote, 0).expect("valid probe");
+    outer.truncate(IP_LEN as usize);
+    outer[2..4].fill(0);
+    outer[10..12].fill(0);
+    let partial_sum = i32::from(!ipip::checksum(&outer));
+
+    let mut a = Asm::default();
+    a.mov(R6, R1)
+        .mov_imm(R0, TC_ACT_OK)
+        .load(Size::W, R2, R6, SKB_DATA)
+        .load(Size::W, R3, R6, SKB_DATA_END)
+        .exit_if_shorter(R2, R3, (ETH_LEN + IP_LEN).into(), R4)
+        .load(Size::H, R4, R2, ETHERTYPE)
+        .exit_if_ne32(R4, ETH_P_IP_LE)
+        .load(Size::W, R4, R2, IP_SRC)
+        .exit_if_ne32(R4, i32::from_le_bytes(inner_src.octets()))
+        .mov(R1, R6)
+        .mov_imm(R2, IP_LEN.into())
+        .mov_imm(R3, BPF_ADJ_ROOM_MAC)
+        .mov_imm(R4, BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4)
+        .call(BPF_FUNC_SKB_ADJUST_ROOM)
+        .mov(R7, R0)
+        .mov_imm(R0, TC_ACT_SHOT)
+        .exit_if_nonzero(R7)
+        .load(Size::W, R2, R6, SKB_DATA)
+        .load(Size::W, R3, R6, SKB_DATA_END)
+        .exit_if_shorter(R2, R3, (ETH_LEN + IP_LEN).into(), R4)
+        .store_bytes(R2, ETH_LEN, &outer)
+        // total length = skb->len - Ethernet header
+        .load(Size::W, R4, R6, SKB_LEN)
+        .add_imm(R4, -i32::from(ETH_LEN))
+        // checksum = ~fold(partial_sum + total length); both below 2^16,
+        // so one fold suffices.
+        .mov(R5, R4)
+        .add_imm(R5, partial_sum)
+        .mov(R7, R5)
+        .rsh_imm(R7, 16)
+        .and_imm(R5, 0xffff)
+        .add(R5, R7)
+        .xor_imm(R5, 0xffff)
+        .be16(R5)
+        .store(Size::H, R2, ETH_LEN + 10, R5)
+        .be16(R4)
+        .store(Size::H, R2, ETH_LEN + 2, R4)
+        .mov_imm(R0, TC_ACT_OK);
+    a.finish()
+}
