@@ -122,4 +122,25 @@ fn main() {
         "  GC sweep, all expired: {:.2?} ({} flows, {} mappings removed)",
         expire.took, expire.expired, expire.mappings_expired
     );
+
+    let figures = serde_json::json!({
+        "flows": FLOWS,
+        "new_flows_per_s": per_sec(in_kernel),
+        "memory_bytes": memory.iter().map(|(m, b)| (m.to_string(), *b)).collect::<serde_json::Map<_, _>>(),
+        "gc_sweep_s": { "nothing_expired": keep.took.as_secs_f64(), "all_expired": expire.took.as_secs_f64() },
+    });
+    record(figures);
+}
+
+/// Adds the figures to the report the gateway bench wrote (BENCH_JSON).
+fn record(figures: serde_json::Value) {
+    let Some(path) = std::env::var_os("BENCH_JSON") else {
+        return;
+    };
+    let mut report: serde_json::Value = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_else(|| serde_json::json!({}));
+    report["state_at_scale"] = figures;
+    std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap() + "\n").unwrap();
 }
