@@ -126,7 +126,7 @@ fn main() {
     let figures = serde_json::json!({
         "flows": FLOWS,
         "new_flows_per_s": per_sec(in_kernel),
-        "memory_bytes": memory.iter().map(|(m, b)| (m.to_string(), *b)).collect::<serde_json::Map<_, _>>(),
+        "memory_bytes": memory.iter().map(|(m, b)| (m.to_string(), serde_json::Value::from(*b))).collect::<serde_json::Map<_, _>>(),
         "gc_sweep_s": { "nothing_expired": keep.took.as_secs_f64(), "all_expired": expire.took.as_secs_f64() },
     });
     record(figures);
