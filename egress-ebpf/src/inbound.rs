@@ -51,12 +51,13 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Reason> {
         return Err(Reason::TtlExceeded);
     }
     let outer_len = len.checked_add(IP_LEN as u16).ok_or(Reason::TooBig)?;
+    let wire_len = hook.largest_segment(len, ETH_LEN + IP_LEN, ip.proto) + IP_LEN as u16;
     let hop = fib::lookup(
         hook,
         cfg.tunnel_local,
         flow.peer_addr,
         IPPROTO_IPIP,
-        outer_len,
+        wire_len,
     )?;
     let now = state::now();
     state::touch(flow, len, now);
@@ -65,19 +66,18 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Reason> {
     }
 
     let outer = outer_header(ip, outer_len, cfg.tunnel_local, flow.peer_addr);
+    // SAFETY: a copy, taken while the packet view is valid.
+    let orig: EthHdr = unsafe { *pkt.get::<EthHdr>(0)? };
     // Always our hop on the inner TTL: should the kernel forward this packet
     // (unresolved neighbour), it decrements the outer TTL only.
     l4::translate(
-        pkt,
+        hook,
         ETH_LEN,
         Side::Dst,
         flow.client_addr,
         flow.client_port,
         true,
     )?;
-
-    // SAFETY: read before the head moves; the copy outlives the packet view.
-    let orig: EthHdr = unsafe { *pkt.get::<EthHdr>(0)? };
     hook.adjust_head(-(IP_LEN as i32))?;
     let pkt = hook.packet();
     // SAFETY: the only live reference into the packet.

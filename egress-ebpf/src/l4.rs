@@ -8,7 +8,7 @@ use egress_common::{
 };
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
-use crate::packet::Packet;
+use crate::packet::{Hook, Packet};
 
 pub const ICMP_ECHO_REPLY: u8 = 0;
 pub const ICMP_ECHO_REQUEST: u8 = 8;
@@ -32,6 +32,8 @@ struct PortPair {
 
 /// Offsets of the checksum in the TCP and UDP headers.
 const TCP_CHECK: usize = 16;
+/// Offset of TCP's data offset (header length in words, upper nibble).
+const TCP_DATA_OFFSET: usize = 12;
 const UDP_CHECK: usize = 6;
 /// Offset of the flags byte (FIN..CWR) in the TCP header.
 const TCP_FLAGS: usize = 13;
@@ -90,18 +92,64 @@ pub fn min_len(proto: u8) -> usize {
     }
 }
 
+/// Length of the transport header at `off`, options included: what each
+/// segment of a GSO aggregate repeats.
+#[inline(always)]
+pub fn header_len(pkt: Packet, off: usize, proto: u8) -> Result<usize, Reason> {
+    if proto != IPPROTO_TCP {
+        return Ok(min_len(proto));
+    }
+    // SAFETY: read-only; no other reference into the packet is live here.
+    let data_offset: &u8 = unsafe { pkt.get(off + TCP_DATA_OFFSET)? };
+    Ok(usize::from(*data_offset >> 4) * 4)
+}
+
+/// A TCP or UDP checksum to patch after one side's address and port changed.
+pub struct ChecksumUpdate {
+    /// Offset of the checksum field in the packet.
+    pub at: usize,
+    /// Old and new address: part of the pseudo-header, not of the segment.
+    pub addr: ([u8; 4], [u8; 4]),
+    /// Old and new port.
+    pub port: ([u8; 2], [u8; 2]),
+    /// UDP, where a zero checksum means "none" and must stay zero.
+    pub udp: bool,
+}
+
+impl ChecksumUpdate {
+    /// Patches a checksum field that holds the complete checksum, as in
+    /// every XDP packet (RFC 1624 incremental update).
+    #[inline(always)]
+    pub fn apply_in_place(&self, pkt: Packet) -> Result<(), Reason> {
+        // SAFETY: the only live reference into the packet.
+        let check: &mut [u8; 2] = unsafe { pkt.get(self.at)? };
+        let sum = Incremental::new(*check)
+            .replace4(self.addr.0, self.addr.1)
+            .replace2(self.port.0, self.port.1);
+        *check = match (self.udp, *check) {
+            // Zero means the sender computed no UDP checksum: keep it so.
+            (true, [0, 0]) => [0, 0],
+            (true, _) => sum.finish_udp(),
+            (false, _) => sum.finish(),
+        };
+        Ok(())
+    }
+}
+
 /// Rewrites `side`'s address and port of the IPv4 packet at `ip_off` (a
 /// 20-byte header, transport header already validated by [`ports`]),
-/// optionally decrementing the TTL, and patches both checksums.
+/// optionally decrementing the TTL, and patches both checksums. Packet
+/// references taken before the call are invalid afterwards.
 #[inline(always)]
-pub fn translate(
-    pkt: Packet,
+pub fn translate<H: Hook>(
+    hook: &mut H,
     ip_off: usize,
     side: Side,
     addr: [u8; 4],
     port: [u8; 2],
     dec_ttl: bool,
 ) -> Result<(), Reason> {
+    let pkt = hook.packet();
     // SAFETY: the IP header and the transport header do not overlap, and
     // each is the only live reference to its bytes.
     let ip: &mut Ipv4Hdr = unsafe { pkt.get(ip_off)? };
@@ -112,6 +160,7 @@ pub fn translate(
     };
     let old_addr = *slot;
     *slot = addr;
+    // The IPv4 header checksum is never offloaded: patch it in place.
     let mut ip_check = Incremental::new(ip.check).replace4(old_addr, addr);
     if dec_ttl {
         let old = [ip.ttl, ip.proto];
@@ -121,12 +170,12 @@ pub fn translate(
     ip.check = ip_check.finish();
 
     let proto = ip.proto;
-    // SAFETY: the port pair, the checksum and the ICMP header are disjoint
-    // (ports at 0..4, TCP checksum at 16, UDP checksum at 6) and each is the
-    // only live reference to its bytes.
+    // SAFETY: the port pair and the ICMP header are each the only live
+    // reference to their bytes.
     unsafe {
         if proto == IPPROTO_ICMP {
-            // ICMP echo: no pseudo-header, only the identifier changes.
+            // ICMP echo: no pseudo-header, only the identifier changes, and
+            // its checksum is never offloaded.
             let icmp: &mut IcmpEcho = pkt.get(l4)?;
             let old_id = core::mem::replace(&mut icmp.id, port);
             icmp.check = Incremental::new(icmp.check).replace2(old_id, port).finish();
@@ -143,16 +192,11 @@ pub fn translate(
         } else {
             UDP_CHECK
         };
-        let check: &mut [u8; 2] = pkt.get(l4 + check_at)?;
-        let sum = Incremental::new(*check)
-            .replace4(old_addr, addr)
-            .replace2(old_port, port);
-        *check = match (proto, *check) {
-            // Zero means the sender computed no UDP checksum: keep it so.
-            (IPPROTO_UDP, [0, 0]) => [0, 0],
-            (IPPROTO_UDP, _) => sum.finish_udp(),
-            _ => sum.finish(),
-        };
+        hook.update_l4_checksum(&ChecksumUpdate {
+            at: l4 + check_at,
+            addr: (old_addr, addr),
+            port: (old_port, port),
+            udp: proto == IPPROTO_UDP,
+        })
     }
-    Ok(())
 }

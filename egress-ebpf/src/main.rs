@@ -1,5 +1,5 @@
-//! The gateway's data path: XDP entry point over the hook-independent
-//! translation in `nat`.
+//! The gateway's data path: XDP and TC entry points over the
+//! hook-independent translation in `nat`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
@@ -23,6 +23,8 @@ mod outbound;
 mod packet;
 #[cfg(target_arch = "bpf")]
 mod state;
+#[cfg(target_arch = "bpf")]
+mod tc;
 #[cfg(target_arch = "bpf")]
 mod xdp;
 

@@ -1,7 +1,10 @@
 //! The translation logic both hooks run: classify the packet, then hand it
 //! to the outbound (decapsulate + SNAT) or return (un-NAT + encapsulate) path.
 
-use egress_common::{flow::IPPROTO_IPIP, reason::Reason};
+use egress_common::{
+    flow::IPPROTO_IPIP,
+    reason::{Reason, Verdict},
+};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
@@ -22,6 +25,24 @@ pub const IP_MF_OFFSET: u16 = 0x3fff;
 pub struct Outcome {
     pub action: Action,
     pub reason: Reason,
+}
+
+/// Counts the reason for a processed packet and returns what the hook
+/// should do with it.
+#[inline(always)]
+pub fn conclude(result: Result<Outcome, Reason>) -> Action {
+    let Outcome { action, reason } = match result {
+        Ok(outcome) => outcome,
+        Err(reason) => Outcome {
+            action: match reason.verdict() {
+                Verdict::Passed => Action::Pass,
+                _ => Action::Drop,
+            },
+            reason,
+        },
+    };
+    maps::count(reason);
+    action
 }
 
 /// Runs the gateway on the hook's packet. `Err` carries the reason for a

@@ -43,7 +43,8 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Reason> {
         }
     };
     // Route before creating state: an unroutable destination leaves none.
-    let hop = fib::lookup(hook, nat_addr, key.dst, key.proto, inner.len)?;
+    let wire_len = hook.largest_segment(inner.len, INNER + IP_LEN, key.proto);
+    let hop = fib::lookup(hook, nat_addr, key.dst, key.proto, wire_len)?;
     let now = state::now();
     let (flow, reason) = match existing {
         Some(f) => (f, Reason::Translated),
@@ -62,12 +63,18 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Reason> {
         state::track_out(flow, l4::tcp_flags(pkt, INNER + IP_LEN));
     }
 
+    // SAFETY: a copy, taken while the packet view is valid.
+    let orig: EthHdr = unsafe { *pkt.get::<EthHdr>(0)? };
     // The kernel's forwarding path decrements the TTL itself.
     let dec_ttl = matches!(hop, NextHop::Resolved { .. });
-    l4::translate(pkt, INNER, Side::Src, flow.nat_addr, flow.nat_port, dec_ttl)?;
-
-    // SAFETY: read before the head moves; the copy outlives the packet view.
-    let orig: EthHdr = unsafe { *pkt.get::<EthHdr>(0)? };
+    l4::translate(
+        hook,
+        INNER,
+        Side::Src,
+        flow.nat_addr,
+        flow.nat_port,
+        dec_ttl,
+    )?;
     hook.adjust_head(IP_LEN as i32)?;
     send(hook, hook.packet(), &hop, &orig, reason)
 }

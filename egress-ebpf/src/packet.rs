@@ -7,22 +7,38 @@ use core::mem::size_of;
 use aya_ebpf::bindings::bpf_fib_lookup;
 use egress_common::reason::Reason;
 
+use crate::l4::ChecksumUpdate;
+
 /// The bytes of the packet currently in the hook's buffer.
 #[derive(Clone, Copy)]
 pub struct Packet {
     start: usize,
     end: usize,
+    len: usize,
 }
 
 impl Packet {
+    /// A packet that lies whole in `start..end`.
     #[inline(always)]
     pub fn new(start: usize, end: usize) -> Self {
-        Self { start, end }
+        Self {
+            start,
+            end,
+            len: end - start,
+        }
     }
 
+    /// A packet of `len` bytes of which only `start..end` is directly
+    /// accessible (an skb's linear part; the rest is in fragments).
+    #[inline(always)]
+    pub fn nonlinear(start: usize, end: usize, len: usize) -> Self {
+        Self { start, end, len }
+    }
+
+    /// The whole packet's length, accessible or not.
     #[inline(always)]
     pub fn len(&self) -> usize {
-        self.end - self.start
+        self.len
     }
 
     /// A `T` (a wire header: `repr(C)`, alignment ≤ 2, any bit pattern
@@ -62,8 +78,16 @@ pub trait Hook {
     fn ingress_ifindex(&self) -> u32;
     /// `bpf_fib_lookup` with this hook's context.
     fn fib_lookup(&self, params: &mut bpf_fib_lookup) -> i64;
-    /// Removes (`delta > 0`) or adds (`delta < 0`) bytes at the packet's head.
+    /// Removes (`delta > 0`) or adds (`delta < 0`) bytes right after the
+    /// Ethernet header; the caller then rewrites the Ethernet header.
     fn adjust_head(&mut self, delta: i32) -> Result<(), Reason>;
     /// Cuts the packet to `len` bytes (never longer than it is).
     fn truncate(&mut self, len: usize) -> Result<(), Reason>;
+    /// Updates a TCP or UDP checksum after an address and port rewrite.
+    /// Invalidates every packet reference: re-read [`Hook::packet`].
+    fn update_l4_checksum(&mut self, update: &ChecksumUpdate) -> Result<(), Reason>;
+    /// The length of the largest IP packet this one of `ip_len` bytes will
+    /// leave as, for the MTU check: itself, or one segment of an aggregate
+    /// the kernel segments on output (TC's GRO/GSO packets).
+    fn largest_segment(&self, ip_len: u16, l4_off: usize, proto: u8) -> u16;
 }

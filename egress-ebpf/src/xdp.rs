@@ -7,11 +7,11 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use egress_common::reason::{Reason, Verdict};
+use egress_common::reason::Reason;
 
 use crate::{
-    maps,
-    nat::{self, Outcome},
+    l4::ChecksumUpdate,
+    nat,
     packet::{Action, Hook, Packet},
 };
 
@@ -59,23 +59,23 @@ impl Hook for Xdp {
             _ => Err(Reason::Internal),
         }
     }
+
+    #[inline(always)]
+    fn update_l4_checksum(&mut self, update: &ChecksumUpdate) -> Result<(), Reason> {
+        // XDP frames carry no offload state: the field is the full checksum.
+        update.apply_in_place(self.packet())
+    }
+
+    #[inline(always)]
+    fn largest_segment(&self, ip_len: u16, _l4_off: usize, _proto: u8) -> u16 {
+        // An XDP frame is one packet on the wire.
+        ip_len
+    }
 }
 
 #[xdp]
 pub fn egress_xdp(ctx: XdpContext) -> u32 {
-    let mut hook = Xdp(ctx);
-    let Outcome { action, reason } = match nat::process(&mut hook) {
-        Ok(outcome) => outcome,
-        Err(reason) => Outcome {
-            action: match reason.verdict() {
-                Verdict::Passed => Action::Pass,
-                _ => Action::Drop,
-            },
-            reason,
-        },
-    };
-    maps::count(reason);
-    match action {
+    match nat::conclude(nat::process(&mut Xdp(ctx))) {
         Action::Pass => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
         Action::Tx => xdp_action::XDP_TX,

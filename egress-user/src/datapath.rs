@@ -11,7 +11,10 @@ use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{HashMap, IterableMap as _, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
-    programs::{Xdp, XdpMode},
+    programs::{
+        SchedClassifier, Xdp, XdpMode,
+        tc::{NlOptions, TcAttach, TcAttachType},
+    },
 };
 use egress_common::{
     config::Config,
@@ -21,6 +24,7 @@ use egress_common::{
 use ipnet::Ipv4Net;
 
 use crate::{
+    clsact::Clsact,
     pinning,
     settings::{AttachMode, PortRange},
 };
@@ -29,8 +33,28 @@ use crate::{
 pub static OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress-datapath"));
 
-/// Name of the XDP program in [`OBJECT`].
+/// Names of the XDP and TC programs in [`OBJECT`].
 pub const XDP_PROGRAM: &str = "egress_xdp";
+pub const TC_PROGRAM: &str = "egress_tc";
+
+/// The hook the data path runs in once attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    NativeXdp,
+    GenericXdp,
+    /// TC on clsact ingress.
+    Tc,
+}
+
+impl Attached {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NativeXdp => "native XDP",
+            Self::GenericXdp => "generic XDP",
+            Self::Tc => "TC (clsact ingress)",
+        }
+    }
+}
 
 /// Everything the data path is configured with.
 #[derive(Clone, Debug)]
@@ -65,7 +89,10 @@ impl Policy {
 }
 
 pub struct Datapath {
+    // Dropped in this order: the programs detach before the qdisc they
+    // may hang from goes.
     ebpf: Ebpf,
+    clsact: Option<Clsact>,
 }
 
 impl Datapath {
@@ -116,40 +143,70 @@ impl Datapath {
                 .with_context(|| format!("cannot add client range {c}"))?;
         }
 
-        let mut datapath = Self { ebpf };
+        let mut datapath = Self { ebpf, clsact: None };
         datapath
             .xdp()?
             .load()
             .context("the kernel verifier rejected the XDP program")?;
+        datapath
+            .tc()?
+            .load()
+            .context("the kernel verifier rejected the TC program")?;
         Ok(datapath)
     }
 
-    /// Attaches the XDP program to `ifindex`; returns the mode it got.
-    pub fn attach(&mut self, ifindex: u32, mode: AttachMode) -> anyhow::Result<&'static str> {
-        let prog = self.xdp()?;
+    /// Attaches to `iface` (index `ifindex`) as `mode` asks; returns the
+    /// hook it got.
+    pub fn attach(
+        &mut self,
+        iface: &str,
+        ifindex: u32,
+        mode: AttachMode,
+    ) -> anyhow::Result<Attached> {
         match mode {
-            AttachMode::Native => {
-                prog.attach(ifindex, XdpMode::Driver)
-                    .context("native XDP attach failed")?;
-                Ok("native")
-            }
-            AttachMode::Generic => {
-                prog.attach(ifindex, XdpMode::Skb)
-                    .context("generic XDP attach failed")?;
-                Ok("generic")
-            }
-            AttachMode::Auto => match prog.attach(ifindex, XdpMode::Driver) {
-                Ok(_) => Ok("native"),
+            AttachMode::Native => self.attach_xdp(ifindex, XdpMode::Driver),
+            AttachMode::Generic => self.attach_xdp(ifindex, XdpMode::Skb),
+            AttachMode::Tc => self.attach_tc(iface, ifindex),
+            AttachMode::Auto => match self.attach_xdp(ifindex, XdpMode::Driver) {
+                Ok(hook) => {
+                    tracing::info!("attach auto: {iface}'s driver supports XDP, the fastest hook");
+                    Ok(hook)
+                }
                 Err(e) => {
+                    // Generic XDP is slower than TC, and mishandles GRO
+                    // aggregates and offloaded checksums, which TC handles.
                     tracing::warn!(
-                        "native XDP unavailable ({e}); falling back to generic XDP, which is slower"
+                        "attach auto: no native XDP on {iface} ({e:#}); using TC, which beats generic XDP"
                     );
-                    prog.attach(ifindex, XdpMode::Skb)
-                        .context("generic XDP attach failed")?;
-                    Ok("generic")
+                    self.attach_tc(iface, ifindex)
                 }
             },
         }
+    }
+
+    fn attach_xdp(&mut self, ifindex: u32, mode: XdpMode) -> anyhow::Result<Attached> {
+        let (hook, name) = match mode {
+            XdpMode::Driver => (Attached::NativeXdp, "native"),
+            _ => (Attached::GenericXdp, "generic"),
+        };
+        self.xdp()?
+            .attach(ifindex, mode)
+            .with_context(|| format!("{name} XDP attach failed"))?;
+        Ok(hook)
+    }
+
+    /// Through netlink on clsact, on every kernel alike (aya would pick
+    /// TCX links on 6.6+).
+    fn attach_tc(&mut self, iface: &str, ifindex: u32) -> anyhow::Result<Attached> {
+        self.clsact = Some(Clsact::ensure(iface, ifindex)?);
+        let ingress = TcAttach::Netlink {
+            parent: TcAttachType::Ingress.into(),
+            options: NlOptions::default(),
+        };
+        self.tc()?
+            .attach(ifindex, ingress)
+            .context("TC attach on clsact ingress failed")?;
+        Ok(Attached::Tc)
     }
 
     /// The loaded XDP program (for `BPF_PROG_TEST_RUN` in tests and benchmarks).
@@ -158,6 +215,15 @@ impl Datapath {
             .ebpf
             .program_mut(XDP_PROGRAM)
             .context("XDP program missing from the eBPF object")?
+            .try_into()?)
+    }
+
+    /// The loaded TC program (for `BPF_PROG_TEST_RUN` in tests).
+    pub fn tc(&mut self) -> anyhow::Result<&mut SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program_mut(TC_PROGRAM)
+            .context("TC program missing from the eBPF object")?
             .try_into()?)
     }
 

@@ -2,6 +2,7 @@
 //! and connection-state upkeep. `main.rs` is the `egress` command over it.
 
 pub mod batch;
+pub mod clsact;
 pub mod datapath;
 pub mod gc;
 pub mod netif;

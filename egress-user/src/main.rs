@@ -54,7 +54,7 @@ struct RunArgs {
     /// Translation port range LO-HI [default: 1024-32767].
     #[arg(long)]
     ports: Option<PortRange>,
-    /// XDP attach mode.
+    /// Hook to attach to [default: auto].
     #[arg(long, value_enum)]
     attach: Option<AttachMode>,
     /// Flow table capacity [default: 1048576].
@@ -163,10 +163,10 @@ fn run(settings: Settings, reset_state: bool) -> anyhow::Result<()> {
 
     let mut datapath = Datapath::load(&policy)?;
     let _sysctls = Sysctls::apply(&iface.name)?;
-    let mode = datapath.attach(iface.index, settings.attach)?;
+    let hook = datapath.attach(&iface.name, iface.index, settings.attach)?;
     tracing::info!(
         iface = %iface.name,
-        mode,
+        hook = hook.as_str(),
         tunnel_local = %policy.tunnel_local,
         snat = ?policy.snat,
         ports = %policy.ports,
@@ -174,7 +174,7 @@ fn run(settings: Settings, reset_state: bool) -> anyhow::Result<()> {
         client_cidrs = ?policy.client_cidrs,
         max_flows = policy.max_flows,
         max_client_flows = policy.max_client_flows,
-        "attached XDP program; gateway ready"
+        "attached; gateway ready"
     );
 
     tokio::runtime::Builder::new_current_thread()

@@ -69,17 +69,19 @@ impl<'de> Deserialize<'de> for PortRange {
     }
 }
 
-/// How the XDP program is attached.
+/// Which hook the data path is attached to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
-    /// Native (driver) XDP, falling back to generic with a warning.
+    /// Native (driver) XDP, falling back to TC with a warning.
     #[default]
     Auto,
     /// Native (driver) XDP only.
     Native,
     /// Generic (skb) XDP: works on any interface, slowest.
     Generic,
+    /// TC on clsact ingress: works on any interface.
+    Tc,
 }
 
 /// The `[gateway]` settings as written in a config file; every key optional.

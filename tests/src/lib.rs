@@ -14,7 +14,7 @@ pub mod topology;
 
 pub use daemon::Daemon;
 pub use netns::{Lab, exec, in_netns};
-pub use topology::{Stack, Topology};
+pub use topology::{Attach, Stack, Topology};
 
 use anyhow::{Result, bail};
 use std::path::PathBuf;

@@ -15,6 +15,26 @@ use std::time::Duration;
 const GATEWAY_READY: Duration = Duration::from_secs(60);
 const QUICK_READY: Duration = Duration::from_secs(10);
 
+/// The gateway's `--attach` hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attach {
+    Native,
+    Generic,
+    Tc,
+}
+
+impl Attach {
+    pub const ALL: [Attach; 3] = [Attach::Native, Attach::Generic, Attach::Tc];
+
+    pub fn flag(self) -> &'static str {
+        match self {
+            Attach::Native => "native",
+            Attach::Generic => "generic",
+            Attach::Tc => "tc",
+        }
+    }
+}
+
 /// Four namespaces: the client and server reach each other only through the
 /// gateway, via the router that joins all three.
 pub struct Topology {
@@ -86,15 +106,16 @@ impl Topology {
         start_ipip_peer(&self.lab, &self.client, bin, CLIENT_UNDERLAY_IP, GATEWAY_IP)
     }
 
-    pub fn start_gateway(&self, bin: &Path) -> Result<Daemon> {
+    pub fn start_gateway(&self, bin: &Path, attach: Attach) -> Result<Daemon> {
         let cidrs: String = CLIENT_CIDRS
             .iter()
             .map(|c| format!(" --client-cidr {c}"))
             .collect();
         let state = self.lab.state_dir()?;
         let args = format!(
-            "run --iface {HOST_IFACE} --peer {CLIENT_UNDERLAY_IP}{cidrs} --snat {GATEWAY_IP} --state-dir {}",
-            state.display()
+            "run --iface {HOST_IFACE} --peer {CLIENT_UNDERLAY_IP}{cidrs} --snat {GATEWAY_IP} --state-dir {} --attach {}",
+            state.display(),
+            attach.flag()
         );
         let mut gw = self.lab.spawn(&self.gateway, "gateway", bin, &args)?;
         gw.wait_for("ready", GATEWAY_READY)?;
@@ -116,10 +137,10 @@ pub struct Stack {
 }
 
 impl Stack {
-    pub fn start(egress_bin: &Path, ipip_peer_bin: &Path) -> Result<Self> {
+    pub fn start(egress_bin: &Path, ipip_peer_bin: &Path, attach: Attach) -> Result<Self> {
         let topo = Topology::new()?;
         let peer = topo.start_ipip_peer(ipip_peer_bin)?;
-        let gateway = topo.start_gateway(egress_bin)?;
+        let gateway = topo.start_gateway(egress_bin, attach)?;
         Ok(Self {
             gateway,
             peer,

@@ -1,6 +1,7 @@
 //! End to end through the real gateway (`EGRESS_BIN`): a client behind an
 //! emulated IP-in-IP peer reaches an "Internet" server, which must see the
-//! translation address. Each test builds its own topology. Needs root.
+//! translation address. Every scenario runs once per attach mode, each on
+//! its own topology. Needs root.
 
 use anyhow::{Result, ensure};
 use std::collections::HashSet;
@@ -10,15 +11,47 @@ use std::time::Duration;
 use tests::addrs::{CLIENT_EXTRA_IPS, CLIENT_TUN_IP, GATEWAY_IP, HTTP_PORT, SERVER_IP};
 use tests::echo::{Reply, tcp_request, tcp_server, udp_request, udp_server};
 use tests::topology::large_page;
-use tests::{Daemon, Stack, egress_bin, exec, require_root};
+use tests::{Attach, Daemon, Stack, egress_bin, exec, require_root};
 
 const ECHO_PORT: u16 = 9000;
 const CONNECTIONS: usize = 50;
 
+/// One `#[test]` per attach mode for each scenario, in modules named after
+/// the mode: `cargo test tc::` runs one mode, `cargo test ping` one scenario.
+macro_rules! in_every_mode {
+    ($($scenario:ident),* $(,)?) => {
+        in_every_mode!(@mode native Native; $($scenario),*);
+        in_every_mode!(@mode generic Generic; $($scenario),*);
+        in_every_mode!(@mode tc Tc; $($scenario),*);
+    };
+    (@mode $module:ident $attach:ident; $($scenario:ident),*) => {
+        mod $module {
+            $(
+                #[test]
+                fn $scenario() -> anyhow::Result<()> {
+                    super::with_stack(tests::Attach::$attach, super::$scenario)
+                }
+            )*
+        }
+    };
+}
+
+in_every_mode!(
+    http_get_returns_exact_content,
+    http_server_sees_translation_address,
+    udp_reply_shows_translation_address,
+    ping_through_gateway,
+    concurrent_tcp_from_several_client_addresses,
+);
+
 /// Runs `test` against a fresh stack; a failure keeps the daemons' logs.
-fn with_stack(test: impl FnOnce(&Stack) -> Result<()>) -> Result<()> {
+fn with_stack(attach: Attach, test: impl FnOnce(&Stack) -> Result<()>) -> Result<()> {
     require_root()?;
-    let stack = Stack::start(&egress_bin()?, Path::new(env!("CARGO_BIN_EXE_ipip-peer")))?;
+    let stack = Stack::start(
+        &egress_bin()?,
+        Path::new(env!("CARGO_BIN_EXE_ipip-peer")),
+        attach,
+    )?;
     stack.topo.lab.keep_logs_on_err(test(&stack))
 }
 
@@ -34,98 +67,83 @@ fn http_get(stack: &Stack) -> Result<(Daemon, String)> {
     Ok((http, got))
 }
 
-#[test]
-fn http_get_returns_exact_content() -> Result<()> {
-    with_stack(|stack| {
-        let (_http, got) = http_get(stack)?;
-        let want = large_page();
-        ensure!(
-            got == want,
-            "got {} bytes, expected {}",
-            got.len(),
-            want.len()
-        );
-        Ok(())
-    })
+fn http_get_returns_exact_content(stack: &Stack) -> Result<()> {
+    let (_http, got) = http_get(stack)?;
+    let want = large_page();
+    ensure!(
+        got == want,
+        "got {} bytes, expected {}",
+        got.len(),
+        want.len()
+    );
+    Ok(())
 }
 
-#[test]
-fn http_server_sees_translation_address() -> Result<()> {
-    with_stack(|stack| {
-        let (mut http, _) = http_get(stack)?;
-        // http.server logs `<client address> - - [date] "GET ..."`.
-        http.wait_for(&format!("{GATEWAY_IP} - - "), Duration::from_secs(5))?;
-        let log = http.log();
-        ensure!(
-            !log.contains(&CLIENT_TUN_IP.to_string()),
-            "client address leaked:\n{log}"
-        );
-        Ok(())
-    })
+fn http_server_sees_translation_address(stack: &Stack) -> Result<()> {
+    let (mut http, _) = http_get(stack)?;
+    // http.server logs `<client address> - - [date] "GET ..."`.
+    http.wait_for(&format!("{GATEWAY_IP} - - "), Duration::from_secs(5))?;
+    let log = http.log();
+    ensure!(
+        !log.contains(&CLIENT_TUN_IP.to_string()),
+        "client address leaked:\n{log}"
+    );
+    Ok(())
 }
 
-#[test]
-fn udp_reply_shows_translation_address() -> Result<()> {
-    with_stack(|stack| {
-        let server = SocketAddr::from((SERVER_IP, ECHO_PORT));
-        let _echo = udp_server(&stack.topo.server, server)?;
-        let reply = udp_request(&stack.topo.client, CLIENT_TUN_IP, server, b"hello")?;
-        ensure!(reply.body == b"hello", "{reply:?}");
-        ensure!(reply.seen.ip() == GATEWAY_IP, "server saw {}", reply.seen);
-        Ok(())
-    })
+fn udp_reply_shows_translation_address(stack: &Stack) -> Result<()> {
+    let server = SocketAddr::from((SERVER_IP, ECHO_PORT));
+    let _echo = udp_server(&stack.topo.server, server)?;
+    let reply = udp_request(&stack.topo.client, CLIENT_TUN_IP, server, b"hello")?;
+    ensure!(reply.body == b"hello", "{reply:?}");
+    ensure!(reply.seen.ip() == GATEWAY_IP, "server saw {}", reply.seen);
+    Ok(())
 }
 
-#[test]
-fn ping_through_gateway() -> Result<()> {
-    with_stack(|stack| {
-        let out = exec(&stack.topo.client, &format!("ping -c 3 -W 2 {SERVER_IP}"))?;
-        ensure!(out.contains("3 received"), "{out}");
-        Ok(())
-    })
+fn ping_through_gateway(stack: &Stack) -> Result<()> {
+    let out = exec(&stack.topo.client, &format!("ping -c 3 -W 2 {SERVER_IP}"))?;
+    ensure!(out.contains("3 received"), "{out}");
+    Ok(())
 }
 
 /// Concurrent connections from every client address: each is echoed intact,
 /// every one is seen from the translation address, and no two share a port
 /// (they would be one flow to the server).
-#[test]
-fn concurrent_tcp_from_several_client_addresses() -> Result<()> {
-    with_stack(|stack| {
-        let server = SocketAddr::from((SERVER_IP, ECHO_PORT));
-        let _echo = tcp_server(&stack.topo.server, server)?;
-        let sources: Vec<Ipv4Addr> = [CLIENT_TUN_IP]
-            .into_iter()
-            .chain(CLIENT_EXTRA_IPS)
+fn concurrent_tcp_from_several_client_addresses(stack: &Stack) -> Result<()> {
+    let server = SocketAddr::from((SERVER_IP, ECHO_PORT));
+    let _echo = tcp_server(&stack.topo.server, server)?;
+    let sources: Vec<Ipv4Addr> = [CLIENT_TUN_IP]
+        .into_iter()
+        .chain(CLIENT_EXTRA_IPS)
+        .collect();
+    let request = |i: usize| format!("connection {i} ").repeat(500).into_bytes();
+    let replies: Vec<Result<Reply>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..CONNECTIONS)
+            .map(|i| {
+                let src = sources[i % sources.len()];
+                let client = &stack.topo.client;
+                s.spawn(move || tcp_request(client, src, server, &request(i)))
+            })
             .collect();
-        let request = |i: usize| format!("connection {i} ").repeat(500).into_bytes();
-        let replies: Vec<Result<Reply>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..CONNECTIONS)
-                .map(|i| {
-                    let src = sources[i % sources.len()];
-                    let client = &stack.topo.client;
-                    s.spawn(move || tcp_request(client, src, server, &request(i)))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("client thread"))
-                .collect()
-        });
-        let mut seen = HashSet::new();
-        for (i, reply) in replies.into_iter().enumerate() {
-            let reply = reply?;
-            ensure!(reply.body == request(i), "connection {i}: payload changed");
-            ensure!(
-                reply.seen.ip() == GATEWAY_IP,
-                "connection {i}: server saw {}",
-                reply.seen
-            );
-            ensure!(
-                seen.insert(reply.seen),
-                "connection {i}: {} reused",
-                reply.seen
-            );
-        }
-        Ok(())
-    })
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect()
+    });
+    let mut seen = HashSet::new();
+    for (i, reply) in replies.into_iter().enumerate() {
+        let reply = reply?;
+        ensure!(reply.body == request(i), "connection {i}: payload changed");
+        ensure!(
+            reply.seen.ip() == GATEWAY_IP,
+            "connection {i}: server saw {}",
+            reply.seen
+        );
+        ensure!(
+            seen.insert(reply.seen),
+            "connection {i}: {} reused",
+            reply.seen
+        );
+    }
+    Ok(())
 }

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tests::addrs::*;
-use tests::{Stack, Topology, egress_bin, exec, require_root};
+use tests::{Attach, Stack, Topology, egress_bin, exec, require_root};
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -58,7 +58,7 @@ fn run() -> Result<()> {
     let egress = egress_bin()?;
     catch_stop_signals()?;
     println!("building the topology and starting the gateway...");
-    let stack = Stack::start(&egress, &ipip_peer_bin()?)?;
+    let stack = Stack::start(&egress, &ipip_peer_bin()?, Attach::Native)?;
     let topo = &stack.topo;
     let www = topo.lab.dir().join("www");
     std::fs::create_dir(&www)?;

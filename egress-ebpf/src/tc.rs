@@ -1,0 +1,159 @@
+//! The TC hook (clsact ingress): the same translation on socket buffers,
+//! for interfaces without native XDP. Unlike an XDP frame, an skb may carry
+//! checksum offload state, may be a GRO aggregate of many segments, and may
+//! keep part of its data outside the directly accessible linear area.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        __sk_buff, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_MARK_MANGLED_0,
+        BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        bpf_fib_lookup,
+    },
+    helpers::bpf_redirect,
+    macros::classifier,
+    programs::TcContext,
+};
+use egress_common::reason::Reason;
+
+use crate::{
+    l4::{self, ChecksumUpdate},
+    nat::{self, ETH_LEN, IP_LEN},
+    packet::{Action, Hook, Packet},
+};
+
+/// Headers the translation reads and writes: Ethernet, outer and inner
+/// IPv4, and the fixed part of a TCP header (the largest transport header
+/// it touches).
+const HEADERS: u32 = (ETH_LEN + 2 * IP_LEN + 20) as u32;
+
+/// Keep every segment of a GSO aggregate exactly as the sender cut it, only
+/// 20 bytes shorter or longer: the default would change the segment size.
+const ADJ_DECAP: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64;
+/// Also mark the aggregate IPv4-in-IPv4, so segmentation repeats the outer
+/// header on every segment.
+const ADJ_ENCAP: u64 = (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4) as u64;
+
+struct Tc(TcContext);
+
+impl Tc {
+    #[inline(always)]
+    fn skb(&self) -> &__sk_buff {
+        // SAFETY: the context of a classifier is its __sk_buff, valid for
+        // the whole run.
+        unsafe { &*(self.0.as_ptr() as *const __sk_buff) }
+    }
+
+    /// Makes the headers directly accessible (a GRO aggregate or a cloned
+    /// skb may hold them outside the linear area).
+    #[inline(always)]
+    fn pull_headers(&self) -> Result<(), Reason> {
+        let want = HEADERS.min(self.0.len());
+        if (self.0.data_end() - self.0.data()) as u32 >= want {
+            return Ok(());
+        }
+        self.0.pull_data(want).map_err(|_| Reason::Internal)
+    }
+}
+
+impl Hook for Tc {
+    #[inline(always)]
+    fn packet(&self) -> Packet {
+        Packet::nonlinear(self.0.data(), self.0.data_end(), self.0.len() as usize)
+    }
+
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        self.skb().ingress_ifindex
+    }
+
+    #[inline(always)]
+    fn fib_lookup(&self, params: &mut bpf_fib_lookup) -> i64 {
+        // SAFETY: `params` is a valid, exclusively borrowed lookup struct.
+        unsafe {
+            aya_ebpf::helpers::bpf_fib_lookup(
+                self.0.as_ptr(),
+                params,
+                core::mem::size_of::<bpf_fib_lookup>() as i32,
+                0,
+            )
+        }
+    }
+
+    #[inline(always)]
+    fn adjust_head(&mut self, delta: i32) -> Result<(), Reason> {
+        let flags = if delta > 0 { ADJ_DECAP } else { ADJ_ENCAP };
+        self.0
+            .adjust_room(-delta, BPF_ADJ_ROOM_MAC, flags)
+            .map_err(|_| Reason::Internal)
+    }
+
+    #[inline(always)]
+    fn truncate(&mut self, len: usize) -> Result<(), Reason> {
+        // Also drops a GSO aggregate's segmentation state: what is left is
+        // one packet.
+        self.0
+            .change_tail(len as u32, 0)
+            .map_err(|_| Reason::Internal)
+    }
+
+    #[inline(always)]
+    fn update_l4_checksum(&mut self, update: &ChecksumUpdate) -> Result<(), Reason> {
+        // The kernel's helpers know the skb's checksum state: with offload
+        // (CHECKSUM_PARTIAL) the field holds only the pseudo-header sum, so
+        // the address changes it and the port must not; a received
+        // CHECKSUM_COMPLETE sum is kept in step.
+        let mangled = if update.udp {
+            BPF_F_MARK_MANGLED_0 as u64
+        } else {
+            0
+        };
+        let (old, new) = update.addr;
+        self.0
+            .l4_csum_replace(
+                update.at,
+                u64::from(u32::from_ne_bytes(old)),
+                u64::from(u32::from_ne_bytes(new)),
+                BPF_F_PSEUDO_HDR as u64 | mangled | 4,
+            )
+            .map_err(|_| Reason::Internal)?;
+        let (old, new) = update.port;
+        self.0
+            .l4_csum_replace(
+                update.at,
+                u64::from(u16::from_ne_bytes(old)),
+                u64::from(u16::from_ne_bytes(new)),
+                mangled | 2,
+            )
+            .map_err(|_| Reason::Internal)
+    }
+
+    #[inline(always)]
+    fn largest_segment(&self, ip_len: u16, l4_off: usize, proto: u8) -> u16 {
+        let gso_size = self.skb().gso_size;
+        if gso_size == 0 {
+            return ip_len;
+        }
+        // Each segment repeats the IP and transport headers and carries at
+        // most `gso_size` bytes of payload.
+        let headers = match l4::header_len(self.packet(), l4_off, proto) {
+            Ok(n) => (IP_LEN + n) as u32,
+            Err(_) => return ip_len,
+        };
+        (headers + gso_size).min(u32::from(ip_len)) as u16
+    }
+}
+
+#[classifier]
+pub fn egress_tc(ctx: TcContext) -> i32 {
+    let mut hook = Tc(ctx);
+    match nat::conclude(hook.pull_headers().and_then(|()| nat::process(&mut hook))) {
+        Action::Pass => TC_ACT_OK,
+        Action::Drop => TC_ACT_SHOT,
+        // SAFETY: no preconditions; with flags 0 (egress) it returns
+        // TC_ACT_REDIRECT.
+        Action::Tx => unsafe { bpf_redirect(hook.ingress_ifindex(), 0) as i32 },
+        // SAFETY: as above.
+        Action::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as i32 },
+    }
+}
