@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod echo;
 pub mod ipip;
 pub mod netns;
+pub mod tap;
 pub mod tiny_bpf;
 pub mod topology;
 

@@ -82,6 +82,10 @@ impl Topology {
         // A veth would hand the gateway TCP/UDP with checksums still to be
         // filled in; real Internet traffic arrives complete.
         exec(&server, &format!("ethtool -K {HOST_IFACE} tx off"))?;
+        // The same toward the client, where `ipip-peer` reads the tunnel
+        // with a raw socket, which gets checksums as they are: a real link
+        // finishes the ones a GSO aggregate leaves to offload.
+        exec(&router, &format!("ethtool -K {ROUTER_CLIENT_IFACE} tx off"))?;
 
         add_tun(&client, CLIENT_TUN_IP, CLIENT_TUN_PREFIX)?;
         for ip in CLIENT_EXTRA_IPS {
@@ -134,6 +138,7 @@ pub struct Stack {
     pub gateway: Daemon,
     pub peer: Daemon,
     pub topo: Topology,
+    pub attach: Attach,
 }
 
 impl Stack {
@@ -145,6 +150,7 @@ impl Stack {
             gateway,
             peer,
             topo,
+            attach,
         })
     }
 }

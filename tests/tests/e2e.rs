@@ -8,7 +8,10 @@ use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
-use tests::addrs::{CLIENT_EXTRA_IPS, CLIENT_TUN_IP, GATEWAY_IP, HTTP_PORT, SERVER_IP};
+use tests::addrs::{
+    CLIENT_EXTRA_IPS, CLIENT_TUN_IP, GATEWAY_IP, HOST_IFACE, HTTP_PORT, ROUTER_GATEWAY_IFACE,
+    SERVER_IP,
+};
 use tests::echo::{Reply, tcp_request, tcp_server, udp_request, udp_server};
 use tests::topology::large_page;
 use tests::{Attach, Daemon, Stack, egress_bin, exec, require_root};
@@ -42,6 +45,7 @@ in_every_mode!(
     udp_reply_shows_translation_address,
     ping_through_gateway,
     concurrent_tcp_from_several_client_addresses,
+    bulk_tcp_with_gro,
 );
 
 /// Runs `test` against a fresh stack; a failure keeps the daemons' logs.
@@ -145,5 +149,41 @@ fn concurrent_tcp_from_several_client_addresses(stack: &Stack) -> Result<()> {
             reply.seen
         );
     }
+    Ok(())
+}
+
+/// Bytes each way in the bulk transfer: many full-sized segments.
+const BULK: usize = 4 << 20;
+/// Largest frame on the lab's 1500-byte links.
+const MAX_FRAME: usize = 1514;
+
+/// A bulk TCP transfer both ways with GRO on the gateway's interface, so the
+/// TC hook, which runs after GRO, gets aggregates of many segments: they
+/// must leave re-segmented and intact.
+fn bulk_tcp_with_gro(stack: &Stack) -> Result<()> {
+    let topo = &stack.topo;
+    // Like a NIC off the wire: the router sends single segments (a veth
+    // skips GRO for a peer that could have sent aggregates itself), and
+    // the gateway's interface aggregates them.
+    exec(
+        &topo.router,
+        &format!("ethtool -K {ROUTER_GATEWAY_IFACE} tso off"),
+    )?;
+    exec(&topo.gateway, &format!("ethtool -K {HOST_IFACE} gro on"))?;
+    let server = SocketAddr::from((SERVER_IP, ECHO_PORT));
+    let _echo = tcp_server(&topo.server, server)?;
+    let tap = tests::tap::Tap::start(&topo.gateway, HOST_IFACE)?;
+    let data: Vec<u8> = (0..BULK).map(|i| (i % 251) as u8).collect();
+    let reply = tcp_request(&topo.client, CLIENT_TUN_IP, server, &data)?;
+    ensure!(reply.body == data, "payload changed");
+    // A packet tap sees what the TC hook gets next; XDP runs before taps.
+    if stack.attach == Attach::Tc {
+        ensure!(
+            tap.largest() > MAX_FRAME,
+            "no GRO aggregate reached the hook (largest frame {} bytes)",
+            tap.largest()
+        );
+    }
+    ensure!(reply.seen.ip() == GATEWAY_IP, "server saw {}", reply.seen);
     Ok(())
 }
