@@ -40,17 +40,17 @@ pub fn to_client<H: Hook>(
     kind: u8,
     code: u8,
     reason: Reason,
-) -> Result<Outcome, Reason> {
+) -> Result<Outcome, Outcome> {
     let cfg = maps::config();
     if !allowed(state::now()) {
-        return Err(reason);
+        return Err(reason.into());
     }
     let pkt = hook.packet();
     // SAFETY: copies out of the packet.
     let (orig, peer) = unsafe { (*pkt.get::<EthHdr>(0)?, *pkt.get::<[u8; 4]>(PEER)?) };
     let hop = fib::lookup(hook, cfg.tunnel_local, peer, IPPROTO_IPIP, OUTER_LEN as u16)?;
     if matches!(hop, NextHop::Unresolved) {
-        return Err(reason);
+        return Err(reason.into());
     }
     rewrite(hook, kind, code)?;
     send(hook, hook.packet(), &hop, &orig, reason)

@@ -18,19 +18,19 @@ use crate::{
     state,
 };
 
-pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Reason> {
+pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
     let pkt = hook.packet();
     // SAFETY: read-only view; `translate` below takes its own.
     let ip: &Ipv4Hdr = unsafe { pkt.get(ETH_LEN)? };
     // Options and fragments are not translated here; whatever they are,
     // they are the kernel's business.
     if ip.vihl != 0x45 || u16::from_be_bytes(ip.frags) & IP_MF_OFFSET != 0 {
-        return Err(Reason::NotOurs);
+        return Err(Reason::NotOurs.into());
     }
     let (sport, dport) = match l4::ports(pkt, ETH_LEN + IP_LEN, ip.proto, Side::Dst) {
         Ok(p) => p,
-        Err(Reason::Truncated) => return Err(Reason::Truncated),
-        Err(_) => return Err(Reason::NotOurs),
+        Err(Reason::Truncated) => return Err(Reason::Truncated.into()),
+        Err(_) => return Err(Reason::NotOurs.into()),
     };
     let key = FlowKey {
         src: ip.src_addr,
@@ -45,10 +45,10 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Reason> {
 
     let len = ip.tot_len();
     if usize::from(len) < IP_LEN + l4::min_len(ip.proto) || ETH_LEN + usize::from(len) > pkt.len() {
-        return Err(Reason::BadLength);
+        return Err(Reason::BadLength.into());
     }
     if ip.ttl <= 1 {
-        return Err(Reason::TtlExceeded);
+        return Err(Reason::TtlExceeded.into());
     }
     let outer_len = len.checked_add(IP_LEN as u16).ok_or(Reason::TooBig)?;
     let wire_len = hook.largest_segment(len, ETH_LEN + IP_LEN, ip.proto) + IP_LEN as u16;

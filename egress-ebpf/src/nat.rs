@@ -27,38 +27,46 @@ pub struct Outcome {
     pub reason: Reason,
 }
 
+/// A packet passed or dropped untranslated for `reason`.
+impl From<Reason> for Outcome {
+    #[inline(always)]
+    fn from(reason: Reason) -> Self {
+        let action = match reason.verdict() {
+            Verdict::Passed => Action::Pass,
+            _ => Action::Drop,
+        };
+        Self { action, reason }
+    }
+}
+
 /// Counts the reason for a processed packet and returns what the hook
 /// should do with it.
+///
+/// `Err` is an [`Outcome`] too, converted from the reason where it arose:
+/// with a bare reason there, paths that end in a shared return would carry
+/// no value for the `Ok` fields, and LLVM may then copy an unset register,
+/// which the verifier rejects.
 #[inline(always)]
-pub fn conclude(result: Result<Outcome, Reason>) -> Action {
-    let Outcome { action, reason } = match result {
-        Ok(outcome) => outcome,
-        Err(reason) => Outcome {
-            action: match reason.verdict() {
-                Verdict::Passed => Action::Pass,
-                _ => Action::Drop,
-            },
-            reason,
-        },
-    };
+pub fn conclude(result: Result<Outcome, Outcome>) -> Action {
+    let (Ok(Outcome { action, reason }) | Err(Outcome { action, reason })) = result;
     maps::count(reason);
     action
 }
 
-/// Runs the gateway on the hook's packet. `Err` carries the reason for a
-/// packet that is passed or dropped untranslated.
+/// Runs the gateway on the hook's packet. `Err` is a packet passed or
+/// dropped untranslated.
 #[inline(always)]
-pub fn process<H: Hook>(hook: &mut H) -> Result<Outcome, Reason> {
+pub fn process<H: Hook>(hook: &mut H) -> Result<Outcome, Outcome> {
     let cfg = maps::config();
     if cfg.snat_count == 0 {
-        return Err(Reason::NotOurs);
+        return Err(Reason::NotOurs.into());
     }
     let pkt = hook.packet();
     // SAFETY: read-only peeks; no other packet reference is live.
     let (proto, dst) = unsafe {
         let eth: &EthHdr = pkt.get(0)?;
         if eth.ether_type != EtherType::Ipv4 as u16 {
-            return Err(Reason::NotIpv4);
+            return Err(Reason::NotIpv4.into());
         }
         let ip: &Ipv4Hdr = pkt.get(ETH_LEN)?;
         (ip.proto, ip.dst_addr)
@@ -68,7 +76,7 @@ pub fn process<H: Hook>(hook: &mut H) -> Result<Outcome, Reason> {
     } else if cfg.is_snat(dst) {
         inbound::handle(hook, cfg)
     } else {
-        Err(Reason::NotOurs)
+        Err(Reason::NotOurs.into())
     }
 }
 
@@ -82,7 +90,7 @@ pub fn send<H: Hook>(
     hop: &NextHop,
     orig: &EthHdr,
     reason: Reason,
-) -> Result<Outcome, Reason> {
+) -> Result<Outcome, Outcome> {
     // SAFETY: the only live reference into the packet.
     let eth: &mut EthHdr = unsafe { pkt.get(0)? };
     eth.ether_type = EtherType::Ipv4 as u16;

@@ -27,7 +27,7 @@ struct Inner {
     len: u16,
 }
 
-pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Reason> {
+pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
     let pkt = hook.packet();
     let inner = validate(pkt)?;
     let key = inner.key;
@@ -55,7 +55,7 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Reason> {
             Err(r @ (Reason::PortsExhausted | Reason::TableFull | Reason::ClientLimit)) => {
                 return icmp::to_client(hook, ICMP_DEST_UNREACH, ICMP_ADMIN_PROHIBITED, r);
             }
-            Err(r) => return Err(r),
+            Err(r) => return Err(r.into()),
         },
     };
     state::touch(flow, inner.len, now);

@@ -18,7 +18,7 @@ use egress_common::reason::Reason;
 
 use crate::{
     l4::{self, ChecksumUpdate},
-    nat::{self, ETH_LEN, IP_LEN},
+    nat::{self, ETH_LEN, IP_LEN, Outcome},
     packet::{Action, Hook, Packet},
 };
 
@@ -29,10 +29,10 @@ const HEADERS: u32 = (ETH_LEN + 2 * IP_LEN + 20) as u32;
 
 /// Keep every segment of a GSO aggregate exactly as the sender cut it, only
 /// 20 bytes shorter or longer: the default would change the segment size.
-const ADJ_DECAP: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64;
-/// Also mark the aggregate IPv4-in-IPv4, so segmentation repeats the outer
+const KEEP_SEGMENTS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64;
+/// Also mark an aggregate IPv4-in-IPv4, so segmentation repeats the outer
 /// header on every segment.
-const ADJ_ENCAP: u64 = (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4) as u64;
+const ENCAP_IPIP: u64 = (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4) as u64;
 
 struct Tc(TcContext);
 
@@ -82,7 +82,13 @@ impl Hook for Tc {
 
     #[inline(always)]
     fn adjust_head(&mut self, delta: i32) -> Result<(), Reason> {
-        let flags = if delta > 0 { ADJ_DECAP } else { ADJ_ENCAP };
+        // Only an aggregate needs telling what the new header is (and an
+        // ICMP error built in a single packet is no encapsulation of it).
+        let flags = if delta < 0 && self.skb().gso_size != 0 {
+            ENCAP_IPIP
+        } else {
+            KEEP_SEGMENTS
+        };
         self.0
             .adjust_room(-delta, BPF_ADJ_ROOM_MAC, flags)
             .map_err(|_| Reason::Internal)
@@ -147,7 +153,11 @@ impl Hook for Tc {
 #[classifier]
 pub fn egress_tc(ctx: TcContext) -> i32 {
     let mut hook = Tc(ctx);
-    match nat::conclude(hook.pull_headers().and_then(|()| nat::process(&mut hook))) {
+    match nat::conclude(
+        hook.pull_headers()
+            .map_err(Outcome::from)
+            .and_then(|()| nat::process(&mut hook)),
+    ) {
         Action::Pass => TC_ACT_OK,
         Action::Drop => TC_ACT_SHOT,
         // SAFETY: no preconditions; with flags 0 (egress) it returns

@@ -29,7 +29,7 @@ fn endpoint(i: u32) -> ([u8; 4], u16, [u8; 4]) {
 }
 
 fn main() {
-    let mut gw = Gateway::with(|p| {
+    let mut gw = Gateway::with(Hook::Xdp, |p| {
         p.max_flows = FLOWS;
         p.ports = egress_user::settings::PortRange {
             min: 1024,

@@ -44,7 +44,7 @@ impl Tap {
                         &mut addr_len,
                     )
                 };
-                if n > 0 && addr.sll_pkttype != libc::PACKET_OUTGOING as u8 {
+                if n > 0 && addr.sll_pkttype != libc::PACKET_OUTGOING {
                     max.fetch_max(n as usize, Ordering::Relaxed);
                 }
             }

@@ -159,7 +159,7 @@ impl Stack {
     /// Stops the gateway and starts it again, as an upgrade does.
     pub fn restart_gateway(&mut self, egress_bin: &Path) -> Result<()> {
         self.gateway.stop();
-        self.gateway = self.topo.start_gateway(egress_bin)?;
+        self.gateway = self.topo.start_gateway(egress_bin, self.attach)?;
         Ok(())
     }
 }

@@ -1,5 +1,6 @@
 //! The gateway restarted (an upgrade) under an established TCP connection:
-//! the pinned connection state carries it over. Needs root.
+//! the pinned connection state carries it over, in every attach mode.
+//! Needs root.
 
 use std::{
     io::{Read, Write},
@@ -10,7 +11,7 @@ use std::{
 
 use anyhow::{Result, ensure};
 use tests::{
-    Stack,
+    Attach, Stack,
     addrs::{GATEWAY_IP, SERVER_IP},
     egress_bin, in_netns, require_root,
 };
@@ -33,11 +34,29 @@ fn round(client: &mut TcpStream, server: &mut TcpStream, msg: &[u8]) -> Result<(
     Ok(())
 }
 
-#[test]
-fn established_tcp_connection_survives_a_gateway_restart() -> Result<()> {
+mod established_tcp_connection_survives_a_gateway_restart {
+    use super::*;
+
+    #[test]
+    fn native() -> Result<()> {
+        survives_restart(Attach::Native)
+    }
+
+    #[test]
+    fn generic() -> Result<()> {
+        survives_restart(Attach::Generic)
+    }
+
+    #[test]
+    fn tc() -> Result<()> {
+        survives_restart(Attach::Tc)
+    }
+}
+
+fn survives_restart(attach: Attach) -> Result<()> {
     require_root()?;
     let bin = egress_bin()?;
-    let mut stack = Stack::start(&bin, Path::new(env!("CARGO_BIN_EXE_ipip-peer")))?;
+    let mut stack = Stack::start(&bin, Path::new(env!("CARGO_BIN_EXE_ipip-peer")), attach)?;
     let result = (|| {
         let addr = SocketAddr::from((SERVER_IP, PORT));
         let listener = in_netns(&stack.topo.server, || TcpListener::bind(addr))??;

@@ -61,7 +61,7 @@ fn new_flow_frame(n: usize) -> Vec<u8> {
 
 pub fn measure() -> InKernel {
     // Room for every new flow of every run: the tables never fill.
-    let mut gw = Gateway::with(|p| {
+    let mut gw = Gateway::with(crate::gateway::Hook::Xdp, |p| {
         p.max_flows = (RUNS * NEW_FLOWS_PER_RUN).next_power_of_two() as u32;
         p.ports = ALL_PORTS;
     });

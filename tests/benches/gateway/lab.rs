@@ -12,7 +12,7 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use tests::addrs::*;
 use tests::tiny_bpf::{Hook, Program, programs};
-use tests::{Daemon, Topology, exec};
+use tests::{Attach, Daemon, Topology, exec};
 
 /// Port on the server that the UDP packet-rate traffic goes to.
 const DISCARD_PORT: u16 = 9;
@@ -73,7 +73,7 @@ impl BenchLab {
                     Program::load(Hook::Xdp, &programs::ipip_decap())?
                         .attach(client, HOST_IFACE)?,
                 );
-                Some(topo.start_gateway(egress_bin)?)
+                Some(topo.start_gateway(egress_bin, Attach::Native)?)
             }
             Kind::Kernel => {
                 kernel_nat(&topo)?;

@@ -1,10 +1,10 @@
-//! The gateway's XDP program loaded by the real loader and run with
+//! The gateway's XDP or TC program loaded by the real loader and run with
 //! BPF_PROG_TEST_RUN inside a namespace that gives `bpf_fib_lookup` a route
 //! and a resolved neighbour.
 
 use std::collections::HashMap;
 
-use aya::programs::{TestRun as _, TestRunOptions, TestRunResult};
+use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, TestRunResult, Xdp};
 use egress_common::{
     flow::{DIR_OUT, Flow, FlowKey, Mapping, PortKey},
     reason::Reason,
@@ -40,6 +40,16 @@ const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// The program under test.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum Hook {
+    Xdp,
+    Tc,
+}
 
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
 pub enum Verdict {
@@ -50,6 +60,7 @@ pub enum Verdict {
 }
 
 pub struct Gateway {
+    hook: Hook,
     datapath: Datapath,
     policy: Policy,
     ns: String,
@@ -58,12 +69,12 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new() -> Self {
-        Self::with(|_| {})
+    pub fn new(hook: Hook) -> Self {
+        Self::with(hook, |_| {})
     }
 
     /// A gateway whose policy `adjust` has changed from the tests' default.
-    pub fn with(adjust: impl FnOnce(&mut Policy)) -> Self {
+    pub fn with(hook: Hook, adjust: impl FnOnce(&mut Policy)) -> Self {
         tests::require_root().unwrap();
         let mut lab = Lab::new().unwrap();
         let ns = lab.add_ns("pkt").unwrap();
@@ -118,6 +129,7 @@ impl Gateway {
         adjust(&mut policy);
         let datapath = Datapath::load(&policy).unwrap();
         Self {
+            hook,
             datapath,
             policy,
             ns,
@@ -143,12 +155,16 @@ impl Gateway {
         let mut out = vec![0u8; frame.len() + 256];
         let result = self.test_run(frame, 1, &mut out).remove(0);
         out.truncate(result.data_size_out as usize);
-        let verdict = match result.return_value {
-            XDP_DROP => Verdict::Drop,
-            XDP_PASS => Verdict::Pass,
-            XDP_TX => Verdict::Tx,
-            XDP_REDIRECT => Verdict::Redirect,
-            v => panic!("unexpected XDP action {v}"),
+        let verdict = match (self.hook, result.return_value) {
+            (Hook::Xdp, XDP_DROP) | (Hook::Tc, TC_ACT_SHOT) => Verdict::Drop,
+            (Hook::Xdp, XDP_PASS) | (Hook::Tc, TC_ACT_OK) => Verdict::Pass,
+            (Hook::Xdp, XDP_TX) => Verdict::Tx,
+            (Hook::Xdp, XDP_REDIRECT) => Verdict::Redirect,
+            // TC sends out of any interface with bpf_redirect, and a test
+            // run does not say which: the source MAC the FIB chose does.
+            (Hook::Tc, TC_ACT_REDIRECT) if out[6..12] == GW_MAC => Verdict::Tx,
+            (Hook::Tc, TC_ACT_REDIRECT) => Verdict::Redirect,
+            (hook, v) => panic!("unexpected {hook:?} verdict {v}"),
         };
         let after = self.stats();
         let moved: Vec<Reason> = Reason::ALL
@@ -178,20 +194,11 @@ impl Gateway {
         frames: impl Iterator<Item = &'f [u8]> + Send,
         out: &mut [u8],
     ) -> Vec<TestRunResult> {
-        let ifindex = self.ifindex;
-        let prog = self.datapath.xdp().unwrap();
-        in_netns(&self.ns, || {
+        let (ifindex, ns) = (self.ifindex, self.ns.clone());
+        let prog = self.program();
+        in_netns(&ns, || {
             frames
-                .map(|frame| {
-                    let ctx = xdp_md(frame, ifindex);
-                    prog.test_run(TestRunOptions {
-                        data_in: Some(frame),
-                        data_out: Some(&mut *out),
-                        ctx_in: Some(&ctx),
-                        ..TestRunOptions::new()
-                    })
-                    .expect("BPF_PROG_TEST_RUN")
-                })
+                .map(|frame| prog.run(frame, ifindex, &mut *out))
                 .collect()
         })
         .unwrap()
@@ -201,19 +208,13 @@ impl Gateway {
     /// the same flows race each other on the two CPUs.
     pub fn race(&mut self, frames: &[Vec<u8>]) {
         let ifindex = self.ifindex;
-        let prog = &*self.datapath.xdp().unwrap();
-        let ns = &self.ns;
+        let ns = self.ns.clone();
+        let prog = &self.program();
         let run_all = || {
-            in_netns(ns, || {
+            in_netns(&ns, || {
                 let mut out = vec![0u8; 2048];
                 for frame in frames {
-                    prog.test_run(TestRunOptions {
-                        data_in: Some(frame),
-                        data_out: Some(&mut out),
-                        ctx_in: Some(&xdp_md(frame, ifindex)),
-                        ..TestRunOptions::new()
-                    })
-                    .expect("BPF_PROG_TEST_RUN");
+                    prog.run(frame, ifindex, &mut out);
                 }
             })
             .unwrap()
@@ -223,6 +224,13 @@ impl Gateway {
             run_all();
             other.join().unwrap();
         });
+    }
+
+    fn program(&mut self) -> Program<'_> {
+        match self.hook {
+            Hook::Xdp => Program::Xdp(self.datapath.xdp().unwrap()),
+            Hook::Tc => Program::Tc(self.datapath.tc().unwrap()),
+        }
     }
 
     fn stats(&self) -> HashMap<Reason, u64> {
@@ -269,6 +277,40 @@ impl Gateway {
     /// The per-client flow count the data path enforces its cap with.
     pub fn client_flows(&mut self, client: [u8; 4]) -> u64 {
         self.state().clients.get(&client, 0).unwrap_or(0)
+    }
+}
+
+/// The loaded program under test.
+enum Program<'a> {
+    Xdp(&'a Xdp),
+    Tc(&'a SchedClassifier),
+}
+
+impl Program<'_> {
+    /// One BPF_PROG_TEST_RUN on `frame`, arriving on `ifindex`.
+    fn run(&self, frame: &[u8], ifindex: u32, out: &mut [u8]) -> TestRunResult {
+        let ctx = match self {
+            Program::Xdp(_) => xdp_md(frame, ifindex),
+            // struct __sk_buff up to ifindex: zeroes (which the kernel
+            // requires) up to ingress_ifindex, then ifindex, the device the
+            // skb arrives on.
+            Program::Tc(_) => [[0; 9].as_slice(), &[ifindex; 2]]
+                .concat()
+                .iter()
+                .flat_map(|v: &u32| v.to_ne_bytes())
+                .collect(),
+        };
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::new()
+        };
+        match self {
+            Program::Xdp(p) => p.test_run(opts),
+            Program::Tc(p) => p.test_run(opts),
+        }
+        .expect("BPF_PROG_TEST_RUN")
     }
 }
 

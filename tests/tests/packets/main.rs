@@ -1,6 +1,26 @@
-//! Packet tests: a crafted frame into the XDP program (BPF_PROG_TEST_RUN),
-//! the exact frame out, built and verified independently with etherparse.
-//! Need root.
+//! Packet tests: a crafted frame into the XDP or the TC program
+//! (BPF_PROG_TEST_RUN), the exact frame out, built and verified
+//! independently with etherparse. Every case runs for both hooks, which
+//! must agree to the byte. Need root.
+
+/// One `#[test]` per hook for each case (a function of the hook), in
+/// modules `xdp` and `tc`: `cargo test tc::` runs the TC program's.
+macro_rules! for_each_hook {
+    ($($case:ident),* $(,)?) => {
+        for_each_hook!(@hook xdp Xdp; $($case),*);
+        for_each_hook!(@hook tc Tc; $($case),*);
+    };
+    (@hook $module:ident $hook:ident; $($case:ident),*) => {
+        mod $module {
+            $(
+                #[test]
+                fn $case() {
+                    super::$case(super::Hook::$hook);
+                }
+            )*
+        }
+    };
+}
 
 mod frames;
 mod gateway;
@@ -9,6 +29,18 @@ mod state;
 use egress_common::reason::Reason;
 use frames::{Ip, L4, assert_checksums_valid, encapsulate, ethernet, ip_packet};
 use gateway::*;
+
+for_each_hook!(
+    tcp_outbound_and_return,
+    udp_outbound_and_return_with_port_change,
+    udp_without_checksum_stays_without,
+    icmp_echo_outbound_and_return,
+    colliding_flows_get_distinct_ports_and_replies_reach_their_owner,
+    unresolved_next_hop_goes_to_the_kernel_translated,
+    route_via_another_interface_is_redirected_there,
+    sweep_expires_idle_flows_whole_and_keeps_live_ones,
+    rejected_frames_get_their_verdict_and_are_left_unchanged,
+);
 
 /// Byte range of the outer IPv4 identification in an encapsulated frame:
 /// the gateway picks a fresh one, so it is the only byte not predictable.
@@ -116,29 +148,27 @@ fn inbound_from(gw: &mut Gateway, remote: [u8; 4], l4: L4, client: [u8; 4], clie
     assert_eq!(out, want, "encapsulated return frame");
 }
 
-#[test]
-fn tcp_outbound_and_return() {
-    let mut gw = Gateway::new();
+fn tcp_outbound_and_return(hook: Hook) {
+    let gw = &mut Gateway::new(hook);
     let syn = L4::syn(23456, 80);
     // The client's port lies in the range and is free: it is kept.
-    assert_eq!(outbound(&mut gw, CLIENT, syn, Reason::NewFlow), 23456);
+    assert_eq!(outbound(gw, CLIENT, syn, Reason::NewFlow), 23456);
     let data = L4::tcp(23456, 80, b"GET / HTTP/1.0\r\n\r\n");
-    assert_eq!(outbound(&mut gw, CLIENT, data, Reason::Translated), 23456);
+    assert_eq!(outbound(gw, CLIENT, data, Reason::Translated), 23456);
     let reply = L4::tcp(80, 23456, b"HTTP/1.0 200 OK\r\n");
-    inbound(&mut gw, reply, CLIENT, reply);
+    inbound(gw, reply, CLIENT, reply);
     assert_eq!(gw.flow_entries(), 2);
 }
 
-#[test]
-fn udp_outbound_and_return_with_port_change() {
-    let mut gw = Gateway::new();
+fn udp_outbound_and_return_with_port_change(hook: Hook) {
+    let gw = &mut Gateway::new(hook);
     // Port 5353 is outside the range: the flow gets one from the range.
     let q = L4::Udp {
         sport: 5353,
         dport: 53,
         payload: b"query",
     };
-    let port = outbound(&mut gw, CLIENT, q, Reason::NewFlow);
+    let port = outbound(gw, CLIENT, q, Reason::NewFlow);
     assert!((PORTS.min..=PORTS.max).contains(&port), "{port}");
     let reply = L4::Udp {
         sport: 53,
@@ -146,7 +176,7 @@ fn udp_outbound_and_return_with_port_change() {
         payload: b"answer",
     };
     inbound(
-        &mut gw,
+        gw,
         reply,
         CLIENT,
         L4::Udp {
@@ -157,9 +187,8 @@ fn udp_outbound_and_return_with_port_change() {
     );
 }
 
-#[test]
-fn udp_without_checksum_stays_without() {
-    let mut gw = Gateway::new();
+fn udp_without_checksum_stays_without(hook: Hook) {
+    let gw = &mut Gateway::new(hook);
     let mut inner = ip_packet(
         Ip::new(CLIENT, SERVER),
         L4::Udp {
@@ -175,41 +204,38 @@ fn udp_without_checksum_stays_without() {
     assert_checksums_valid(&out);
 }
 
-#[test]
-fn icmp_echo_outbound_and_return() {
-    let mut gw = Gateway::new();
+fn icmp_echo_outbound_and_return(hook: Hook) {
+    let gw = &mut Gateway::new(hook);
     let id = outbound(
-        &mut gw,
+        gw,
         CLIENT,
         L4::EchoRequest { id: 7, seq: 1 },
         Reason::NewFlow,
     );
     assert!((PORTS.min..=PORTS.max).contains(&id));
     inbound(
-        &mut gw,
+        gw,
         L4::EchoReply { id, seq: 1 },
         CLIENT,
         L4::EchoReply { id: 7, seq: 1 },
     );
 }
 
-#[test]
-fn colliding_flows_get_distinct_ports_and_replies_reach_their_owner() {
-    let mut gw = Gateway::new();
+fn colliding_flows_get_distinct_ports_and_replies_reach_their_owner(hook: Hook) {
+    let gw = &mut Gateway::new(hook);
     let l4 = L4::syn(25000, 443);
-    let first = outbound(&mut gw, CLIENT, l4, Reason::NewFlow);
-    let second = outbound(&mut gw, CLIENT2, l4, Reason::NewFlow);
+    let first = outbound(gw, CLIENT, l4, Reason::NewFlow);
+    let second = outbound(gw, CLIENT2, l4, Reason::NewFlow);
     assert_eq!(first, 25000);
     assert_ne!(second, first);
     let reply = |dport| L4::tcp(443, dport, b"");
-    inbound(&mut gw, reply(second), CLIENT2, reply(25000));
-    inbound(&mut gw, reply(first), CLIENT, reply(25000));
+    inbound(gw, reply(second), CLIENT2, reply(25000));
+    inbound(gw, reply(first), CLIENT, reply(25000));
     assert_eq!(gw.flow_entries(), 4);
 }
 
-#[test]
-fn unresolved_next_hop_goes_to_the_kernel_translated() {
-    let mut gw = Gateway::new();
+fn unresolved_next_hop_goes_to_the_kernel_translated(hook: Hook) {
+    let gw = &mut Gateway::new(hook);
     let ip = Ip::new(CLIENT, UNRESOLVED);
     let l4 = L4::Udp {
         sport: 21000,
@@ -225,9 +251,8 @@ fn unresolved_next_hop_goes_to_the_kernel_translated() {
     );
 }
 
-#[test]
-fn route_via_another_interface_is_redirected_there() {
-    let mut gw = Gateway::new();
+fn route_via_another_interface_is_redirected_there(hook: Hook) {
+    let gw = &mut Gateway::new(hook);
     let ip = Ip::new(CLIENT, BEYOND_ETH1);
     let l4 = L4::Udp {
         sport: 21000,
@@ -247,11 +272,10 @@ fn route_via_another_interface_is_redirected_there() {
     );
 }
 
-#[test]
-fn sweep_expires_idle_flows_whole_and_keeps_live_ones() {
-    let mut gw = Gateway::new();
+fn sweep_expires_idle_flows_whole_and_keeps_live_ones(hook: Hook) {
+    let gw = &mut Gateway::new(hook);
     let echo_id = outbound(
-        &mut gw,
+        gw,
         CLIENT,
         L4::EchoRequest { id: 7, seq: 1 },
         Reason::NewFlow,
@@ -261,16 +285,16 @@ fn sweep_expires_idle_flows_whole_and_keeps_live_ones() {
         dport: 53,
         payload: b"q",
     };
-    outbound(&mut gw, CLIENT, udp, Reason::NewFlow);
+    outbound(gw, CLIENT, udp, Reason::NewFlow);
     let now = egress_user::gc::monotonic_ns();
     let secs = |s: u64| now + s * 1_000_000_000;
     let sweep = |gw: &mut Gateway, t| {
         let s = gw.sweep(t);
         (s.live, s.expired)
     };
-    assert_eq!(sweep(&mut gw, now), (2, 0));
+    assert_eq!(sweep(gw, now), (2, 0));
     // ICMP echo idles out after 60 s, UDP only after 300 s.
-    assert_eq!(sweep(&mut gw, secs(61)), (1, 1));
+    assert_eq!(sweep(gw, secs(61)), (1, 1));
     assert_eq!(
         gw.flow_entries(),
         2,
@@ -285,7 +309,7 @@ fn sweep_expires_idle_flows_whole_and_keeps_live_ones() {
     );
     let (verdict, _, reason) = gw.run(&ethernet(ROUTER_MAC, GW_MAC, &reply));
     assert_eq!((verdict, reason), (Verdict::Pass, Reason::NotOurs));
-    assert_eq!(sweep(&mut gw, secs(301)), (0, 1));
+    assert_eq!(sweep(gw, secs(301)), (0, 1));
     assert_eq!(gw.flow_entries(), 0);
 }
 
@@ -368,9 +392,8 @@ fn rejected() -> Vec<(&'static str, Vec<u8>, Verdict, Reason)> {
     ]
 }
 
-#[test]
-fn rejected_frames_get_their_verdict_and_are_left_unchanged() {
-    let mut gw = Gateway::new();
+fn rejected_frames_get_their_verdict_and_are_left_unchanged(hook: Hook) {
+    let gw = &mut Gateway::new(hook);
     for (what, frame, verdict, reason) in rejected() {
         let (v, out, r) = gw.run(&frame);
         assert_eq!((v, r), (verdict, reason), "{what}");

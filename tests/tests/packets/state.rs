@@ -14,6 +14,18 @@ use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
 use super::*;
 use crate::frames::icmp_error;
 
+for_each_hook!(
+    tcp_state_follows_handshake_and_teardown_in_both_directions,
+    unsolicited_inbound_packets_create_no_state,
+    mapping_is_endpoint_independent,
+    exhausted_ports_refuse_new_flows_and_keep_old_ones,
+    a_full_table_refuses_new_flows_and_keeps_old_ones,
+    a_client_at_its_cap_is_refused_and_others_are_not,
+    sweeps_remove_exactly_the_flows_past_their_timeout,
+    restart_keeps_flows_and_reset_clears_them,
+    first_packets_racing_on_two_cpus_make_one_flow_each,
+);
+
 /// A second Internet host, routed like the first.
 const SERVER2: [u8; 4] = [198, 51, 100, 20];
 
@@ -38,9 +50,8 @@ fn tcp_state(gw: &mut Gateway) -> TcpState {
     TcpState::of(out.tcp_flags, inb.tcp_flags)
 }
 
-#[test]
-fn tcp_state_follows_handshake_and_teardown_in_both_directions() {
-    let mut gw = Gateway::new();
+fn tcp_state_follows_handshake_and_teardown_in_both_directions(hook: Hook) {
+    let mut gw = Gateway::new(hook);
     let out = |gw: &mut Gateway, flags, want| {
         outbound(gw, CLIENT, L4::segment(23456, 80, flags, b""), want);
     };
@@ -74,9 +85,8 @@ fn tcp_state_follows_handshake_and_teardown_in_both_directions() {
     assert_eq!(tcp_state(&mut gw), TcpState::Reset);
 }
 
-#[test]
-fn unsolicited_inbound_packets_create_no_state() {
-    let mut gw = Gateway::new();
+fn unsolicited_inbound_packets_create_no_state(hook: Hook) {
+    let mut gw = Gateway::new(hook);
     for l4 in [
         L4::syn(80, 20005),
         udp(20005),
@@ -91,9 +101,8 @@ fn unsolicited_inbound_packets_create_no_state() {
     assert!(gw.mappings().is_empty());
 }
 
-#[test]
-fn mapping_is_endpoint_independent() {
-    let mut gw = Gateway::new();
+fn mapping_is_endpoint_independent(hook: Hook) {
+    let mut gw = Gateway::new(hook);
     // 40000 is outside the translation range: the mapping picks a port.
     let to = |dport| L4::syn(40000, dport);
     let port = outbound_to(&mut gw, CLIENT, SERVER, to(80), Reason::NewFlow);
@@ -152,9 +161,8 @@ fn assert_refused(gw: &mut Gateway, client: [u8; 4], l4: L4, want: Reason) {
     );
 }
 
-#[test]
-fn exhausted_ports_refuse_new_flows_and_keep_old_ones() {
-    let mut gw = Gateway::with(|p| {
+fn exhausted_ports_refuse_new_flows_and_keep_old_ones(hook: Hook) {
+    let mut gw = Gateway::with(hook, |p| {
         p.ports = PortRange {
             min: 20000,
             max: 20001,
@@ -183,9 +191,8 @@ fn exhausted_ports_refuse_new_flows_and_keep_old_ones() {
     assert_eq!(gw.flow_entries(), 6);
 }
 
-#[test]
-fn a_full_table_refuses_new_flows_and_keeps_old_ones() {
-    let mut gw = Gateway::with(|p| p.max_flows = 2);
+fn a_full_table_refuses_new_flows_and_keeps_old_ones(hook: Hook) {
+    let mut gw = Gateway::with(hook, |p| p.max_flows = 2);
     outbound(&mut gw, CLIENT, udp(21000), Reason::NewFlow);
     outbound(&mut gw, CLIENT2, udp(21000), Reason::NewFlow);
     assert_refused(&mut gw, CLIENT, udp(21001), Reason::TableFull);
@@ -194,9 +201,8 @@ fn a_full_table_refuses_new_flows_and_keeps_old_ones() {
     assert_eq!(gw.flow_entries(), 4);
 }
 
-#[test]
-fn a_client_at_its_cap_is_refused_and_others_are_not() {
-    let mut gw = Gateway::with(|p| p.max_client_flows = 2);
+fn a_client_at_its_cap_is_refused_and_others_are_not(hook: Hook) {
+    let mut gw = Gateway::with(hook, |p| p.max_client_flows = 2);
     outbound(&mut gw, CLIENT, udp(21000), Reason::NewFlow);
     outbound_to(&mut gw, CLIENT, SERVER2, udp(21000), Reason::NewFlow);
     assert_refused(&mut gw, CLIENT, udp(21001), Reason::ClientLimit);
@@ -205,9 +211,8 @@ fn a_client_at_its_cap_is_refused_and_others_are_not() {
     assert_eq!((gw.client_flows(CLIENT), gw.client_flows(CLIENT2)), (2, 1));
 }
 
-#[test]
-fn sweeps_remove_exactly_the_flows_past_their_timeout() {
-    let mut gw = Gateway::new();
+fn sweeps_remove_exactly_the_flows_past_their_timeout(hook: Hook) {
+    let mut gw = Gateway::new(hook);
     let syn = |port| L4::syn(port, 80);
     // Established TCP (21000), handshake only (21001), reset (21002).
     outbound(&mut gw, CLIENT, syn(21000), Reason::NewFlow);
@@ -260,9 +265,8 @@ fn sweeps_remove_exactly_the_flows_past_their_timeout() {
     );
 }
 
-#[test]
-fn restart_keeps_flows_and_reset_clears_them() {
-    let mut gw = Gateway::new();
+fn restart_keeps_flows_and_reset_clears_them(hook: Hook) {
+    let mut gw = Gateway::new(hook);
     let port = outbound(&mut gw, CLIENT, udp(5353), Reason::NewFlow);
     gw.restart(false);
     assert_eq!(
@@ -280,9 +284,8 @@ fn restart_keeps_flows_and_reset_clears_them() {
     outbound(&mut gw, CLIENT, udp(5353), Reason::NewFlow);
 }
 
-#[test]
-fn first_packets_racing_on_two_cpus_make_one_flow_each() {
-    let mut gw = Gateway::new();
+fn first_packets_racing_on_two_cpus_make_one_flow_each(hook: Hook) {
+    let mut gw = Gateway::new(hook);
     // Client ports inside the range: both CPUs try to preserve the same port.
     let ports = 21000..21200u16;
     let frames: Vec<Vec<u8>> = ports
