@@ -2,8 +2,10 @@
 //! and connection-state upkeep. `main.rs` is the `egress` command over it.
 
 pub mod batch;
+pub mod commands;
 pub mod datapath;
 pub mod gc;
+pub mod inspect;
 pub mod netif;
 pub mod pinning;
 pub mod settings;

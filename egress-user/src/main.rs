@@ -6,6 +6,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use egress_common::reason::Reason;
 use egress_user::{
+    commands,
     datapath::{Datapath, Policy},
     gc,
     netif::Interface,
@@ -29,6 +30,10 @@ struct Cli {
 enum Command {
     /// Attach the gateway to an interface and run until SIGINT/SIGTERM.
     Run(RunArgs),
+    /// Print the packet counters of each reason, with its verdict.
+    Stats(commands::StatsArgs),
+    /// List the live flows, like `conntrack -L`.
+    Flows(commands::FlowsArgs),
 }
 
 #[derive(clap::Args)]
@@ -121,6 +126,8 @@ fn main() -> ExitCode {
             let reset_state = args.reset_state;
             args.settings().and_then(|s| run(s, reset_state))
         }
+        Command::Stats(args) => commands::stats(&args),
+        Command::Flows(args) => commands::flows(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
