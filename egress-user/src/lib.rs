@@ -6,6 +6,7 @@ pub mod commands;
 pub mod datapath;
 pub mod gc;
 pub mod inspect;
+pub mod metrics;
 pub mod netif;
 pub mod pinning;
 pub mod settings;

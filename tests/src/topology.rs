@@ -87,13 +87,18 @@ impl Topology {
     }
 
     pub fn start_gateway(&self, bin: &Path) -> Result<Daemon> {
+        self.start_gateway_with(bin, "")
+    }
+
+    /// The gateway with `extra` arguments after the usual ones.
+    pub fn start_gateway_with(&self, bin: &Path, extra: &str) -> Result<Daemon> {
         let cidrs: String = CLIENT_CIDRS
             .iter()
             .map(|c| format!(" --client-cidr {c}"))
             .collect();
         let state = self.lab.state_dir()?;
         let args = format!(
-            "run --iface {HOST_IFACE} --peer {CLIENT_UNDERLAY_IP}{cidrs} --snat {GATEWAY_IP} --state-dir {}",
+            "run --iface {HOST_IFACE} --peer {CLIENT_UNDERLAY_IP}{cidrs} --snat {GATEWAY_IP} --state-dir {} {extra}",
             state.display()
         );
         let mut gw = self.lab.spawn(&self.gateway, "gateway", bin, &args)?;
@@ -117,9 +122,14 @@ pub struct Stack {
 
 impl Stack {
     pub fn start(egress_bin: &Path, ipip_peer_bin: &Path) -> Result<Self> {
+        Self::start_with(egress_bin, ipip_peer_bin, "")
+    }
+
+    /// As [`Stack::start`], with `extra` gateway arguments.
+    pub fn start_with(egress_bin: &Path, ipip_peer_bin: &Path, extra: &str) -> Result<Self> {
         let topo = Topology::new()?;
         let peer = topo.start_ipip_peer(ipip_peer_bin)?;
-        let gateway = topo.start_gateway(egress_bin)?;
+        let gateway = topo.start_gateway_with(egress_bin, extra)?;
         Ok(Self {
             gateway,
             peer,
