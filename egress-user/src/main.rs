@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Attach the gateway to an interface and run until SIGINT/SIGTERM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the packet counters of each reason, with its verdict.
     Stats(commands::StatsArgs),
     /// List the live flows, like `conntrack -L`.
