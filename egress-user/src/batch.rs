@@ -4,6 +4,7 @@
 //! calls instead of several million.
 
 use std::{
+    borrow::Borrow,
     io,
     mem::{size_of, zeroed},
     os::fd::{AsFd as _, AsRawFd as _},
@@ -58,7 +59,7 @@ fn attr(map: &MapData) -> BatchAttr {
 }
 
 /// Every entry of `map` (entries changed meanwhile may or may not appear).
-pub fn dump<K: Pod, V: Pod>(map: &HashMap<&mut MapData, K, V>) -> io::Result<Vec<(K, V)>> {
+pub fn dump<T: Borrow<MapData>, K: Pod, V: Pod>(map: &HashMap<T, K, V>) -> io::Result<Vec<(K, V)>> {
     let mut entries = Vec::new();
     // SAFETY: `Pod` types are valid for any bit pattern, zeros included.
     let mut keys: Vec<K> = vec![unsafe { zeroed() }; CHUNK];

@@ -3,8 +3,11 @@
 
 pub mod batch;
 pub mod clsact;
+pub mod commands;
 pub mod datapath;
 pub mod gc;
+pub mod inspect;
+pub mod metrics;
 pub mod netif;
 pub mod pinning;
 pub mod settings;

@@ -1,13 +1,16 @@
 //! `egress`: the IP-in-IP egress NAT gateway daemon.
 
-use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use egress_common::reason::Reason;
 use egress_user::{
+    commands,
     datapath::{Datapath, Policy},
     gc,
+    inspect::Pinned,
+    metrics::{self, Collector},
     netif::Interface,
     settings::{AttachMode, FileSettings, FileTimeouts, PortRange, Settings},
     sysctl::Sysctls,
@@ -28,7 +31,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Attach the gateway to an interface and run until SIGINT/SIGTERM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Print the packet counters of each reason, with its verdict.
+    Stats(commands::StatsArgs),
+    /// List the live flows, like `conntrack -L`.
+    Flows(commands::FlowsArgs),
 }
 
 #[derive(clap::Args)]
@@ -75,6 +82,12 @@ struct RunArgs {
     /// (live connections through the gateway break).
     #[arg(long)]
     reset_state: bool,
+    /// Serve Prometheus metrics on ADDR:PORT (/metrics, /healthz).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<std::net::SocketAddr>,
+    /// Flows exported one by one on /metrics, the largest by bytes [default: 10].
+    #[arg(long, value_name = "N")]
+    metrics_top_flows: Option<usize>,
 }
 
 impl RunArgs {
@@ -100,6 +113,8 @@ impl RunArgs {
             max_flows: self.max_flows,
             max_client_flows: self.max_client_flows,
             state_dir: self.state_dir,
+            metrics: self.metrics,
+            metrics_top_flows: self.metrics_top_flows,
             timeouts,
         };
         Settings::merge(cli, file)
@@ -121,6 +136,8 @@ fn main() -> ExitCode {
             let reset_state = args.reset_state;
             args.settings().and_then(|s| run(s, reset_state))
         }
+        Command::Stats(args) => commands::stats(&args),
+        Command::Flows(args) => commands::flows(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -161,7 +178,27 @@ fn run(settings: Settings, reset_state: bool) -> anyhow::Result<()> {
         reset_state,
     };
 
+    // Bound before attaching, so a taken address fails the start cleanly.
+    let metrics_listener = settings
+        .metrics
+        .map(|addr| {
+            std::net::TcpListener::bind(addr)
+                .with_context(|| format!("--metrics: cannot listen on {addr}"))
+        })
+        .transpose()?;
     let mut datapath = Datapath::load(&policy)?;
+    let collector = match metrics_listener {
+        Some(listener) => {
+            let collector = Arc::new(Collector::new(
+                Pinned::open(&policy.state_dir)?,
+                settings.metrics_top_flows,
+                u64::from(policy.ports.max - policy.ports.min) + 1,
+            ));
+            tracing::info!(addr = %listener.local_addr()?, "serving metrics on /metrics");
+            Some((listener, collector))
+        }
+        None => None,
+    };
     let _sysctls = Sysctls::apply(&iface.name)?;
     let hook = datapath.attach(&iface.name, iface.index, settings.attach)?;
     tracing::info!(
@@ -181,7 +218,7 @@ fn run(settings: Settings, reset_state: bool) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?
-        .block_on(serve(&mut datapath, &settings.timeouts))?;
+        .block_on(serve(&mut datapath, &settings.timeouts, collector))?;
 
     for (reason, packets) in datapath.stats()? {
         if packets > 0 {
@@ -199,7 +236,15 @@ fn run(settings: Settings, reset_state: bool) -> anyhow::Result<()> {
 }
 
 /// Sweeps idle state and reports refused flows until SIGINT or SIGTERM.
-async fn serve(datapath: &mut Datapath, timeouts: &gc::Timeouts) -> anyhow::Result<()> {
+async fn serve(
+    datapath: &mut Datapath,
+    timeouts: &gc::Timeouts,
+    metrics: Option<(std::net::TcpListener, Arc<Collector>)>,
+) -> anyhow::Result<()> {
+    let collector = metrics.map(|(listener, collector)| {
+        tokio::spawn(metrics::serve(listener, collector.clone()));
+        collector
+    });
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut tick = tokio::time::interval(GC_INTERVAL);
@@ -211,7 +256,11 @@ async fn serve(datapath: &mut Datapath, timeouts: &gc::Timeouts) -> anyhow::Resu
             _ = tick.tick() => {
                 // A failed sweep is retried at the next tick; the data path
                 // is unaffected meanwhile.
-                match gc::sweep(&mut datapath.state()?, timeouts, gc::monotonic_ns()) {
+                let sweep = gc::sweep(&mut datapath.state()?, timeouts, gc::monotonic_ns());
+                if let (Some(c), Ok(s)) = (&collector, &sweep) {
+                    c.record_sweep(s);
+                }
+                match sweep {
                     Ok(s) if s.expired + s.mappings_expired > 0 => tracing::info!(
                         expired = s.expired, live = s.live, mappings_expired = s.mappings_expired,
                         mappings = s.mappings, took = ?s.took, "swept idle flows"

@@ -3,7 +3,7 @@
 
 use std::{
     fmt,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     str::FromStr,
     time::Duration,
@@ -27,6 +27,8 @@ pub const DEFAULT_MAX_FLOWS: u32 = 1 << 20;
 /// Default cap on one client's flows (RFC 6888 REQ-4): generous for a busy
 /// host, a small share of the table.
 pub const DEFAULT_MAX_CLIENT_FLOWS: u32 = 65_536;
+/// Default number of flows exported one by one on the metrics endpoint.
+pub const DEFAULT_METRICS_TOP_FLOWS: usize = 10;
 
 /// An inclusive port range, written `LO-HI`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +100,8 @@ pub struct FileSettings {
     pub max_flows: Option<u32>,
     pub max_client_flows: Option<u32>,
     pub state_dir: Option<PathBuf>,
+    pub metrics: Option<SocketAddr>,
+    pub metrics_top_flows: Option<usize>,
     #[serde(default)]
     pub timeouts: FileTimeouts,
 }
@@ -185,6 +189,9 @@ pub struct Settings {
     pub max_flows: u32,
     pub max_client_flows: u32,
     pub state_dir: PathBuf,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<SocketAddr>,
+    pub metrics_top_flows: usize,
     pub timeouts: Timeouts,
 }
 
@@ -217,6 +224,11 @@ impl Settings {
                 .state_dir
                 .or(file.state_dir)
                 .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            metrics: cli.metrics.or(file.metrics),
+            metrics_top_flows: cli
+                .metrics_top_flows
+                .or(file.metrics_top_flows)
+                .unwrap_or(DEFAULT_METRICS_TOP_FLOWS),
             timeouts: cli.timeouts.over(file.timeouts.over(Timeouts::default())),
         };
         s.validate()?;

@@ -111,13 +111,18 @@ impl Topology {
     }
 
     pub fn start_gateway(&self, bin: &Path, attach: Attach) -> Result<Daemon> {
+        self.start_gateway_with(bin, attach, "")
+    }
+
+    /// The gateway with `extra` arguments after the usual ones.
+    pub fn start_gateway_with(&self, bin: &Path, attach: Attach, extra: &str) -> Result<Daemon> {
         let cidrs: String = CLIENT_CIDRS
             .iter()
             .map(|c| format!(" --client-cidr {c}"))
             .collect();
         let state = self.lab.state_dir()?;
         let args = format!(
-            "run --iface {HOST_IFACE} --peer {CLIENT_UNDERLAY_IP}{cidrs} --snat {GATEWAY_IP} --state-dir {} --attach {}",
+            "run --iface {HOST_IFACE} --peer {CLIENT_UNDERLAY_IP}{cidrs} --snat {GATEWAY_IP} --state-dir {} --attach {} {extra}",
             state.display(),
             attach.flag()
         );
@@ -143,9 +148,19 @@ pub struct Stack {
 
 impl Stack {
     pub fn start(egress_bin: &Path, ipip_peer_bin: &Path, attach: Attach) -> Result<Self> {
+        Self::start_with(egress_bin, ipip_peer_bin, attach, "")
+    }
+
+    /// As [`Stack::start`], with `extra` gateway arguments.
+    pub fn start_with(
+        egress_bin: &Path,
+        ipip_peer_bin: &Path,
+        attach: Attach,
+        extra: &str,
+    ) -> Result<Self> {
         let topo = Topology::new()?;
         let peer = topo.start_ipip_peer(ipip_peer_bin)?;
-        let gateway = topo.start_gateway(egress_bin, attach)?;
+        let gateway = topo.start_gateway_with(egress_bin, attach, extra)?;
         Ok(Self {
             gateway,
             peer,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use crate::{
-    packages::{self, ensure_packages},
+    packages::{self, ensure_packages, ensure_python_packages},
     toolchain::ensure_bpf_linker,
     workspace::{Workspace, require_root, step},
 };
@@ -21,7 +21,8 @@ pub fn build(ws: &mut Workspace, release: bool) -> Result<()> {
 pub fn prepare_privileged(ws: &mut Workspace, command: &str) -> Result<()> {
     require_root(command)?;
     ensure_bpf_linker(ws)?;
-    ensure_packages(ws, packages::TEST)
+    ensure_packages(ws, packages::TEST)?;
+    ensure_python_packages(ws)
 }
 
 /// Builds the default members' binaries; egress-user's build script compiles

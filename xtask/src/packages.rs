@@ -19,6 +19,37 @@ pub const TEST: &[Package] = &[
 /// What the benchmark adds: the classic kernel NAT it compares against.
 pub const BENCH: &[Package] = &[("nft", "nftables", "1.0.6-2+deb12u2")];
 
+/// (module the tests import, PyPI package providing it, pinned version)
+const PYTHON_PACKAGES: &[(&str, &str, &str)] = &[
+    // An independent Prometheus text-format parser for the metrics tests.
+    ("prometheus_client", "prometheus-client", "0.26.0"),
+];
+
+/// Installs the Python packages whose module is missing, like
+/// [`ensure_packages`].
+pub fn ensure_python_packages(ws: &Workspace) -> Result<()> {
+    let missing: Vec<String> = PYTHON_PACKAGES
+        .iter()
+        .filter(|(module, ..)| {
+            !ws.command("python3")
+                .args(["-c", &format!("import {module}")])
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .map(|(_, pkg, version)| format!("{pkg}=={version}"))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    step(
+        &format!("pip install {}", missing.join(" ")),
+        ws.command("python3")
+            .args(["-m", "pip", "install", "--quiet"])
+            .args(&missing),
+    )
+}
+
 /// Installs the packages whose command is missing; does nothing (and needs no
 /// network) when all are present.
 pub fn ensure_packages(ws: &Workspace, packages: &[Package]) -> Result<()> {

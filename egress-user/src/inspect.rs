@@ -1,0 +1,271 @@
+//! Reading a gateway's pinned state from outside the daemon that owns it:
+//! `egress stats`, `egress flows` and the metrics endpoint all go through
+//! here, so they see the same numbers.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+};
+
+use anyhow::{Context as _, bail};
+use aya::maps::{HashMap, IterableMap as _, Map, MapData, PerCpuArray, PerCpuValues};
+use egress_common::{
+    flow::{
+        DIR_IN, DIR_OUT, Flow, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Mapping, PortKey,
+    },
+    reason::Reason,
+    tcp::TcpState,
+};
+use rustc_hash::FxHashMap;
+use serde::Serialize;
+
+use crate::{batch, pinning};
+
+/// The pinned state maps of one gateway, opened read-only in spirit: nothing
+/// here writes to them.
+pub struct Pinned {
+    flows: HashMap<MapData, FlowKey, Flow>,
+    mappings: HashMap<MapData, PortKey, Mapping>,
+    clients: HashMap<MapData, [u8; 4], u64>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl Pinned {
+    /// Opens the maps pinned in `dir`.
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        if !pinning::has_state(dir) {
+            bail!(
+                "no gateway state in {}: is `egress run` running with this --state-dir?",
+                dir.display()
+            );
+        }
+        let open = |name: &str| {
+            let path = dir.join(name);
+            MapData::from_pin(&path)
+                .and_then(Map::from_map_data)
+                .with_context(|| format!("cannot open {} (needs root or CAP_BPF)", path.display()))
+        };
+        let [flows, mappings, clients, stats] = pinning::PINNED_MAPS;
+        let format = |name: &str| format!("{name} in {} has another format", dir.display());
+        Ok(Self {
+            flows: HashMap::try_from(open(flows)?).with_context(|| format(flows))?,
+            mappings: HashMap::try_from(open(mappings)?).with_context(|| format(mappings))?,
+            clients: HashMap::try_from(open(clients)?).with_context(|| format(clients))?,
+            stats: PerCpuArray::try_from(open(stats)?).with_context(|| format(stats))?,
+        })
+    }
+
+    /// Packets per reason, summed over CPUs.
+    pub fn stats(&self) -> anyhow::Result<Vec<(Reason, u64)>> {
+        Reason::ALL
+            .iter()
+            .map(|&r| {
+                let per_cpu: PerCpuValues<u64> = self.stats.get(&(r as u32), 0)?;
+                Ok((r, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Every complete flow (both halves present), and how many entries
+    /// the flow table holds.
+    pub fn flows(&self) -> anyhow::Result<(Vec<Conn>, u64)> {
+        let entries = batch::dump(&self.flows).context("cannot read FLOWS")?;
+        let returns: FxHashMap<FlowKey, Flow> = entries
+            .iter()
+            .filter(|(k, _)| k.dir == DIR_IN)
+            .map(|(k, f)| (*k, *f))
+            .collect();
+        let conns = entries
+            .iter()
+            .filter(|(k, _)| k.dir == DIR_OUT)
+            .filter_map(|(_, out)| {
+                returns.get(&out.in_key()).map(|inb| Conn {
+                    out: *out,
+                    inb: *inb,
+                })
+            })
+            .collect();
+        Ok((conns, entries.len() as u64))
+    }
+
+    /// Translation ports (or echo identifiers) reserved per translation
+    /// address and protocol.
+    pub fn ports_in_use(&self) -> anyhow::Result<Vec<(Ipv4Addr, &'static str, u64)>> {
+        let mut used: FxHashMap<([u8; 4], u8), u64> = FxHashMap::default();
+        for (key, _) in batch::dump(&self.mappings).context("cannot read MAPPINGS")? {
+            if key.dir == DIR_IN {
+                *used.entry((key.addr, key.proto)).or_default() += 1;
+            }
+        }
+        let mut used: Vec<_> = used
+            .into_iter()
+            .map(|((addr, proto), n)| (Ipv4Addr::from(addr), proto_name(proto), n))
+            .collect();
+        used.sort_unstable();
+        Ok(used)
+    }
+
+    /// Entries and capacity of each state map, given the flow table's
+    /// entries (counted by [`Pinned::flows`]).
+    pub fn occupancy(&self, flow_entries: u64) -> anyhow::Result<[Occupancy; 3]> {
+        let occupancy = |map: &'static str, data: &MapData, entries: usize| -> anyhow::Result<_> {
+            Ok(Occupancy {
+                map,
+                entries: entries as u64,
+                capacity: data.info()?.max_entries().into(),
+            })
+        };
+        Ok([
+            Occupancy {
+                entries: flow_entries,
+                ..occupancy("flows", self.flows.map(), 0)?
+            },
+            occupancy(
+                "mappings",
+                self.mappings.map(),
+                batch::dump(&self.mappings)?.len(),
+            )?,
+            occupancy(
+                "client_flows",
+                self.clients.map(),
+                batch::dump(&self.clients)?.len(),
+            )?,
+        ])
+    }
+}
+
+/// How full one state map is.
+#[derive(Clone, Copy, Debug)]
+pub struct Occupancy {
+    pub map: &'static str,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+/// Both halves of one flow.
+#[derive(Clone, Copy, Debug)]
+pub struct Conn {
+    pub out: Flow,
+    pub inb: Flow,
+}
+
+impl Conn {
+    pub fn proto(&self) -> &'static str {
+        proto_name(self.out.proto)
+    }
+
+    pub fn tcp_state(&self) -> Option<TcpState> {
+        (self.out.proto == IPPROTO_TCP)
+            .then(|| TcpState::of(self.out.tcp_flags, self.inb.tcp_flags))
+    }
+
+    pub fn client(&self) -> SocketAddrV4 {
+        endpoint(self.out.client_addr, self.out.client_port)
+    }
+
+    pub fn translation(&self) -> SocketAddrV4 {
+        endpoint(self.out.nat_addr, self.out.nat_port)
+    }
+
+    pub fn remote(&self) -> SocketAddrV4 {
+        endpoint(self.out.remote_addr, self.out.remote_port)
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.out.bytes + self.inb.bytes
+    }
+
+    /// What `egress flows` shows of this flow at monotonic time `now_ns`.
+    pub fn row(&self, now_ns: u64) -> FlowRow {
+        let seconds = |ns: u64| ns as f64 / 1e9;
+        let rtt = |ns: u64| (ns != 0).then(|| seconds(ns));
+        let last_seen = self.out.last_seen_ns.max(self.inb.last_seen_ns);
+        FlowRow {
+            client: self.client(),
+            translation: self.translation(),
+            remote: self.remote(),
+            proto: self.proto(),
+            state: self.tcp_state().map(TcpState::as_str),
+            age_seconds: seconds(now_ns.saturating_sub(self.out.created_ns)),
+            idle_seconds: seconds(now_ns.saturating_sub(last_seen)),
+            out: Traffic::of(&self.out),
+            back: Traffic::of(&self.inb),
+            rtt_tunnel_seconds: rtt(self.out.rtt_ns),
+            rtt_internet_seconds: rtt(self.inb.rtt_ns),
+        }
+    }
+}
+
+/// One flow as listed by `egress flows` (and its `--json`).
+#[derive(Clone, Debug, Serialize)]
+pub struct FlowRow {
+    pub client: SocketAddrV4,
+    pub translation: SocketAddrV4,
+    pub remote: SocketAddrV4,
+    pub proto: &'static str,
+    /// TCP only.
+    pub state: Option<&'static str>,
+    pub age_seconds: f64,
+    pub idle_seconds: f64,
+    /// Client → Internet.
+    pub out: Traffic,
+    /// Internet → client.
+    #[serde(rename = "in")]
+    pub back: Traffic,
+    /// TCP handshake round trips, once measured.
+    pub rtt_tunnel_seconds: Option<f64>,
+    pub rtt_internet_seconds: Option<f64>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl Traffic {
+    fn of(half: &Flow) -> Self {
+        Self {
+            packets: half.packets,
+            bytes: half.bytes,
+        }
+    }
+}
+
+impl FlowRow {
+    /// Header of [`FlowRow::line`]'s columns.
+    pub const HEADER: &str = "PROTO STATE        CLIENT                TRANSLATION           REMOTE                   AGE  PKTS OUT   BYTES OUT    PKTS IN    BYTES IN  RTT TUN  RTT NET";
+
+    /// One line of the `egress flows` table.
+    pub fn line(&self) -> String {
+        let rtt = |s: Option<f64>| s.map_or("-".to_owned(), |s| format!("{:.1}ms", s * 1e3));
+        format!(
+            "{:<5} {:<12} {:<21} {:<21} {:<21} {:>7.0}s {:>9} {:>11} {:>10} {:>11} {:>8} {:>8}",
+            self.proto,
+            self.state.unwrap_or("-"),
+            self.client,
+            self.translation,
+            self.remote,
+            self.age_seconds,
+            self.out.packets,
+            self.out.bytes,
+            self.back.packets,
+            self.back.bytes,
+            rtt(self.rtt_tunnel_seconds),
+            rtt(self.rtt_internet_seconds),
+        )
+    }
+}
+
+pub fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        IPPROTO_TCP => "tcp",
+        IPPROTO_UDP => "udp",
+        IPPROTO_ICMP => "icmp",
+        _ => "other",
+    }
+}
+
+fn endpoint(addr: [u8; 4], port: [u8; 2]) -> SocketAddrV4 {
+    SocketAddrV4::new(addr.into(), u16::from_be_bytes(port))
+}

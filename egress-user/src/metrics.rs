@@ -1,0 +1,442 @@
+//! Prometheus metrics of `egress run --metrics ADDR`: the pinned state is
+//! read at scrape time (off the runtime's only thread), and served with a
+//! minimal HTTP/1.1 responder on `/metrics` and `/healthz`.
+
+use std::{
+    fmt::{Display, Write as _},
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use egress_common::flow::FlowKey;
+use rustc_hash::{FxHashMap, FxHashSet};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+
+use crate::{
+    gc::Sweep,
+    inspect::{Conn, Pinned},
+};
+
+/// Upper bounds of the RTT histogram buckets, in seconds.
+const RTT_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+/// A request head larger than this, or slower than `REQUEST_TIMEOUT`, is
+/// dropped: only scrapers talk to this port.
+const MAX_REQUEST: usize = 8192;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads the state and keeps what must persist between scrapes.
+pub struct Collector {
+    pinned: Pinned,
+    /// Flows exported one by one, the largest by bytes.
+    top_flows: usize,
+    /// Translation ports per address and protocol.
+    port_capacity: u64,
+    seen: Mutex<Seen>,
+    gc: Mutex<GcTotals>,
+}
+
+/// What earlier scrapes observed, so each flow is counted once.
+#[derive(Default)]
+struct Seen {
+    /// Flows by outbound key and creation time.
+    flows: FxHashSet<(FlowKey, u64)>,
+    created: u64,
+    /// RTTs by outbound key, leg and handshake time stamp (a reopened
+    /// connection has a new handshake and a new RTT).
+    rtts: FxHashSet<(FlowKey, Leg, u64)>,
+    tunnel: Histogram,
+    internet: Histogram,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Leg {
+    Tunnel,
+    Internet,
+}
+
+#[derive(Default)]
+struct GcTotals {
+    runs: u64,
+    last: Duration,
+    flows_expired: u64,
+    mappings_expired: u64,
+}
+
+#[derive(Default)]
+struct Histogram {
+    /// Observations at or below each bucket's bound (cumulative).
+    buckets: [u64; RTT_BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        for (n, le) in self.buckets.iter_mut().zip(RTT_BUCKETS) {
+            *n += u64::from(seconds <= le);
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
+}
+
+impl Collector {
+    pub fn new(pinned: Pinned, top_flows: usize, port_capacity: u64) -> Self {
+        Self {
+            pinned,
+            top_flows,
+            port_capacity,
+            seen: Mutex::default(),
+            gc: Mutex::default(),
+        }
+    }
+
+    /// Records a finished garbage-collection sweep.
+    pub fn record_sweep(&self, sweep: &Sweep) {
+        let mut gc = self.gc.lock().unwrap_or_else(PoisonError::into_inner);
+        gc.runs += 1;
+        gc.last = sweep.took;
+        gc.flows_expired += sweep.expired as u64;
+        gc.mappings_expired += sweep.mappings_expired as u64;
+    }
+
+    /// The metrics in Prometheus text format (0.0.4).
+    pub fn render(&self) -> anyhow::Result<String> {
+        let mut t = Text::default();
+        t.family(
+            "egress_packets_total",
+            "counter",
+            "Packets by what the data path did with them.",
+        );
+        for (reason, packets) in self.pinned.stats()? {
+            t.sample(
+                "egress_packets_total",
+                &[
+                    ("reason", reason.as_str()),
+                    ("verdict", reason.verdict().as_str()),
+                ],
+                packets,
+            );
+        }
+
+        let (conns, flow_entries) = self.pinned.flows()?;
+        self.observe(&conns, &mut t);
+        t.family(
+            "egress_flows_active",
+            "gauge",
+            "Flows in the table (both halves present).",
+        );
+        t.sample("egress_flows_active", &[], conns.len());
+        {
+            let gc = self.gc.lock().unwrap_or_else(PoisonError::into_inner);
+            t.family(
+                "egress_flows_expired_total",
+                "counter",
+                "Flows removed by the garbage collector.",
+            );
+            t.sample("egress_flows_expired_total", &[], gc.flows_expired);
+            t.family(
+                "egress_mappings_expired_total",
+                "counter",
+                "Mappings removed by the garbage collector.",
+            );
+            t.sample("egress_mappings_expired_total", &[], gc.mappings_expired);
+            t.family(
+                "egress_gc_runs_total",
+                "counter",
+                "Garbage-collection sweeps completed.",
+            );
+            t.sample("egress_gc_runs_total", &[], gc.runs);
+            t.family(
+                "egress_gc_last_duration_seconds",
+                "gauge",
+                "How long the last sweep took.",
+            );
+            t.sample(
+                "egress_gc_last_duration_seconds",
+                &[],
+                gc.last.as_secs_f64(),
+            );
+        }
+
+        let occupancy = self.pinned.occupancy(flow_entries)?;
+        t.family(
+            "egress_table_entries",
+            "gauge",
+            "Entries in each state map.",
+        );
+        for o in &occupancy {
+            t.sample("egress_table_entries", &[("map", o.map)], o.entries);
+        }
+        t.family(
+            "egress_table_entries_limit",
+            "gauge",
+            "Capacity of each state map.",
+        );
+        for o in &occupancy {
+            t.sample("egress_table_entries_limit", &[("map", o.map)], o.capacity);
+        }
+
+        let ports = self.pinned.ports_in_use()?;
+        t.family(
+            "egress_nat_ports",
+            "gauge",
+            "Translation ports (ICMP: identifiers) reserved.",
+        );
+        for (addr, proto, used) in &ports {
+            t.sample(
+                "egress_nat_ports",
+                &[("address", &addr.to_string()), ("proto", proto)],
+                used,
+            );
+        }
+        t.family(
+            "egress_nat_ports_limit",
+            "gauge",
+            "Translation ports available per address and protocol.",
+        );
+        for (addr, proto, _) in &ports {
+            t.sample(
+                "egress_nat_ports_limit",
+                &[("address", &addr.to_string()), ("proto", proto)],
+                self.port_capacity,
+            );
+        }
+
+        self.clients(&conns, &mut t);
+        self.top(conns, &mut t);
+        Ok(t.0)
+    }
+
+    /// Counts flows and RTTs not seen before, and writes the totals.
+    fn observe(&self, conns: &[Conn], t: &mut Text) {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let seen = &mut *seen;
+        let mut flows = FxHashSet::with_capacity_and_hasher(conns.len(), Default::default());
+        let mut rtts = FxHashSet::default();
+        for c in conns {
+            let key = c.out.out_key();
+            flows.insert((key, c.out.created_ns));
+            for (leg, half, histogram) in [
+                (Leg::Tunnel, &c.out, &mut seen.tunnel),
+                (Leg::Internet, &c.inb, &mut seen.internet),
+            ] {
+                if half.rtt_ns == 0 {
+                    continue;
+                }
+                let id = (key, leg, half.handshake_ns);
+                if !seen.rtts.contains(&id) {
+                    histogram.observe(half.rtt_ns as f64 / 1e9);
+                }
+                rtts.insert(id);
+            }
+        }
+        seen.created += flows.difference(&seen.flows).count() as u64;
+        // Only live flows are remembered: the sets stay as big as the table.
+        seen.flows = flows;
+        seen.rtts = rtts;
+
+        t.family(
+            "egress_flows_created_total",
+            "counter",
+            "Flows first seen by this daemon.",
+        );
+        t.sample("egress_flows_created_total", &[], seen.created);
+        let name = "egress_tcp_handshake_rtt_seconds";
+        t.family(name, "histogram", "TCP handshake round trips: tunnel leg (SYN-ACK to the client's ACK) and Internet leg (SYN to SYN-ACK).");
+        for (leg, h) in [("tunnel", &seen.tunnel), ("internet", &seen.internet)] {
+            for (le, n) in RTT_BUCKETS.iter().zip(h.buckets) {
+                t.sample(
+                    &format!("{name}_bucket"),
+                    &[("leg", leg), ("le", &le.to_string())],
+                    n,
+                );
+            }
+            t.sample(
+                &format!("{name}_bucket"),
+                &[("leg", leg), ("le", "+Inf")],
+                h.count,
+            );
+            t.sample(&format!("{name}_sum"), &[("leg", leg)], h.sum);
+            t.sample(&format!("{name}_count"), &[("leg", leg)], h.count);
+        }
+    }
+
+    /// Flows and bytes of live flows per client address.
+    fn clients(&self, conns: &[Conn], t: &mut Text) {
+        let mut clients: FxHashMap<[u8; 4], (u64, u64, u64)> = FxHashMap::default();
+        for c in conns {
+            let e = clients.entry(c.out.client_addr).or_default();
+            *e = (e.0 + 1, e.1 + c.out.bytes, e.2 + c.inb.bytes);
+        }
+        let mut clients: Vec<_> = clients.into_iter().collect();
+        clients.sort_unstable();
+        t.family(
+            "egress_client_flows",
+            "gauge",
+            "Live flows per client address.",
+        );
+        for (addr, (flows, _, _)) in &clients {
+            let client = std::net::Ipv4Addr::from(*addr).to_string();
+            t.sample("egress_client_flows", &[("client", &client)], flows);
+        }
+        t.family(
+            "egress_client_flow_bytes",
+            "gauge",
+            "Bytes (IP length) carried by each client's live flows, by direction.",
+        );
+        for (addr, (_, out, back)) in &clients {
+            let client = std::net::Ipv4Addr::from(*addr).to_string();
+            for (direction, bytes) in [("out", out), ("in", back)] {
+                t.sample(
+                    "egress_client_flow_bytes",
+                    &[("client", &client), ("direction", direction)],
+                    bytes,
+                );
+            }
+        }
+    }
+
+    /// Packets and bytes of the largest flows, one series each.
+    fn top(&self, mut conns: Vec<Conn>, t: &mut Text) {
+        conns.sort_unstable_by_key(|c| std::cmp::Reverse(c.bytes()));
+        conns.truncate(self.top_flows);
+        for (name, help, value) in [
+            (
+                "egress_flow_packets_total",
+                "Packets of the largest flows by bytes, by direction.",
+                (|h: &egress_common::flow::Flow| h.packets) as fn(&_) -> u64,
+            ),
+            (
+                "egress_flow_bytes_total",
+                "Bytes (IP length) of the largest flows by bytes, by direction.",
+                |h| h.bytes,
+            ),
+        ] {
+            t.family(name, "counter", help);
+            for c in &conns {
+                let (client, translation, remote) = (
+                    c.client().to_string(),
+                    c.translation().to_string(),
+                    c.remote().to_string(),
+                );
+                for (direction, half) in [("out", &c.out), ("in", &c.inb)] {
+                    t.sample(
+                        name,
+                        &[
+                            ("client", &client),
+                            ("translation", &translation),
+                            ("remote", &remote),
+                            ("proto", c.proto()),
+                            ("direction", direction),
+                        ],
+                        value(half),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Prometheus text exposition being written.
+#[derive(Default)]
+struct Text(String);
+
+impl Text {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl Display) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            let labels: Vec<String> = labels
+                .iter()
+                .map(|(k, v)| {
+                    let v = v
+                        .replace('\\', "\\\\")
+                        .replace('"', "\\\"")
+                        .replace('\n', "\\n");
+                    format!("{k}=\"{v}\"")
+                })
+                .collect();
+            let _ = write!(self.0, "{{{}}}", labels.join(","));
+        }
+        let _ = writeln!(self.0, " {value}");
+    }
+}
+
+/// Answers scrapes on `listener` until the runtime stops.
+pub async fn serve(
+    listener: std::net::TcpListener,
+    collector: Arc<Collector>,
+) -> anyhow::Result<()> {
+    listener.set_nonblocking(true).context("metrics listener")?;
+    let listener = TcpListener::from_std(listener).context("metrics listener")?;
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("metrics: accept failed: {e}");
+                continue;
+            }
+        };
+        let collector = collector.clone();
+        tokio::spawn(async move {
+            if let Err(e) = respond(stream, collector).await {
+                tracing::debug!(%peer, "metrics request failed: {e:#}");
+            }
+        });
+    }
+}
+
+async fn respond(mut stream: TcpStream, collector: Arc<Collector>) -> anyhow::Result<()> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(REQUEST_TIMEOUT, async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            anyhow::ensure!(head.len() < MAX_REQUEST, "request head too large");
+            let n = stream.read(&mut buf).await?;
+            anyhow::ensure!(n > 0, "connection closed mid-request");
+            head.extend_from_slice(&buf[..n]);
+        }
+        Ok(())
+    })
+    .await
+    .context("request too slow")??;
+    let line = String::from_utf8_lossy(&head);
+    let mut words = line.split_whitespace();
+    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let (status, body) = match (method, path) {
+        ("GET", "/metrics") => {
+            // Dumping the maps takes a while at a million flows: off the
+            // runtime's thread, which also sweeps and answers signals.
+            match tokio::task::spawn_blocking(move || collector.render()).await? {
+                Ok(text) => ("200 OK", text),
+                Err(e) => (
+                    "500 Internal Server Error",
+                    format!("cannot read the gateway state: {e:#}\n"),
+                ),
+            }
+        }
+        ("GET", "/healthz") => ("200 OK", "ok\n".to_owned()),
+        ("GET", _) => (
+            "404 Not Found",
+            "not found: try /metrics or /healthz\n".to_owned(),
+        ),
+        _ => ("405 Method Not Allowed", "only GET\n".to_owned()),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await?;
+    Ok(())
+}
