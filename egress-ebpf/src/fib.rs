@@ -5,6 +5,8 @@ use aya_ebpf::bindings::{
     BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE,
     bpf_fib_lookup,
 };
+use aya_ebpf::helpers::bpf_fib_lookup as bpf_fib_lookup_helper;
+use core::mem::size_of;
 use egress_common::reason::Reason;
 
 use crate::packet::Hook;
@@ -43,7 +45,10 @@ pub fn lookup<H: Hook>(
     p.ifindex = hook.ingress_ifindex();
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
-    let rc = hook.fib_lookup(&mut p);
+    // SAFETY: `p` is a valid, exclusively borrowed lookup struct and the
+    // context is the running program's.
+    let rc =
+        unsafe { bpf_fib_lookup_helper(hook.ctx(), &mut p, size_of::<bpf_fib_lookup>() as i32, 0) };
     if rc < 0 {
         return Err(Reason::Internal);
     }

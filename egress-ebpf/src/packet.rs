@@ -2,9 +2,8 @@
 //! offsets into references, and the interface a hook (XDP or TC) offers the
 //! translation logic.
 
-use core::mem::size_of;
+use core::{ffi::c_void, mem::size_of};
 
-use aya_ebpf::bindings::bpf_fib_lookup;
 use egress_common::reason::Reason;
 
 use crate::l4::ChecksumUpdate;
@@ -76,8 +75,8 @@ pub trait Hook {
     /// The packet as it is now (re-read after every head adjustment).
     fn packet(&self) -> Packet;
     fn ingress_ifindex(&self) -> u32;
-    /// `bpf_fib_lookup` with this hook's context.
-    fn fib_lookup(&self, params: &mut bpf_fib_lookup) -> i64;
+    /// The program's context, for helpers that take it (`bpf_fib_lookup`).
+    fn ctx(&self) -> *mut c_void;
     /// Removes (`delta > 0`) or adds (`delta < 0`) bytes right after the
     /// Ethernet header; the caller then rewrites the Ethernet header.
     fn adjust_head(&mut self, delta: i32) -> Result<(), Reason>;

@@ -3,12 +3,13 @@
 //! checksum offload state, may be a GRO aggregate of many segments, and may
 //! keep part of its data outside the directly accessible linear area.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         __sk_buff, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_MARK_MANGLED_0,
         BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-        bpf_fib_lookup,
     },
     helpers::bpf_redirect,
     macros::classifier,
@@ -68,16 +69,8 @@ impl Hook for Tc {
     }
 
     #[inline(always)]
-    fn fib_lookup(&self, params: &mut bpf_fib_lookup) -> i64 {
-        // SAFETY: `params` is a valid, exclusively borrowed lookup struct.
-        unsafe {
-            aya_ebpf::helpers::bpf_fib_lookup(
-                self.0.as_ptr(),
-                params,
-                core::mem::size_of::<bpf_fib_lookup>() as i32,
-                0,
-            )
-        }
+    fn ctx(&self) -> *mut c_void {
+        self.0.as_ptr()
     }
 
     #[inline(always)]

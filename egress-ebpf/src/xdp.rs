@@ -1,8 +1,10 @@
 //! The XDP hook.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{bpf_fib_lookup, xdp_action},
+    bindings::xdp_action,
     helpers::{bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     macros::xdp,
     programs::XdpContext,
@@ -29,16 +31,8 @@ impl Hook for Xdp {
     }
 
     #[inline(always)]
-    fn fib_lookup(&self, params: &mut bpf_fib_lookup) -> i64 {
-        // SAFETY: `params` is a valid, exclusively borrowed lookup struct.
-        unsafe {
-            aya_ebpf::helpers::bpf_fib_lookup(
-                self.0.as_ptr(),
-                params,
-                core::mem::size_of::<bpf_fib_lookup>() as i32,
-                0,
-            )
-        }
+    fn ctx(&self) -> *mut c_void {
+        self.0.as_ptr()
     }
 
     #[inline(always)]
