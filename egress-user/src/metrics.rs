@@ -127,40 +127,36 @@ impl Collector {
 
         let (conns, flow_entries) = self.pinned.flows()?;
         self.observe(&conns, &mut t);
-        t.family(
+        t.single(
             "egress_flows_active",
             "gauge",
             "Flows in the table (both halves present).",
+            conns.len(),
         );
-        t.sample("egress_flows_active", &[], conns.len());
         {
             let gc = self.gc.lock().unwrap_or_else(PoisonError::into_inner);
-            t.family(
+            t.single(
                 "egress_flows_expired_total",
                 "counter",
                 "Flows removed by the garbage collector.",
+                gc.flows_expired,
             );
-            t.sample("egress_flows_expired_total", &[], gc.flows_expired);
-            t.family(
+            t.single(
                 "egress_mappings_expired_total",
                 "counter",
                 "Mappings removed by the garbage collector.",
+                gc.mappings_expired,
             );
-            t.sample("egress_mappings_expired_total", &[], gc.mappings_expired);
-            t.family(
+            t.single(
                 "egress_gc_runs_total",
                 "counter",
                 "Garbage-collection sweeps completed.",
+                gc.runs,
             );
-            t.sample("egress_gc_runs_total", &[], gc.runs);
-            t.family(
+            t.single(
                 "egress_gc_last_duration_seconds",
                 "gauge",
                 "How long the last sweep took.",
-            );
-            t.sample(
-                "egress_gc_last_duration_seconds",
-                &[],
                 gc.last.as_secs_f64(),
             );
         }
@@ -242,12 +238,12 @@ impl Collector {
         seen.flows = flows;
         seen.rtts = rtts;
 
-        t.family(
+        t.single(
             "egress_flows_created_total",
             "counter",
             "Flows first seen by this daemon.",
+            seen.created,
         );
-        t.sample("egress_flows_created_total", &[], seen.created);
         let name = "egress_tcp_handshake_rtt_seconds";
         t.family(name, "histogram", "TCP handshake round trips: tunnel leg (SYN-ACK to the client's ACK) and Internet leg (SYN to SYN-ACK).");
         for (leg, h) in [("tunnel", &seen.tunnel), ("internet", &seen.internet)] {
@@ -351,6 +347,12 @@ struct Text(String);
 impl Text {
     fn family(&mut self, name: &str, kind: &str, help: &str) {
         let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    /// A family of one unlabelled sample.
+    fn single(&mut self, name: &str, kind: &str, help: &str, value: impl Display) {
+        self.family(name, kind, help);
+        self.sample(name, &[], value);
     }
 
     fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl Display) {
