@@ -12,9 +12,23 @@ pub const QUOTE_LEN: usize = IPV4_LEN + 8;
 pub const IP_DF: u16 = 0x4000;
 
 pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
+/// Destination unreachable: fragmentation needed and DF set (RFC 1191).
+pub const ICMP_FRAG_NEEDED: u8 = 4;
 /// Destination unreachable: communication administratively prohibited
 /// (RFC 1812), what RFC 5508 REQ-8 asks of a NAT that refuses a flow.
 pub const ICMP_ADMIN_PROHIBITED: u8 = 13;
+
+/// Whether an ICMP message of type `kind` is an error about a packet that
+/// a NAT translates back to the packet's sender (RFC 5508 section 7).
+#[inline(always)]
+pub const fn is_icmp_error(kind: u8) -> bool {
+    matches!(
+        kind,
+        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+    )
+}
 
 /// The fields of an IPv4 header without options that vary.
 #[derive(Clone, Copy)]
@@ -52,16 +66,19 @@ impl Ipv4 {
 
 /// Writes the 8-byte header of an ICMP error of `kind`/`code` quoting
 /// `quote` to `h`, checksum included (it covers the header and the quote).
+/// `mtu` fills the next-hop MTU field of "fragmentation needed" (RFC 1191)
+/// and is 0 for every other error.
 #[inline(always)]
-pub fn icmp_error(kind: u8, code: u8, quote: &[u8; QUOTE_LEN], h: &mut [u8; ICMP_LEN]) {
-    let mut sum = u32::from(u16::from_be_bytes([kind, code]));
+pub fn icmp_error(kind: u8, code: u8, mtu: u16, quote: &[u8; QUOTE_LEN], h: &mut [u8; ICMP_LEN]) {
+    let mut sum = u32::from(u16::from_be_bytes([kind, code])) + u32::from(mtu);
     let mut i = 0;
     while i < QUOTE_LEN {
         sum += u32::from(u16::from_be_bytes([quote[i], quote[i + 1]]));
         i += 2;
     }
     let [c0, c1] = (!fold(sum)).to_be_bytes();
-    *h = [kind, code, c0, c1, 0, 0, 0, 0];
+    let [m0, m1] = mtu.to_be_bytes();
+    *h = [kind, code, c0, c1, 0, 0, m0, m1];
 }
 
 #[cfg(test)]
@@ -92,9 +109,10 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn icmp_error_checksum_verifies(quote in proptest::array::uniform28(proptest::num::u8::ANY), kind in 0u8.., code in 0u8..) {
+        fn icmp_error_checksum_verifies(quote in proptest::array::uniform28(proptest::num::u8::ANY), kind in 0u8.., code in 0u8.., mtu in 0u16..) {
             let mut h = [0xaa; ICMP_LEN];
-            icmp_error(kind, code, &quote, &mut h);
+            icmp_error(kind, code, mtu, &quote, &mut h);
+            proptest::prop_assert_eq!(u16::from_be_bytes([h[6], h[7]]), mtu);
             let mut sum = 0u32;
             for w in h.chunks(2).chain(quote.chunks(2)) {
                 sum += u32::from(u16::from_be_bytes([w[0], w[1]]));

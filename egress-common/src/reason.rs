@@ -43,7 +43,8 @@ pub enum Reason {
     Fragment,
     /// Inner protocol or ICMP type the gateway does not translate.
     Unsupported,
-    /// Inner TTL would reach zero at this hop.
+    /// TTL would reach zero at this hop: answered with ICMP time exceeded
+    /// (rate limited) unless the packet is itself an ICMP error.
     TtlExceeded,
     /// No free translation port after every try.
     PortsExhausted,
@@ -55,14 +56,22 @@ pub enum Reason {
     NoRoute,
     /// Forwarding is disabled on the interface, or the route is local.
     NotForwarded,
-    /// The packet does not fit the egress MTU.
+    /// The packet does not fit the next hop's MTU and has DF set: answered
+    /// with ICMP fragmentation needed (rate limited) unless it is itself an
+    /// ICMP error.
     TooBig,
     /// A kernel helper failed (head adjustment, redirect).
     Internal,
+    /// Return: an ICMP error about a translated flow, translated back and
+    /// sent to the client (RFC 5508).
+    IcmpErrorRelayed,
+    /// Translated, but larger than the next hop's MTU and without DF:
+    /// handed to the kernel's forwarding path, which fragments it.
+    KernelFragments,
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::Internal as u32 + 1;
+    pub const COUNT: u32 = Reason::KernelFragments as u32 + 1;
 
     /// Size of the pinned counter array: room for reasons added later, so
     /// an upgrade keeps its counters. New reasons are appended, never
@@ -94,6 +103,8 @@ impl Reason {
         Reason::NotForwarded,
         Reason::TooBig,
         Reason::Internal,
+        Reason::IcmpErrorRelayed,
+        Reason::KernelFragments,
     ];
 
     /// Stable snake_case name, used in logs and metric labels.
@@ -123,14 +134,21 @@ impl Reason {
             Reason::NotForwarded => "not_forwarded",
             Reason::TooBig => "too_big",
             Reason::Internal => "internal",
+            Reason::IcmpErrorRelayed => "icmp_error_relayed",
+            Reason::KernelFragments => "kernel_fragments",
         }
     }
 
     /// What the data path did with a packet counted under this reason.
     pub const fn verdict(self) -> Verdict {
         match self {
-            Reason::Translated | Reason::NewFlow | Reason::ReverseHit => Verdict::Forwarded,
-            Reason::NoNeighbour | Reason::NotIpv4 | Reason::NotOurs => Verdict::Passed,
+            Reason::Translated
+            | Reason::NewFlow
+            | Reason::ReverseHit
+            | Reason::IcmpErrorRelayed => Verdict::Forwarded,
+            Reason::NoNeighbour | Reason::NotIpv4 | Reason::NotOurs | Reason::KernelFragments => {
+                Verdict::Passed
+            }
             _ => Verdict::Dropped,
         }
     }

@@ -24,6 +24,10 @@ pub enum NextHop {
     /// Routed, but the neighbour is not resolved yet: the kernel's own
     /// forwarding path must take this packet (and will resolve it).
     Unresolved,
+    /// Routed, but the packet is larger than `mtu`, the route's MTU: the
+    /// caller answers "fragmentation needed" (DF set) or leaves it to the
+    /// kernel's forwarding path, which fragments it.
+    TooBig { mtu: u16 },
 }
 
 /// Looks up the route for an IPv4 packet of `tot_len` bytes from `src` to
@@ -66,7 +70,10 @@ pub fn lookup<H: Hook>(
         BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
             Err(Reason::NoRoute)
         }
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Reason::TooBig),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Ok(NextHop::TooBig {
+            // SAFETY: on FRAG_NEEDED the kernel stored the MTU there.
+            mtu: unsafe { p.__bindgen_anon_1.mtu_result },
+        }),
         // Local destination, forwarding disabled on the interface,
         // unsupported encapsulation route, no source address.
         _ => Err(Reason::NotForwarded),

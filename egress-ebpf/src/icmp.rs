@@ -1,13 +1,18 @@
-//! ICMP errors the gateway itself sends to a client, through the tunnel.
+//! ICMP errors the gateway itself sends: to a client, through the tunnel,
+//! about a packet it sent; or to an Internet host about a packet it sent to
+//! a translation address.
 
 use aya_ebpf::{helpers::bpf_get_prandom_u32, macros::map, maps::PerCpuArray};
 use egress_common::{
     config::OUTER_TTL,
     flow::{IPPROTO_ICMP, IPPROTO_IPIP},
-    headers::{ICMP_LEN, IPV4_LEN, Ipv4, QUOTE_LEN, icmp_error},
+    headers::{
+        ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_LEN, ICMP_TIME_EXCEEDED, IPV4_LEN, Ipv4,
+        QUOTE_LEN, icmp_error,
+    },
     reason::Reason,
 };
-use network_types::eth::EthHdr;
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     fib::{self, NextHop},
@@ -30,17 +35,38 @@ static ICMP_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 /// IP precedence "internetwork control", as Linux marks the errors it sends.
 const TOS_CONTROL: u8 = 0xc0;
 
-/// Answers the outbound IP-in-IP packet in the hook with an ICMP error of
-/// `kind`/`code` to its inner source, quoting the inner header and 8 bytes,
-/// encapsulated back to the peer it came from. The packet is counted under
-/// `reason` whether or not the error is sent (rate limit, no route back).
-#[inline(always)]
-pub fn to_client<H: Hook>(
-    hook: &mut H,
+/// An ICMP error to send.
+#[derive(Clone, Copy)]
+pub struct Error {
     kind: u8,
     code: u8,
-    reason: Reason,
-) -> Result<Outcome, Outcome> {
+    /// Next-hop MTU, for "fragmentation needed"; 0 otherwise.
+    mtu: u16,
+}
+
+impl Error {
+    pub const TIME_EXCEEDED: Self = Self::new(ICMP_TIME_EXCEEDED, 0);
+
+    pub const fn new(kind: u8, code: u8) -> Self {
+        Self { kind, code, mtu: 0 }
+    }
+
+    /// "Fragmentation needed and DF set" with the MTU the packet must fit.
+    pub const fn frag_needed(mtu: u16) -> Self {
+        Self {
+            kind: ICMP_DEST_UNREACH,
+            code: ICMP_FRAG_NEEDED,
+            mtu,
+        }
+    }
+}
+
+/// Answers the outbound IP-in-IP packet in the hook with `error` to its
+/// inner source, quoting the inner header and 8 bytes, encapsulated back to
+/// the peer it came from. The packet is counted under `reason` whether or
+/// not the error is sent (rate limit, no route back).
+#[inline(always)]
+pub fn to_client<H: Hook>(hook: &mut H, error: Error, reason: Reason) -> Result<Outcome, Outcome> {
     let cfg = maps::config();
     if !allowed(state::now()) {
         return Err(reason.into());
@@ -49,10 +75,35 @@ pub fn to_client<H: Hook>(
     // SAFETY: copies out of the packet.
     let (orig, peer) = unsafe { (*pkt.get::<EthHdr>(0)?, *pkt.get::<[u8; 4]>(PEER)?) };
     let hop = fib::lookup(hook, cfg.tunnel_local, peer, IPPROTO_IPIP, OUTER_LEN as u16)?;
-    if matches!(hop, NextHop::Unresolved) {
+    if !matches!(hop, NextHop::Resolved { .. }) {
         return Err(reason.into());
     }
-    rewrite(hook, kind, code)?;
+    rewrite::<H, true>(hook, error.kind, error.code, error.mtu)?;
+    send(hook, hook.packet(), &hop, &orig, reason)
+}
+
+/// Answers the packet in the hook, from the Internet to a translation
+/// address, with `error` to its source, from the address it was sent to.
+/// Counted under `reason` whether or not the error is sent.
+#[inline(always)]
+pub fn to_sender<H: Hook>(hook: &mut H, error: Error, reason: Reason) -> Result<Outcome, Outcome> {
+    if !allowed(state::now()) {
+        return Err(reason.into());
+    }
+    let pkt = hook.packet();
+    // SAFETY: copies out of the packet.
+    let (orig, ip) = unsafe { (*pkt.get::<EthHdr>(0)?, *pkt.get::<Ipv4Hdr>(ETH_LEN)?) };
+    let hop = fib::lookup(
+        hook,
+        ip.dst_addr,
+        ip.src_addr,
+        IPPROTO_ICMP,
+        ERROR_LEN as u16,
+    )?;
+    if !matches!(hop, NextHop::Resolved { .. }) {
+        return Err(reason.into());
+    }
+    rewrite::<H, false>(hook, error.kind, error.code, error.mtu)?;
     send(hook, hook.packet(), &hop, &orig, reason)
 }
 
@@ -63,24 +114,32 @@ const ERROR_LEN: usize = IPV4_LEN + ICMP_LEN + QUOTE_LEN;
 /// The error encapsulated to the peer.
 const OUTER_LEN: usize = IPV4_LEN + ERROR_LEN;
 
-/// Turns the frame from a peer into the error for [`to_client`], Ethernet
-/// header still to be written.
+/// Turns the frame in the hook into `kind`/`code` about the packet in it
+/// (`TUNNEL`: the inner packet of a frame from a peer, encapsulated back to
+/// that peer), Ethernet header still to be written.
 ///
 /// A function of its own, and off the fast path: inlined, its buffers would
 /// push the program past the 512-byte BPF stack. (It returns no more than
 /// fits the one BPF return register.)
 #[inline(never)]
-fn rewrite<H: Hook>(hook: &mut H, kind: u8, code: u8) -> Result<(), Reason> {
+fn rewrite<H: Hook, const TUNNEL: bool>(
+    hook: &mut H,
+    kind: u8,
+    code: u8,
+    mtu: u16,
+) -> Result<(), Reason> {
     let cfg = maps::config();
+    // The quoted packet's IP header, before and after the rewrite.
+    let quoted = if TUNNEL { ETH_LEN + IPV4_LEN } else { ETH_LEN };
     // SAFETY: a copy out of the packet.
     let peer = unsafe { *hook.packet().get::<[u8; 4]>(PEER)? };
     // The quote stays where it is and the headers grow in front of it: the
-    // outer header, the error's IP header and the ICMP header take the place
-    // of the old Ethernet and outer headers plus this many bytes.
+    // error's IP and ICMP headers (and the outer header) take the place of
+    // the old Ethernet (and outer) header plus this many bytes.
     hook.adjust_head(-((IPV4_LEN + ICMP_LEN) as i32))?;
-    hook.truncate(ETH_LEN + OUTER_LEN)?;
+    hook.truncate(quoted + ERROR_LEN)?;
     let pkt = hook.packet();
-    let header = |tot_len: usize, proto, dst| Ipv4 {
+    let header = |tot_len: usize, proto, src, dst| Ipv4 {
         tos: TOS_CONTROL,
         tot_len: tot_len as u16,
         // SAFETY: no preconditions.
@@ -88,16 +147,22 @@ fn rewrite<H: Hook>(hook: &mut H, kind: u8, code: u8) -> Result<(), Reason> {
         df: false,
         ttl: OUTER_TTL,
         proto,
-        src: cfg.tunnel_local,
+        src,
         dst,
     };
     // SAFETY: disjoint headers, the only live references into the packet.
     unsafe {
-        let quote: &[u8; QUOTE_LEN] = pkt.get(ETH_LEN + OUTER_LEN - QUOTE_LEN)?;
-        let client = [quote[12], quote[13], quote[14], quote[15]];
-        header(OUTER_LEN, IPPROTO_IPIP, peer).write(pkt.get(ETH_LEN)?);
-        header(ERROR_LEN, IPPROTO_ICMP, client).write(pkt.get(ETH_LEN + IPV4_LEN)?);
-        icmp_error(kind, code, quote, pkt.get(ETH_LEN + 2 * IPV4_LEN)?);
+        let quote: &[u8; QUOTE_LEN] = pkt.get(quoted + IPV4_LEN + ICMP_LEN)?;
+        let sender = [quote[12], quote[13], quote[14], quote[15]];
+        let error_src = if TUNNEL {
+            header(OUTER_LEN, IPPROTO_IPIP, cfg.tunnel_local, peer).write(pkt.get(ETH_LEN)?);
+            cfg.tunnel_local
+        } else {
+            // The address the packet was sent to: our translation address.
+            [quote[16], quote[17], quote[18], quote[19]]
+        };
+        header(ERROR_LEN, IPPROTO_ICMP, error_src, sender).write(pkt.get(quoted)?);
+        icmp_error(kind, code, mtu, quote, pkt.get(quoted + IPV4_LEN)?);
     }
     Ok(())
 }

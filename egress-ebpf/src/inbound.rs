@@ -1,21 +1,23 @@
 //! Return: a reply to a translation → reverse-translate → encapsulate to the
-//! peer that owns the flow.
+//! peer that owns the flow. ICMP errors about a flow take the same way
+//! (see `relay`).
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use egress_common::{
     config::{Config, OUTER_TTL},
-    flow::{DIR_IN, FlowKey, IPPROTO_IPIP, IPPROTO_TCP},
-    headers::{IP_DF, Ipv4},
+    flow::{DIR_IN, FlowKey, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP},
+    headers::{Ipv4, is_icmp_error},
     reason::Reason,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
-    fib,
+    fib::{self, NextHop},
+    icmp::{self, Error},
     l4::{self, Side},
-    nat::{ETH_LEN, IP_LEN, IP_MF_OFFSET, Outcome, send},
+    nat::{ETH_LEN, IP_LEN, IP_MF_OFFSET, Outcome, has_df, send},
     packet::Hook,
-    state,
+    relay, state,
 };
 
 pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
@@ -26,6 +28,13 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
     // they are the kernel's business.
     if ip.vihl != 0x45 || u16::from_be_bytes(ip.frags) & IP_MF_OFFSET != 0 {
         return Err(Reason::NotOurs.into());
+    }
+    if ip.proto == IPPROTO_ICMP {
+        // SAFETY: a read-only view of one byte.
+        let kind: &u8 = unsafe { pkt.get(ETH_LEN + IP_LEN)? };
+        if is_icmp_error(*kind) {
+            return relay::handle(hook, cfg);
+        }
     }
     let (sport, dport) = match l4::ports(pkt, ETH_LEN + IP_LEN, ip.proto, Side::Dst) {
         Ok(p) => p,
@@ -48,26 +57,20 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
         return Err(Reason::BadLength.into());
     }
     if ip.ttl <= 1 {
-        return Err(Reason::TtlExceeded.into());
+        return icmp::to_sender(hook, Error::TIME_EXCEEDED, Reason::TtlExceeded);
     }
-    let outer_len = len.checked_add(IP_LEN as u16).ok_or(Reason::TooBig)?;
-    let wire_len = hook.largest_segment(len, ETH_LEN + IP_LEN, ip.proto) + IP_LEN as u16;
-    let hop = fib::lookup(
-        hook,
-        cfg.tunnel_local,
-        flow.peer_addr,
-        IPPROTO_IPIP,
-        wire_len,
-    )?;
+    let hop = route_to_peer(hook, cfg, flow.peer_addr, len, ip.proto)?;
+    if let (NextHop::TooBig { mtu }, true) = (&hop, has_df(ip)) {
+        // What fits once our outer header is added (RFC 2003 section 5.1).
+        let fits = mtu.saturating_sub(IP_LEN as u16);
+        return icmp::to_sender(hook, Error::frag_needed(fits), Reason::TooBig);
+    }
     let now = state::now();
     state::touch(flow, len, now);
     if key.proto == IPPROTO_TCP {
         state::track_in(flow, l4::tcp_flags(pkt, ETH_LEN + IP_LEN));
     }
 
-    let outer = outer_header(ip, outer_len, cfg.tunnel_local, flow.peer_addr);
-    // SAFETY: a copy, taken while the packet view is valid.
-    let orig: EthHdr = unsafe { *pkt.get::<EthHdr>(0)? };
     // Always our hop on the inner TTL: should the kernel forward this packet
     // (unresolved neighbour), it decrements the outer TTL only.
     l4::translate(
@@ -78,26 +81,55 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
         flow.client_port,
         true,
     )?;
+    encapsulate(hook, cfg, flow.peer_addr, &hop, Reason::ReverseHit)
+}
+
+/// The next hop toward `peer` of the `len`-byte IP packet in the hook,
+/// once encapsulated.
+#[inline(always)]
+pub fn route_to_peer<H: Hook>(
+    hook: &H,
+    cfg: &Config,
+    peer: [u8; 4],
+    len: u16,
+    proto: u8,
+) -> Result<NextHop, Reason> {
+    if usize::from(len) > usize::from(u16::MAX) - IP_LEN {
+        return Err(Reason::TooBig);
+    }
+    let wire_len = hook.largest_segment(len, ETH_LEN + IP_LEN, proto) + IP_LEN as u16;
+    fib::lookup(hook, cfg.tunnel_local, peer, IPPROTO_IPIP, wire_len)
+}
+
+/// Wraps the (translated) IP packet in the hook in an RFC 2003 outer header
+/// to `peer` and sends it toward `hop` (from [`route_to_peer`]).
+#[inline(always)]
+pub fn encapsulate<H: Hook>(
+    hook: &mut H,
+    cfg: &Config,
+    peer: [u8; 4],
+    hop: &NextHop,
+    reason: Reason,
+) -> Result<Outcome, Outcome> {
+    let pkt = hook.packet();
+    // SAFETY: copies out of the packet.
+    let (orig, inner) = unsafe { (*pkt.get::<EthHdr>(0)?, *pkt.get::<Ipv4Hdr>(ETH_LEN)?) };
+    let outer = Ipv4 {
+        // RFC 2003: TOS and DF copied from the inner header, our TTL.
+        tos: inner.tos,
+        // No overflow: checked by `route_to_peer`.
+        tot_len: inner.tot_len().wrapping_add(IP_LEN as u16),
+        // SAFETY: no preconditions.
+        id: unsafe { bpf_get_prandom_u32() } as u16,
+        df: has_df(&inner),
+        ttl: OUTER_TTL,
+        proto: IPPROTO_IPIP,
+        src: cfg.tunnel_local,
+        dst: peer,
+    };
     hook.adjust_head(-(IP_LEN as i32))?;
     let pkt = hook.packet();
     // SAFETY: the only live reference into the packet.
     outer.write(unsafe { pkt.get(ETH_LEN)? });
-    send(hook, pkt, &hop, &orig, Reason::ReverseHit)
-}
-
-/// The RFC 2003 outer header for `inner`: TOS and DF copied from the inner
-/// header, a fresh ID, our TTL, protocol 4 and a valid checksum.
-#[inline(always)]
-fn outer_header(inner: &Ipv4Hdr, tot_len: u16, src: [u8; 4], dst: [u8; 4]) -> Ipv4 {
-    Ipv4 {
-        tos: inner.tos,
-        tot_len,
-        // SAFETY: no preconditions.
-        id: unsafe { bpf_get_prandom_u32() } as u16,
-        df: u16::from_be_bytes(inner.frags) & IP_DF != 0,
-        ttl: OUTER_TTL,
-        proto: IPPROTO_IPIP,
-        src,
-        dst,
-    }
+    send(hook, pkt, hop, &orig, reason)
 }

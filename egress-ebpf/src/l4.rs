@@ -25,16 +25,18 @@ pub struct IcmpEcho {
 
 /// The ports that open both TCP and UDP headers.
 #[repr(C)]
-struct PortPair {
-    src: [u8; 2],
-    dst: [u8; 2],
+pub struct PortPair {
+    pub src: [u8; 2],
+    pub dst: [u8; 2],
 }
 
+/// What an ICMP error quotes of the transport header (RFC 792).
+const QUOTED_L4_LEN: usize = 8;
 /// Offsets of the checksum in the TCP and UDP headers.
-const TCP_CHECK: usize = 16;
+pub const TCP_CHECK: usize = 16;
 /// Offset of TCP's data offset (header length in words, upper nibble).
 const TCP_DATA_OFFSET: usize = 12;
-const UDP_CHECK: usize = 6;
+pub const UDP_CHECK: usize = 6;
 /// Offset of the flags byte (FIN..CWR) in the TCP header.
 const TCP_FLAGS: usize = 13;
 
@@ -52,13 +54,29 @@ pub enum Side {
 /// stands on the translated side and the other side's port is 0.
 #[inline(always)]
 pub fn ports(pkt: Packet, off: usize, proto: u8, side: Side) -> Result<([u8; 2], [u8; 2]), Reason> {
+    if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
+        // The whole header must be there: its checksum gets rewritten.
+        // SAFETY: a read-only bounds check.
+        unsafe { pkt.get::<u8>(off + min_len(proto) - 1)? };
+    }
+    quoted_ports(pkt, off, proto, side)
+}
+
+/// As [`ports`], of a transport header of which only the 8 bytes that every
+/// ICMP error quotes need be present.
+#[inline(always)]
+pub fn quoted_ports(
+    pkt: Packet,
+    off: usize,
+    proto: u8,
+    side: Side,
+) -> Result<([u8; 2], [u8; 2]), Reason> {
     // SAFETY: each header is only read here, and no other reference into the
     // packet is live in this function.
     unsafe {
         match proto {
             IPPROTO_TCP | IPPROTO_UDP => {
-                // The whole header must be there: its checksum gets rewritten.
-                pkt.get::<u8>(off + min_len(proto) - 1)?;
+                pkt.get::<[u8; QUOTED_L4_LEN]>(off)?;
                 let ports: &PortPair = pkt.get(off)?;
                 Ok((ports.src, ports.dst))
             }

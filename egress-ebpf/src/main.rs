@@ -22,6 +22,8 @@ mod outbound;
 #[cfg(target_arch = "bpf")]
 mod packet;
 #[cfg(target_arch = "bpf")]
+mod relay;
+#[cfg(target_arch = "bpf")]
 mod state;
 #[cfg(target_arch = "bpf")]
 mod tc;

@@ -3,6 +3,7 @@
 
 use egress_common::{
     flow::IPPROTO_IPIP,
+    headers::IP_DF,
     reason::{Reason, Verdict},
 };
 use network_types::{
@@ -20,6 +21,12 @@ pub const ETH_LEN: usize = EthHdr::LEN;
 pub const IP_LEN: usize = Ipv4Hdr::LEN;
 /// Flags and fragment offset bits other than DF: MF and the offset.
 pub const IP_MF_OFFSET: u16 = 0x3fff;
+
+/// Whether the header has "don't fragment" set.
+#[inline(always)]
+pub fn has_df(ip: &Ipv4Hdr) -> bool {
+    u16::from_be_bytes(ip.frags) & IP_DF != 0
+}
 
 /// A packet the program acts on, and the counter that records why.
 pub struct Outcome {
@@ -81,8 +88,9 @@ pub fn process<H: Hook>(hook: &mut H) -> Result<Outcome, Outcome> {
 }
 
 /// Turns a next hop into the hook's action, writing the Ethernet header of
-/// the (already rewritten) packet. An unresolved neighbour keeps the frame's
-/// original addresses, which makes the kernel accept it as addressed to us.
+/// the (already rewritten) packet. A packet the kernel must forward (no
+/// neighbour yet, or to be fragmented) keeps the frame's original addresses,
+/// which makes the kernel accept it as addressed to us.
 #[inline(always)]
 pub fn send<H: Hook>(
     hook: &H,
@@ -94,7 +102,7 @@ pub fn send<H: Hook>(
     // SAFETY: the only live reference into the packet.
     let eth: &mut EthHdr = unsafe { pkt.get(0)? };
     eth.ether_type = EtherType::Ipv4 as u16;
-    match *hop {
+    let to_kernel = match *hop {
         NextHop::Resolved {
             ifindex,
             src_mac,
@@ -107,15 +115,15 @@ pub fn send<H: Hook>(
             } else {
                 Action::Redirect(ifindex)
             };
-            Ok(Outcome { action, reason })
+            return Ok(Outcome { action, reason });
         }
-        NextHop::Unresolved => {
-            eth.src_addr = orig.src_addr;
-            eth.dst_addr = orig.dst_addr;
-            Ok(Outcome {
-                action: Action::Pass,
-                reason: Reason::NoNeighbour,
-            })
-        }
-    }
+        NextHop::Unresolved => Reason::NoNeighbour,
+        NextHop::TooBig { .. } => Reason::KernelFragments,
+    };
+    eth.src_addr = orig.src_addr;
+    eth.dst_addr = orig.dst_addr;
+    Ok(Outcome {
+        action: Action::Pass,
+        reason: to_kernel,
+    })
 }

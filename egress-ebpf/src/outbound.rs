@@ -10,10 +10,10 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     fib::{self, NextHop},
-    icmp,
+    icmp::{self, Error},
     l4::{self, Side},
     maps,
-    nat::{ETH_LEN, IP_LEN, IP_MF_OFFSET, Outcome, send},
+    nat::{ETH_LEN, IP_LEN, IP_MF_OFFSET, Outcome, has_df, send},
     packet::{Hook, Packet},
     state,
 };
@@ -25,6 +25,8 @@ struct Inner {
     key: FlowKey,
     peer: [u8; 4],
     len: u16,
+    ttl: u8,
+    df: bool,
 }
 
 pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
@@ -42,9 +44,17 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
             cfg.snat_for(key.src)
         }
     };
+    // Only now that the sender is known to be ours: we are a router hop, so
+    // traceroute from the client shows the gateway.
+    if inner.ttl <= 1 {
+        return icmp::to_client(hook, Error::TIME_EXCEEDED, Reason::TtlExceeded);
+    }
     // Route before creating state: an unroutable destination leaves none.
     let wire_len = hook.largest_segment(inner.len, INNER + IP_LEN, key.proto);
     let hop = fib::lookup(hook, nat_addr, key.dst, key.proto, wire_len)?;
+    if let (NextHop::TooBig { mtu }, true) = (&hop, inner.df) {
+        return icmp::to_client(hook, Error::frag_needed(*mtu), Reason::TooBig);
+    }
     let now = state::now();
     let (flow, reason) = match existing {
         Some(f) => (f, Reason::Translated),
@@ -53,7 +63,8 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
             // Refused: tell the client at once (RFC 5508 REQ-8) rather than
             // let it time out.
             Err(r @ (Reason::PortsExhausted | Reason::TableFull | Reason::ClientLimit)) => {
-                return icmp::to_client(hook, ICMP_DEST_UNREACH, ICMP_ADMIN_PROHIBITED, r);
+                let error = Error::new(ICMP_DEST_UNREACH, ICMP_ADMIN_PROHIBITED);
+                return icmp::to_client(hook, error, r);
             }
             Err(r) => return Err(r.into()),
         },
@@ -126,9 +137,6 @@ fn validate(pkt: Packet) -> Result<Inner, Reason> {
     if u16::from_be_bytes(inner.frags) & IP_MF_OFFSET != 0 {
         return Err(Reason::Fragment);
     }
-    if inner.ttl <= 1 {
-        return Err(Reason::TtlExceeded);
-    }
     let (sport, dport) = l4::ports(pkt, INNER + IP_LEN, inner.proto, Side::Src)?;
     Ok(Inner {
         key: FlowKey {
@@ -142,5 +150,7 @@ fn validate(pkt: Packet) -> Result<Inner, Reason> {
         },
         peer: outer.src_addr,
         len,
+        ttl: inner.ttl,
+        df: has_df(inner),
     })
 }

@@ -27,6 +27,9 @@ pub const CLIENT2: [u8; 4] = [10, 0, 2, 2];
 pub const SERVER: [u8; 4] = [203, 0, 113, 10];
 /// Reached via a next hop that has no neighbour entry.
 pub const UNRESOLVED: [u8; 4] = [198, 51, 100, 7];
+/// Reached by a route whose MTU is [`SMALL_MTU`].
+pub const BEHIND_SMALL_MTU: [u8; 4] = [203, 0, 113, 99];
+pub const SMALL_MTU: u16 = 1400;
 /// Routed out of a second interface, eth1, via a resolved next hop.
 pub const BEYOND_ETH1: [u8; 4] = [198, 18, 0, 5];
 pub const ETH1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x20];
@@ -86,6 +89,11 @@ impl Gateway {
             format!("ip addr add {}/24 dev eth0", ip(GW)),
             format!("ip route add default via {}", ip(ROUTER)),
             format!("ip route add {}/32 via 10.1.1.2", ip(UNRESOLVED)),
+            format!(
+                "ip route add {}/32 via {} mtu lock {SMALL_MTU}",
+                ip(BEHIND_SMALL_MTU),
+                ip(ROUTER)
+            ),
             "ip link add eth1 type veth peer name p1".into(),
             format!("ip link set eth1 address {}", mac(ETH1_MAC)),
             "ip link set eth1 up".into(),

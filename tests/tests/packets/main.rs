@@ -24,6 +24,7 @@ macro_rules! for_each_hook {
 
 mod frames;
 mod gateway;
+mod icmp;
 mod state;
 
 use egress_common::reason::Reason;
@@ -344,16 +345,17 @@ fn rejected() -> Vec<(&'static str, Vec<u8>, Verdict, Reason)> {
             Reason::Loop,
         ),
         (
-            "inner TTL 1",
+            // Policy first: the gateway answers only its clients.
+            "inner TTL 1 from a source not a client",
             from_peer(&ip_packet(
                 Ip {
                     ttl: 1,
-                    ..Ip::new(CLIENT, SERVER)
+                    ..Ip::new([172, 16, 0, 1], SERVER)
                 },
                 tcp,
             )),
             Verdict::Drop,
-            Reason::TtlExceeded,
+            Reason::ClientNotAllowed,
         ),
         (
             "truncated inner header",

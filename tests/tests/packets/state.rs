@@ -12,7 +12,7 @@ use egress_user::settings::PortRange;
 use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
 
 use super::*;
-use crate::frames::icmp_error;
+use crate::icmp::assert_answered_through_tunnel;
 
 for_each_hook!(
     tcp_state_follows_handshake_and_teardown_in_both_directions,
@@ -133,32 +133,8 @@ fn mapping_is_endpoint_independent(hook: Hook) {
 /// unreachable, administratively prohibited, to `client` through the tunnel.
 fn assert_refused(gw: &mut Gateway, client: [u8; 4], l4: L4, want: Reason) {
     let inner = ip_packet(Ip::new(client, SERVER), l4);
-    let (verdict, out, reason) = gw.run(&from_peer(&inner));
-    assert_eq!((verdict, reason), (Verdict::Tx, want));
-    assert_checksums_valid(&out);
-    let id = |at: usize| u16::from_be_bytes([out[at], out[at + 1]]);
-    let error = Ip {
-        id: id(14 + 20 + 4),
-        df: false,
-        tos: 0xc0,
-        ..Ip::new(GW, client)
-    };
-    let error = icmp_error(
-        error,
-        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FilterProhibited),
-        &inner[..28],
-    );
-    let outer = Ip {
-        id: id(14 + 4),
-        df: false,
-        tos: 0xc0,
-        ..Ip::new(GW, PEER)
-    };
-    assert_eq!(
-        out,
-        ethernet(GW_MAC, ROUTER_MAC, &encapsulate(outer, &error)),
-        "ICMP 3/13 to the client"
-    );
+    let prohibited = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FilterProhibited);
+    assert_answered_through_tunnel(gw, &inner, prohibited, want);
 }
 
 fn exhausted_ports_refuse_new_flows_and_keep_old_ones(hook: Hook) {
