@@ -12,6 +12,7 @@ type Package = (&'static str, &'static str, &'static str);
 pub const TEST: &[Package] = &[
     ("ip", "iproute2", "6.1.0-3"),
     ("ping", "iputils-ping", "3:20221126-1+deb12u1"),
+    ("tracepath", "iputils-tracepath", "3:20221126-1+deb12u1"),
     ("curl", "curl", "7.88.1-10+deb12u15"),
     ("ethtool", "ethtool", "1:6.1-1"),
 ];
