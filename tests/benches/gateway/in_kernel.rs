@@ -2,7 +2,7 @@
 //! frames (the programs rewrite packets in place, so the kernel's own
 //! repeat would not redo the work), the kernel's timing of each run.
 
-use crate::frames::{Ip, L4, encapsulate, ethernet, ip_packet};
+use crate::frames::{Ip, L4, encapsulate, ethernet, icmp_error, ip_packet};
 use crate::gateway::*;
 use crate::report::Series;
 use egress_user::settings::PortRange;
@@ -26,6 +26,7 @@ pub struct InKernel {
     pub outbound: Series,
     pub inbound: Series,
     pub new_flow: Series,
+    pub icmp_error: Series,
 }
 
 fn median(mut ns: Vec<u64>) -> u64 {
@@ -75,6 +76,17 @@ pub fn measure() -> InKernel {
     );
     // Create the flow; the established series then reuse it.
     gw.run(&outbound);
+    // Port unreachable from the server about the flow's translated segment
+    // (the client's port is free, so it is kept).
+    let sent = ip_packet(Ip::new(GW, SERVER), L4::tcp(23456, 443, &payload));
+    let unreachable = etherparse::Icmpv4Type::DestinationUnreachable(
+        etherparse::icmpv4::DestUnreachableHeader::Port,
+    );
+    let error = ethernet(
+        ROUTER_MAC,
+        GW_MAC,
+        &icmp_error(Ip::new(SERVER, GW), unreachable, &sent),
+    );
     let mut out = vec![0u8; 2048];
 
     let mut figures = InKernel {
@@ -82,6 +94,7 @@ pub fn measure() -> InKernel {
         outbound: Series::default(),
         inbound: Series::default(),
         new_flow: Series::default(),
+        icmp_error: Series::default(),
     };
     // Series interleaved run by run, so drift on a shared machine hits all alike.
     for run in 0..RUNS {
@@ -94,6 +107,7 @@ pub fn measure() -> InKernel {
         for (series, frame) in [
             (&mut figures.outbound, &outbound),
             (&mut figures.inbound, &inbound),
+            (&mut figures.icmp_error, &error),
         ] {
             series.push(run_median(
                 gw.test_run(frame, PER_RUN, &mut out)

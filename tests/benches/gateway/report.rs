@@ -62,7 +62,7 @@ pub struct Report {
 
 impl Report {
     /// (JSON key, table name, figures, whether `TARGET_IN_KERNEL` applies)
-    fn in_kernel_rows(&self) -> [(&'static str, &'static str, &Series, bool); 4] {
+    fn in_kernel_rows(&self) -> [(&'static str, &'static str, &Series, bool); 5] {
         let k = &self.in_kernel;
         [
             (
@@ -87,6 +87,12 @@ impl Report {
                 "new_flow_outbound",
                 "new flow outbound (creates state)",
                 &k.new_flow,
+                false,
+            ),
+            (
+                "icmp_error_return",
+                "ICMP error relayed (un-NAT quote+encap+FIB)",
+                &k.icmp_error,
                 false,
             ),
         ]
