@@ -1,33 +1,162 @@
-//! The interface the gateway serves.
+//! The interface the gateway serves, and what the kernel says about it.
 
-use std::{ffi::CString, net::Ipv4Addr};
+use std::{ffi::CString, io, net::Ipv4Addr};
 
 use anyhow::{Context as _, bail};
 
+use crate::netlink::{self, Request, Socket, attr_u32};
+
+/// `struct ifinfomsg` is 16 bytes: family, pad, type, index, flags, change.
+const IFINFOMSG: usize = 16;
+const IFLA_MTU: u16 = 4;
+/// `struct rtmsg` is 12 bytes.
+const RTMSG: usize = 12;
+const RTA_DST: u16 = 1;
+const RTA_OIF: u16 = 4;
+const RTA_GATEWAY: u16 = 5;
+/// The `netdev` generic-netlink family (Linux 6.3+) and its device query.
+const NETDEV_CMD_DEV_GET: u8 = 1;
+const NETDEV_A_DEV_IFINDEX: u16 = 1;
+const NETDEV_A_DEV_XDP_FEATURES: u16 = 3;
+/// `NETDEV_XDP_ACT_BASIC`: the driver runs XDP programs natively.
+const XDP_ACT_BASIC: u64 = 1;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Interface {
     pub name: String,
     pub index: u32,
     /// The first IPv4 address on the interface (on EC2, the primary private
     /// address the Internet gateway maps 1:1 to the Elastic IP).
     pub primary: Option<Ipv4Addr>,
+    /// Administratively up (`ip link set NAME up`).
+    pub up: bool,
 }
 
 impl Interface {
     pub fn find(name: &str) -> anyhow::Result<Self> {
+        match Self::lookup(name)? {
+            Some(iface) => Ok(iface),
+            None => bail!("interface {name:?} does not exist (see `ip link`)"),
+        }
+    }
+
+    /// The interface called `name`, or `None` if there is none.
+    pub fn lookup(name: &str) -> anyhow::Result<Option<Self>> {
         let cname = CString::new(name).context("interface name contains a NUL byte")?;
         // SAFETY: `cname` is a valid NUL-terminated string.
         let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
         if index == 0 {
-            bail!("interface {name:?} does not exist (see `ip link`)");
+            return Ok(None);
         }
-        let primary = nix::ifaddrs::getifaddrs()
+        let mut primary = None;
+        let mut up = false;
+        for a in nix::ifaddrs::getifaddrs()
             .context("cannot list interface addresses")?
             .filter(|a| a.interface_name == name)
-            .find_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()));
-        Ok(Self {
+        {
+            up |= a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP);
+            if primary.is_none() {
+                primary = a.address.and_then(|s| s.as_sockaddr_in().map(|s| s.ip()));
+            }
+        }
+        Ok(Some(Self {
             name: name.to_owned(),
             index,
             primary,
-        })
+            up,
+        }))
     }
+
+    /// The interface's MTU.
+    pub fn mtu(&self) -> io::Result<u32> {
+        let mut ifinfomsg = [0u8; IFINFOMSG];
+        ifinfomsg[4..8].copy_from_slice(&(self.index as i32).to_ne_bytes());
+        Socket::open(libc::NETLINK_ROUTE, 0)?
+            .request(Request::new(libc::RTM_GETLINK, &ifinfomsg))?
+            .iter()
+            .find_map(|m| m.attrs(IFINFOMSG).find(|&(k, _)| k == IFLA_MTU))
+            .and_then(|(_, v)| attr_u32(v))
+            .ok_or_else(|| io::Error::other("the kernel reported no MTU"))
+    }
+
+    /// Whether the driver runs XDP natively; `None` when the kernel cannot
+    /// say (before Linux 6.3, which added the `netdev` family).
+    pub fn native_xdp(&self) -> io::Result<Option<bool>> {
+        let sock = Socket::open(libc::NETLINK_GENERIC, 0)?;
+        let Some(family) = netlink::genl_family(&sock, "netdev")? else {
+            return Ok(None);
+        };
+        let request = Request::new(family, &netlink::genl_header(NETDEV_CMD_DEV_GET, 1))
+            .attr(NETDEV_A_DEV_IFINDEX, &self.index.to_ne_bytes());
+        Ok(sock.request(request)?.iter().find_map(|m| {
+            m.attrs(4)
+                .find(|&(k, _)| k == NETDEV_A_DEV_XDP_FEATURES)
+                .and_then(|(_, v)| Some(u64::from_ne_bytes(v.get(0..8)?.try_into().ok()?)))
+                .map(|features| features & XDP_ACT_BASIC != 0)
+        }))
+    }
+}
+
+/// Where the kernel routes packets to one address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// Index of the interface the packets leave by.
+    pub oif: u32,
+    /// The next hop, when not directly connected.
+    pub via: Option<Ipv4Addr>,
+}
+
+/// The route to `dst` (`ip route get`), `None` if unreachable.
+pub fn route_to(dst: Ipv4Addr) -> io::Result<Option<Route>> {
+    let mut rtmsg = [0u8; RTMSG];
+    rtmsg[0] = libc::AF_INET as u8;
+    rtmsg[1] = 32;
+    let request = Request::new(libc::RTM_GETROUTE, &rtmsg).attr(RTA_DST, &dst.octets());
+    let answer = match Socket::open(libc::NETLINK_ROUTE, 0)?.request(request) {
+        Ok(answer) => answer,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENETUNREACH | libc::EHOSTUNREACH)) => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(answer.iter().find_map(|m| {
+        let mut route = Route { oif: 0, via: None };
+        for (kind, data) in m.attrs(RTMSG) {
+            match kind {
+                RTA_OIF => route.oif = attr_u32(data)?,
+                RTA_GATEWAY => route.via = Some(<[u8; 4]>::try_from(data).ok()?.into()),
+                _ => {}
+            }
+        }
+        (route.oif != 0).then_some(route)
+    }))
+}
+
+/// The name of interface `index`, if it exists.
+pub fn name_of(index: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has room for IF_NAMESIZE bytes, as if_indextoname needs.
+    let name = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if name.is_null() {
+        return None;
+    }
+    // SAFETY: on success `buf` holds a NUL-terminated name.
+    Some(
+        unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
+
+/// Names of every interface, for suggestions.
+pub fn names() -> Vec<String> {
+    let mut names: Vec<String> = nix::net::if_::if_nameindex()
+        .map(|list| {
+            list.iter()
+                .map(|i| i.name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
 }

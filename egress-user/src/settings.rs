@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use ipnet::Ipv4Net;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{gc::Timeouts, pinning::DEFAULT_STATE_DIR};
 
@@ -63,6 +63,12 @@ impl fmt::Display for PortRange {
     }
 }
 
+impl Serialize for PortRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl<'de> Deserialize<'de> for PortRange {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         String::deserialize(d)?
@@ -72,7 +78,9 @@ impl<'de> Deserialize<'de> for PortRange {
 }
 
 /// Which hook the data path is attached to.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     /// Native (driver) XDP, falling back to TC with a warning.
@@ -86,8 +94,8 @@ pub enum AttachMode {
     Tc,
 }
 
-/// The `[gateway]` settings as written in a config file; every key optional.
-#[derive(Debug, Default, Deserialize)]
+/// The settings as written in a config file; every key optional.
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct FileSettings {
     pub iface: Option<String>,
@@ -107,7 +115,7 @@ pub struct FileSettings {
 }
 
 /// The `[timeouts]` table: idle timeouts as human durations ("2h4m", "30s").
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct FileTimeouts {
     #[serde(default, with = "humantime_serde")]
@@ -162,15 +170,27 @@ impl FileSettings {
     pub fn read(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
-        toml::from_str(&text).map_err(|e| {
+        Self::parse(&text).map_err(|e| anyhow::anyhow!("config file {}, {e}", path.display()))
+    }
+
+    /// Parses a config file's text; an error names the line and the key.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|mut e| {
             let line = e
                 .span()
                 .map_or(0, |s| text[..s.start].matches('\n').count() + 1);
-            anyhow::anyhow!(
-                "config file {} line {line}: {}",
-                path.display(),
-                e.message().trim()
-            )
+            let message = e.message().trim().to_owned();
+            // Without the input to quote, the error's text ends with the
+            // path of keys it occurred under ("in `timeouts.udp`").
+            e.set_input(None);
+            let key = e
+                .to_string()
+                .lines()
+                .find_map(|l| Some(l.strip_prefix("in `")?.strip_suffix('`')?.to_owned()));
+            match key {
+                Some(key) => format!("line {line}, key `{key}`: {message}"),
+                None => format!("line {line}: {message}"),
+            }
         })
     }
 }
@@ -293,6 +313,52 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// These settings as a config file would give them, every default
+    /// spelled out.
+    pub fn to_file(&self) -> FileSettings {
+        let t = &self.timeouts;
+        FileSettings {
+            iface: Some(self.iface.clone()),
+            peer: Some(self.peers.clone()),
+            client_cidr: Some(self.client_cidrs.clone()),
+            snat: non_empty(Some(self.snat.clone())),
+            tunnel_local: self.tunnel_local,
+            ports: Some(self.ports),
+            attach: Some(self.attach),
+            max_flows: Some(self.max_flows),
+            max_client_flows: Some(self.max_client_flows),
+            state_dir: Some(self.state_dir.clone()),
+            metrics: self.metrics,
+            metrics_top_flows: Some(self.metrics_top_flows),
+            timeouts: FileTimeouts {
+                tcp_established: Some(t.tcp_established),
+                tcp_transitory: Some(t.tcp_transitory),
+                tcp_reset: Some(t.tcp_reset),
+                udp: Some(t.udp),
+                icmp: Some(t.icmp),
+            },
+        }
+    }
+
+    /// The effective configuration as TOML that `--config` reads back;
+    /// settings left to a run-time default are comments saying so.
+    pub fn dump(&self) -> anyhow::Result<String> {
+        let mut out = String::from("# Effective configuration of the egress gateway.\n");
+        if self.snat.is_empty() {
+            out += "# snat: not set, the interface's first IPv4 address at start.\n";
+        }
+        if self.tunnel_local.is_none() {
+            out += "# tunnel-local: not set, the interface's first IPv4 address at start.\n";
+        }
+        if self.metrics.is_none() {
+            out += "# metrics: not set, no metrics endpoint.\n";
+        }
+        out += &toml::to_string(&self.to_file()).context("cannot write the settings as TOML")?;
+        Ok(out)
+    }
+}
+
 /// A list flag that was not given arrives as an empty list: treat it as unset.
 fn non_empty<T>(v: Option<Vec<T>>) -> Option<Vec<T>> {
     v.filter(|v| !v.is_empty())
@@ -372,11 +438,97 @@ mod tests {
         assert!(format!("{e:#}").contains("--peer"));
     }
 
+    /// Parses `text` as a config file and expects an error naming `key`.
+    fn rejected(text: &str, key: &str) -> String {
+        let e = FileSettings::parse(text).expect_err(text);
+        assert!(e.contains(&format!("`{key}`")), "{text:?}: {e}");
+        e
+    }
+
     #[test]
-    fn unknown_and_bad_keys_are_named() {
-        let e = toml::from_str::<FileSettings>("peers = []").unwrap_err();
-        assert!(e.message().contains("peers"), "{e}");
-        let e = toml::from_str::<FileSettings>("client-cidr = [\"10.0.0.0/33\"]").unwrap_err();
-        assert!(e.to_string().contains("client-cidr"), "{e}");
+    fn every_kind_of_mistake_names_the_key() {
+        // Unknown keys, at the top and in a table.
+        rejected("peers = []", "peers");
+        rejected("[timeouts]\ntcp = \"1m\"", "tcp");
+        // Bad CIDR, also in a list spread over lines.
+        let e = rejected("client-cidr = [\n  \"10.0.0.0/8\",\n  \"10.0.0.0/33\",\n]", "client-cidr");
+        assert!(e.starts_with("line 3,"), "{e}");
+        // Bad port ranges.
+        rejected("ports = \"2048-1024\"", "ports");
+        rejected("ports = \"1024\"", "ports");
+        rejected("ports = \"1-70000\"", "ports");
+        // Bad durations.
+        rejected("[timeouts]\nudp = \"5 parsecs\"", "timeouts.udp");
+        rejected("[timeouts]\nicmp = 60", "timeouts.icmp");
+        // Bad addresses.
+        rejected("peer = [\"10.0.1.256\"]", "peer");
+        rejected("tunnel-local = \"eth0\"", "tunnel-local");
+        rejected("snat = [\"10.1.1.10/32\"]", "snat");
+        rejected("metrics = \"127.0.0.1\"", "metrics");
+        // Wrong types.
+        rejected("max-flows = \"many\"", "max-flows");
+        rejected("max-client-flows = -1", "max-client-flows");
+        rejected("peer = \"10.0.1.10\"", "peer");
+        rejected("attach = \"fast\"", "attach");
+        rejected("iface = 0", "iface");
+    }
+
+    #[test]
+    fn invalid_values_are_named_after_merging() {
+        let merged = |text: &str| {
+            Settings::merge(FileSettings::default(), FileSettings::parse(text).unwrap())
+                .unwrap_err()
+                .to_string()
+        };
+        let valid = "iface = \"eth0\"\npeer = [\"10.0.1.10\"]\nclient-cidr = [\"10.0.0.0/16\"]\n";
+        assert!(merged(&format!("{valid}max-flows = 0")).contains("max-flows"));
+        assert!(merged(&format!("{valid}[timeouts]\nudp = \"0s\"")).contains("timeouts.udp"));
+        assert!(merged("peer = [\"10.0.1.10\"]").contains("iface"));
+    }
+
+    #[test]
+    fn dump_reads_back_as_the_same_settings() {
+        let mut c = cli();
+        c.timeouts.set("udp=2m 30s").unwrap();
+        c.metrics = Some("127.0.0.1:9464".parse().unwrap());
+        c.snat = Some(vec![Ipv4Addr::new(10, 1, 1, 10), Ipv4Addr::new(10, 1, 1, 11)]);
+        for settings in [
+            Settings::merge(cli(), FileSettings::default()).unwrap(),
+            Settings::merge(c, FileSettings::default()).unwrap(),
+        ] {
+            let text = settings.dump().unwrap();
+            let back = Settings::merge(FileSettings::default(), FileSettings::parse(&text).unwrap());
+            assert_eq!(back.unwrap(), settings, "{text}");
+        }
+    }
+
+    const SAMPLE: &str = include_str!("../../packaging/gateway.toml");
+
+    #[test]
+    fn the_sample_config_parses_and_documents_every_key() {
+        let sample = FileSettings::parse(SAMPLE).unwrap();
+        let settings = Settings::merge(FileSettings::default(), sample).unwrap();
+        assert!(settings.warnings().is_empty(), "{:?}", settings.warnings());
+        // Every key a dump can hold appears in the sample, set or commented.
+        let mut full = settings.to_file();
+        full.snat = Some(vec![Ipv4Addr::new(10, 1, 1, 10)]);
+        full.tunnel_local = Some(Ipv4Addr::new(10, 1, 1, 10));
+        full.metrics = Some("127.0.0.1:9464".parse().unwrap());
+        let table: toml::Table = toml::from_str(&toml::to_string(&full).unwrap()).unwrap();
+        let mut keys: Vec<String> = Vec::new();
+        for (key, value) in &table {
+            match value.as_table() {
+                Some(inner) => keys.extend(inner.keys().cloned()),
+                None => keys.push(key.clone()),
+            }
+        }
+        for key in keys {
+            let documented = SAMPLE.lines().any(|l| {
+                let l = l.trim_start_matches(['#', ' ']);
+                l.strip_prefix(key.as_str())
+                    .is_some_and(|rest| rest.starts_with(" ="))
+            });
+            assert!(documented, "key {key} is missing from packaging/gateway.toml");
+        }
     }
 }

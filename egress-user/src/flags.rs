@@ -1,0 +1,89 @@
+//! The gateway's settings as command-line flags, shared by `egress run`,
+//! `egress check` and `egress config`.
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use ipnet::Ipv4Net;
+
+use crate::settings::{AttachMode, FileSettings, FileTimeouts, PortRange, Settings};
+
+/// The gateway's settings as flags, shared by `run`, `check` and `config`.
+#[derive(clap::Args, Default)]
+pub struct GatewayArgs {
+    /// TOML file with the same settings; flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Interface that receives the tunnel and faces the Internet.
+    #[arg(long)]
+    pub iface: Option<String>,
+    /// Outer source address allowed to send IP-in-IP (repeatable).
+    #[arg(long = "peer")]
+    pub peers: Vec<Ipv4Addr>,
+    /// Inner source range that may be translated (repeatable).
+    #[arg(long = "client-cidr")]
+    pub client_cidrs: Vec<Ipv4Net>,
+    /// Translation address (repeatable) [default: the interface's address].
+    #[arg(long)]
+    pub snat: Vec<Ipv4Addr>,
+    /// Address peers tunnel to [default: the interface's address].
+    #[arg(long)]
+    pub tunnel_local: Option<Ipv4Addr>,
+    /// Translation port range LO-HI [default: 1024-32767].
+    #[arg(long)]
+    pub ports: Option<PortRange>,
+    /// Hook to attach to [default: auto].
+    #[arg(long, value_enum)]
+    pub attach: Option<AttachMode>,
+    /// Flow table capacity [default: 1048576].
+    #[arg(long)]
+    pub max_flows: Option<u32>,
+    /// Most flows one client address may have at once, 0 for no limit [default: 65536].
+    #[arg(long)]
+    pub max_client_flows: Option<u32>,
+    /// Idle timeout KIND=DURATION, KIND one of tcp-established, tcp-transitory,
+    /// tcp-reset, udp, icmp (repeatable) [defaults: 2h4m, 4m, 10s, 5m, 60s].
+    #[arg(long = "timeout", value_name = "KIND=DURATION")]
+    pub timeouts: Vec<String>,
+    /// bpffs directory where the connection state persists across restarts
+    /// [default: /sys/fs/bpf/egress].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics on ADDR:PORT (/metrics, /healthz).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Flows exported one by one on /metrics, the largest by bytes [default: 10].
+    #[arg(long, value_name = "N")]
+    pub metrics_top_flows: Option<usize>,
+}
+
+impl GatewayArgs {
+    /// The flags over the config file (if one is given), validated.
+    pub fn settings(self) -> anyhow::Result<Settings> {
+        let file = match &self.config {
+            Some(path) => FileSettings::read(path)?,
+            None => FileSettings::default(),
+        };
+        let mut timeouts = FileTimeouts::default();
+        for flag in &self.timeouts {
+            timeouts
+                .set(flag)
+                .map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
+        }
+        let cli = FileSettings {
+            iface: self.iface,
+            peer: Some(self.peers),
+            client_cidr: Some(self.client_cidrs),
+            snat: Some(self.snat),
+            tunnel_local: self.tunnel_local,
+            ports: self.ports,
+            attach: self.attach,
+            max_flows: self.max_flows,
+            max_client_flows: self.max_client_flows,
+            state_dir: self.state_dir,
+            metrics: self.metrics,
+            metrics_top_flows: self.metrics_top_flows,
+            timeouts,
+        };
+        Settings::merge(cli, file)
+    }
+}
