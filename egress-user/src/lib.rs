@@ -2,6 +2,7 @@
 //! and connection-state upkeep. `main.rs` is the `egress` command over it.
 
 pub mod batch;
+pub mod check;
 pub mod clsact;
 pub mod commands;
 pub mod datapath;
@@ -9,8 +10,8 @@ pub mod flags;
 pub mod gc;
 pub mod inspect;
 pub mod metrics;
-pub mod netlink;
 pub mod netif;
+pub mod netlink;
 pub mod pinning;
 pub mod settings;
 pub mod sysctl;

@@ -1,21 +1,21 @@
 //! `egress`: the IP-in-IP egress NAT gateway daemon.
 
-use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use egress_common::reason::Reason;
 use egress_user::{
-    commands,
+    check, commands,
     datapath::{Datapath, Policy},
+    flags::GatewayArgs,
     gc,
     inspect::Pinned,
     metrics::{self, Collector},
     netif::Interface,
-    settings::{AttachMode, FileSettings, FileTimeouts, PortRange, Settings},
+    settings::Settings,
     sysctl::Sysctls,
 };
-use ipnet::Ipv4Net;
 use tokio::signal::unix::{SignalKind, signal};
 
 /// How often idle flows are swept.
@@ -32,6 +32,11 @@ struct Cli {
 enum Command {
     /// Attach the gateway to an interface and run until SIGINT/SIGTERM.
     Run(Box<RunArgs>),
+    /// Check the settings and this host (kernel, interface, bpffs, sysctls,
+    /// routes, MTU); print a fix for each problem, exit non-zero if any.
+    Check(Box<GatewayArgs>),
+    /// Validate the settings; with --dump, print them as TOML.
+    Config(Box<ConfigArgs>),
     /// Print the packet counters of each reason, with its verdict.
     Stats(commands::StatsArgs),
     /// List the live flows, like `conntrack -L`.
@@ -40,85 +45,22 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// TOML file with the same settings; flags override it.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Interface that receives the tunnel and faces the Internet.
-    #[arg(long)]
-    iface: Option<String>,
-    /// Outer source address allowed to send IP-in-IP (repeatable).
-    #[arg(long = "peer")]
-    peers: Vec<Ipv4Addr>,
-    /// Inner source range that may be translated (repeatable).
-    #[arg(long = "client-cidr")]
-    client_cidrs: Vec<Ipv4Net>,
-    /// Translation address (repeatable) [default: the interface's address].
-    #[arg(long)]
-    snat: Vec<Ipv4Addr>,
-    /// Address peers tunnel to [default: the interface's address].
-    #[arg(long)]
-    tunnel_local: Option<Ipv4Addr>,
-    /// Translation port range LO-HI [default: 1024-32767].
-    #[arg(long)]
-    ports: Option<PortRange>,
-    /// Hook to attach to [default: auto].
-    #[arg(long, value_enum)]
-    attach: Option<AttachMode>,
-    /// Flow table capacity [default: 1048576].
-    #[arg(long)]
-    max_flows: Option<u32>,
-    /// Most flows one client address may have at once, 0 for no limit [default: 65536].
-    #[arg(long)]
-    max_client_flows: Option<u32>,
-    /// Idle timeout KIND=DURATION, KIND one of tcp-established, tcp-transitory,
-    /// tcp-reset, udp, icmp (repeatable) [defaults: 2h4m, 4m, 10s, 5m, 60s].
-    #[arg(long = "timeout", value_name = "KIND=DURATION")]
-    timeouts: Vec<String>,
-    /// bpffs directory where the connection state persists across restarts
-    /// [default: /sys/fs/bpf/egress].
-    #[arg(long)]
-    state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    gateway: GatewayArgs,
     /// Start with empty connection state instead of the previous run's
     /// (live connections through the gateway break).
     #[arg(long)]
     reset_state: bool,
-    /// Serve Prometheus metrics on ADDR:PORT (/metrics, /healthz).
-    #[arg(long, value_name = "ADDR:PORT")]
-    metrics: Option<std::net::SocketAddr>,
-    /// Flows exported one by one on /metrics, the largest by bytes [default: 10].
-    #[arg(long, value_name = "N")]
-    metrics_top_flows: Option<usize>,
 }
 
-impl RunArgs {
-    fn settings(self) -> anyhow::Result<Settings> {
-        let file = match &self.config {
-            Some(path) => FileSettings::read(path)?,
-            None => FileSettings::default(),
-        };
-        let mut timeouts = FileTimeouts::default();
-        for flag in &self.timeouts {
-            timeouts
-                .set(flag)
-                .map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
-        }
-        let cli = FileSettings {
-            iface: self.iface,
-            peer: Some(self.peers),
-            client_cidr: Some(self.client_cidrs),
-            snat: Some(self.snat),
-            tunnel_local: self.tunnel_local,
-            ports: self.ports,
-            attach: self.attach,
-            max_flows: self.max_flows,
-            max_client_flows: self.max_client_flows,
-            state_dir: self.state_dir,
-            metrics: self.metrics,
-            metrics_top_flows: self.metrics_top_flows,
-            timeouts,
-        };
-        Settings::merge(cli, file)
-    }
+#[derive(clap::Args)]
+struct ConfigArgs {
+    #[command(flatten)]
+    gateway: GatewayArgs,
+    /// Print the effective configuration, defaults included, as TOML that
+    /// --config reads back.
+    #[arg(long)]
+    dump: bool,
 }
 
 fn main() -> ExitCode {
@@ -132,10 +74,12 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => {
-            let reset_state = args.reset_state;
-            args.settings().and_then(|s| run(s, reset_state))
-        }
+        Command::Run(args) => args
+            .gateway
+            .settings()
+            .and_then(|s| run(s, args.reset_state)),
+        Command::Check(args) => return check(*args),
+        Command::Config(args) => config(*args),
         Command::Stats(args) => commands::stats(&args),
         Command::Flows(args) => commands::flows(&args),
     };
@@ -146,6 +90,36 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints the findings; the exit code says whether there was a problem.
+fn check(args: GatewayArgs) -> ExitCode {
+    let settings = match args.settings() {
+        Ok(s) => s,
+        Err(e) => {
+            println!("PROBLEM  configuration: {e:#}");
+            println!("         fix: correct it (packaging/gateway.toml documents every key)");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = check::judge(&settings, &check::Facts::gather(&settings));
+    print!("{}", report.render());
+    match report.count(check::Level::Problem) {
+        0 => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
+    }
+}
+
+fn config(args: ConfigArgs) -> anyhow::Result<()> {
+    let settings = args.gateway.settings()?;
+    for warning in settings.warnings() {
+        tracing::warn!("{warning}");
+    }
+    match args.dump {
+        true => print!("{}", settings.dump()?),
+        false => println!("configuration valid"),
+    }
+    Ok(())
 }
 
 fn run(settings: Settings, reset_state: bool) -> anyhow::Result<()> {

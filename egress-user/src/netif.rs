@@ -114,7 +114,12 @@ pub fn route_to(dst: Ipv4Addr) -> io::Result<Option<Route>> {
     let request = Request::new(libc::RTM_GETROUTE, &rtmsg).attr(RTA_DST, &dst.octets());
     let answer = match Socket::open(libc::NETLINK_ROUTE, 0)?.request(request) {
         Ok(answer) => answer,
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENETUNREACH | libc::EHOSTUNREACH)) => {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENETUNREACH | libc::EHOSTUNREACH)
+            ) =>
+        {
             return Ok(None);
         }
         Err(e) => return Err(e),

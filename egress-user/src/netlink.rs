@@ -175,7 +175,8 @@ impl Socket {
         const SEQ: u32 = 1;
         let bytes = request.bytes(SEQ);
         // SAFETY: `bytes` is readable for its length.
-        let sent = unsafe { libc::send(self.fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
+        let sent =
+            unsafe { libc::send(self.fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
         if sent < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -259,6 +260,9 @@ mod tests {
             payload: payload.to_vec(),
         };
         let attrs: Vec<_> = message.attrs(3).collect();
-        assert_eq!(attrs, vec![(7, &[9u8; 5][..]), (8, &5u32.to_ne_bytes()[..])]);
+        assert_eq!(
+            attrs,
+            vec![(7, &[9u8; 5][..]), (8, &5u32.to_ne_bytes()[..])]
+        );
     }
 }

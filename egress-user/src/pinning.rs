@@ -9,7 +9,7 @@ use nix::{mount::MsFlags, sys::statfs};
 /// The default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/sys/fs/bpf/egress";
 /// Where the BPF filesystem lives when the host has one.
-const BPFFS: &str = "/sys/fs/bpf";
+pub const BPFFS: &str = "/sys/fs/bpf";
 /// The maps the data path pins (the `#[map]`s declared `pinned`).
 pub const PINNED_MAPS: [&str; 4] = ["FLOWS", "MAPPINGS", "CLIENT_FLOWS", "STATS"];
 
@@ -73,7 +73,7 @@ pub fn has_state(dir: &Path) -> bool {
     dir.join(PINNED_MAPS[0]).exists()
 }
 
-fn on_bpffs(path: &Path) -> anyhow::Result<bool> {
+pub fn on_bpffs(path: &Path) -> anyhow::Result<bool> {
     match statfs::statfs(path) {
         Ok(fs) => Ok(fs.filesystem_type() == statfs::BPF_FS_MAGIC),
         Err(nix::Error::ENOENT) => Ok(false),

@@ -78,9 +78,7 @@ impl<'de> Deserialize<'de> for PortRange {
 }
 
 /// Which hook the data path is attached to.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     /// Native (driver) XDP, falling back to TC with a warning.
@@ -451,7 +449,10 @@ mod tests {
         rejected("peers = []", "peers");
         rejected("[timeouts]\ntcp = \"1m\"", "tcp");
         // Bad CIDR, also in a list spread over lines.
-        let e = rejected("client-cidr = [\n  \"10.0.0.0/8\",\n  \"10.0.0.0/33\",\n]", "client-cidr");
+        let e = rejected(
+            "client-cidr = [\n  \"10.0.0.0/8\",\n  \"10.0.0.0/33\",\n]",
+            "client-cidr",
+        );
         assert!(e.starts_with("line 3,"), "{e}");
         // Bad port ranges.
         rejected("ports = \"2048-1024\"", "ports");
@@ -491,13 +492,17 @@ mod tests {
         let mut c = cli();
         c.timeouts.set("udp=2m 30s").unwrap();
         c.metrics = Some("127.0.0.1:9464".parse().unwrap());
-        c.snat = Some(vec![Ipv4Addr::new(10, 1, 1, 10), Ipv4Addr::new(10, 1, 1, 11)]);
+        c.snat = Some(vec![
+            Ipv4Addr::new(10, 1, 1, 10),
+            Ipv4Addr::new(10, 1, 1, 11),
+        ]);
         for settings in [
             Settings::merge(cli(), FileSettings::default()).unwrap(),
             Settings::merge(c, FileSettings::default()).unwrap(),
         ] {
             let text = settings.dump().unwrap();
-            let back = Settings::merge(FileSettings::default(), FileSettings::parse(&text).unwrap());
+            let back =
+                Settings::merge(FileSettings::default(), FileSettings::parse(&text).unwrap());
             assert_eq!(back.unwrap(), settings, "{text}");
         }
     }
@@ -528,7 +533,10 @@ mod tests {
                 l.strip_prefix(key.as_str())
                     .is_some_and(|rest| rest.starts_with(" ="))
             });
-            assert!(documented, "key {key} is missing from packaging/gateway.toml");
+            assert!(
+                documented,
+                "key {key} is missing from packaging/gateway.toml"
+            );
         }
     }
 }

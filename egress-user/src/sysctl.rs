@@ -11,7 +11,12 @@ use anyhow::Context as _;
 ///   not yet resolved) forwards them itself.
 /// - `accept_local`: that fallback hands the kernel packets whose source is
 ///   already our own (translation or tunnel) address.
-const NEEDED: [(&str, &str); 2] = [("forwarding", "1"), ("accept_local", "1")];
+pub const NEEDED: [(&str, &str); 2] = [("forwarding", "1"), ("accept_local", "1")];
+
+/// `net.ipv4.conf.<iface>` in /proc/sys (of this process's namespace).
+pub fn conf_dir(iface: &str) -> PathBuf {
+    PathBuf::from(format!("/proc/sys/net/ipv4/conf/{iface}"))
+}
 
 pub struct Sysctls {
     saved: Vec<(PathBuf, String)>,
@@ -21,7 +26,7 @@ impl Sysctls {
     pub fn apply(iface: &str) -> anyhow::Result<Self> {
         let mut saved = Vec::new();
         for (key, value) in NEEDED {
-            let path = PathBuf::from(format!("/proc/sys/net/ipv4/conf/{iface}/{key}"));
+            let path = conf_dir(iface).join(key);
             let old = std::fs::read_to_string(&path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
             let old = old.trim().to_owned();
