@@ -57,7 +57,7 @@ impl Attached {
 }
 
 /// Everything the data path is configured with.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
     pub tunnel_local: Ipv4Addr,
     pub snat: Vec<Ipv4Addr>,

@@ -7,14 +7,14 @@ use clap::{Parser, Subcommand};
 use egress_common::reason::Reason;
 use egress_user::{
     check, commands,
-    datapath::{Datapath, Policy},
     flags::GatewayArgs,
+    gateway::Gateway,
     gc,
     inspect::Pinned,
     metrics::{self, Collector},
-    netif::Interface,
+    netlink::LinkEvents,
+    notify::{self, Notifier},
     settings::Settings,
-    sysctl::Sysctls,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -126,32 +126,7 @@ fn run(settings: Settings, reset_state: bool) -> anyhow::Result<()> {
     for warning in settings.warnings() {
         tracing::warn!("{warning}");
     }
-    let iface = Interface::find(&settings.iface)?;
-    let primary = iface.primary;
-    let needs_address = || {
-        primary.with_context(|| {
-            format!(
-                "interface {} has no IPv4 address: give --snat and --tunnel-local",
-                iface.name
-            )
-        })
-    };
-    let snat = match settings.snat.is_empty() {
-        true => vec![needs_address()?],
-        false => settings.snat.clone(),
-    };
-    let policy = Policy {
-        tunnel_local: settings.tunnel_local.map_or_else(needs_address, Ok)?,
-        snat,
-        ports: settings.ports,
-        peers: settings.peers.clone(),
-        client_cidrs: settings.client_cidrs.clone(),
-        max_flows: settings.max_flows,
-        max_client_flows: settings.max_client_flows,
-        state_dir: settings.state_dir.clone(),
-        reset_state,
-    };
-
+    let notifier = Notifier::from_env().context("cannot reach systemd's NOTIFY_SOCKET")?;
     // Bound before attaching, so a taken address fails the start cleanly.
     let metrics_listener = settings
         .metrics
@@ -160,12 +135,21 @@ fn run(settings: Settings, reset_state: bool) -> anyhow::Result<()> {
                 .with_context(|| format!("--metrics: cannot listen on {addr}"))
         })
         .transpose()?;
-    let mut datapath = Datapath::load(&policy)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let _in_runtime = runtime.enter();
+    // Subscribed before attaching, so no change in between goes unseen.
+    let events = LinkEvents::subscribe().context("cannot follow the interface over netlink")?;
+    let (timeouts, top_flows) = (settings.timeouts, settings.metrics_top_flows);
+    let mut gateway = Gateway::start(settings, reset_state)?;
     let collector = match metrics_listener {
         Some(listener) => {
+            let policy = gateway.policy();
             let collector = Arc::new(Collector::new(
                 Pinned::open(&policy.state_dir)?,
-                settings.metrics_top_flows,
+                top_flows,
                 u64::from(policy.ports.max - policy.ports.min) + 1,
             ));
             tracing::info!(addr = %listener.local_addr()?, "serving metrics on /metrics");
@@ -173,28 +157,19 @@ fn run(settings: Settings, reset_state: bool) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let _sysctls = Sysctls::apply(&iface.name)?;
-    let hook = datapath.attach(&iface.name, iface.index, settings.attach)?;
-    tracing::info!(
-        iface = %iface.name,
-        hook = hook.as_str(),
-        tunnel_local = %policy.tunnel_local,
-        snat = ?policy.snat,
-        ports = %policy.ports,
-        peers = ?policy.peers,
-        client_cidrs = ?policy.client_cidrs,
-        max_flows = policy.max_flows,
-        max_client_flows = policy.max_client_flows,
-        "attached; gateway ready"
-    );
+    let notify = |state: &str| {
+        if let Some(n) = &notifier
+            && let Err(e) = n.notify(state)
+        {
+            tracing::warn!("cannot notify systemd: {e}");
+        }
+    };
+    notify(&notify::ready(&gateway.status()));
 
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?
-        .block_on(serve(&mut datapath, &settings.timeouts, collector))?;
+    runtime.block_on(serve(&mut gateway, events, &timeouts, collector, &notify))?;
+    notify(notify::STOPPING);
 
-    for (reason, packets) in datapath.stats()? {
+    for (reason, packets) in gateway.datapath().stats()? {
         if packets > 0 {
             tracing::info!(
                 reason = reason.as_str(),
@@ -204,16 +179,19 @@ fn run(settings: Settings, reset_state: bool) -> anyhow::Result<()> {
             );
         }
     }
-    tracing::info!(iface = %iface.name, "detaching");
-    drop(datapath);
+    tracing::info!("detaching");
+    drop(gateway);
     Ok(())
 }
 
-/// Sweeps idle state and reports refused flows until SIGINT or SIGTERM.
+/// Sweeps idle state, reports refused flows and follows the interface
+/// until SIGINT or SIGTERM.
 async fn serve(
-    datapath: &mut Datapath,
+    gateway: &mut Gateway,
+    mut events: LinkEvents,
     timeouts: &gc::Timeouts,
     metrics: Option<(std::net::TcpListener, Arc<Collector>)>,
+    notify: &dyn Fn(&str),
 ) -> anyhow::Result<()> {
     let collector = metrics.map(|(listener, collector)| {
         tokio::spawn(metrics::serve(listener, collector.clone()));
@@ -227,7 +205,19 @@ async fn serve(
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
+            changed = events.changed() => {
+                changed.context("netlink notifications failed")?;
+                let before = gateway.status();
+                if let Err(e) = gateway.follow() {
+                    tracing::error!("{e:#}; trying again at the interface's next change");
+                }
+                let now = gateway.status();
+                if now != before {
+                    notify(&notify::status(&now));
+                }
+            }
             _ = tick.tick() => {
+                let datapath = gateway.datapath();
                 // A failed sweep is retried at the next tick; the data path
                 // is unaffected meanwhile.
                 let sweep = gc::sweep(&mut datapath.state()?, timeouts, gc::monotonic_ns());

@@ -213,6 +213,46 @@ impl AsRawFd for Socket {
     }
 }
 
+/// Link and IPv4 address notifications (`RTMGRP_LINK`,
+/// `RTMGRP_IPV4_IFADDR`), for the tokio loop.
+pub struct LinkEvents {
+    sock: tokio::io::unix::AsyncFd<Socket>,
+}
+
+impl LinkEvents {
+    pub fn subscribe() -> io::Result<Self> {
+        let groups = (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR) as u32;
+        let sock = Socket::open(libc::NETLINK_ROUTE, groups)?;
+        sock.set_nonblocking()?;
+        // SAFETY: `Socket` owns its descriptor and always returns it from
+        // `as_raw_fd`; it stays open for as long as the `AsyncFd` holds it.
+        let sock = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(sock, tokio::io::Interest::READABLE)
+        }?;
+        Ok(Self { sock })
+    }
+
+    /// Waits until something changed, then takes every pending
+    /// notification. What changed is not parsed: the caller looks at the
+    /// interface again, which also covers notifications lost to a full
+    /// socket buffer (`ENOBUFS`).
+    pub async fn changed(&mut self) -> io::Result<()> {
+        let mut buf = vec![0u8; 32 * 1024];
+        let mut guard = self.sock.readable().await?;
+        loop {
+            match guard.get_inner().recv(&mut buf) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    guard.clear_ready();
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
 /// `struct genlmsghdr`: command, version, reserved.
 pub fn genl_header(cmd: u8, version: u8) -> [u8; 4] {
     [cmd, version, 0, 0]

@@ -41,6 +41,14 @@ impl Sysctls {
     }
 }
 
+impl Sysctls {
+    /// Gives up the saved values without restoring them: the interface
+    /// they belong to is gone.
+    pub fn forget(mut self) {
+        self.saved.clear();
+    }
+}
+
 impl Drop for Sysctls {
     fn drop(&mut self) {
         for (path, old) in self.saved.drain(..).rev() {

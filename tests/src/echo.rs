@@ -144,21 +144,46 @@ impl Reply {
 /// Sends `request` from `src` (any port) in `ns` to a `udp_server`, retrying
 /// a lost datagram as a UDP client would.
 pub fn udp_request(ns: &str, src: Ipv4Addr, dst: SocketAddr, request: &[u8]) -> Result<Reply> {
-    let sock = in_netns(ns, || UdpSocket::bind((src, 0)))??;
-    sock.set_read_timeout(Some(UDP_WAIT))?;
-    let mut buf = vec![0; 65536];
-    for _ in 0..UDP_TRIES {
-        sock.send_to(request, dst)?;
-        match sock.recv_from(&mut buf) {
-            Ok((n, from)) => {
-                ensure!(from == dst, "reply from {from}, expected {dst}");
-                return Reply::parse(&buf[..n]);
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) => return Err(e.into()),
-        }
+    UdpClient::bind(ns, src)?.request(dst, request)
+}
+
+/// A UDP socket in a namespace that keeps its port across requests.
+pub struct UdpClient {
+    sock: UdpSocket,
+    src: Ipv4Addr,
+}
+
+impl UdpClient {
+    /// Binds to `src` and any port in `ns`.
+    pub fn bind(ns: &str, src: Ipv4Addr) -> Result<Self> {
+        let sock = in_netns(ns, || UdpSocket::bind((src, 0)))??;
+        sock.set_read_timeout(Some(UDP_WAIT))?;
+        Ok(Self { sock, src })
     }
-    bail!("no UDP reply from {dst} to {src} after {UDP_TRIES} tries")
+
+    /// Sends `request` to a `udp_server`, retrying a lost datagram.
+    pub fn request(&self, dst: SocketAddr, request: &[u8]) -> Result<Reply> {
+        let mut buf = vec![0; 65536];
+        for _ in 0..UDP_TRIES {
+            self.sock.send_to(request, dst)?;
+            match self.sock.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    ensure!(from == dst, "reply from {from}, expected {dst}");
+                    return Reply::parse(&buf[..n]);
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        bail!(
+            "no UDP reply from {dst} to {} after {UDP_TRIES} tries",
+            self.src
+        )
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.sock.local_addr()?)
+    }
 }
 
 /// Connects from `src` (any port) in `ns` to a `tcp_server`, sends `request`,

@@ -55,13 +55,8 @@ impl Topology {
         let server = lab.add_ns("server")?;
 
         exec(&router, "sysctl -qw net.ipv4.ip_forward=1")?;
+        let router_xdp = link_gateway(&router, &gateway)?;
         for (router_if, router_ip, host, host_ip) in [
-            (
-                ROUTER_GATEWAY_IFACE,
-                ROUTER_GATEWAY_IP,
-                &gateway,
-                GATEWAY_IP,
-            ),
             (
                 ROUTER_CLIENT_IFACE,
                 ROUTER_CLIENT_IP,
@@ -72,13 +67,6 @@ impl Topology {
         ] {
             veth_link(&router, router_if, router_ip, host, host_ip)?;
         }
-        // The gateway's native XDP_TX lands on this veth: see `tiny_bpf`.
-        let router_xdp =
-            Program::load(Hook::Xdp, &programs::pass())?.attach(&router, ROUTER_GATEWAY_IFACE)?;
-        exec(
-            &gateway,
-            &format!("sysctl -qw net.ipv4.conf.{HOST_IFACE}.rp_filter=0"),
-        )?;
         // A veth would hand the gateway TCP/UDP with checksums still to be
         // filled in; real Internet traffic arrives complete.
         exec(&server, &format!("ethtool -K {HOST_IFACE} tx off"))?;
@@ -103,6 +91,19 @@ impl Topology {
             client,
             server,
         })
+    }
+
+    /// Deletes the link between router and gateway, the gateway's
+    /// interface with it.
+    pub fn unlink_gateway(&mut self) -> Result<()> {
+        exec(&self.router, &format!("ip link del {ROUTER_GATEWAY_IFACE}"))?;
+        Ok(())
+    }
+
+    /// Creates the link between router and gateway again, as it was.
+    pub fn relink_gateway(&mut self) -> Result<()> {
+        self._router_xdp = link_gateway(&self.router, &self.gateway)?;
+        Ok(())
     }
 
     /// The client's tunnel endpoint, peering with the gateway.
@@ -171,12 +172,45 @@ impl Stack {
 }
 
 impl Stack {
+    /// Runs `egress ARGS --state-dir <the gateway's>` in the gateway's
+    /// namespace (`egress flows`, `egress stats`); returns its stdout.
+    pub fn egress_cli(&self, egress_bin: &Path, args: &str) -> Result<String> {
+        exec(
+            &self.topo.gateway,
+            &format!(
+                "{} {args} --state-dir {}",
+                egress_bin.display(),
+                self.topo.lab.state_dir()?.display()
+            ),
+        )
+    }
+
     /// Stops the gateway and starts it again, as an upgrade does.
     pub fn restart_gateway(&mut self, egress_bin: &Path) -> Result<()> {
         self.gateway.stop();
         self.gateway = self.topo.start_gateway(egress_bin, self.attach)?;
         Ok(())
     }
+}
+
+/// The router's link to the gateway. The gateway's native XDP_TX lands on
+/// the router's veth, which needs an XDP program for that (see `tiny_bpf`):
+/// it is returned, attached.
+fn link_gateway(router: &str, gateway: &str) -> Result<OwnedFd> {
+    veth_link(
+        router,
+        ROUTER_GATEWAY_IFACE,
+        ROUTER_GATEWAY_IP,
+        gateway,
+        GATEWAY_IP,
+    )?;
+    let router_xdp =
+        Program::load(Hook::Xdp, &programs::pass())?.attach(router, ROUTER_GATEWAY_IFACE)?;
+    exec(
+        gateway,
+        &format!("sysctl -qw net.ipv4.conf.{HOST_IFACE}.rp_filter=0"),
+    )?;
+    Ok(router_xdp)
 }
 
 /// A veth pair, `a_if` in `a` and `HOST_IFACE` in `b`, on one /24; `b`'s

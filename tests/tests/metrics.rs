@@ -208,15 +208,7 @@ fn metrics_and_flows_match_the_traffic() -> Result<()> {
 
 /// `egress flows --json` lists exactly the live flows with their counters.
 fn flows_json(stack: &Stack, egress: &Path, udp: &[(u64, u64)]) -> Result<()> {
-    let state = stack.topo.lab.state_dir()?;
-    let out = exec(
-        &stack.topo.gateway,
-        &format!(
-            "{} flows --json --state-dir {}",
-            egress.display(),
-            state.display()
-        ),
-    )?;
+    let out = stack.egress_cli(egress, "flows --json")?;
     let rows: Vec<serde_json::Value> = serde_json::from_str(&out).context("flows --json")?;
     ensure!(rows.len() == 4, "{} flows listed:\n{out}", rows.len());
     let mut listed: Vec<(u64, u64)> = rows
@@ -245,14 +237,7 @@ fn flows_json(stack: &Stack, egress: &Path, udp: &[(u64, u64)]) -> Result<()> {
             "{leg} missing: {tcp}"
         );
     }
-    let filtered = exec(
-        &stack.topo.gateway,
-        &format!(
-            "{} flows --json --proto tcp --state-dir {}",
-            egress.display(),
-            state.display()
-        ),
-    )?;
+    let filtered = stack.egress_cli(egress, "flows --json --proto tcp")?;
     let filtered: Vec<serde_json::Value> = serde_json::from_str(&filtered)?;
     ensure!(filtered.len() == 1, "--proto tcp listed {}", filtered.len());
     Ok(())

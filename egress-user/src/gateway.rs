@@ -1,0 +1,314 @@
+//! The running gateway: the data path loaded with a policy and attached to
+//! its interface, following that interface as it changes. When the
+//! interface goes away the gateway waits for it; when it comes back (a new
+//! index) the programs are attached again in the same mode; when its
+//! address changes and `snat` or `tunnel-local` were defaulted from it, the
+//! programs are loaded again with the new address (it is a load-time
+//! constant). The connection state lives in pinned maps throughout, so
+//! flows survive all of it.
+
+use anyhow::Context as _;
+
+use crate::{
+    datapath::{Attached, Datapath, Policy},
+    netif::Interface,
+    settings::Settings,
+    sysctl::Sysctls,
+};
+
+pub struct Gateway {
+    settings: Settings,
+    policy: Policy,
+    // Dropped before `attached`: the programs detach before the interface
+    // settings they rely on are restored.
+    datapath: Datapath,
+    attached: Option<Attachment>,
+}
+
+/// The data path on one incarnation of the interface.
+struct Attachment {
+    ifindex: u32,
+    hook: Attached,
+    sysctls: Sysctls,
+}
+
+/// What to do after looking at the interface again.
+#[derive(Debug, PartialEq, Eq)]
+enum Change {
+    Nothing,
+    /// The interface is gone.
+    Gone,
+    /// Attach to the interface (again), first loading the programs with
+    /// the new policy if there is one.
+    Attach {
+        reload: Option<Policy>,
+    },
+}
+
+impl Gateway {
+    /// Loads the data path for `settings` and attaches it.
+    pub fn start(settings: Settings, reset_state: bool) -> anyhow::Result<Self> {
+        let iface = Interface::find(&settings.iface)?;
+        let mut policy = policy_for(&settings, &iface)?;
+        policy.reset_state = reset_state;
+        let datapath = Datapath::load(&policy)?;
+        // Later loads pick up the state this one made.
+        policy.reset_state = false;
+        let mut gateway = Self {
+            settings,
+            policy,
+            datapath,
+            attached: None,
+        };
+        gateway.attach(&iface)?;
+        let policy = &gateway.policy;
+        tracing::info!(
+            iface = %iface.name,
+            hook = gateway.status(),
+            tunnel_local = %policy.tunnel_local,
+            snat = ?policy.snat,
+            ports = %policy.ports,
+            peers = ?policy.peers,
+            client_cidrs = ?policy.client_cidrs,
+            max_flows = policy.max_flows,
+            max_client_flows = policy.max_client_flows,
+            "attached; gateway ready"
+        );
+        Ok(gateway)
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub fn datapath(&mut self) -> &mut Datapath {
+        &mut self.datapath
+    }
+
+    /// One line on where the gateway stands, for logs and systemd.
+    pub fn status(&self) -> String {
+        match &self.attached {
+            Some(a) => format!("attached to {} as {}", self.settings.iface, a.hook.as_str()),
+            None => format!("waiting for {} to come back", self.settings.iface),
+        }
+    }
+
+    /// Looks at the interface again and follows what changed. An error
+    /// leaves the gateway detached; the next change tries again.
+    pub fn follow(&mut self) -> anyhow::Result<()> {
+        let seen = Interface::lookup(&self.settings.iface)?;
+        let change = plan(
+            &self.settings,
+            &self.policy,
+            self.attached.as_ref().map(|a| a.ifindex),
+            seen.as_ref(),
+        );
+        let Some(iface) = seen else {
+            if change == Change::Gone {
+                tracing::warn!(
+                    iface = %self.settings.iface,
+                    "the interface is gone: detached; the connection state is kept until it returns"
+                );
+                self.forget_attachment();
+            }
+            return Ok(());
+        };
+        let Change::Attach { reload } = change else {
+            return Ok(());
+        };
+        if self
+            .attached
+            .as_ref()
+            .is_some_and(|a| a.ifindex != iface.index)
+        {
+            self.forget_attachment();
+        }
+        if let Some(policy) = reload {
+            tracing::info!(
+                iface = %iface.name,
+                tunnel_local = %policy.tunnel_local,
+                snat = ?policy.snat,
+                "the interface's address changed: loading the data path again with it \
+                 (the connection state is kept; flows translated to the old address end)"
+            );
+            let datapath = Datapath::load(&policy)?;
+            // The old programs detach here, just before the new ones attach.
+            self.datapath = datapath;
+            self.policy = policy;
+        }
+        self.attach(&iface)?;
+        tracing::info!(index = iface.index, "re-attached: {}", self.status());
+        Ok(())
+    }
+
+    /// Attaches to `iface`, setting its sysctls unless they are already set.
+    fn attach(&mut self, iface: &Interface) -> anyhow::Result<()> {
+        let sysctls = match self.attached.take() {
+            Some(a) => a.sysctls,
+            None => Sysctls::apply(&iface.name)?,
+        };
+        let hook = self
+            .datapath
+            .attach(&iface.name, iface.index, self.settings.attach)
+            .with_context(|| format!("cannot attach to {}", iface.name))?;
+        self.attached = Some(Attachment {
+            ifindex: iface.index,
+            hook,
+            sysctls,
+        });
+        Ok(())
+    }
+
+    /// Drops the attachment to an interface that no longer exists: there
+    /// is nothing to detach or restore on it.
+    fn forget_attachment(&mut self) {
+        if let Some(a) = self.attached.take() {
+            a.sysctls.forget();
+        }
+    }
+}
+
+/// The policy for `settings` on `iface`: `snat` and `tunnel-local` default
+/// to its first IPv4 address.
+pub fn policy_for(settings: &Settings, iface: &Interface) -> anyhow::Result<Policy> {
+    let needs_address = || {
+        iface.primary.with_context(|| {
+            format!(
+                "interface {} has no IPv4 address: give --snat and --tunnel-local",
+                iface.name
+            )
+        })
+    };
+    let snat = match settings.snat.is_empty() {
+        true => vec![needs_address()?],
+        false => settings.snat.clone(),
+    };
+    Ok(Policy {
+        tunnel_local: settings.tunnel_local.map_or_else(needs_address, Ok)?,
+        snat,
+        ports: settings.ports,
+        peers: settings.peers.clone(),
+        client_cidrs: settings.client_cidrs.clone(),
+        max_flows: settings.max_flows,
+        max_client_flows: settings.max_client_flows,
+        state_dir: settings.state_dir.clone(),
+        reset_state: false,
+    })
+}
+
+/// What to do, given the policy in force, the interface index attached to
+/// (if any) and the interface as seen now (if it exists).
+fn plan(
+    settings: &Settings,
+    policy: &Policy,
+    attached: Option<u32>,
+    seen: Option<&Interface>,
+) -> Change {
+    let Some(iface) = seen else {
+        return match attached {
+            Some(_) => Change::Gone,
+            None => Change::Nothing,
+        };
+    };
+    // Without an address (yet: a recreated interface gets it a moment
+    // later) the defaulted addresses stay what they were.
+    let wanted = policy_for(settings, iface).unwrap_or_else(|_| policy.clone());
+    let reload = (wanted != *policy).then_some(wanted);
+    match (reload, attached == Some(iface.index)) {
+        (None, true) => Change::Nothing,
+        (reload, _) => Change::Attach { reload },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::settings::FileSettings;
+
+    fn settings(extra: &str) -> Settings {
+        let text = format!(
+            "iface = \"eth0\"\npeer = [\"10.0.1.10\"]\nclient-cidr = [\"10.0.0.0/16\"]\n{extra}"
+        );
+        Settings::merge(FileSettings::default(), FileSettings::parse(&text).unwrap()).unwrap()
+    }
+
+    fn eth0(index: u32, primary: Option<[u8; 4]>) -> Interface {
+        Interface {
+            name: "eth0".into(),
+            index,
+            primary: primary.map(Ipv4Addr::from),
+            up: true,
+        }
+    }
+
+    const A: [u8; 4] = [10, 1, 1, 10];
+    const B: [u8; 4] = [10, 1, 1, 20];
+
+    #[test]
+    fn an_unchanged_interface_changes_nothing() {
+        let s = settings("");
+        let policy = policy_for(&s, &eth0(2, Some(A))).unwrap();
+        assert_eq!(
+            plan(&s, &policy, Some(2), Some(&eth0(2, Some(A)))),
+            Change::Nothing
+        );
+        // Down, or its address gone: the programs stay as they are.
+        let mut down = eth0(2, None);
+        down.up = false;
+        assert_eq!(plan(&s, &policy, Some(2), Some(&down)), Change::Nothing);
+    }
+
+    #[test]
+    fn a_vanished_interface_is_gone_once() {
+        let s = settings("");
+        let policy = policy_for(&s, &eth0(2, Some(A))).unwrap();
+        assert_eq!(plan(&s, &policy, Some(2), None), Change::Gone);
+        assert_eq!(plan(&s, &policy, None, None), Change::Nothing);
+    }
+
+    #[test]
+    fn a_recreated_interface_is_attached_again() {
+        let s = settings("");
+        let policy = policy_for(&s, &eth0(2, Some(A))).unwrap();
+        let again = Change::Attach { reload: None };
+        // Back with its address, or before the address is back.
+        assert_eq!(plan(&s, &policy, None, Some(&eth0(7, Some(A)))), again);
+        assert_eq!(plan(&s, &policy, None, Some(&eth0(7, None))), again);
+        // Replaced before the gone one was noticed.
+        assert_eq!(plan(&s, &policy, Some(2), Some(&eth0(7, Some(A)))), again);
+    }
+
+    #[test]
+    fn a_new_address_reloads_only_what_was_defaulted() {
+        let s = settings("");
+        let policy = policy_for(&s, &eth0(2, Some(A))).unwrap();
+        let Change::Attach { reload: Some(new) } =
+            plan(&s, &policy, Some(2), Some(&eth0(2, Some(B))))
+        else {
+            panic!("expected a reload");
+        };
+        assert_eq!(new.tunnel_local, Ipv4Addr::from(B));
+        assert_eq!(new.snat, vec![Ipv4Addr::from(B)]);
+        // With both given, the interface's address does not matter.
+        let s = settings("snat = [\"10.1.1.10\"]\ntunnel-local = \"10.1.1.10\"");
+        let policy = policy_for(&s, &eth0(2, Some(A))).unwrap();
+        assert_eq!(
+            plan(&s, &policy, Some(2), Some(&eth0(2, Some(B)))),
+            Change::Nothing
+        );
+        // With only snat given, tunnel-local follows the interface.
+        let s = settings("snat = [\"10.1.1.10\"]");
+        let policy = policy_for(&s, &eth0(2, Some(A))).unwrap();
+        let Change::Attach { reload: Some(new) } =
+            plan(&s, &policy, Some(2), Some(&eth0(2, Some(B))))
+        else {
+            panic!("expected a reload");
+        };
+        assert_eq!(
+            (new.tunnel_local, new.snat),
+            (Ipv4Addr::from(B), vec![Ipv4Addr::from(A)])
+        );
+    }
+}

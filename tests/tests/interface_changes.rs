@@ -1,0 +1,206 @@
+//! The gateway follows its interface over netlink: deleted and created
+//! again (a new index), it attaches again in the same mode; its address
+//! changed, it loads the data path again with the new defaulted address.
+//! Either way the pinned connection state carries the existing flow over:
+//! the same client socket keeps its translation, and the flow's counters
+//! continue. Needs root.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use tests::{
+    Attach, Stack,
+    addrs::{
+        CLIENT_TUN_IP, CLIENT_UNDERLAY_IP, GATEWAY_IP, HOST_IFACE, LINK_PREFIX, ROUTER_GATEWAY_IP,
+        SERVER_IP,
+    },
+    echo::{UdpClient, udp_server},
+    egress_bin, exec, require_root,
+    topology::start_ipip_peer,
+};
+
+const PORT: u16 = 9300;
+/// Netlink notifications arrive at once; loading the programs again can
+/// take a while on a busy machine.
+const FOLLOW: Duration = Duration::from_secs(60);
+/// The gateway's new address in the address-change scenario.
+const NEW_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 20);
+
+mod survives_its_interface_deleted_and_created_again {
+    use super::*;
+
+    #[test]
+    fn native() -> Result<()> {
+        interface_recreated(Attach::Native)
+    }
+
+    #[test]
+    fn generic() -> Result<()> {
+        interface_recreated(Attach::Generic)
+    }
+
+    #[test]
+    fn tc() -> Result<()> {
+        interface_recreated(Attach::Tc)
+    }
+}
+
+/// A client socket exchanging UDP with the server through the gateway.
+struct Exchange {
+    client: UdpClient,
+    server: SocketAddr,
+}
+
+/// A client's flow as `egress flows --json` lists it.
+#[derive(Debug)]
+struct FlowSeen {
+    translation: String,
+    packets_out: u64,
+    packets_in: u64,
+}
+
+impl Exchange {
+    /// One request and reply; returns the source the server saw.
+    fn round(&self, n: u8) -> Result<SocketAddr> {
+        let reply = self.client.request(self.server, &[n; 100])?;
+        ensure!(reply.body == [n; 100], "the echo came back altered");
+        Ok(reply.seen)
+    }
+
+    fn flow(&self, stack: &Stack, egress: &Path) -> Result<FlowSeen> {
+        let client = self.client.local_addr()?.to_string();
+        let out = stack.egress_cli(egress, "flows --json --proto udp")?;
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&out).context("flows --json")?;
+        let row = rows
+            .iter()
+            .find(|r| r["client"] == client.as_str())
+            .with_context(|| format!("no flow of {client} in the state:\n{out}"))?;
+        let packets = |dir: &str| row[dir]["packets"].as_u64().unwrap_or(0);
+        Ok(FlowSeen {
+            translation: row["translation"].as_str().unwrap_or("").to_owned(),
+            packets_out: packets("out"),
+            packets_in: packets("in"),
+        })
+    }
+}
+
+/// Runs `scenario` between two exchanges of one client socket, and checks
+/// that the second left from the same translation on the same flow, whose
+/// counters went on from where they were.
+fn across(
+    stack: &mut Stack,
+    egress: &Path,
+    scenario: impl FnOnce(&mut Stack) -> Result<()>,
+) -> Result<()> {
+    let server = SocketAddr::from((SERVER_IP, PORT));
+    let _udp = udp_server(&stack.topo.server, server)?;
+    let x = Exchange {
+        client: UdpClient::bind(&stack.topo.client, CLIENT_TUN_IP)?,
+        server,
+    };
+    let seen = x.round(1)?;
+    ensure!(seen.ip() == GATEWAY_IP, "server saw {seen}");
+    let before = x.flow(stack, egress)?;
+    ensure!(before.translation == seen.to_string(), "{before:?}");
+
+    scenario(stack)?;
+
+    let again = x.round(2)?;
+    ensure!(
+        again == seen,
+        "the client's translation changed from {seen} to {again}: the flow was lost"
+    );
+    let after = x.flow(stack, egress)?;
+    ensure!(
+        after.translation == before.translation
+            && after.packets_out > before.packets_out
+            && after.packets_in > before.packets_in,
+        "the flow did not carry over: before {before:?}, after {after:?}"
+    );
+    Ok(())
+}
+
+fn interface_recreated(attach: Attach) -> Result<()> {
+    require_root()?;
+    let egress = egress_bin()?;
+    let mut stack = Stack::start(&egress, Path::new(env!("CARGO_BIN_EXE_ipip-peer")), attach)?;
+    let result = across(&mut stack, &egress, |stack| {
+        stack.topo.unlink_gateway()?;
+        stack.gateway.wait_for("the interface is gone", FOLLOW)?;
+        stack.topo.relink_gateway()?;
+        stack.gateway.wait_for("re-attached", FOLLOW)?;
+        let log = stack.gateway.log();
+        ensure!(
+            log.contains(&format!(
+                "re-attached: attached to {HOST_IFACE} as {}",
+                hook(attach)
+            )),
+            "not attached again in the same mode:\n{log}"
+        );
+        Ok(())
+    })
+    .and_then(|()| {
+        let out = exec(&stack.topo.client, &format!("ping -c 1 -W 5 {SERVER_IP}"))?;
+        ensure!(out.contains("1 received"), "{out}");
+        Ok(())
+    });
+    stack.topo.lab.keep_logs_on_err(result)
+}
+
+/// How the gateway names the hook of `attach`.
+fn hook(attach: Attach) -> &'static str {
+    match attach {
+        Attach::Native => "native XDP",
+        Attach::Generic => "generic XDP",
+        Attach::Tc => "TC",
+    }
+}
+
+/// The interface's first address changes under a gateway whose tunnel
+/// address was defaulted from it (the topology gives `--snat`, so that
+/// stays). The peer is pointed at the new address; the old one stays as a
+/// secondary for the translation.
+#[test]
+fn follows_a_new_address_of_its_interface() -> Result<()> {
+    require_root()?;
+    let egress = egress_bin()?;
+    let ipip_peer = Path::new(env!("CARGO_BIN_EXE_ipip-peer"));
+    let mut stack = Stack::start(&egress, ipip_peer, Attach::Native)?;
+    let result = across(&mut stack, &egress, |stack| {
+        let gw = &stack.topo.gateway;
+        for cmd in [
+            format!("ip addr del {GATEWAY_IP}/{LINK_PREFIX} dev {HOST_IFACE}"),
+            format!("ip addr add {NEW_IP}/{LINK_PREFIX} dev {HOST_IFACE}"),
+            format!("ip addr add {GATEWAY_IP}/{LINK_PREFIX} dev {HOST_IFACE}"),
+            format!("ip route add default via {ROUTER_GATEWAY_IP}"),
+        ] {
+            exec(gw, &cmd)?;
+        }
+        stack
+            .gateway
+            .wait_for("loading the data path again", FOLLOW)?;
+        stack.gateway.wait_for("re-attached", FOLLOW)?;
+        ensure!(
+            stack
+                .gateway
+                .log()
+                .contains(&format!("tunnel_local={NEW_IP}")),
+            "the tunnel address did not follow:\n{}",
+            stack.gateway.log()
+        );
+        stack.peer.stop();
+        stack.peer = start_ipip_peer(
+            &stack.topo.lab,
+            &stack.topo.client,
+            ipip_peer,
+            CLIENT_UNDERLAY_IP,
+            NEW_IP,
+        )?;
+        Ok(())
+    });
+    stack.topo.lab.keep_logs_on_err(result)
+}
