@@ -60,11 +60,11 @@ impl Gateway {
             datapath,
             attached: None,
         };
-        gateway.attach(&iface)?;
+        let hook = gateway.attach(&iface)?;
         let policy = &gateway.policy;
         tracing::info!(
             iface = %iface.name,
-            hook = gateway.status(),
+            hook = hook.as_str(),
             tunnel_local = %policy.tunnel_local,
             snat = ?policy.snat,
             ports = %policy.ports,
@@ -142,7 +142,7 @@ impl Gateway {
     }
 
     /// Attaches to `iface`, setting its sysctls unless they are already set.
-    fn attach(&mut self, iface: &Interface) -> anyhow::Result<()> {
+    fn attach(&mut self, iface: &Interface) -> anyhow::Result<Attached> {
         let sysctls = match self.attached.take() {
             Some(a) => a.sysctls,
             None => Sysctls::apply(&iface.name)?,
@@ -156,7 +156,7 @@ impl Gateway {
             hook,
             sysctls,
         });
-        Ok(())
+        Ok(hook)
     }
 
     /// Drops the attachment to an interface that no longer exists: there

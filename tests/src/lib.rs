@@ -14,7 +14,7 @@ pub mod tiny_bpf;
 pub mod topology;
 
 pub use daemon::Daemon;
-pub use netns::{Lab, exec, in_netns};
+pub use netns::{Lab, exec, exec_output, in_netns};
 pub use topology::{Attach, Stack, Topology};
 
 use anyhow::{Result, bail};

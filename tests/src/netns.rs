@@ -9,7 +9,7 @@ use nix::unistd::Pid;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 /// Every namespace name starts with this, then the owning pid: that is how a
@@ -19,11 +19,7 @@ const PREFIX: &str = "egt-";
 /// Runs `cmd` (split on whitespace, no quoting) in namespace `ns` and returns
 /// its stdout; a non-zero exit is an error carrying stderr.
 pub fn exec(ns: &str, cmd: &str) -> Result<String> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(cmd.split_whitespace())
-        .output()
-        .with_context(|| format!("[{ns}] {cmd}: cannot start"))?;
+    let out = exec_output(ns, cmd)?;
     if !out.status.success() {
         bail!(
             "[{ns}] {cmd}: {}\n{}{}",
@@ -33,6 +29,15 @@ pub fn exec(ns: &str, cmd: &str) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `cmd` as [`exec`] does, whatever its exit status.
+pub fn exec_output(ns: &str, cmd: &str) -> Result<Output> {
+    Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(cmd.split_whitespace())
+        .output()
+        .with_context(|| format!("[{ns}] {cmd}: cannot start"))
 }
 
 /// Runs `f` on a thread that has joined namespace `ns`; sockets it creates

@@ -1,0 +1,101 @@
+//! `egress check` on a namespace set up wrong, then right: each problem is
+//! named with its fix and fails the check; the fixed host passes. Needs
+//! root.
+
+use anyhow::{Result, ensure};
+use tests::{Lab, exec, exec_output, require_root};
+
+const IFACE: &str = "eth0";
+const PEER: &str = "10.0.1.10";
+
+/// Runs `egress check` in `ns` for a gateway on `IFACE`; returns whether
+/// it passed, and what it printed.
+fn check(lab: &Lab, ns: &str) -> Result<(bool, String)> {
+    let out = exec_output(
+        ns,
+        &format!(
+            "{} check --iface {IFACE} --peer {PEER} --client-cidr 10.0.0.0/16 --state-dir {}",
+            tests::egress_bin()?.display(),
+            lab.state_dir()?.display()
+        ),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.stderr.is_empty(),
+        "check wrote to stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), text))
+}
+
+/// The `PROBLEM` and `warning` lines, each with the `fix:` line under it.
+fn findings(report: &str, tag: &str) -> Vec<String> {
+    let lines: Vec<&str> = report.lines().collect();
+    lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with(tag))
+        .map(|(i, l)| format!("{l}\n{}", lines.get(i + 1).unwrap_or(&"")))
+        .collect()
+}
+
+#[test]
+fn names_each_problem_of_a_broken_host_then_passes_the_fixed_one() -> Result<()> {
+    require_root()?;
+    let mut lab = Lab::new()?;
+    let ns = lab.add_ns("check")?;
+    let result = (|| {
+        // Down, no address, no routes; a new namespace has ip_forward=0.
+        exec(
+            &ns,
+            &format!("ip link add {IFACE} type veth peer name uplink"),
+        )?;
+        let (passed, report) = check(&lab, &ns)?;
+        ensure!(!passed, "a broken host passed:\n{report}");
+        let problems = findings(&report, "PROBLEM");
+        let expected = [
+            ("interface eth0 is down", "fix: ip link set eth0 up"),
+            ("eth0 has no IPv4 address", "fix: ip addr add"),
+            ("no route to peer 10.0.1.10", "fix: ip route add 10.0.1.10"),
+            ("no route to the Internet", "fix: ip route add default"),
+        ];
+        for (what, fix) in expected {
+            ensure!(
+                problems.iter().any(|p| p.contains(what) && p.contains(fix)),
+                "no problem {what:?} with {fix:?} in:\n{report}"
+            );
+        }
+        ensure!(
+            problems.len() == expected.len(),
+            "other problems than expected:\n{report}"
+        );
+        let warnings = findings(&report, "warning");
+        ensure!(
+            warnings.len() == 1 && warnings[0].contains("net.ipv4.ip_forward=0"),
+            "expected the ip_forward warning:\n{report}"
+        );
+
+        for cmd in [
+            format!("ip link set {IFACE} up"),
+            "ip link set uplink up".into(),
+            format!("ip addr add 10.1.1.10/24 dev {IFACE}"),
+            "ip route add default via 10.1.1.1".into(),
+            "sysctl -qw net.ipv4.ip_forward=1".into(),
+        ] {
+            exec(&ns, &cmd)?;
+        }
+        let (passed, report) = check(&lab, &ns)?;
+        ensure!(passed, "the fixed host failed:\n{report}");
+        for line in [
+            "ok       interface eth0 exists and is up",
+            "ok       eth0 has IPv4 address 10.1.1.10: snat and tunnel-local default to it",
+            "ok       route to peer 10.0.1.10: via 10.1.1.1 dev eth0",
+            "ok       eth0's driver runs XDP natively: attach auto tries native XDP first",
+            "ready to run (0 warnings)",
+        ] {
+            ensure!(report.contains(line), "no {line:?} in:\n{report}");
+        }
+        Ok(())
+    })();
+    lab.keep_logs_on_err(result)
+}
