@@ -39,6 +39,12 @@ impl Daemon {
         })
     }
 
+    /// The process id (programs that exec the next, like `ip netns exec`
+    /// and `env`, keep it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log_path(&self) -> &Path {
         &self.log
     }

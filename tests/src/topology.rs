@@ -117,6 +117,18 @@ impl Topology {
 
     /// The gateway with `extra` arguments after the usual ones.
     pub fn start_gateway_with(&self, bin: &Path, attach: Attach, extra: &str) -> Result<Daemon> {
+        self.start_gateway_under("", bin, attach, extra)
+    }
+
+    /// The gateway run by `launcher` (a command line that ends by running
+    /// the program after it, like `env A=B`), or directly if it is empty.
+    pub fn start_gateway_under(
+        &self,
+        launcher: &str,
+        bin: &Path,
+        attach: Attach,
+        extra: &str,
+    ) -> Result<Daemon> {
         let cidrs: String = CLIENT_CIDRS
             .iter()
             .map(|c| format!(" --client-cidr {c}"))
@@ -127,7 +139,14 @@ impl Topology {
             state.display(),
             attach.flag()
         );
-        let mut gw = self.lab.spawn(&self.gateway, "gateway", bin, &args)?;
+        let mut gw = match launcher.split_once(' ') {
+            None if launcher.is_empty() => self.lab.spawn(&self.gateway, "gateway", bin, &args)?,
+            split => {
+                let (program, rest) = split.unwrap_or((launcher, ""));
+                let args = format!("{rest} {} {args}", bin.display());
+                self.lab.spawn(&self.gateway, "gateway", program, &args)?
+            }
+        };
         gw.wait_for("ready", GATEWAY_READY)?;
         Ok(gw)
     }

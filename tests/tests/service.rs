@@ -1,0 +1,116 @@
+//! What packaging/egress.service promises, checked without systemd: the
+//! gateway works with only the capabilities the unit grants (run as uid 0
+//! with that bounding set, as the unit does), and tells the notify socket
+//! `READY=1` once attached and `STOPPING=1` on the way out. Needs root.
+
+use std::{net::SocketAddr, os::unix::net::UnixDatagram, path::Path, time::Duration};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use tests::{
+    Attach, Topology,
+    addrs::{CLIENT_TUN_IP, GATEWAY_IP, SERVER_IP},
+    echo::{udp_request, udp_server},
+    egress_bin, require_root,
+};
+
+const UNIT: &str = include_str!("../../packaging/egress.service");
+const PORT: u16 = 9400;
+/// The gateway was already ready (it logged so) when this is waited on.
+const NOTIFY_WAIT: Duration = Duration::from_secs(10);
+
+/// The value of `key=` in the unit.
+fn directive(key: &str) -> Result<&'static str> {
+    UNIT.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .with_context(|| format!("no {key}= in the unit"))
+}
+
+/// `CAP_NET_ADMIN` → its bit (linux/capability.h).
+fn cap_bit(name: &str) -> Result<u32> {
+    Ok(match name {
+        "CAP_NET_ADMIN" => 12,
+        "CAP_SYS_ADMIN" => 21,
+        "CAP_PERFMON" => 38,
+        "CAP_BPF" => 39,
+        other => bail!("unexpected capability {other} in the unit"),
+    })
+}
+
+#[test]
+fn unit_restarts_on_failure_and_keeps_state() -> Result<()> {
+    ensure!(directive("Type")? == "notify");
+    ensure!(directive("Restart")? == "on-failure");
+    let exec = directive("ExecStart")?;
+    ensure!(!exec.contains("--reset-state"), "{exec}");
+    ensure!(
+        directive("CapabilityBoundingSet")? == directive("AmbientCapabilities")?,
+        "the ambient set must be the bounding set"
+    );
+    Ok(())
+}
+
+#[test]
+fn gateway_runs_with_the_units_capabilities_and_reports_readiness() -> Result<()> {
+    require_root()?;
+    let egress = egress_bin()?;
+    let caps: Vec<&str> = directive("CapabilityBoundingSet")?
+        .split_whitespace()
+        .collect();
+    let topo = Topology::new()?;
+    let result = (|| {
+        let _peer = topo.start_ipip_peer(Path::new(env!("CARGO_BIN_EXE_ipip-peer")))?;
+        let socket_path = topo.lab.dir().join("notify");
+        let notify = UnixDatagram::bind(&socket_path)?;
+        notify.set_read_timeout(Some(NOTIFY_WAIT))?;
+        let setpriv_caps: Vec<String> = caps
+            .iter()
+            .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+            .collect();
+        let launcher = format!(
+            "env NOTIFY_SOCKET={} setpriv --bounding-set -all,{} --inh-caps -all --",
+            socket_path.display(),
+            setpriv_caps.join(",")
+        );
+        let mut gateway = topo.start_gateway_under(&launcher, &egress, Attach::Native, "")?;
+
+        let want: u64 = caps
+            .iter()
+            .map(|c| Ok(1 << cap_bit(c)?))
+            .sum::<Result<u64>>()?;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", gateway.pid()))?;
+        let effective = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .context("no CapEff")?;
+        ensure!(
+            effective == want,
+            "the gateway runs with capabilities {effective:#x}, the unit grants {want:#x}"
+        );
+
+        let mut buf = [0u8; 512];
+        let n = notify.recv(&mut buf).context("no readiness notification")?;
+        let ready = String::from_utf8_lossy(&buf[..n]).into_owned();
+        ensure!(
+            ready == "READY=1\nSTATUS=attached to eth0 as native XDP",
+            "{ready:?}"
+        );
+
+        let server = SocketAddr::from((SERVER_IP, PORT));
+        let _udp = udp_server(&topo.server, server)?;
+        let reply = udp_request(&topo.client, CLIENT_TUN_IP, server, b"hello")?;
+        ensure!(reply.seen.ip() == GATEWAY_IP, "server saw {}", reply.seen);
+
+        gateway.stop();
+        let n = notify.recv(&mut buf).context("no stopping notification")?;
+        ensure!(
+            &buf[..n] == b"STOPPING=1",
+            "{:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        let log = gateway.log();
+        ensure!(log.contains("detaching"), "no clean exit:\n{log}");
+        Ok(())
+    })();
+    topo.lab.keep_logs_on_err(result)
+}
