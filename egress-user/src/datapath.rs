@@ -122,7 +122,7 @@ impl Datapath {
                     policy.state_dir.display()
                 ),
                 e => anyhow::Error::new(e).context(
-                    "cannot load the eBPF programs (needs root or CAP_BPF + CAP_NET_ADMIN, and a kernel with BTF)",
+                    "cannot load the eBPF programs (needs root or CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN, and a kernel with BTF; `egress check` says what is missing)",
                 ),
             })?;
         if resumed {
