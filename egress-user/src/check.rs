@@ -526,14 +526,7 @@ fn routes(r: &mut Report, s: &Settings, facts: &Facts) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::settings::FileSettings;
-
-    fn settings(extra: &str) -> Settings {
-        let text = format!(
-            "iface = \"eth0\"\npeer = [\"10.0.1.10\"]\nclient-cidr = [\"10.0.0.0/16\"]\nstate-dir = \"/sys/fs/bpf/egress\"\n{extra}"
-        );
-        Settings::merge(FileSettings::default(), FileSettings::parse(&text).unwrap()).unwrap()
-    }
+    use crate::settings::for_test as settings;
 
     fn route() -> Option<Route> {
         Some(Route {

@@ -225,14 +225,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::settings::FileSettings;
-
-    fn settings(extra: &str) -> Settings {
-        let text = format!(
-            "iface = \"eth0\"\npeer = [\"10.0.1.10\"]\nclient-cidr = [\"10.0.0.0/16\"]\n{extra}"
-        );
-        Settings::merge(FileSettings::default(), FileSettings::parse(&text).unwrap()).unwrap()
-    }
+    use crate::settings::for_test as settings;
 
     fn eth0(index: u32, primary: Option<[u8; 4]>) -> Interface {
         Interface {
@@ -280,15 +273,19 @@ mod tests {
         assert_eq!(plan(&s, &policy, Some(2), Some(&eth0(7, Some(A)))), again);
     }
 
+    /// The policy `plan` reloads with when `seen` replaces index 2 at A.
+    fn reloaded(s: &Settings, policy: &Policy, seen: &Interface) -> Policy {
+        match plan(s, policy, Some(2), Some(seen)) {
+            Change::Attach { reload: Some(new) } => new,
+            other => panic!("expected a reload, got {other:?}"),
+        }
+    }
+
     #[test]
     fn a_new_address_reloads_only_what_was_defaulted() {
         let s = settings("");
         let policy = policy_for(&s, &eth0(2, Some(A))).unwrap();
-        let Change::Attach { reload: Some(new) } =
-            plan(&s, &policy, Some(2), Some(&eth0(2, Some(B))))
-        else {
-            panic!("expected a reload");
-        };
+        let new = reloaded(&s, &policy, &eth0(2, Some(B)));
         assert_eq!(new.tunnel_local, Ipv4Addr::from(B));
         assert_eq!(new.snat, vec![Ipv4Addr::from(B)]);
         // With both given, the interface's address does not matter.
@@ -301,11 +298,7 @@ mod tests {
         // With only snat given, tunnel-local follows the interface.
         let s = settings("snat = [\"10.1.1.10\"]");
         let policy = policy_for(&s, &eth0(2, Some(A))).unwrap();
-        let Change::Attach { reload: Some(new) } =
-            plan(&s, &policy, Some(2), Some(&eth0(2, Some(B))))
-        else {
-            panic!("expected a reload");
-        };
+        let new = reloaded(&s, &policy, &eth0(2, Some(B)));
         assert_eq!(
             (new.tunnel_local, new.snat),
             (Ipv4Addr::from(B), vec![Ipv4Addr::from(A)])

@@ -385,6 +385,16 @@ impl Settings {
     }
 }
 
+/// Settings for unit tests: a minimal valid file (eth0, one peer, one
+/// client range) followed by `extra` lines.
+#[cfg(test)]
+pub(crate) fn for_test(extra: &str) -> Settings {
+    let text = format!(
+        "iface = \"eth0\"\npeer = [\"10.0.1.10\"]\nclient-cidr = [\"10.0.0.0/16\"]\n{extra}"
+    );
+    Settings::merge(FileSettings::default(), FileSettings::parse(&text).unwrap()).unwrap()
+}
+
 /// A list flag that was not given arrives as an empty list: treat it as unset.
 fn non_empty<T>(v: Option<Vec<T>>) -> Option<Vec<T>> {
     v.filter(|v| !v.is_empty())
