@@ -48,6 +48,20 @@ impl Incremental {
     }
 }
 
+/// `bytes` as the 16-bit word they add to a checksum when they start
+/// `offset` bytes into the data it covers. At an odd offset each byte is the
+/// low half of one word and the high half of the next, which sums like the
+/// two bytes swapped (RFC 1071, byte order independence): feed this to
+/// [`Incremental::replace2`] for a field at any offset.
+#[inline(always)]
+pub fn word_at(offset: usize, bytes: [u8; 2]) -> [u8; 2] {
+    if offset & 1 == 0 {
+        bytes
+    } else {
+        [bytes[1], bytes[0]]
+    }
+}
+
 /// Folds a 32-bit ones'-complement sum into 16 bits.
 #[inline(always)]
 pub fn fold(mut sum: u32) -> u16 {
@@ -115,6 +129,27 @@ mod tests {
             data[0] = 0; data[1] = 0;
             let want = full(&data);
             // 0x0000 and 0xffff are the same value in ones' complement.
+            let norm = |c: [u8; 2]| if c == [0xff, 0xff] { [0, 0] } else { c };
+            proptest::prop_assert_eq!(norm(new), norm(want));
+        }
+
+        /// Two bytes rewritten at any offset, even or odd (an MSS option
+        /// after a NOP): the update matches a full recomputation.
+        #[test]
+        fn incremental_at_any_offset_equals_full(
+            mut data in proptest::collection::vec(proptest::num::u8::ANY, 4..64),
+            at in 2usize..62,
+            value in proptest::array::uniform2(proptest::num::u8::ANY),
+        ) {
+            proptest::prop_assume!(at + 2 <= data.len());
+            data[0] = 0; data[1] = 0;
+            let check = full(&data);
+            let old = [data[at], data[at + 1]];
+            let new = Incremental::new(check)
+                .replace2(word_at(at, old), word_at(at, value))
+                .finish();
+            data[at..at + 2].copy_from_slice(&value);
+            let want = full(&data);
             let norm = |c: [u8; 2]| if c == [0xff, 0xff] { [0, 0] } else { c };
             proptest::prop_assert_eq!(norm(new), norm(want));
         }

@@ -18,6 +18,10 @@ pub struct Config {
     pub snat_count: u32,
     /// Most flows one client address may have at once; 0 for no limit.
     pub max_client_flows: u32,
+    /// Largest TCP MSS a SYN or SYN-ACK may announce through the gateway,
+    /// in either direction; 0 leaves every MSS alone.
+    pub mss: u16,
+    pub _pad: [u8; 2],
     pub snat_addrs: [[u8; 4]; MAX_SNAT_ADDRS],
 }
 
@@ -30,6 +34,8 @@ impl Config {
         port_max: 0,
         snat_count: 0,
         max_client_flows: 0,
+        mss: 0,
+        _pad: [0; 2],
         snat_addrs: [[0; 4]; MAX_SNAT_ADDRS],
     };
 
@@ -96,6 +102,6 @@ mod tests {
 
     #[test]
     fn no_padding_in_global() {
-        assert_eq!(core::mem::size_of::<Config>(), 16 + 4 * MAX_SNAT_ADDRS);
+        assert_eq!(core::mem::size_of::<Config>(), 20 + 4 * MAX_SNAT_ADDRS);
     }
 }

@@ -9,7 +9,9 @@
 pub mod checksum;
 pub mod config;
 pub mod flow;
+pub mod fragment;
 pub mod headers;
+pub mod mss;
 pub mod ports;
 pub mod reason;
 pub mod tcp;

@@ -39,8 +39,11 @@ pub enum Reason {
     InnerNotIpv4,
     /// Inner header carries IP options.
     InnerOptions,
-    /// Inner packet is an IP fragment.
-    Fragment,
+    /// Outbound: a later (non-first) inner fragment whose datagram's first
+    /// fragment was not seen or is too old; it carries no ports to find its
+    /// flow by. (This slot counted every inner fragment before fragments
+    /// were translated.)
+    FragmentUnmatched,
     /// Inner protocol or ICMP type the gateway does not translate.
     Unsupported,
     /// TTL would reach zero at this hop: answered with ICMP time exceeded
@@ -93,7 +96,7 @@ impl Reason {
         Reason::BadOuter,
         Reason::InnerNotIpv4,
         Reason::InnerOptions,
-        Reason::Fragment,
+        Reason::FragmentUnmatched,
         Reason::Unsupported,
         Reason::TtlExceeded,
         Reason::PortsExhausted,
@@ -124,7 +127,7 @@ impl Reason {
             Reason::BadOuter => "bad_outer",
             Reason::InnerNotIpv4 => "inner_not_ipv4",
             Reason::InnerOptions => "inner_options",
-            Reason::Fragment => "fragment",
+            Reason::FragmentUnmatched => "fragment_unmatched",
             Reason::Unsupported => "unsupported",
             Reason::TtlExceeded => "ttl_exceeded",
             Reason::PortsExhausted => "ports_exhausted",

@@ -6,6 +6,7 @@ use aya_ebpf::{helpers::bpf_get_prandom_u32, macros::map, maps::PerCpuArray};
 use egress_common::{
     config::OUTER_TTL,
     flow::{IPPROTO_ICMP, IPPROTO_IPIP},
+    fragment::Fragment,
     headers::{
         ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_LEN, ICMP_TIME_EXCEEDED, IPV4_LEN, Ipv4,
         QUOTE_LEN, icmp_error,
@@ -18,7 +19,7 @@ use crate::{
     fib::{self, NextHop},
     maps,
     nat::{ETH_LEN, Outcome, send},
-    packet::Hook,
+    packet::{Hook, Packet},
     state,
 };
 
@@ -68,7 +69,7 @@ impl Error {
 #[inline(always)]
 pub fn to_client<H: Hook>(hook: &mut H, error: Error, reason: Reason) -> Result<Outcome, Outcome> {
     let cfg = maps::config();
-    if !allowed(state::now()) {
+    if is_later_fragment(hook.packet(), ETH_LEN + IPV4_LEN) || !allowed(state::now()) {
         return Err(reason.into());
     }
     let pkt = hook.packet();
@@ -87,7 +88,7 @@ pub fn to_client<H: Hook>(hook: &mut H, error: Error, reason: Reason) -> Result<
 /// Counted under `reason` whether or not the error is sent.
 #[inline(always)]
 pub fn to_sender<H: Hook>(hook: &mut H, error: Error, reason: Reason) -> Result<Outcome, Outcome> {
-    if !allowed(state::now()) {
+    if is_later_fragment(hook.packet(), ETH_LEN) || !allowed(state::now()) {
         return Err(reason.into());
     }
     let pkt = hook.packet();
@@ -165,6 +166,15 @@ fn rewrite<H: Hook, const TUNNEL: bool>(
         icmp_error(kind, code, mtu, quote, pkt.get(quoted + IPV4_LEN)?);
     }
     Ok(())
+}
+
+/// Whether the IP header at `at` is of a fragment other than the first,
+/// which gets no ICMP error (RFC 1122 3.2.2): its quote would hold no
+/// transport header for the sender to match.
+#[inline(always)]
+fn is_later_fragment(pkt: Packet, at: usize) -> bool {
+    // SAFETY: a read-only view.
+    unsafe { pkt.get::<Ipv4Hdr>(at) }.is_ok_and(|ip| Fragment::of(ip.frags) == Fragment::Later)
 }
 
 /// Takes one error's worth from this CPU's bucket, if there is one.

@@ -6,54 +6,78 @@ use aya_ebpf::helpers::bpf_get_prandom_u32;
 use egress_common::{
     config::{Config, OUTER_TTL},
     flow::{DIR_IN, FlowKey, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP},
+    fragment::{FragKey, Fragment},
     headers::{Ipv4, is_icmp_error},
     reason::Reason,
+    tcp,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     fib::{self, NextHop},
+    frag,
     icmp::{self, Error},
     l4::{self, Side},
-    nat::{ETH_LEN, IP_LEN, IP_MF_OFFSET, Outcome, has_df, send},
+    mss,
+    nat::{ETH_LEN, IP_LEN, Outcome, has_df, send},
     packet::Hook,
     relay, state,
 };
+
+const L4: usize = ETH_LEN + IP_LEN;
 
 pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
     let pkt = hook.packet();
     // SAFETY: read-only view; `translate` below takes its own.
     let ip: &Ipv4Hdr = unsafe { pkt.get(ETH_LEN)? };
-    // Options and fragments are not translated here; whatever they are,
-    // they are the kernel's business.
-    if ip.vihl != 0x45 || u16::from_be_bytes(ip.frags) & IP_MF_OFFSET != 0 {
+    // Options are not translated here; whatever such packets are, they
+    // are the kernel's business.
+    if ip.vihl != 0x45 {
         return Err(Reason::NotOurs.into());
     }
-    if ip.proto == IPPROTO_ICMP {
-        // SAFETY: a read-only view of one byte.
-        let kind: &u8 = unsafe { pkt.get(ETH_LEN + IP_LEN)? };
-        if is_icmp_error(*kind) {
-            return relay::handle(hook, cfg);
-        }
-    }
-    let (sport, dport) = match l4::ports(pkt, ETH_LEN + IP_LEN, ip.proto, Side::Dst) {
-        Ok(p) => p,
-        Err(Reason::Truncated) => return Err(Reason::Truncated.into()),
-        Err(_) => return Err(Reason::NotOurs.into()),
-    };
-    let key = FlowKey {
+    let fragment = Fragment::of(ip.frags);
+    let datagram = FragKey {
         src: ip.src_addr,
         dst: ip.dst_addr,
-        sport,
-        dport,
+        id: ip.id,
         proto: ip.proto,
         dir: DIR_IN,
-        _pad: [0; 2],
     };
-    let flow = state::find(&key).ok_or(Reason::NotOurs)?;
+    let later = fragment == Fragment::Later;
+    let flow = if later {
+        // Without its first fragment's entry a later fragment may well be
+        // the host's own: the kernel reassembles (or expires) it.
+        frag::find(&datagram).ok_or(Reason::NotOurs)?
+    } else {
+        // A fragmented error is no error we relay: its first fragment
+        // matches no flow below.
+        if ip.proto == IPPROTO_ICMP && fragment == Fragment::Whole {
+            // SAFETY: a read-only view of one byte.
+            let kind: &u8 = unsafe { pkt.get(L4)? };
+            if is_icmp_error(*kind) {
+                return relay::handle(hook, cfg);
+            }
+        }
+        let (sport, dport) = match l4::ports(pkt, L4, ip.proto, Side::Dst) {
+            Ok(p) => p,
+            Err(Reason::Truncated) => return Err(Reason::Truncated.into()),
+            Err(_) => return Err(Reason::NotOurs.into()),
+        };
+        let key = FlowKey {
+            src: ip.src_addr,
+            dst: ip.dst_addr,
+            sport,
+            dport,
+            proto: ip.proto,
+            dir: DIR_IN,
+            _pad: [0; 2],
+        };
+        state::find(&key).ok_or(Reason::NotOurs)?
+    };
 
     let len = ip.tot_len();
-    if usize::from(len) < IP_LEN + l4::min_len(ip.proto) || ETH_LEN + usize::from(len) > pkt.len() {
+    let l4_min = if later { 0 } else { l4::min_len(ip.proto) };
+    if usize::from(len) < IP_LEN + l4_min || ETH_LEN + usize::from(len) > pkt.len() {
         return Err(Reason::BadLength.into());
     }
     if ip.ttl <= 1 {
@@ -67,20 +91,21 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
     }
     let now = state::now();
     state::touch(flow, len, now);
-    if key.proto == IPPROTO_TCP {
-        state::track_in(flow, l4::tcp_flags(pkt, ETH_LEN + IP_LEN));
+    if fragment == Fragment::First {
+        frag::remember(&datagram, &flow.in_key(), now);
+    }
+    if ip.proto == IPPROTO_TCP && !later {
+        let flags = l4::tcp_flags(pkt, L4);
+        state::track_in(flow, flags);
+        if flags & tcp::SYN != 0 {
+            mss::clamp(hook, L4, usize::from(len) - IP_LEN, cfg.mss)?;
+        }
     }
 
     // Always our hop on the inner TTL: should the kernel forward this packet
     // (unresolved neighbour), it decrements the outer TTL only.
-    l4::translate(
-        hook,
-        ETH_LEN,
-        Side::Dst,
-        flow.client_addr,
-        flow.client_port,
-        true,
-    )?;
+    let port = if later { None } else { Some(flow.client_port) };
+    l4::translate(hook, ETH_LEN, Side::Dst, flow.client_addr, port, true)?;
     encapsulate(hook, cfg, flow.peer_addr, &hop, Reason::ReverseHit)
 }
 
@@ -97,7 +122,7 @@ pub fn route_to_peer<H: Hook>(
     if usize::from(len) > usize::from(u16::MAX) - IP_LEN {
         return Err(Reason::TooBig);
     }
-    let wire_len = hook.largest_segment(len, ETH_LEN + IP_LEN, proto) + IP_LEN as u16;
+    let wire_len = hook.largest_segment(len, L4, proto) + IP_LEN as u16;
     fib::lookup(hook, cfg.tunnel_local, peer, IPPROTO_IPIP, wire_len)
 }
 

@@ -122,14 +122,17 @@ pub fn header_len(pkt: Packet, off: usize, proto: u8) -> Result<usize, Reason> {
     Ok(usize::from(*data_offset >> 4) * 4)
 }
 
-/// A TCP or UDP checksum to patch after one side's address and port changed.
+/// A TCP or UDP checksum to patch after 2 bytes of the segment changed (a
+/// port, the MSS), and with them perhaps an address in the pseudo-header.
 pub struct ChecksumUpdate {
     /// Offset of the checksum field in the packet.
     pub at: usize,
-    /// Old and new address: part of the pseudo-header, not of the segment.
-    pub addr: ([u8; 4], [u8; 4]),
-    /// Old and new port.
-    pub port: ([u8; 2], [u8; 2]),
+    /// Old and new address, if one changed: part of the pseudo-header, not
+    /// of the segment.
+    pub addr: Option<([u8; 4], [u8; 4])>,
+    /// Old and new 16-bit word of the segment, as it adds to the sum
+    /// (`checksum::word_at`: bytes at an odd offset swapped).
+    pub word: ([u8; 2], [u8; 2]),
     /// UDP, where a zero checksum means "none" and must stay zero.
     pub udp: bool,
 }
@@ -141,9 +144,11 @@ impl ChecksumUpdate {
     pub fn apply_in_place(&self, pkt: Packet) -> Result<(), Reason> {
         // SAFETY: the only live reference into the packet.
         let check: &mut [u8; 2] = unsafe { pkt.get(self.at)? };
-        let sum = Incremental::new(*check)
-            .replace4(self.addr.0, self.addr.1)
-            .replace2(self.port.0, self.port.1);
+        let mut sum = Incremental::new(*check);
+        if let Some((old, new)) = self.addr {
+            sum = sum.replace4(old, new);
+        }
+        let sum = sum.replace2(self.word.0, self.word.1);
         *check = match (self.udp, *check) {
             // Zero means the sender computed no UDP checksum: keep it so.
             (true, [0, 0]) => [0, 0],
@@ -156,15 +161,16 @@ impl ChecksumUpdate {
 
 /// Rewrites `side`'s address and port of the IPv4 packet at `ip_off` (a
 /// 20-byte header, transport header already validated by [`ports`]),
-/// optionally decrementing the TTL, and patches both checksums. Packet
-/// references taken before the call are invalid afterwards.
+/// optionally decrementing the TTL, and patches both checksums. A later
+/// fragment has no transport header: `port` `None` rewrites the address
+/// only. Packet references taken before the call are invalid afterwards.
 #[inline(always)]
 pub fn translate<H: Hook>(
     hook: &mut H,
     ip_off: usize,
     side: Side,
     addr: [u8; 4],
-    port: [u8; 2],
+    port: Option<[u8; 2]>,
     dec_ttl: bool,
 ) -> Result<(), Reason> {
     let pkt = hook.packet();
@@ -187,6 +193,9 @@ pub fn translate<H: Hook>(
     }
     ip.check = ip_check.finish();
 
+    let Some(port) = port else {
+        return Ok(());
+    };
     let proto = ip.proto;
     // SAFETY: the port pair and the ICMP header are each the only live
     // reference to their bytes.
@@ -210,10 +219,11 @@ pub fn translate<H: Hook>(
         } else {
             UDP_CHECK
         };
+        // Ports sit at even offsets: no byte swap.
         hook.update_l4_checksum(&ChecksumUpdate {
             at: l4 + check_at,
-            addr: (old_addr, addr),
-            port: (old_port, port),
+            addr: Some((old_addr, addr)),
+            word: (old_port, port),
             udp: proto == IPPROTO_UDP,
         })
     }

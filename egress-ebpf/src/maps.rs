@@ -3,11 +3,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
 };
 use egress_common::{
     config::Config,
     flow::{Flow, FlowKey, Mapping, PortKey},
+    fragment::{FragEntry, FragKey},
     reason::Reason,
 };
 
@@ -29,6 +30,18 @@ pub static MAPPINGS: HashMap<PortKey, Mapping> = HashMap::pinned(1024, 0);
 /// per flow would be far more than there are clients.
 #[map]
 pub static CLIENT_FLOWS: HashMap<[u8; 4], u64> = HashMap::pinned(1024, BPF_F_NO_PREALLOC);
+
+/// First fragments' translations, for the rest of their datagrams.
+///
+/// An LRU, unlike the flow state: an entry is one datagram's, needed for
+/// a few milliseconds, so losing one to eviction costs at most that
+/// datagram (as a lost fragment would), and a flood of fragments only
+/// evicts other fragments' entries, never flows. Entries older than the
+/// reassembly time are ignored where they are read, so nothing sweeps
+/// them: the LRU reuses them. Not pinned: a restart loses only datagrams
+/// in flight.
+#[map]
+pub static FRAGMENTS: LruHashMap<FragKey, FragEntry> = LruHashMap::with_max_entries(16384, 0);
 
 /// Outer source addresses allowed to tunnel to us (value unused).
 #[map]

@@ -3,38 +3,66 @@
 use egress_common::{
     config::Config,
     flow::{DIR_OUT, FlowKey, IPPROTO_TCP},
+    fragment::{FragKey, Fragment},
     headers::{ICMP_ADMIN_PROHIBITED, ICMP_DEST_UNREACH},
     reason::Reason,
+    tcp,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     fib::{self, NextHop},
+    frag,
     icmp::{self, Error},
     l4::{self, Side},
-    maps,
+    maps, mss,
     nat::{ETH_LEN, IP_LEN, IP_MF_OFFSET, Outcome, has_df, send},
     packet::{Hook, Packet},
     state,
 };
 
 const INNER: usize = ETH_LEN + IP_LEN;
+const L4: usize = INNER + IP_LEN;
 
 /// The validated facts about an outbound packet the rewrite needs.
 struct Inner {
+    /// The 5-tuple; ports 0 in a later fragment.
     key: FlowKey,
     peer: [u8; 4],
     len: u16,
     ttl: u8,
     df: bool,
+    fragment: Fragment,
+    /// IP identification: which datagram a fragment belongs to.
+    id: [u8; 2],
+}
+
+impl Inner {
+    fn datagram(&self) -> FragKey {
+        FragKey {
+            src: self.key.src,
+            dst: self.key.dst,
+            id: self.id,
+            proto: self.key.proto,
+            dir: DIR_OUT,
+        }
+    }
 }
 
 pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
     let pkt = hook.packet();
     let inner = validate(pkt)?;
     let key = inner.key;
+    let later = inner.fragment == Fragment::Later;
 
-    let existing = state::find(&key);
+    let existing = if later {
+        // Only through its first fragment's flow, from the same peer: a
+        // later fragment never creates state.
+        let flow = frag::find(&inner.datagram()).filter(|f| f.peer_addr == inner.peer);
+        Some(flow.ok_or(Reason::FragmentUnmatched)?)
+    } else {
+        state::find(&key)
+    };
     // Policy was checked when the flow was created; a packet of a known flow
     // from the flow's own peer skips the peer and client map lookups.
     let nat_addr = match &existing {
@@ -50,7 +78,7 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
         return icmp::to_client(hook, Error::TIME_EXCEEDED, Reason::TtlExceeded);
     }
     // Route before creating state: an unroutable destination leaves none.
-    let wire_len = hook.largest_segment(inner.len, INNER + IP_LEN, key.proto);
+    let wire_len = hook.largest_segment(inner.len, L4, key.proto);
     let hop = fib::lookup(hook, nat_addr, key.dst, key.proto, wire_len)?;
     if let (NextHop::TooBig { mtu }, true) = (&hop, inner.df) {
         return icmp::to_client(hook, Error::frag_needed(*mtu), Reason::TooBig);
@@ -70,22 +98,23 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
         },
     };
     state::touch(flow, inner.len, now);
-    if key.proto == IPPROTO_TCP {
-        state::track_out(flow, l4::tcp_flags(pkt, INNER + IP_LEN));
+    if inner.fragment == Fragment::First {
+        frag::remember(&inner.datagram(), &key, now);
+    }
+    if key.proto == IPPROTO_TCP && !later {
+        let flags = l4::tcp_flags(pkt, L4);
+        state::track_out(flow, flags);
+        if flags & tcp::SYN != 0 {
+            mss::clamp(hook, L4, usize::from(inner.len) - IP_LEN, cfg.mss)?;
+        }
     }
 
     // SAFETY: a copy, taken while the packet view is valid.
-    let orig: EthHdr = unsafe { *pkt.get::<EthHdr>(0)? };
+    let orig: EthHdr = unsafe { *hook.packet().get::<EthHdr>(0)? };
     // The kernel's forwarding path decrements the TTL itself.
     let dec_ttl = matches!(hop, NextHop::Resolved { .. });
-    l4::translate(
-        hook,
-        INNER,
-        Side::Src,
-        flow.nat_addr,
-        flow.nat_port,
-        dec_ttl,
-    )?;
+    let port = if later { None } else { Some(flow.nat_port) };
+    l4::translate(hook, INNER, Side::Src, flow.nat_addr, port, dec_ttl)?;
     hook.adjust_head(IP_LEN as i32)?;
     send(hook, hook.packet(), &hop, &orig, reason)
 }
@@ -129,15 +158,20 @@ fn validate(pkt: Packet) -> Result<Inner, Reason> {
         return Err(Reason::InnerOptions);
     }
     let len = inner.tot_len();
-    if usize::from(len) != outer_len - IP_LEN
-        || usize::from(len) < IP_LEN + l4::min_len(inner.proto)
-    {
+    let fragment = Fragment::of(inner.frags);
+    // Only a datagram's first fragment (or the whole) has a transport
+    // header; one too short for it is dropped (RFC 1858 tiny fragments).
+    let l4_min = match fragment {
+        Fragment::Later => 0,
+        _ => l4::min_len(inner.proto),
+    };
+    if usize::from(len) != outer_len - IP_LEN || usize::from(len) < IP_LEN + l4_min {
         return Err(Reason::BadLength);
     }
-    if u16::from_be_bytes(inner.frags) & IP_MF_OFFSET != 0 {
-        return Err(Reason::Fragment);
-    }
-    let (sport, dport) = l4::ports(pkt, INNER + IP_LEN, inner.proto, Side::Src)?;
+    let (sport, dport) = match fragment {
+        Fragment::Later => ([0; 2], [0; 2]),
+        _ => l4::ports(pkt, L4, inner.proto, Side::Src)?,
+    };
     Ok(Inner {
         key: FlowKey {
             src: inner.src_addr,
@@ -152,5 +186,7 @@ fn validate(pkt: Packet) -> Result<Inner, Reason> {
         len,
         ttl: inner.ttl,
         df: has_df(inner),
+        fragment,
+        id: inner.id,
     })
 }

@@ -82,7 +82,8 @@ pub trait Hook {
     fn adjust_head(&mut self, delta: i32) -> Result<(), Reason>;
     /// Cuts the packet to `len` bytes (never longer than it is).
     fn truncate(&mut self, len: usize) -> Result<(), Reason>;
-    /// Updates a TCP or UDP checksum after an address and port rewrite.
+    /// Updates a TCP or UDP checksum after a rewrite of 2 bytes of the
+    /// segment, and perhaps of an address in the pseudo-header.
     /// Invalidates every packet reference: re-read [`Hook::packet`].
     fn update_l4_checksum(&mut self, update: &ChecksumUpdate) -> Result<(), Reason>;
     /// The length of the largest IP packet this one of `ip_len` bytes will

@@ -9,6 +9,7 @@ use egress_common::{
     checksum::Incremental,
     config::Config,
     flow::{DIR_IN, Flow, FlowKey, IPPROTO_ICMP, IPPROTO_UDP},
+    fragment::Fragment,
     headers::ICMP_LEN,
     reason::Reason,
 };
@@ -27,8 +28,6 @@ use crate::{
 const ICMP_AT: usize = ETH_LEN + IP_LEN;
 const QUOTED_IP: usize = ICMP_AT + ICMP_LEN;
 const QUOTED_L4: usize = QUOTED_IP + IP_LEN;
-/// Fragment offset bits: a later fragment quotes no transport header.
-const IP_OFFSET: u16 = 0x1fff;
 
 /// Relays the ICMP error in the hook (a 20-byte IP header, not a fragment)
 /// to the client whose flow it is about.
@@ -40,7 +39,7 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
     // later fragment's "ports" would be payload.
     if quoted.vihl != 0x45
         || quoted.src_addr != ip.dst_addr
-        || u16::from_be_bytes(quoted.frags) & IP_OFFSET != 0
+        || Fragment::of(quoted.frags) == Fragment::Later
     {
         return Err(Reason::NotOurs.into());
     }

@@ -24,9 +24,8 @@ use crate::{
 };
 
 /// Headers the translation reads and writes: Ethernet, outer and inner
-/// IPv4, and the fixed part of a TCP header (the largest transport header
-/// it touches).
-const HEADERS: u32 = (ETH_LEN + 2 * IP_LEN + 20) as u32;
+/// IPv4, and a TCP header with the most options (MSS clamping reads them).
+const HEADERS: u32 = (ETH_LEN + 2 * IP_LEN + 60) as u32;
 
 /// Keep every segment of a GSO aggregate exactly as the sender cut it, only
 /// 20 bytes shorter or longer: the default would change the segment size.
@@ -100,23 +99,24 @@ impl Hook for Tc {
     fn update_l4_checksum(&mut self, update: &ChecksumUpdate) -> Result<(), Reason> {
         // The kernel's helpers know the skb's checksum state: with offload
         // (CHECKSUM_PARTIAL) the field holds only the pseudo-header sum, so
-        // the address changes it and the port must not; a received
+        // an address changes it and segment bytes must not; a received
         // CHECKSUM_COMPLETE sum is kept in step.
         let mangled = if update.udp {
             BPF_F_MARK_MANGLED_0 as u64
         } else {
             0
         };
-        let (old, new) = update.addr;
-        self.0
-            .l4_csum_replace(
-                update.at,
-                u64::from(u32::from_ne_bytes(old)),
-                u64::from(u32::from_ne_bytes(new)),
-                BPF_F_PSEUDO_HDR as u64 | mangled | 4,
-            )
-            .map_err(|_| Reason::Internal)?;
-        let (old, new) = update.port;
+        if let Some((old, new)) = update.addr {
+            self.0
+                .l4_csum_replace(
+                    update.at,
+                    u64::from(u32::from_ne_bytes(old)),
+                    u64::from(u32::from_ne_bytes(new)),
+                    BPF_F_PSEUDO_HDR as u64 | mangled | 4,
+                )
+                .map_err(|_| Reason::Internal)?;
+        }
+        let (old, new) = update.word;
         self.0
             .l4_csum_replace(
                 update.at,

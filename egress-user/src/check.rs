@@ -162,7 +162,7 @@ impl Facts {
             .map(|iface| {
                 let dir = sysctl::conf_dir(&iface.name);
                 IfaceFacts {
-                    mtu: iface.mtu().ok(),
+                    mtu: iface.mtu,
                     native_xdp: iface.native_xdp().ok().flatten(),
                     sysctls: sysctl::NEEDED
                         .iter()
@@ -552,6 +552,7 @@ mod tests {
                     index: 2,
                     primary: Some(Ipv4Addr::new(10, 1, 1, 10)),
                     up: true,
+                    mtu: Some(1500),
                 },
                 mtu: Some(1500),
                 native_xdp: Some(true),

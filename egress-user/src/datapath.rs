@@ -67,6 +67,8 @@ pub struct Policy {
     pub max_flows: u32,
     /// Most flows per client address; 0 for no limit.
     pub max_client_flows: u32,
+    /// Largest MSS a TCP SYN or SYN-ACK may announce; 0 leaves MSS alone.
+    pub mss: u16,
     /// bpffs directory the connection state is pinned in.
     pub state_dir: PathBuf,
     /// Drop the state a previous run left in `state_dir`.
@@ -81,6 +83,7 @@ impl Policy {
         c.port_max = self.ports.max;
         c.snat_count = self.snat.len() as u32;
         c.max_client_flows = self.max_client_flows;
+        c.mss = self.mss;
         for (slot, a) in c.snat_addrs.iter_mut().zip(&self.snat) {
             *slot = a.octets();
         }

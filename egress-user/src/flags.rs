@@ -40,6 +40,10 @@ pub struct GatewayArgs {
     /// Most flows one client address may have at once, 0 for no limit [default: 65536].
     #[arg(long)]
     pub max_client_flows: Option<u32>,
+    /// Largest TCP MSS a SYN or SYN-ACK may announce through the tunnel, 0 to
+    /// leave MSS alone [default: the interface MTU - 60].
+    #[arg(long, value_name = "N")]
+    pub mss: Option<u16>,
     /// Idle timeout KIND=DURATION, KIND one of tcp-established, tcp-transitory,
     /// tcp-reset, udp, icmp (repeatable) [defaults: 2h4m, 4m, 10s, 5m, 60s].
     #[arg(long = "timeout", value_name = "KIND=DURATION")]
@@ -79,6 +83,7 @@ impl GatewayArgs {
             attach: self.attach,
             max_flows: self.max_flows,
             max_client_flows: self.max_client_flows,
+            mss: self.mss,
             state_dir: self.state_dir,
             metrics: self.metrics,
             metrics_top_flows: self.metrics_top_flows,

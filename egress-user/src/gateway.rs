@@ -7,12 +7,12 @@
 //! constant). The connection state lives in pinned maps throughout, so
 //! flows survive all of it.
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 
 use crate::{
     datapath::{Attached, Datapath, Policy},
     netif::Interface,
-    settings::Settings,
+    settings::{Settings, mss_for_mtu},
     sysctl::Sysctls,
 };
 
@@ -72,6 +72,7 @@ impl Gateway {
             client_cidrs = ?policy.client_cidrs,
             max_flows = policy.max_flows,
             max_client_flows = policy.max_client_flows,
+            mss = policy.mss,
             "attached; gateway ready"
         );
         Ok(gateway)
@@ -169,7 +170,7 @@ impl Gateway {
 }
 
 /// The policy for `settings` on `iface`: `snat` and `tunnel-local` default
-/// to its first IPv4 address.
+/// to its first IPv4 address, the MSS clamp to what its MTU leaves.
 pub fn policy_for(settings: &Settings, iface: &Interface) -> anyhow::Result<Policy> {
     let needs_address = || {
         iface.primary.with_context(|| {
@@ -183,6 +184,11 @@ pub fn policy_for(settings: &Settings, iface: &Interface) -> anyhow::Result<Poli
         true => vec![needs_address()?],
         false => settings.snat.clone(),
     };
+    let mss = match (settings.mss, iface.mtu) {
+        (Some(mss), _) => mss,
+        (None, Some(mtu)) => mss_for_mtu(mtu),
+        (None, None) => bail!("cannot read the MTU of {}: give --mss", iface.name),
+    };
     Ok(Policy {
         tunnel_local: settings.tunnel_local.map_or_else(needs_address, Ok)?,
         snat,
@@ -191,6 +197,7 @@ pub fn policy_for(settings: &Settings, iface: &Interface) -> anyhow::Result<Poli
         client_cidrs: settings.client_cidrs.clone(),
         max_flows: settings.max_flows,
         max_client_flows: settings.max_client_flows,
+        mss,
         state_dir: settings.state_dir.clone(),
         reset_state: false,
     })
@@ -233,6 +240,7 @@ mod tests {
             index,
             primary: primary.map(Ipv4Addr::from),
             up: true,
+            mtu: Some(1500),
         }
     }
 
@@ -279,6 +287,20 @@ mod tests {
             Change::Attach { reload: Some(new) } => new,
             other => panic!("expected a reload, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_mss_clamp_follows_the_mtu_unless_given() {
+        let s = settings("");
+        let policy = policy_for(&s, &eth0(2, Some(A))).unwrap();
+        assert_eq!(policy.mss, 1440);
+        let mut jumbo = eth0(2, Some(A));
+        jumbo.mtu = Some(9001);
+        assert_eq!(reloaded(&s, &policy, &jumbo).mss, 8941);
+        let s = settings("mss = 1400");
+        let policy = policy_for(&s, &eth0(2, Some(A))).unwrap();
+        assert_eq!(policy.mss, 1400);
+        assert_eq!(plan(&s, &policy, Some(2), Some(&jumbo)), Change::Nothing);
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub struct Interface {
     pub primary: Option<Ipv4Addr>,
     /// Administratively up (`ip link set NAME up`).
     pub up: bool,
+    /// `None` when the kernel did not say.
+    pub mtu: Option<u32>,
 }
 
 impl Interface {
@@ -64,19 +66,8 @@ impl Interface {
             index,
             primary,
             up,
+            mtu: link_mtu(index).ok(),
         }))
-    }
-
-    /// The interface's MTU.
-    pub fn mtu(&self) -> io::Result<u32> {
-        let mut ifinfomsg = [0u8; IFINFOMSG];
-        ifinfomsg[4..8].copy_from_slice(&(self.index as i32).to_ne_bytes());
-        Socket::open(libc::NETLINK_ROUTE, 0)?
-            .request(Request::new(libc::RTM_GETLINK, &ifinfomsg))?
-            .iter()
-            .find_map(|m| m.attrs(IFINFOMSG).find(|&(k, _)| k == IFLA_MTU))
-            .and_then(|(_, v)| attr_u32(v))
-            .ok_or_else(|| io::Error::other("the kernel reported no MTU"))
     }
 
     /// Whether the driver runs XDP natively; `None` when the kernel cannot
@@ -95,6 +86,18 @@ impl Interface {
                 .map(|features| features & XDP_ACT_BASIC != 0)
         }))
     }
+}
+
+/// The MTU of interface `index`.
+fn link_mtu(index: u32) -> io::Result<u32> {
+    let mut ifinfomsg = [0u8; IFINFOMSG];
+    ifinfomsg[4..8].copy_from_slice(&(index as i32).to_ne_bytes());
+    Socket::open(libc::NETLINK_ROUTE, 0)?
+        .request(Request::new(libc::RTM_GETLINK, &ifinfomsg))?
+        .iter()
+        .find_map(|m| m.attrs(IFINFOMSG).find(|&(k, _)| k == IFLA_MTU))
+        .and_then(|(_, v)| attr_u32(v))
+        .ok_or_else(|| io::Error::other("the kernel reported no MTU"))
 }
 
 /// Where the kernel routes packets to one address.

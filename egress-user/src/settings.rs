@@ -27,6 +27,21 @@ pub const DEFAULT_MAX_FLOWS: u32 = 1 << 20;
 /// Default cap on one client's flows (RFC 6888 REQ-4): generous for a busy
 /// host, a small share of the table.
 pub const DEFAULT_MAX_CLIENT_FLOWS: u32 = 65_536;
+/// What the tunnel adds to a packet (the outer IPv4 header), and the IPv4
+/// and TCP headers of a segment without options: the default MSS clamp is
+/// the interface MTU less both.
+const OUTER_HEADER: u32 = 20;
+const TCP_IP_HEADERS: u32 = 40;
+/// Linux's `TCP_MIN_MSS`: stacks raise anything smaller to it anyway.
+pub const MIN_MSS: u16 = 88;
+
+/// The MSS clamp that fits a tunnel over an interface of `mtu` bytes:
+/// 1440 at the usual 1500.
+pub fn mss_for_mtu(mtu: u32) -> u16 {
+    let mss = mtu.saturating_sub(OUTER_HEADER + TCP_IP_HEADERS);
+    u16::try_from(mss).unwrap_or(u16::MAX).max(MIN_MSS)
+}
+
 /// Default number of flows exported one by one on the metrics endpoint.
 pub const DEFAULT_METRICS_TOP_FLOWS: usize = 10;
 
@@ -105,6 +120,7 @@ pub struct FileSettings {
     pub attach: Option<AttachMode>,
     pub max_flows: Option<u32>,
     pub max_client_flows: Option<u32>,
+    pub mss: Option<u16>,
     pub state_dir: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
     pub metrics_top_flows: Option<usize>,
@@ -234,6 +250,9 @@ pub struct Settings {
     pub attach: AttachMode,
     pub max_flows: u32,
     pub max_client_flows: u32,
+    /// TCP MSS clamp; `None`: from the interface MTU ([`mss_for_mtu`]),
+    /// `Some(0)`: off.
+    pub mss: Option<u16>,
     pub state_dir: PathBuf,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<SocketAddr>,
@@ -266,6 +285,7 @@ impl Settings {
                 .max_client_flows
                 .or(file.max_client_flows)
                 .unwrap_or(DEFAULT_MAX_CLIENT_FLOWS),
+            mss: cli.mss.or(file.mss),
             state_dir: cli
                 .state_dir
                 .or(file.state_dir)
@@ -300,6 +320,9 @@ impl Settings {
         }
         if self.max_flows == 0 || self.max_flows > (u32::MAX / 2) {
             bail!("max-flows: must be between 1 and {}", u32::MAX / 2);
+        }
+        if let Some(mss @ 1..MIN_MSS) = self.mss {
+            bail!("mss: {mss} is below {MIN_MSS}, the least TCP allows; 0 turns clamping off");
         }
         let t = &self.timeouts;
         for (key, d) in [
@@ -354,6 +377,7 @@ impl Settings {
             attach: Some(self.attach),
             max_flows: Some(self.max_flows),
             max_client_flows: Some(self.max_client_flows),
+            mss: self.mss,
             state_dir: Some(self.state_dir.clone()),
             metrics: self.metrics,
             metrics_top_flows: Some(self.metrics_top_flows),
@@ -376,6 +400,9 @@ impl Settings {
         }
         if self.tunnel_local.is_none() {
             out += "# tunnel-local: not set, the interface's first IPv4 address at start.\n";
+        }
+        if self.mss.is_none() {
+            out += "# mss: not set, the interface's MTU - 60 at start.\n";
         }
         if self.metrics.is_none() {
             out += "# metrics: not set, no metrics endpoint.\n";
@@ -467,6 +494,29 @@ mod tests {
     }
 
     #[test]
+    fn mss_from_mtu_flag_or_file() {
+        assert_eq!(mss_for_mtu(1500), 1440);
+        assert_eq!(mss_for_mtu(9001), 8941);
+        assert_eq!(mss_for_mtu(68), MIN_MSS);
+        let s = Settings::merge(cli(), FileSettings::default()).unwrap();
+        assert_eq!(s.mss, None, "unset: from the interface MTU at run time");
+        let file: FileSettings = toml::from_str("mss = 1200").unwrap();
+        assert_eq!(Settings::merge(cli(), file).unwrap().mss, Some(1200));
+        let mut c = cli();
+        c.mss = Some(0);
+        let file: FileSettings = toml::from_str("mss = 1200").unwrap();
+        assert_eq!(
+            Settings::merge(c, file).unwrap().mss,
+            Some(0),
+            "flag wins; 0 is off"
+        );
+        let mut c = cli();
+        c.mss = Some(40);
+        let e = Settings::merge(c, FileSettings::default()).unwrap_err();
+        assert!(format!("{e:#}").contains("mss"), "{e:#}");
+    }
+
+    #[test]
     fn missing_peer_is_a_clear_error() {
         let mut c = cli();
         c.peer = None;
@@ -530,6 +580,7 @@ mod tests {
         let mut c = cli();
         c.timeouts.set("udp=2m 30s").unwrap();
         c.metrics = Some("127.0.0.1:9464".parse().unwrap());
+        c.mss = Some(1400);
         c.snat = Some(vec![
             Ipv4Addr::new(10, 1, 1, 10),
             Ipv4Addr::new(10, 1, 1, 11),
@@ -557,6 +608,7 @@ mod tests {
         full.snat = Some(vec![Ipv4Addr::new(10, 1, 1, 10)]);
         full.tunnel_local = Some(Ipv4Addr::new(10, 1, 1, 10));
         full.metrics = Some("127.0.0.1:9464".parse().unwrap());
+        full.mss = Some(1440);
         let table: toml::Table = toml::from_str(&toml::to_string(&full).unwrap()).unwrap();
         let mut keys: Vec<String> = Vec::new();
         for (key, value) in &table {

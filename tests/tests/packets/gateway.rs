@@ -34,6 +34,8 @@ pub const SMALL_MTU: u16 = 1400;
 pub const BEYOND_ETH1: [u8; 4] = [198, 18, 0, 5];
 pub const ETH1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x20];
 pub const ETH1_NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+/// The MSS clamp: the default for the lab's 1500-byte links.
+pub const MSS: u16 = 1440;
 pub const PORTS: PortRange = PortRange {
     min: 20000,
     max: 29999,
@@ -131,6 +133,7 @@ impl Gateway {
             ],
             max_flows: 1024,
             max_client_flows: 0,
+            mss: MSS,
             state_dir,
             reset_state: false,
         };
