@@ -19,6 +19,7 @@ use aya::{
 use egress_common::{
     config::Config,
     flow::{Flow, FlowKey, Mapping, PortKey},
+    fragment::{FragEntry, FragKey},
     reason::Reason,
 };
 use ipnet::Ipv4Net;
@@ -251,6 +252,11 @@ impl Datapath {
             mappings: HashMap::try_from(mappings.ok_or_else(missing("MAPPINGS"))?)?,
             clients: HashMap::try_from(clients.ok_or_else(missing("CLIENT_FLOWS"))?)?,
         })
+    }
+
+    /// The first fragments' entries for the rest of their datagrams.
+    pub fn fragments(&mut self) -> anyhow::Result<HashMap<&mut MapData, FragKey, FragEntry>> {
+        Ok(HashMap::try_from(map(&mut self.ebpf, "FRAGMENTS")?)?)
     }
 }
 

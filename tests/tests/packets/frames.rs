@@ -3,8 +3,8 @@
 
 use egress_common::tcp;
 use etherparse::{
-    EtherType, Ethernet2Header, IpHeaders, IpNumber, Ipv4Header, PacketBuilder, SlicedPacket,
-    TransportSlice,
+    EtherType, Ethernet2Header, IpFragOffset, IpHeaders, IpNumber, Ipv4Header, PacketBuilder,
+    SlicedPacket, TransportSlice,
 };
 
 /// TCP PSH, which the gateway does not track.
@@ -18,6 +18,8 @@ pub enum L4<'a> {
         dport: u16,
         /// TCP flags, as in the header (`egress_common::tcp`).
         flags: u8,
+        /// Raw option bytes, a multiple of 4 long.
+        options: &'a [u8],
         payload: &'a [u8],
     },
     Udp {
@@ -52,7 +54,46 @@ impl<'a> L4<'a> {
             sport,
             dport,
             flags,
+            options: b"",
             payload,
+        }
+    }
+
+    /// A TCP segment with `flags` and raw `options`, without payload.
+    pub fn with_options(sport: u16, dport: u16, flags: u8, options: &'a [u8]) -> Self {
+        L4::Tcp {
+            sport,
+            dport,
+            flags,
+            options,
+            payload: b"",
+        }
+    }
+
+    /// The same with the source port (or echo request identifier) `port`,
+    /// as the gateway translates it outbound.
+    pub fn with_sport(self, port: u16) -> Self {
+        match self {
+            L4::Tcp {
+                dport,
+                flags,
+                options,
+                payload,
+                ..
+            } => L4::Tcp {
+                sport: port,
+                dport,
+                flags,
+                options,
+                payload,
+            },
+            L4::Udp { dport, payload, .. } => L4::Udp {
+                sport: port,
+                dport,
+                payload,
+            },
+            L4::EchoRequest { seq, .. } => L4::EchoRequest { id: port, seq },
+            L4::EchoReply { .. } => unreachable!("replies are not translated outbound"),
         }
     }
 }
@@ -99,9 +140,13 @@ pub fn ip_packet(ip: Ip, l4: L4) -> Vec<u8> {
             sport,
             dport,
             flags,
+            options,
             payload,
         } => {
             let mut b = b.tcp(sport, dport, 1000, 64240);
+            if !options.is_empty() {
+                b = b.options_raw(options).unwrap();
+            }
             let has = |bit| flags & bit != 0;
             if has(tcp::SYN) {
                 b = b.syn();
@@ -137,6 +182,33 @@ pub fn ip_packet(ip: Ip, l4: L4) -> Vec<u8> {
     out
 }
 
+/// The whole IPv4 `packet` cut into fragments at byte offsets `cuts` of its
+/// payload (multiples of 8), as a router fragments it (RFC 791): the same
+/// header but for the length, more-fragments flag, offset and checksum.
+pub fn fragment(packet: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+    let (header, payload) = Ipv4Header::from_slice(packet).unwrap();
+    let bounds: Vec<usize> = [0]
+        .into_iter()
+        .chain(cuts.iter().copied())
+        .chain([payload.len()])
+        .collect();
+    bounds
+        .windows(2)
+        .map(|w| {
+            let (start, end) = (w[0], w[1]);
+            assert_eq!(start % 8, 0, "fragment offsets are in units of 8 bytes");
+            let mut h = header.clone();
+            h.more_fragments = end < payload.len();
+            h.fragment_offset = IpFragOffset::try_new((start / 8) as u16).unwrap();
+            h.set_payload_len(end - start).unwrap();
+            h.header_checksum = h.calc_header_checksum();
+            let mut out = h.to_bytes().to_vec();
+            out.extend_from_slice(&payload[start..end]);
+            out
+        })
+        .collect()
+}
+
 /// An ICMP error of type `kind` from `ip`, quoting `quote`.
 pub fn icmp_error(ip: Ip, kind: etherparse::Icmpv4Type, quote: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -170,7 +242,9 @@ pub fn ethernet(src: [u8; 6], dst: [u8; 6], packet: &[u8]) -> Vec<u8> {
 }
 
 /// Parses a frame (IPv4 over Ethernet, possibly IP-in-IP) and verifies every
-/// checksum in it: IPv4 headers, TCP, UDP (unless 0) and ICMP.
+/// checksum in it: IPv4 headers, TCP, UDP (unless 0) and ICMP. A fragment's
+/// transport checksum covers the whole datagram: only its IP header's is
+/// checked.
 pub fn assert_checksums_valid(frame: &[u8]) {
     let mut ip = &frame[Ethernet2Header::LEN..];
     loop {
@@ -185,6 +259,9 @@ pub fn assert_checksums_valid(frame: &[u8]) {
             "IPv4 header checksum"
         );
         let payload = v4.payload().payload;
+        if v4.is_payload_fragmented() {
+            return;
+        }
         if v4.payload().ip_number == IpNumber::IPV4 {
             ip = payload;
             continue;

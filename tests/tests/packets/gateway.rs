@@ -285,6 +285,22 @@ impl Gateway {
         self.state().mappings.iter().map(Result::unwrap).collect()
     }
 
+    /// Number of fragment entries (first fragments remembered).
+    pub fn fragment_entries(&mut self) -> usize {
+        self.datapath.fragments().unwrap().keys().count()
+    }
+
+    /// Makes every fragment entry `ns` older, as if its first fragment had
+    /// passed that much earlier.
+    pub fn age_fragments(&mut self, ns: u64) {
+        let mut map = self.datapath.fragments().unwrap();
+        let entries: Vec<_> = map.iter().map(Result::unwrap).collect();
+        for (key, mut entry) in entries {
+            entry.first_ns = entry.first_ns.saturating_sub(ns);
+            map.insert(&key, &entry, 0).unwrap();
+        }
+    }
+
     /// The per-client flow count the data path enforces its cap with.
     pub fn client_flows(&mut self, client: [u8; 4]) -> u64 {
         self.state().clients.get(&client, 0).unwrap_or(0)

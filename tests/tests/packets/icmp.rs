@@ -113,30 +113,6 @@ fn as_sent(addr: [u8; 4], l4: L4) -> Vec<u8> {
     )
 }
 
-/// `l4` with its source port (or echo identifier) replaced by `port`.
-fn from_port(l4: L4, port: u16) -> L4 {
-    match l4 {
-        L4::Tcp {
-            dport,
-            flags,
-            payload,
-            ..
-        } => L4::Tcp {
-            sport: port,
-            dport,
-            flags,
-            payload,
-        },
-        L4::Udp { dport, payload, .. } => L4::Udp {
-            sport: port,
-            dport,
-            payload,
-        },
-        L4::EchoRequest { seq, .. } => L4::EchoRequest { id: port, seq },
-        L4::EchoReply { .. } => unreachable!(),
-    }
-}
-
 fn icmp_errors_about_a_flow_reach_its_client_translated_back(hook: Hook) {
     let gw = &mut Gateway::new(hook);
     let udp = L4::Udp {
@@ -192,7 +168,7 @@ fn icmp_errors_about_a_flow_reach_its_client_translated_back(hook: Hook) {
     ];
     for (what, l4, from, kind, quoted) in cases {
         let nat_port = outbound(gw, CLIENT, l4, Reason::NewFlow);
-        let mut sent = as_sent(GW, from_port(l4, nat_port));
+        let mut sent = as_sent(GW, l4.with_sport(nat_port));
         let mut original = as_sent(CLIENT, l4);
         if what.contains("without checksum") {
             // The sender computed no UDP checksum: it stays 0 both ways.
@@ -258,10 +234,10 @@ fn icmp_errors_about_no_flow_are_left_to_the_kernel(hook: Hook) {
             &icmp_error(error, unreachable.clone(), quoted),
         )
     };
-    let other_port = as_sent(GW, from_port(udp, nat_port + 1));
-    let mut other_source = as_sent(GW, from_port(udp, nat_port));
+    let other_port = as_sent(GW, udp.with_sport(nat_port + 1));
+    let mut other_source = as_sent(GW, udp.with_sport(nat_port));
     other_source[12..16].copy_from_slice(&[10, 1, 1, 99]);
-    let mut later_fragment = as_sent(GW, from_port(udp, nat_port));
+    let mut later_fragment = as_sent(GW, udp.with_sport(nat_port));
     later_fragment[6..8].copy_from_slice(&[0, 0x10]);
     for (what, frame) in [
         (
@@ -292,7 +268,7 @@ fn a_relayed_error_does_not_refresh_its_flow(hook: Hook) {
     let nat_port = outbound(gw, CLIENT, udp, Reason::NewFlow);
     let before = gw.flows();
     let unreachable = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
-    let sent = as_sent(GW, from_port(udp, nat_port));
+    let sent = as_sent(GW, udp.with_sport(nat_port));
     let frame = ethernet(
         ROUTER_MAC,
         GW_MAC,
@@ -393,7 +369,7 @@ fn outbound_packets_too_big_for_the_route(hook: Hook) {
     assert_eq!((verdict, reason), (Verdict::Pass, Reason::KernelFragments));
     let nat_port = u16::from_be_bytes([out[34], out[35]]);
     // Addressed to us as it arrived; TTL left for the kernel to decrement.
-    let translated = ip_packet(Ip { src: GW, ..ip }, from_port(udp, nat_port));
+    let translated = ip_packet(Ip { src: GW, ..ip }, udp.with_sport(nat_port));
     assert!(
         out == ethernet(ROUTER_MAC, GW_MAC, &translated),
         "translated for the kernel to fragment"

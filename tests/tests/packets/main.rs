@@ -22,9 +22,11 @@ macro_rules! for_each_hook {
     };
 }
 
+mod fragments;
 mod frames;
 mod gateway;
 mod icmp;
+mod mss;
 mod state;
 
 use egress_common::reason::Reason;
@@ -60,10 +62,21 @@ fn outbound(gw: &mut Gateway, client: [u8; 4], l4: L4, want: Reason) -> u16 {
 
 /// As [`outbound`], to `remote`.
 fn outbound_to(gw: &mut Gateway, client: [u8; 4], remote: [u8; 4], l4: L4, want: Reason) -> u16 {
+    outbound_as(gw, client, remote, l4, l4, want)
+}
+
+/// As [`outbound_to`], where the transport header leaves as `out_l4`
+/// (its source port aside).
+fn outbound_as(
+    gw: &mut Gateway,
+    client: [u8; 4],
+    remote: [u8; 4],
+    l4: L4,
+    out_l4: L4,
+    want: Reason,
+) -> u16 {
     let ip = Ip::new(client, remote);
-    let (verdict, out, reason) = gw.run(&from_peer(&ip_packet(ip, l4)));
-    assert_eq!((verdict, reason), (Verdict::Tx, want));
-    assert_checksums_valid(&out);
+    let out = outbound_packet(gw, &ip_packet(ip, l4), want);
     let sliced = etherparse::SlicedPacket::from_ethernet(&out).unwrap();
     let port = match sliced.transport.unwrap() {
         etherparse::TransportSlice::Tcp(t) => t.source_port(),
@@ -74,40 +87,31 @@ fn outbound_to(gw: &mut Gateway, client: [u8; 4], remote: [u8; 4], l4: L4, want:
         },
         t => panic!("{t:?}"),
     };
-    let translated = match l4 {
-        L4::Tcp {
-            dport,
-            flags,
-            payload,
-            ..
-        } => L4::Tcp {
-            sport: port,
-            dport,
-            flags,
-            payload,
-        },
-        L4::Udp { dport, payload, .. } => L4::Udp {
-            sport: port,
-            dport,
-            payload,
-        },
-        L4::EchoRequest { seq, .. } => L4::EchoRequest { id: port, seq },
-        L4::EchoReply { .. } => unreachable!(),
-    };
-    let want = ethernet(
-        GW_MAC,
-        ROUTER_MAC,
-        &ip_packet(
-            Ip {
-                src: GW,
-                ttl: ip.ttl - 1,
-                ..ip
-            },
-            translated,
-        ),
+    let want = ip_packet(translated_out(ip), out_l4.with_sport(port));
+    assert_eq!(
+        out,
+        ethernet(GW_MAC, ROUTER_MAC, &want),
+        "translated outbound frame"
     );
-    assert_eq!(out, want, "translated outbound frame");
     port
+}
+
+/// The IP header fields of an outbound packet from `ip` once translated.
+fn translated_out(ip: Ip) -> Ip {
+    Ip {
+        src: GW,
+        ttl: ip.ttl - 1,
+        ..ip
+    }
+}
+
+/// Sends the client's IP `packet` from the peer; asserts it is forwarded
+/// (counted as `want`) with valid checksums, and returns the frame.
+fn outbound_packet(gw: &mut Gateway, packet: &[u8], want: Reason) -> Vec<u8> {
+    let (verdict, out, reason) = gw.run(&from_peer(packet));
+    assert_eq!((verdict, reason), (Verdict::Tx, want));
+    assert_checksums_valid(&out);
+    out
 }
 
 /// Sends the server's reply `l4` to the translation; asserts it leaves
@@ -118,30 +122,43 @@ fn inbound(gw: &mut Gateway, l4: L4, client: [u8; 4], client_l4: L4) {
 
 /// As [`inbound`], from `remote`.
 fn inbound_from(gw: &mut Gateway, remote: [u8; 4], l4: L4, client: [u8; 4], client_l4: L4) {
-    let ip = Ip {
+    let ip = reply_ip(remote);
+    let inner = ip_packet(translated_in(ip, client), client_l4);
+    inbound_packet(gw, &ip_packet(ip, l4), &inner);
+}
+
+/// The IP header fields of a reply from `remote` to the translation.
+fn reply_ip(remote: [u8; 4]) -> Ip {
+    Ip {
         df: false,
         tos: 0x28,
         ..Ip::new(remote, GW)
-    };
-    let (verdict, out, reason) = gw.run(&ethernet(ROUTER_MAC, GW_MAC, &ip_packet(ip, l4)));
+    }
+}
+
+/// The IP header fields of a reply from `ip` once translated to `client`.
+fn translated_in(ip: Ip, client: [u8; 4]) -> Ip {
+    Ip {
+        dst: client,
+        ttl: ip.ttl - 1,
+        ..ip
+    }
+}
+
+/// Sends the server's IP `packet` to the gateway; asserts it leaves as
+/// `inner` encapsulated to the peer.
+fn inbound_packet(gw: &mut Gateway, packet: &[u8], inner: &[u8]) {
+    let (verdict, out, reason) = gw.run(&ethernet(ROUTER_MAC, GW_MAC, packet));
     assert_eq!((verdict, reason), (Verdict::Tx, Reason::ReverseHit));
     assert_checksums_valid(&out);
-    let inner = ip_packet(
-        Ip {
-            dst: client,
-            ttl: ip.ttl - 1,
-            ..ip
-        },
-        client_l4,
-    );
     // RFC 2003: TOS and DF copied from the inner header, TTL ours.
     let outer = Ip {
         id: 0,
-        df: ip.df,
-        tos: ip.tos,
+        df: inner[6] & 0x40 != 0,
+        tos: inner[1],
         ..Ip::new(GW, PEER)
     };
-    let mut want = ethernet(GW_MAC, ROUTER_MAC, &encapsulate(outer, &inner));
+    let mut want = ethernet(GW_MAC, ROUTER_MAC, &encapsulate(outer, inner));
     assert_eq!(out.len(), want.len());
     want[OUTER_ID].copy_from_slice(&out[OUTER_ID]);
     // The outer checksum covers the ID: take the one etherparse validated.
