@@ -3,16 +3,16 @@
 //! translation address. Every scenario runs once per attach mode, each on
 //! its own topology. Needs root.
 
-use anyhow::{Result, ensure};
+use anyhow::{Context as _, Result, ensure};
 use std::collections::HashSet;
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::Path;
 use std::time::Duration;
 use tests::addrs::{
-    CLIENT_EXTRA_IPS, CLIENT_TUN_IP, GATEWAY_IP, HOST_IFACE, HTTP_PORT, ROUTER_GATEWAY_IFACE,
-    ROUTER_GATEWAY_IP, SERVER_IP, TUN_MTU,
+    CLIENT_EXTRA_IPS, CLIENT_TUN_IP, GATEWAY_IP, HOST_IFACE, HTTP_PORT, INTERNET_CIDR,
+    ROUTER_GATEWAY_IFACE, ROUTER_GATEWAY_IP, SERVER_IP, TUN_IFACE, TUN_MTU,
 };
-use tests::echo::{Reply, tcp_request, tcp_server, udp_request, udp_server};
+use tests::echo::{Reply, UdpClient, tcp_request, tcp_server, udp_request, udp_server};
 use tests::topology::large_page;
 use tests::{Attach, Daemon, Stack, egress_bin, exec, in_netns, require_root};
 
@@ -49,6 +49,8 @@ in_every_mode!(
     tracepath_shows_the_gateway_hop_and_the_tunnel_mtu,
     ping_with_df_fits_the_tunnel_mtu_exactly,
     large_replies_arrive_or_teach_the_server_the_tunnel_mtu,
+    fragmented_udp_crosses_both_ways,
+    syn_mss_is_clamped_to_fit_the_tunnel,
 );
 
 /// Runs `test` against a fresh stack; a failure keeps the daemons' logs.
@@ -62,32 +64,56 @@ fn with_stack(attach: Attach, test: impl FnOnce(&Stack) -> Result<()>) -> Result
     stack.topo.lab.keep_logs_on_err(test(&stack))
 }
 
-/// Serves `large_page()` as /page.txt; returns the server and what `curl` got.
-fn http_get(stack: &Stack) -> Result<(Daemon, String)> {
+/// Serves `content` over HTTP on the server; returns the server and what
+/// `curl` on the client downloaded.
+fn http_get(stack: &Stack, content: &[u8]) -> Result<(Daemon, Vec<u8>)> {
     let topo = &stack.topo;
     let www = topo.lab.dir().join("www");
     std::fs::create_dir(&www)?;
-    std::fs::write(www.join("page.txt"), large_page())?;
+    std::fs::write(www.join("file"), content)?;
     let http = topo.start_http_server(&www)?;
-    let url = format!("http://{SERVER_IP}:{HTTP_PORT}/page.txt");
-    let got = exec(&topo.client, &format!("curl -sS --max-time 20 {url}"))?;
-    Ok((http, got))
+    let url = format!("http://{SERVER_IP}:{HTTP_PORT}/file");
+    let saved = topo.lab.dir().join("downloaded");
+    exec(
+        &topo.client,
+        &format!("curl -sS --max-time 60 -o {} {url}", saved.display()),
+    )?;
+    Ok((http, std::fs::read(&saved)?))
 }
 
+/// Bytes of the large download: thousands of full-sized segments.
+const DOWNLOAD: usize = 8 << 20;
+
+/// A large download through the tunnel arrives byte for byte (segments
+/// sized by the clamped MSS fit the tunnel).
 fn http_get_returns_exact_content(stack: &Stack) -> Result<()> {
-    let (_http, got) = http_get(stack)?;
-    let want = large_page();
+    // Pseudo-random (xorshift), so a misplaced segment cannot look right.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let want: Vec<u8> = (0..DOWNLOAD)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let (_http, got) = http_get(stack, &want)?;
     ensure!(
-        got == want,
+        got.len() == want.len(),
         "got {} bytes, expected {}",
         got.len(),
         want.len()
+    );
+    let first_bad = got.iter().zip(&want).position(|(a, b)| a != b);
+    ensure!(
+        first_bad.is_none(),
+        "content differs from byte {first_bad:?}"
     );
     Ok(())
 }
 
 fn http_server_sees_translation_address(stack: &Stack) -> Result<()> {
-    let (mut http, _) = http_get(stack)?;
+    let (mut http, _) = http_get(stack, large_page().as_bytes())?;
     // http.server logs `<client address> - - [date] "GET ..."`.
     http.wait_for(&format!("{GATEWAY_IP} - - "), Duration::from_secs(5))?;
     let log = http.log();
@@ -271,6 +297,63 @@ fn large_replies_arrive_or_teach_the_server_the_tunnel_mtu(stack: &Stack) -> Res
     Ok(())
 }
 
+/// A datagram larger than the tunnel MTU each way: the client's kernel
+/// cuts the request at its tunnel's 1480 bytes and the gateway translates
+/// every fragment (only the first carries the ports); the echo, larger
+/// still, leaves the server in 1500-byte fragments, each too big to
+/// encapsulate within the link's 1500, so the gateway's kernel fragments
+/// the tunnel packets. The flow counts each fragment once: none was lost
+/// and resent.
+fn fragmented_udp_crosses_both_ways(stack: &Stack) -> Result<()> {
+    let server = SocketAddr::from((SERVER_IP, ECHO_PORT));
+    let _echo = udp_server(&stack.topo.server, server)?;
+    let client = UdpClient::bind(&stack.topo.client, CLIENT_TUN_IP)?;
+    let request: Vec<u8> = (0..3500u32).map(|i| (i % 251) as u8).collect();
+    let reply = client.request(server, &request)?;
+    ensure!(
+        reply.body == request,
+        "the echo came back altered ({} bytes)",
+        reply.body.len()
+    );
+    ensure!(reply.seen.ip() == GATEWAY_IP, "server saw {}", reply.seen);
+    let out = stack.egress_cli(&egress_bin()?, "flows --json --proto udp")?;
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out)?;
+    let me = client.local_addr()?.to_string();
+    let row = rows
+        .iter()
+        .find(|r| r["client"] == me.as_str())
+        .with_context(|| format!("no flow of {me}:\n{out}"))?;
+    // 3508 and about 3525 bytes of UDP: three fragments each way.
+    let packets = |dir: &str| row[dir]["packets"].as_u64();
+    ensure!(
+        (packets("out"), packets("in")) == (Some(3), Some(3)),
+        "fragments counted: {row}"
+    );
+    Ok(())
+}
+
+/// A client announcing MSS 1460 (as a host on a 1500-byte network behind
+/// the tunnel would): the server must see the gateway's clamp, 1440 from
+/// its interface's MTU of 1500, less the timestamp option.
+fn syn_mss_is_clamped_to_fit_the_tunnel(stack: &Stack) -> Result<()> {
+    let topo = &stack.topo;
+    exec(
+        &topo.client,
+        &format!("ip route change {INTERNET_CIDR} dev {TUN_IFACE} src {CLIENT_TUN_IP} advmss 1460"),
+    )?;
+    let listener = in_netns(&topo.server, || TcpListener::bind((SERVER_IP, ECHO_PORT)))??;
+    let _client = in_netns(&topo.client, || {
+        TcpStream::connect_timeout(&(SERVER_IP, ECHO_PORT).into(), Duration::from_secs(10))
+    })??;
+    let (accepted, _) = listener.accept()?;
+    let mss = get_int(&accepted, libc::IPPROTO_TCP, libc::TCP_MAXSEG)?;
+    ensure!(
+        (1400..=1440).contains(&mss),
+        "the server's MSS is {mss}, not the clamp's"
+    );
+    Ok(())
+}
+
 fn set_pmtu_discovery(sock: &UdpSocket, mode: libc::c_int) -> Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: a valid socket and a c_int option value of the right size.
@@ -293,19 +376,27 @@ fn set_pmtu_discovery(sock: &UdpSocket, mode: libc::c_int) -> Result<()> {
 
 /// The kernel's path MTU for a connected socket's destination.
 fn path_mtu(sock: &UdpSocket) -> Result<u32> {
-    use std::os::fd::AsRawFd;
-    let mut mtu: libc::c_int = 0;
+    Ok(get_int(sock, libc::IPPROTO_IP, libc::IP_MTU)? as u32)
+}
+
+/// An integer socket option.
+fn get_int(sock: &impl std::os::fd::AsRawFd, level: libc::c_int, name: libc::c_int) -> Result<i32> {
+    let mut value: libc::c_int = 0;
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: a valid socket, and a c_int buffer with its size.
     let rc = unsafe {
         libc::getsockopt(
             sock.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MTU,
-            (&raw mut mtu).cast(),
+            level,
+            name,
+            (&raw mut value).cast(),
             &mut len,
         )
     };
-    ensure!(rc == 0, "IP_MTU: {}", std::io::Error::last_os_error());
-    Ok(mtu as u32)
+    ensure!(
+        rc == 0,
+        "getsockopt {level}/{name}: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(value)
 }
