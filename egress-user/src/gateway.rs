@@ -2,10 +2,10 @@
 //! its interface, following that interface as it changes. When the
 //! interface goes away the gateway waits for it; when it comes back (a new
 //! index) the programs are attached again in the same mode; when its
-//! address changes and `snat` or `tunnel-local` were defaulted from it, the
-//! programs are loaded again with the new address (it is a load-time
-//! constant). The connection state lives in pinned maps throughout, so
-//! flows survive all of it.
+//! address changes and `snat` or `tunnel-local` were defaulted from it, or
+//! its MTU and `mss` was, the programs are loaded again with the new value
+//! (a load-time constant). The connection state lives in pinned maps
+//! throughout, so flows survive all of it.
 
 use anyhow::{Context as _, bail};
 
@@ -129,8 +129,9 @@ impl Gateway {
                 iface = %iface.name,
                 tunnel_local = %policy.tunnel_local,
                 snat = ?policy.snat,
-                "the interface's address changed: loading the data path again with it \
-                 (the connection state is kept; flows translated to the old address end)"
+                mss = policy.mss,
+                "the interface's address or MTU changed: loading the data path again with it \
+                 (the connection state is kept; flows translated to an old address end)"
             );
             let datapath = Datapath::load(&policy)?;
             // The old programs detach here, just before the new ones attach.
