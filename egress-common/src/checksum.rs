@@ -82,6 +82,21 @@ pub fn ipv4_header(hdr: &[u8; 20]) -> [u8; 2] {
     (!fold(sum)).to_be_bytes()
 }
 
+/// Whether a received 20-byte IPv4 header's checksum is right, given as
+/// the ten 16-bit words it occupies in memory: in either byte order, the
+/// words of a correct header, checksum included, sum to all ones (RFC 1071
+/// 2(B)), so the data path loads them as they lie, without byte swaps.
+#[inline(always)]
+pub fn ipv4_header_valid(words: &[u16; 10]) -> bool {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 10 {
+        sum += u32::from(words[i]);
+        i += 1;
+    }
+    fold(sum) == 0xffff
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,4 +14,5 @@ pub mod headers;
 pub mod mss;
 pub mod ports;
 pub mod reason;
+pub mod rewrite;
 pub mod tcp;

@@ -31,7 +31,10 @@ pub enum Reason {
     ClientNotAllowed,
     /// Inner source is one of the gateway's own addresses (tunnel loop).
     Loop,
-    /// Outer or inner header lengths disagree with each other or the frame.
+    /// Length fields disagree with each other or the frame: an IP total
+    /// length beyond the frame or short of its headers, outer and inner
+    /// lengths that do not match, a UDP length or TCP header length that
+    /// does not fit the IP packet.
     BadLength,
     /// Outer header with options or fragmented: not a valid RFC 2003 packet.
     BadOuter,
@@ -71,10 +74,19 @@ pub enum Reason {
     /// Translated, but larger than the next hop's MTU and without DF:
     /// handed to the kernel's forwarding path, which fragments it.
     KernelFragments,
+    /// An IPv4 header (outer, inner or return) whose checksum is wrong: the
+    /// kernel would drop it too. Transport checksums are not verified.
+    BadChecksum,
+    /// The inner packet is itself IP-in-IP: one level of tunnel is all the
+    /// gateway decapsulates.
+    NestedTunnel,
+    /// Not an IPv4 header although one is due: version other than 4, or a
+    /// header length (IHL) below 5 words. The kernel drops these too.
+    BadHeader,
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::KernelFragments as u32 + 1;
+    pub const COUNT: u32 = Reason::BadHeader as u32 + 1;
 
     /// Size of the pinned counter array: room for reasons added later, so
     /// an upgrade keeps its counters. New reasons are appended, never
@@ -108,6 +120,9 @@ impl Reason {
         Reason::Internal,
         Reason::IcmpErrorRelayed,
         Reason::KernelFragments,
+        Reason::BadChecksum,
+        Reason::NestedTunnel,
+        Reason::BadHeader,
     ];
 
     /// Stable snake_case name, used in logs and metric labels.
@@ -139,6 +154,9 @@ impl Reason {
             Reason::Internal => "internal",
             Reason::IcmpErrorRelayed => "icmp_error_relayed",
             Reason::KernelFragments => "kernel_fragments",
+            Reason::BadChecksum => "bad_checksum",
+            Reason::NestedTunnel => "nested_tunnel",
+            Reason::BadHeader => "bad_header",
         }
     }
 

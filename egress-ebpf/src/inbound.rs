@@ -19,7 +19,7 @@ use crate::{
     icmp::{self, Error},
     l4::{self, Side},
     mss,
-    nat::{ETH_LEN, IP_LEN, Outcome, has_df, send},
+    nat::{self, ETH_LEN, IP_LEN, Outcome, has_df, send},
     packet::Hook,
     relay, state,
 };
@@ -31,9 +31,13 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
     // SAFETY: read-only view; `translate` below takes its own.
     let ip: &Ipv4Hdr = unsafe { pkt.get(ETH_LEN)? };
     // Options are not translated here; whatever such packets are, they
-    // are the kernel's business.
+    // are the kernel's business (the host's own traffic may have them).
+    // What the kernel would drop, we drop.
     if ip.vihl != 0x45 {
-        return Err(Reason::NotOurs.into());
+        return Err(nat::refusal(ip, Reason::NotOurs).into());
+    }
+    if !nat::checksum_valid(pkt, ETH_LEN)? {
+        return Err(Reason::BadChecksum.into());
     }
     let fragment = Fragment::of(ip.frags);
     let datagram = FragKey {
@@ -79,6 +83,10 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
     let l4_min = if later { 0 } else { l4::min_len(ip.proto) };
     if usize::from(len) < IP_LEN + l4_min || ETH_LEN + usize::from(len) > pkt.len() {
         return Err(Reason::BadLength.into());
+    }
+    // A first fragment's UDP length is the whole datagram's.
+    if fragment == Fragment::Whole {
+        l4::check_len(pkt, L4, ip.proto, len - IP_LEN as u16)?;
     }
     if ip.ttl <= 1 {
         return icmp::to_sender(hook, Error::TIME_EXCEEDED, Reason::TtlExceeded);

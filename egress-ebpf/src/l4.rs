@@ -1,10 +1,11 @@
 //! Transport headers: reading a packet's ports (or ICMP echo identifier)
 //! and translating one side of an IPv4 packet in place.
 
+pub use egress_common::rewrite::Side;
 use egress_common::{
-    checksum::Incremental,
     flow::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
     reason::Reason,
+    rewrite,
 };
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
@@ -37,17 +38,12 @@ pub const TCP_CHECK: usize = 16;
 /// Offset of TCP's data offset (header length in words, upper nibble).
 const TCP_DATA_OFFSET: usize = 12;
 pub const UDP_CHECK: usize = 6;
+/// Offset of the UDP length (header and data).
+const UDP_LEN: usize = 4;
 /// Offset of the flags byte (FIN..CWR) in the TCP header.
 const TCP_FLAGS: usize = 13;
-
-/// Which end of the packet a translation rewrites.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// Outbound SNAT: source address and port.
-    Src,
-    /// Return traffic: destination address and port.
-    Dst,
-}
+/// Offset of the protocol in the IPv4 header.
+const IP_PROTO: usize = 9;
 
 /// Source and destination "ports" of the transport header at `off`. For
 /// ICMP only echo of the expected direction is accepted; its identifier
@@ -100,6 +96,33 @@ pub fn tcp_flags(pkt: Packet, off: usize) -> u8 {
     unsafe { pkt.get::<u8>(off + TCP_FLAGS).map_or(0, |f| *f) }
 }
 
+/// Checks the TCP or UDP header at `off` (validated by [`ports`]) against
+/// `len`, the bytes the IP header says follow it: a UDP length below 8 or
+/// beyond them, or a TCP header shorter than 20 bytes or beyond them, is
+/// malformed (what conntrack calls invalid). A UDP length short of `len`
+/// leaves a surplus area (room for UDP options) that is carried along.
+#[inline(always)]
+pub fn check_len(pkt: Packet, off: usize, proto: u8, len: u16) -> Result<(), Reason> {
+    // SAFETY: read-only views; no other reference into the packet is live.
+    let (own, min) = unsafe {
+        match proto {
+            IPPROTO_UDP => (
+                u16::from_be_bytes(*pkt.get::<[u8; 2]>(off + UDP_LEN)?),
+                UdpHdr::LEN,
+            ),
+            IPPROTO_TCP => (
+                u16::from(*pkt.get::<u8>(off + TCP_DATA_OFFSET)? >> 4) * 4,
+                TcpHdr::LEN,
+            ),
+            _ => return Ok(()),
+        }
+    };
+    if own < min as u16 || own > len {
+        return Err(Reason::BadLength);
+    }
+    Ok(())
+}
+
 /// Smallest transport header `ports` reads for `proto`.
 #[inline(always)]
 pub fn min_len(proto: u8) -> usize {
@@ -144,17 +167,7 @@ impl ChecksumUpdate {
     pub fn apply_in_place(&self, pkt: Packet) -> Result<(), Reason> {
         // SAFETY: the only live reference into the packet.
         let check: &mut [u8; 2] = unsafe { pkt.get(self.at)? };
-        let mut sum = Incremental::new(*check);
-        if let Some((old, new)) = self.addr {
-            sum = sum.replace4(old, new);
-        }
-        let sum = sum.replace2(self.word.0, self.word.1);
-        *check = match (self.udp, *check) {
-            // Zero means the sender computed no UDP checksum: keep it so.
-            (true, [0, 0]) => [0, 0],
-            (true, _) => sum.finish_udp(),
-            (false, _) => sum.finish(),
-        };
+        *check = rewrite::l4_checksum(*check, self.addr, self.word, self.udp);
         Ok(())
     }
 }
@@ -176,27 +189,15 @@ pub fn translate<H: Hook>(
     let pkt = hook.packet();
     // SAFETY: the IP header and the transport header do not overlap, and
     // each is the only live reference to its bytes.
-    let ip: &mut Ipv4Hdr = unsafe { pkt.get(ip_off)? };
+    let ip: &mut [u8; Ipv4Hdr::LEN] = unsafe { pkt.get(ip_off)? };
     let l4 = ip_off + Ipv4Hdr::LEN;
-    let slot = match side {
-        Side::Src => &mut ip.src_addr,
-        Side::Dst => &mut ip.dst_addr,
-    };
-    let old_addr = *slot;
-    *slot = addr;
-    // The IPv4 header checksum is never offloaded: patch it in place.
-    let mut ip_check = Incremental::new(ip.check).replace4(old_addr, addr);
-    if dec_ttl {
-        let old = [ip.ttl, ip.proto];
-        ip.ttl = ip.ttl.saturating_sub(1);
-        ip_check = ip_check.replace2(old, [ip.ttl, ip.proto]);
-    }
-    ip.check = ip_check.finish();
+    // The IPv4 header checksum is never offloaded: patched in place.
+    let old_addr = rewrite::ipv4(ip, side, addr, dec_ttl);
+    let proto = ip[IP_PROTO];
 
     let Some(port) = port else {
         return Ok(());
     };
-    let proto = ip.proto;
     // SAFETY: the port pair and the ICMP header are each the only live
     // reference to their bytes.
     unsafe {
@@ -205,7 +206,7 @@ pub fn translate<H: Hook>(
             // its checksum is never offloaded.
             let icmp: &mut IcmpEcho = pkt.get(l4)?;
             let old_id = core::mem::replace(&mut icmp.id, port);
-            icmp.check = Incremental::new(icmp.check).replace2(old_id, port).finish();
+            icmp.check = rewrite::echo_checksum(icmp.check, old_id, port);
             return Ok(());
         }
         let ports: &mut PortPair = pkt.get(l4)?;

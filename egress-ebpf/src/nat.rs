@@ -2,6 +2,7 @@
 //! to the outbound (decapsulate + SNAT) or return (un-NAT + encapsulate) path.
 
 use egress_common::{
+    checksum::ipv4_header_valid,
     flow::IPPROTO_IPIP,
     headers::IP_DF,
     reason::{Reason, Verdict},
@@ -58,6 +59,29 @@ pub fn conclude(result: Result<Outcome, Outcome>) -> Action {
     let (Ok(Outcome { action, reason }) | Err(Outcome { action, reason })) = result;
     maps::count(reason);
     action
+}
+
+/// Why an IPv4 header other than a plain 20-byte one is refused: not an
+/// IPv4 header at all (version, IHL below 5), else `options` for its
+/// options.
+#[inline(always)]
+pub fn refusal(ip: &Ipv4Hdr, options: Reason) -> Reason {
+    if ip.version() != 4 || ip.ihl() < IP_LEN as u8 {
+        Reason::BadHeader
+    } else {
+        options
+    }
+}
+
+/// Whether the 20-byte IPv4 header at `off` carries a right checksum: the
+/// kernel drops a header with a wrong one, and so do we, rather than
+/// translate fields that may be corrupt.
+#[inline(always)]
+pub fn checksum_valid(pkt: Packet, off: usize) -> Result<bool, Reason> {
+    // SAFETY: a read-only view; other views of the header are only read
+    // while it lives.
+    let words: &[u16; 10] = unsafe { pkt.get(off)? };
+    Ok(ipv4_header_valid(words))
 }
 
 /// Runs the gateway on the hook's packet. `Err` is a packet passed or

@@ -2,7 +2,7 @@
 
 use egress_common::{
     config::Config,
-    flow::{DIR_OUT, FlowKey, IPPROTO_TCP},
+    flow::{DIR_OUT, FlowKey, IPPROTO_IPIP, IPPROTO_TCP},
     fragment::{FragKey, Fragment},
     headers::{ICMP_ADMIN_PROHIBITED, ICMP_DEST_UNREACH},
     reason::Reason,
@@ -16,7 +16,7 @@ use crate::{
     icmp::{self, Error},
     l4::{self, Side},
     maps, mss,
-    nat::{ETH_LEN, IP_LEN, IP_MF_OFFSET, Outcome, has_df, send},
+    nat::{self, ETH_LEN, IP_LEN, IP_MF_OFFSET, Outcome, has_df, send},
     packet::{Hook, Packet},
     state,
 };
@@ -136,13 +136,16 @@ fn allowed(inner: &Inner, cfg: &Config) -> Result<(), Reason> {
 }
 
 /// Checks the outer header (RFC 2003) and the inner header (IPv4,
-/// forwardable) and reads the inner 5-tuple.
+/// forwardable, consistent lengths) and reads the inner 5-tuple.
 #[inline(always)]
 fn validate(pkt: Packet) -> Result<Inner, Reason> {
     // SAFETY: read-only views of non-overlapping headers.
     let (outer, inner) = unsafe { (pkt.get::<Ipv4Hdr>(ETH_LEN)?, pkt.get::<Ipv4Hdr>(INNER)?) };
     if outer.vihl != 0x45 || u16::from_be_bytes(outer.frags) & IP_MF_OFFSET != 0 {
-        return Err(Reason::BadOuter);
+        return Err(nat::refusal(outer, Reason::BadOuter));
+    }
+    if !nat::checksum_valid(pkt, ETH_LEN)? {
+        return Err(Reason::BadChecksum);
     }
     let outer_len = usize::from(outer.tot_len());
     if outer_len < 2 * IP_LEN || ETH_LEN + outer_len > pkt.len() {
@@ -151,11 +154,11 @@ fn validate(pkt: Packet) -> Result<Inner, Reason> {
     if inner.version() != 4 {
         return Err(Reason::InnerNotIpv4);
     }
-    if inner.ihl() < IP_LEN as u8 {
-        return Err(Reason::BadLength);
+    if inner.vihl != 0x45 {
+        return Err(nat::refusal(inner, Reason::InnerOptions));
     }
-    if inner.ihl() > IP_LEN as u8 {
-        return Err(Reason::InnerOptions);
+    if !nat::checksum_valid(pkt, INNER)? {
+        return Err(Reason::BadChecksum);
     }
     let len = inner.tot_len();
     let fragment = Fragment::of(inner.frags);
@@ -168,10 +171,17 @@ fn validate(pkt: Packet) -> Result<Inner, Reason> {
     if usize::from(len) != outer_len - IP_LEN || usize::from(len) < IP_LEN + l4_min {
         return Err(Reason::BadLength);
     }
+    if inner.proto == IPPROTO_IPIP {
+        return Err(Reason::NestedTunnel);
+    }
     let (sport, dport) = match fragment {
         Fragment::Later => ([0; 2], [0; 2]),
         _ => l4::ports(pkt, L4, inner.proto, Side::Src)?,
     };
+    // A first fragment's UDP length is the whole datagram's.
+    if fragment == Fragment::Whole {
+        l4::check_len(pkt, L4, inner.proto, len - IP_LEN as u16)?;
+    }
     Ok(Inner {
         key: FlowKey {
             src: inner.src_addr,
