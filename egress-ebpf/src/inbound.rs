@@ -39,6 +39,10 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
     if !nat::checksum_valid(pkt, ETH_LEN)? {
         return Err(Reason::BadChecksum.into());
     }
+    let len = ip.tot_len();
+    if usize::from(len) < IP_LEN || ETH_LEN + usize::from(len) > pkt.len() {
+        return Err(Reason::BadLength.into());
+    }
     let fragment = Fragment::of(ip.frags);
     let datagram = FragKey {
         src: ip.src_addr,
@@ -79,10 +83,9 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
         state::find(&key).ok_or(Reason::NotOurs)?
     };
 
-    let len = ip.tot_len();
     let l4_min = if later { 0 } else { l4::min_len(ip.proto) };
-    if usize::from(len) < IP_LEN + l4_min || ETH_LEN + usize::from(len) > pkt.len() {
-        return Err(Reason::BadLength.into());
+    if usize::from(len) < IP_LEN + l4_min {
+        return Err(Reason::Truncated.into());
     }
     // A first fragment's UDP length is the whole datagram's.
     if fragment == Fragment::Whole {

@@ -162,14 +162,17 @@ fn validate(pkt: Packet) -> Result<Inner, Reason> {
     }
     let len = inner.tot_len();
     let fragment = Fragment::of(inner.frags);
+    if usize::from(len) != outer_len - IP_LEN {
+        return Err(Reason::BadLength);
+    }
     // Only a datagram's first fragment (or the whole) has a transport
     // header; one too short for it is dropped (RFC 1858 tiny fragments).
     let l4_min = match fragment {
         Fragment::Later => 0,
         _ => l4::min_len(inner.proto),
     };
-    if usize::from(len) != outer_len - IP_LEN || usize::from(len) < IP_LEN + l4_min {
-        return Err(Reason::BadLength);
+    if usize::from(len) < IP_LEN + l4_min {
+        return Err(Reason::Truncated);
     }
     if inner.proto == IPPROTO_IPIP {
         return Err(Reason::NestedTunnel);

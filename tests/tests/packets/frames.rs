@@ -286,3 +286,33 @@ pub fn assert_checksums_valid(frame: &[u8]) {
         return;
     }
 }
+
+/// Ones'-complement sum (RFC 1071) of `data`, folded to 16 bits: written
+/// out here so the tests can make and check headers etherparse refuses.
+pub fn ones_sum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// Recomputes the checksum of the IPv4 header at `at` in `frame`, over the
+/// length its IHL gives (20 bytes if less).
+pub fn fix_ipv4_checksum(frame: &mut [u8], at: usize) {
+    let len = usize::from(frame[at] & 0x0f).max(5) * 4;
+    frame[at + 10..at + 12].fill(0);
+    let check = !ones_sum(&frame[at..at + len]);
+    frame[at + 10..at + 12].copy_from_slice(&check.to_be_bytes());
+}
+
+/// Adds `n` (ones'-complement) to the 16-bit checksum field at `at`: a
+/// checksum that was right becomes wrong by exactly `n`.
+pub fn add_to_checksum(frame: &mut [u8], at: usize, n: u16) {
+    let field = u16::from_be_bytes([frame[at], frame[at + 1]]);
+    let sum = ones_sum(&[field.to_be_bytes(), n.to_be_bytes()].concat());
+    frame[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+}

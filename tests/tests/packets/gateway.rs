@@ -337,7 +337,7 @@ impl Program<'_> {
             Program::Xdp(p) => p.test_run(opts),
             Program::Tc(p) => p.test_run(opts),
         }
-        .expect("BPF_PROG_TEST_RUN")
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of a {}-byte frame: {e}", frame.len()))
     }
 }
 

@@ -26,6 +26,7 @@ mod fragments;
 mod frames;
 mod gateway;
 mod icmp;
+mod malformed;
 mod mss;
 mod state;
 
