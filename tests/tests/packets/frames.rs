@@ -241,50 +241,104 @@ pub fn ethernet(src: [u8; 6], dst: [u8; 6], packet: &[u8]) -> Vec<u8> {
     out
 }
 
+/// What an independent parser makes of a frame.
+pub struct Parsed {
+    /// The IPv4 headers, outermost first (two for IP-in-IP).
+    pub ips: Vec<Ipv4Header>,
+    /// The innermost transport protocol.
+    pub proto: IpNumber,
+    /// ICMP type, for an ICMP packet.
+    pub icmp_type: Option<u8>,
+    /// The transport checksum is right (a UDP checksum of 0, "none", counts
+    /// as right; so does a fragment's, which covers the whole datagram).
+    pub l4_valid: bool,
+    /// UDP without a checksum.
+    pub udp_none: bool,
+}
+
+/// Parses `frame` as every frame the gateway sends must parse: Ethernet II
+/// carrying IPv4, possibly IP-in-IP, with total lengths that fit the frame
+/// and each other and valid IPv4 header checksums, then a TCP, UDP or ICMP
+/// header (whose checksum is reported, not required). `Err` says what is
+/// wrong.
+pub fn parse(frame: &[u8]) -> Result<Parsed, String> {
+    let eth = Ethernet2Header::from_slice(frame)
+        .map_err(|e| format!("Ethernet: {e}"))?
+        .0;
+    if eth.ether_type != EtherType::IPV4 {
+        return Err(format!("EtherType {:?}", eth.ether_type));
+    }
+    let mut ip = &frame[Ethernet2Header::LEN..];
+    let mut ips: Vec<Ipv4Header> = Vec::new();
+    loop {
+        let sliced = SlicedPacket::from_ip(ip).map_err(|e| format!("IPv4: {e}"))?;
+        let Some(etherparse::NetSlice::Ipv4(v4)) = &sliced.net else {
+            return Err("not IPv4".into());
+        };
+        let h = v4.header().to_header();
+        // Summed over the raw bytes: the parsed header drops the reserved
+        // flag bit, which the checksum covers.
+        if ones_sum(v4.header().slice()) != 0xffff {
+            return Err(format!("IPv4 header checksum of {:?}", h.source));
+        }
+        if let Some(outer) = ips.last()
+            && outer.total_len != h.total_len + outer.header_len() as u16
+        {
+            return Err("inner length disagrees with the outer".into());
+        }
+        ips.push(h.clone());
+        let payload = v4.payload().payload;
+        if v4.is_payload_fragmented() {
+            // A fragment's transport checksum covers the whole datagram:
+            // nothing to check here.
+            return Ok(Parsed {
+                ips,
+                proto: h.protocol,
+                icmp_type: None,
+                l4_valid: true,
+                udp_none: false,
+            });
+        }
+        if v4.payload().ip_number == IpNumber::IPV4 && ips.len() < 2 {
+            ip = payload;
+            continue;
+        }
+        let (l4_valid, udp_none, icmp_type) = match sliced.transport {
+            Some(TransportSlice::Tcp(t)) => {
+                let want = t.to_header().calc_checksum_ipv4(&h, t.payload()).unwrap();
+                (t.checksum() == want, false, None)
+            }
+            Some(TransportSlice::Udp(u)) => {
+                let want = u.to_header().calc_checksum_ipv4(&h, u.payload()).unwrap();
+                (
+                    u.checksum() == want || u.checksum() == 0,
+                    u.checksum() == 0,
+                    None,
+                )
+            }
+            Some(TransportSlice::Icmpv4(i)) => {
+                let want = i.header().icmp_type.calc_checksum(i.payload());
+                (i.checksum() == want, false, Some(i.type_u8()))
+            }
+            other => return Err(format!("transport {other:?}")),
+        };
+        return Ok(Parsed {
+            ips,
+            proto: h.protocol,
+            icmp_type,
+            l4_valid,
+            udp_none,
+        });
+    }
+}
+
 /// Parses a frame (IPv4 over Ethernet, possibly IP-in-IP) and verifies every
 /// checksum in it: IPv4 headers, TCP, UDP (unless 0) and ICMP. A fragment's
 /// transport checksum covers the whole datagram: only its IP header's is
 /// checked.
 pub fn assert_checksums_valid(frame: &[u8]) {
-    let mut ip = &frame[Ethernet2Header::LEN..];
-    loop {
-        let sliced = SlicedPacket::from_ip(ip).expect("output parses as IPv4");
-        let Some(etherparse::NetSlice::Ipv4(v4)) = &sliced.net else {
-            panic!("not IPv4")
-        };
-        let h = v4.header().to_header();
-        assert_eq!(
-            h.header_checksum,
-            h.calc_header_checksum(),
-            "IPv4 header checksum"
-        );
-        let payload = v4.payload().payload;
-        if v4.is_payload_fragmented() {
-            return;
-        }
-        if v4.payload().ip_number == IpNumber::IPV4 {
-            ip = payload;
-            continue;
-        }
-        match sliced.transport.expect("transport header parses") {
-            TransportSlice::Tcp(t) => {
-                let want = t.to_header().calc_checksum_ipv4(&h, t.payload()).unwrap();
-                assert_eq!(t.checksum(), want, "TCP checksum");
-            }
-            TransportSlice::Udp(u) => {
-                if u.checksum() != 0 {
-                    let want = u.to_header().calc_checksum_ipv4(&h, u.payload()).unwrap();
-                    assert_eq!(u.checksum(), want, "UDP checksum");
-                }
-            }
-            TransportSlice::Icmpv4(i) => {
-                let want = i.header().icmp_type.calc_checksum(i.payload());
-                assert_eq!(i.checksum(), want, "ICMP checksum");
-            }
-            other => panic!("unexpected transport {other:?}"),
-        }
-        return;
-    }
+    let parsed = parse(frame).expect("the frame parses");
+    assert!(parsed.l4_valid, "transport checksum");
 }
 
 /// Ones'-complement sum (RFC 1071) of `data`, folded to 16 bits: written
