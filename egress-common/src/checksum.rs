@@ -123,7 +123,38 @@ mod tests {
         assert_eq!(ipv4_header(&hdr), full(&hdr));
     }
 
+    /// The header as the data path loads it: 16-bit words in memory order.
+    fn words(h: &[u8; 20]) -> [u16; 10] {
+        core::array::from_fn(|i| u16::from_ne_bytes([h[2 * i], h[2 * i + 1]]))
+    }
+
     proptest::proptest! {
+        /// A header etherparse writes verifies; any one bit flipped in it
+        /// (a single-bit error always changes a ones'-complement sum) and
+        /// it does not.
+        #[test]
+        fn header_verification_catches_every_single_bit_error(
+            ttl in proptest::num::u8::ANY,
+            src in proptest::array::uniform4(proptest::num::u8::ANY),
+            dst in proptest::array::uniform4(proptest::num::u8::ANY),
+            (id, len, proto) in (0u16.., 20u16.., 0u8..),
+            bit in 0usize..160,
+        ) {
+            let mut h = etherparse::Ipv4Header::new(len - 20, ttl, etherparse::IpNumber(proto), src, dst).unwrap();
+            h.identification = id;
+            h.header_checksum = h.calc_header_checksum();
+            let mut bytes: [u8; 20] = h.to_bytes()[..].try_into().unwrap();
+            proptest::prop_assert!(ipv4_header_valid(&words(&bytes)));
+            bytes[bit / 8] ^= 1 << (bit % 8);
+            proptest::prop_assert!(!ipv4_header_valid(&words(&bytes)));
+        }
+
+        /// On any 20 bytes, verification agrees with the RFC 1071 sum.
+        #[test]
+        fn header_verification_is_the_rfc1071_sum(h in proptest::array::uniform20(proptest::num::u8::ANY)) {
+            proptest::prop_assert_eq!(ipv4_header_valid(&words(&h)), full(&h) == [0, 0]);
+        }
+
         /// Any rewrite of an address and a port keeps the checksum equal to a
         /// full recomputation.
         #[test]

@@ -100,6 +100,17 @@ mod tests {
         assert_eq!(used.len(), 4);
     }
 
+    proptest::proptest! {
+        /// Any client, any pool size (including an unset count): the address
+        /// is one of the pool's.
+        #[test]
+        fn every_client_maps_into_the_pool(n in 0u32..=MAX_SNAT_ADDRS as u32 + 4, client in proptest::array::uniform4(0u8..)) {
+            let c = pool(n);
+            let a = c.snat_for(client);
+            proptest::prop_assert!(c.is_snat(a) || n == 0);
+        }
+    }
+
     #[test]
     fn no_padding_in_global() {
         assert_eq!(core::mem::size_of::<Config>(), 20 + 4 * MAX_SNAT_ADDRS);

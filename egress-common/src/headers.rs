@@ -108,16 +108,39 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// Every header the data path writes parses back, field for field,
+        /// with a valid checksum (etherparse as the independent reader).
         #[test]
-        fn icmp_error_checksum_verifies(quote in proptest::array::uniform28(proptest::num::u8::ANY), kind in 0u8.., code in 0u8.., mtu in 0u16..) {
-            let mut h = [0xaa; ICMP_LEN];
-            icmp_error(kind, code, mtu, &quote, &mut h);
-            proptest::prop_assert_eq!(u16::from_be_bytes([h[6], h[7]]), mtu);
-            let mut sum = 0u32;
-            for w in h.chunks(2).chain(quote.chunks(2)) {
-                sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
-            }
-            proptest::prop_assert_eq!(fold(sum), 0xffff);
+        fn ipv4_header_parses_back(
+            (tos, tot_len, id, df, ttl, proto) in (0u8.., 20u16.., 0u16.., proptest::bool::ANY, 0u8.., 0u8..),
+            src in proptest::array::uniform4(0u8..),
+            dst in proptest::array::uniform4(0u8..),
+        ) {
+            let mut h = [0; IPV4_LEN];
+            Ipv4 { tos, tot_len, id, df, ttl, proto, src, dst }.write(&mut h);
+            let (p, _) = etherparse::Ipv4Header::from_slice(&h).unwrap();
+            proptest::prop_assert_eq!(p.header_checksum, p.calc_header_checksum());
+            proptest::prop_assert_eq!(
+                (p.total_len, p.identification, p.dont_fragment, p.more_fragments),
+                (tot_len, id, df, false)
+            );
+            proptest::prop_assert_eq!((p.time_to_live, p.protocol.0, p.source, p.destination), (ttl, proto, src, dst));
+            proptest::prop_assert_eq!((p.dscp.value() << 2) | p.ecn.value(), tos);
+        }
+
+        /// An error etherparse reads as the type and code it was made with,
+        /// with its next-hop MTU, carrying the quote, with a valid checksum.
+        #[test]
+        fn icmp_error_parses_back(quote in proptest::array::uniform28(0u8..), kind in 0u8.., code in 0u8.., mtu in 0u16..) {
+            let mut msg = [0; ICMP_LEN + QUOTE_LEN];
+            let (h, q) = msg.split_at_mut(ICMP_LEN);
+            icmp_error(kind, code, mtu, &quote, h.try_into().unwrap());
+            q.copy_from_slice(&quote);
+            let icmp = etherparse::Icmpv4Slice::from_slice(&msg).unwrap();
+            proptest::prop_assert_eq!((icmp.type_u8(), icmp.code_u8()), (kind, code));
+            let [_, _, m0, m1] = icmp.bytes5to8();
+            proptest::prop_assert_eq!(u16::from_be_bytes([m0, m1]), mtu);
+            proptest::prop_assert_eq!(icmp.checksum(), icmp.header().icmp_type.calc_checksum(icmp.payload()));
         }
     }
 }

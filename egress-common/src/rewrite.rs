@@ -286,6 +286,44 @@ mod tests {
         }
     }
 
+    /// The ones'-complement sum of a header, checksum included, with the
+    /// two zeros made one: `0xffff` for a right checksum.
+    fn total(h: &[u8; 20]) -> u16 {
+        let sum = h
+            .chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .sum();
+        match fold(sum) {
+            0 => 0xffff,
+            s => s,
+        }
+    }
+
+    proptest! {
+        /// On any 20 bytes, not only headers etherparse would write: the
+        /// rewrite touches only the address, the TTL and the checksum,
+        /// returns the old address, and leaves the checksum as right or as
+        /// wrong as it was.
+        #[test]
+        fn any_header_keeps_its_checksum_error(
+            h in any::<[u8; 20]>(),
+            dst in any::<bool>(),
+            addr in any::<[u8; 4]>(),
+            dec_ttl in any::<bool>(),
+        ) {
+            let (side, at) = if dst { (Side::Dst, DST) } else { (Side::Src, SRC) };
+            let mut out = h;
+            let old = ipv4(&mut out, side, addr, dec_ttl);
+            prop_assert_eq!(&old[..], &h[at..at + 4]);
+            prop_assert_eq!(&out[at..at + 4], &addr[..]);
+            prop_assert_eq!(out[TTL], if dec_ttl { h[TTL].saturating_sub(1) } else { h[TTL] });
+            for i in (0..20).filter(|i| !(at..at + 4).contains(i) && ![TTL, CHECK, CHECK + 1].contains(i)) {
+                prop_assert_eq!(out[i], h[i], "byte {}", i);
+            }
+            prop_assert_eq!(total(&out), total(&h));
+        }
+    }
+
     #[test]
     fn protocol_numbers_agree_with_etherparse() {
         assert_eq!(IpNumber::TCP.0, crate::flow::IPPROTO_TCP);

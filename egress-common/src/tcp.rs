@@ -103,6 +103,35 @@ mod tests {
         assert_eq!(TcpState::of(ACK, ACK), TcpState::Established);
     }
 
+    /// Order of the states along a connection's life.
+    fn rank(s: TcpState) -> u8 {
+        match s {
+            TcpState::SynSent => 0,
+            TcpState::SynReceived => 1,
+            TcpState::Established => 2,
+            TcpState::Closing => 3,
+            TcpState::Closed => 4,
+            TcpState::Reset => 5,
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever segments each direction sees, in whatever order, the
+        /// state never goes back: the halves only ever add flags.
+        #[test]
+        fn state_never_goes_back(segments in proptest::collection::vec((proptest::bool::ANY, 0u8..), 0..16)) {
+            let (mut out, mut inb) = (0, 0);
+            let mut state = TcpState::of(out, inb);
+            for (outbound, flags) in segments {
+                if outbound { out |= flags } else { inb |= flags }
+                let next = TcpState::of(out, inb);
+                proptest::prop_assert!(rank(next) >= rank(state), "{:?} after {:?}", next, state);
+                proptest::prop_assert_eq!(next == TcpState::Reset, (out | inb) & RST != 0);
+                state = next;
+            }
+        }
+    }
+
     #[test]
     fn only_a_bare_syn_after_an_end_reopens() {
         assert!(reopens(SYN | ACK | FIN, SYN));
