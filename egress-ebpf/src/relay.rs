@@ -70,16 +70,18 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
     if matches!(hop, NextHop::TooBig { .. }) && has_df(ip) {
         return Err(Reason::TooBig.into());
     }
-    translate(hook, flow)?;
+    translate(hook, flow, ETH_LEN + usize::from(len))?;
     inbound::encapsulate(hook, cfg, flow.peer_addr, &hop, Reason::IcmpErrorRelayed)
 }
 
 /// Rewrites the error's destination and the quoted packet's source from the
 /// translation to the client, with every checksum involved: the error's IP
 /// header, the quoted IP header, the quoted transport checksum when it is
-/// quoted, and the ICMP checksum, which covers all the quoted bytes.
+/// quoted, and the ICMP checksum, which covers all the quoted bytes. The
+/// error's IP packet ends at `end`: bytes after it (Ethernet padding) are
+/// not the quote's.
 #[inline(always)]
-fn translate<H: Hook>(hook: &mut H, flow: &Flow) -> Result<(), Reason> {
+fn translate<H: Hook>(hook: &mut H, flow: &Flow, end: usize) -> Result<(), Reason> {
     let (nat, client) = (flow.nat_addr, flow.client_addr);
     let (nat_port, client_port) = (flow.nat_port, flow.client_port);
     let pkt = hook.packet();
@@ -120,7 +122,8 @@ fn translate<H: Hook>(hook: &mut H, flow: &Flow) -> Result<(), Reason> {
             let at = QUOTED_L4 + if udp { UDP_CHECK } else { TCP_CHECK };
             // A short quote may end before a TCP checksum; a zero UDP
             // checksum means none.
-            if let Ok(check) = pkt.get::<[u8; 2]>(at)
+            if at + 2 <= end
+                && let Ok(check) = pkt.get::<[u8; 2]>(at)
                 && (!udp || *check != [0, 0])
             {
                 let old = *check;

@@ -14,10 +14,13 @@ use egress_common::{
     flow::{Flow, IPPROTO_TCP, IPPROTO_UDP},
     reason::Verdict as Class,
 };
-use etherparse::IpNumber;
+use etherparse::{
+    Icmpv4Type, IpNumber,
+    icmpv4::{DestUnreachableHeader, TimeExceededCode},
+};
 
 use super::*;
-use crate::frames::{Parsed, fix_ipv4_checksum, ones_sum, parse};
+use crate::frames::{Parsed, fix_ipv4_checksum, icmp_error, ones_sum, parse};
 
 for_each_hook!(random_and_mutated_frames_get_defined_verdicts_and_well_formed_output);
 
@@ -56,12 +59,14 @@ impl Rng {
 }
 
 /// A valid frame to mutate: where its IPv4 headers and transport header
-/// start.
+/// start, and the (IP, transport) header pair whose transport checksum a
+/// mutation may fix.
 #[derive(Clone)]
 struct Base {
     frame: Vec<u8>,
     ips: Vec<usize>,
     l4: usize,
+    check: (usize, usize),
 }
 
 impl Base {
@@ -70,6 +75,7 @@ impl Base {
             frame: from_peer(&ip_packet(Ip::new(client, remote), l4)),
             ips: vec![14, 34],
             l4: 54,
+            check: (34, 54),
         }
     }
 
@@ -78,6 +84,7 @@ impl Base {
             frame: ethernet(ROUTER_MAC, GW_MAC, &ip_packet(Ip::new(remote, nat), l4)),
             ips: vec![14],
             l4: 34,
+            check: (14, 34),
         }
     }
 }
@@ -121,6 +128,46 @@ fn reply_base(rng: &mut Rng, flows: &[Flow]) -> Base {
         _ => L4::EchoReply { id: nport, seq: 1 },
     };
     Base::reply(f.remote_addr, f.nat_addr, l4)
+}
+
+/// A valid ICMP error from the Internet about one of the gateway's flows,
+/// quoting the packet the gateway sent.
+fn icmp_error_base(rng: &mut Rng, flows: &[Flow]) -> Base {
+    let f = flows[rng.below(flows.len())];
+    let (rport, nport) = (
+        u16::from_be_bytes(f.remote_port),
+        u16::from_be_bytes(f.nat_port),
+    );
+    let l4 = match f.proto {
+        IPPROTO_TCP => L4::tcp(nport, rport, b""),
+        IPPROTO_UDP => L4::Udp {
+            sport: nport,
+            dport: rport,
+            payload: PAYLOAD,
+        },
+        _ => L4::EchoRequest { id: nport, seq: 1 },
+    };
+    let sent = ip_packet(Ip::new(f.nat_addr, f.remote_addr), l4);
+    let kind = match rng.below(3) {
+        0 => Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
+        1 => Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit),
+        _ => Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+            next_hop_mtu: 1400,
+        }),
+    };
+    let quote = &sent[..rng.pick(&[28, sent.len()])];
+    let from = rng.pick(&[f.remote_addr, ROUTER]);
+    Base {
+        frame: ethernet(
+            ROUTER_MAC,
+            GW_MAC,
+            &icmp_error(Ip::new(from, f.nat_addr), kind, quote),
+        ),
+        // The error's header and the quoted one.
+        ips: vec![14, 42],
+        l4: 62,
+        check: (14, 34),
+    }
 }
 
 fn set_u16(f: &mut [u8], at: usize, v: u16) {
@@ -234,18 +281,18 @@ fn frame(rng: &mut Rng, flows: &[Flow]) -> Vec<u8> {
             f
         }
         n => {
-            let mut b = if n < 11 || flows.is_empty() {
-                outbound_base(rng)
-            } else {
-                reply_base(rng, flows)
+            let mut b = match n {
+                _ if n < 11 || flows.is_empty() => outbound_base(rng),
+                11..17 => reply_base(rng, flows),
+                _ => icmp_error_base(rng, flows),
             };
             // A few frames go through valid, to make flows and replies.
             for _ in 0..rng.below(4) {
                 mutate(rng, &mut b);
             }
-            let innermost = *b.ips.last().unwrap();
-            if rng.percent(30) && b.frame.len() >= b.l4 {
-                fix_l4_checksum(&mut b.frame, innermost, b.l4);
+            let (ip, l4) = b.check;
+            if rng.percent(30) && b.frame.len() >= l4 {
+                fix_l4_checksum(&mut b.frame, ip, l4);
             }
             if rng.percent(80) {
                 for &ip in &b.ips {
@@ -309,6 +356,8 @@ fn random_and_mutated_frames_get_defined_verdicts_and_well_formed_output(hook: H
         Reason::TableFull,
         Reason::Translated,
         Reason::ReverseHit,
+        Reason::IcmpErrorRelayed,
+        Reason::TtlExceeded,
         Reason::NoNeighbour,
         Reason::BadChecksum,
         Reason::BadLength,
@@ -339,22 +388,21 @@ fn judge(frame: &[u8], run: &Run) -> Result<(), String> {
         (Class::Dropped, Verdict::Tx | Verdict::Redirect) => {}
         (class, v) => return Err(format!("{reason:?} ({class:?}) but {v:?}")),
     }
-    if verdict == Verdict::Pass && reason != Reason::NoNeighbour {
+    // Translated, for the kernel to forward (resolve the neighbour, or
+    // fragment).
+    let for_kernel = matches!(reason, Reason::NoNeighbour | Reason::KernelFragments);
+    if verdict == Verdict::Pass && !for_kernel {
         return (run.out == frame)
             .then_some(())
             .ok_or("passed to the kernel changed".into());
     }
-    if !sent && reason != Reason::NoNeighbour {
+    if !sent && !for_kernel {
         return Ok(());
     }
     let out = parse(&run.out).map_err(|e| format!("output malformed: {e}"))?;
     let input = parse(frame).map_err(|e| format!("sent on, but the input is malformed: {e}"))?;
     if reason.verdict() == Class::Dropped {
-        // Only an ICMP error to the client, through the tunnel, may be sent.
-        return match (out.ips.len(), out.icmp_type) {
-            (2, Some(3 | 11 | 12)) if out.l4_valid => Ok(()),
-            _ => Err("a refused packet was sent on, not answered".into()),
-        };
+        return check_answer(&input, &out);
     }
     check_translation(reason, &input, &out)?;
     if input.l4_valid && !out.l4_valid {
@@ -366,18 +414,37 @@ fn judge(frame: &[u8], run: &Run) -> Result<(), String> {
     Ok(())
 }
 
-/// The output of a translation in its direction has the shape and addresses
-/// it must have.
+/// A refused packet may only be answered: an ICMP error from the gateway
+/// to the packet's source, through the tunnel to a client or straight to
+/// an Internet host.
+fn check_answer(input: &Parsed, out: &Parsed) -> Result<(), String> {
+    let (asked, answer) = (input.ips.last().unwrap(), out.ips.last().unwrap());
+    let tunnel_ok = match (input.ips.len(), out.ips.len()) {
+        (2, 2) => out.ips[0].destination == input.ips[0].source,
+        (1, 1) => true,
+        _ => false,
+    };
+    let ok = matches!(out.icmp_type, Some(3 | 11 | 12))
+        && out.l4_valid
+        && answer.source == GW
+        && answer.destination == asked.source
+        && tunnel_ok;
+    ok.then_some(())
+        .ok_or("a refused packet was sent on, not answered".into())
+}
+
+/// The output of a translation has the shape and addresses its direction
+/// gives it.
 fn check_translation(reason: Reason, input: &Parsed, out: &Parsed) -> Result<(), String> {
     let (inner_in, inner_out) = (input.ips.last().unwrap(), out.ips.last().unwrap());
     let expect = |ok: bool, what: &str| ok.then_some(()).ok_or(what.to_owned());
     expect(inner_in.protocol == inner_out.protocol, "protocol changed")?;
     expect(out.proto == input.proto, "transport changed")?;
-    if reason == Reason::ReverseHit {
-        expect(
-            input.ips.len() == 1 && out.ips.len() == 2,
-            "not encapsulated",
-        )?;
+    expect(out.icmp_type == input.icmp_type, "ICMP type changed")?;
+    if input.ips.len() == 1 {
+        // Return (a reply or an ICMP error): encapsulated to the peer, with
+        // our hop on the inner TTL.
+        expect(out.ips.len() == 2, "not encapsulated")?;
         expect(
             out.ips[0].source == GW && out.ips[0].destination == PEER,
             "outer addresses",
@@ -386,16 +453,14 @@ fn check_translation(reason: Reason, input: &Parsed, out: &Parsed) -> Result<(),
         expect(inner_out.source == inner_in.source, "return source changed")?;
         expect(inner_out.time_to_live + 1 == inner_in.time_to_live, "TTL")
     } else {
-        expect(
-            input.ips.len() == 2 && out.ips.len() == 1,
-            "not decapsulated",
-        )?;
+        expect(out.ips.len() == 1, "not decapsulated")?;
         expect(inner_out.source == GW, "not translated to the gateway")?;
         expect(
             inner_out.destination == inner_in.destination,
             "destination changed",
         )?;
-        let hop = u8::from(reason != Reason::NoNeighbour);
+        // What the kernel forwards for us, it decrements itself.
+        let hop = u8::from(reason.verdict() == Class::Forwarded);
         expect(inner_out.time_to_live + hop == inner_in.time_to_live, "TTL")
     }
 }

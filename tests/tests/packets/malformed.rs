@@ -3,14 +3,17 @@
 //! directions, and is left as it came; oddities that are not errors
 //! (transport checksums, UDP surplus, Ethernet padding) are translated.
 
+use etherparse::{Icmpv4Type, icmpv4::TimeExceededCode};
+
 use super::*;
-use crate::frames::{add_to_checksum, fix_ipv4_checksum};
+use crate::frames::{add_to_checksum, fix_ipv4_checksum, icmp_error};
 
 for_each_hook!(
     malformed_outbound_frames_are_dropped_with_their_reason,
     malformed_return_frames_get_their_verdict,
     wrong_transport_checksums_are_translated_and_stay_wrong,
     udp_surplus_and_ethernet_padding_are_carried_along,
+    padding_after_a_short_icmp_quote_is_left_alone,
 );
 
 /// Where the headers of a frame from the peer start.
@@ -340,11 +343,6 @@ fn malformed_return_frames_get_their_verdict(hook: Hook) {
             edited(&tcp, &[], |f| f[L4_RET + 12] = 0xf0),
             Reason::BadLength,
         ),
-        drop(
-            "TTL 1",
-            edited(&udp, ip, |f| f[IP_RET + 8] = 1),
-            Reason::TtlExceeded,
-        ),
     ];
     assert_cases(gw, cases);
 }
@@ -410,4 +408,39 @@ fn udp_surplus_and_ethernet_padding_are_carried_along(hook: Hook) {
     want[OUTER + 8] -= 1;
     fix_ipv4_checksum(&mut want, OUTER);
     assert_eq!(out, want, "translated with surplus and padding");
+}
+
+fn padding_after_a_short_icmp_quote_is_left_alone(hook: Hook) {
+    let gw = &mut Gateway::new(hook);
+    let syn = L4::syn(23456, 80);
+    outbound(gw, CLIENT, syn, Reason::NewFlow);
+    // A router's error quoting 28 bytes of the SYN: the quote ends before
+    // the TCP checksum, and the frame carries bytes after the IP packet
+    // where the checksum would be. They are not the quote's: translating
+    // them would break the ICMP checksum (a bug the corpus found).
+    let kind = Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit);
+    let error = Ip::new(ROUTER, GW);
+    let sent = ip_packet(Ip::new(GW, SERVER), syn);
+    let padding = [0xaa; 20];
+    let frame = [
+        ethernet(
+            ROUTER_MAC,
+            GW_MAC,
+            &icmp_error(error, kind.clone(), &sent[..28]),
+        ),
+        padding.to_vec(),
+    ]
+    .concat();
+    let (verdict, out, reason) = gw.run(&frame);
+    assert_eq!((verdict, reason), (Verdict::Tx, Reason::IcmpErrorRelayed));
+    let (relayed, tail) = out.split_at(out.len() - padding.len());
+    assert_eq!(tail, padding, "padding changed");
+    assert_checksums_valid(relayed);
+    let back = Ip {
+        dst: CLIENT,
+        ttl: error.ttl - 1,
+        ..error
+    };
+    let quote = &ip_packet(Ip::new(CLIENT, SERVER), syn)[..28];
+    assert_eq!(&relayed[INNER..], &icmp_error(back, kind, quote)[..]);
 }
