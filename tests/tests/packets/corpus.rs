@@ -20,7 +20,7 @@ use etherparse::{
 };
 
 use super::*;
-use crate::frames::{Parsed, fix_ipv4_checksum, icmp_error, ones_sum, parse};
+use crate::frames::{Parsed, checksum, fix_ipv4_checksum, icmp_error, parse};
 
 for_each_hook!(random_and_mutated_frames_get_defined_verdicts_and_well_formed_output);
 
@@ -260,7 +260,7 @@ fn fix_l4_checksum(f: &mut [u8], ip: usize, l4: usize) {
         words.extend_from_slice(&[0, f[ip + 9]]);
         words.extend_from_slice(&((end - l4) as u16).to_be_bytes());
     }
-    let sum = !ones_sum(&words);
+    let sum = checksum(&words);
     f[check..check + 2].copy_from_slice(&sum.to_be_bytes());
 }
 

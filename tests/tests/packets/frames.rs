@@ -6,6 +6,9 @@ use etherparse::{
     EtherType, Ethernet2Header, IpFragOffset, IpHeaders, IpNumber, Ipv4Header, PacketBuilder,
     SlicedPacket, TransportSlice,
 };
+/// The RFC 1071 checksum, written out (the tests make and check headers
+/// etherparse refuses).
+pub use tests::ipip::checksum;
 
 /// TCP PSH, which the gateway does not track.
 pub const PSH: u8 = 0x08;
@@ -278,7 +281,7 @@ pub fn parse(frame: &[u8]) -> Result<Parsed, String> {
         let h = v4.header().to_header();
         // Summed over the raw bytes: the parsed header drops the reserved
         // flag bit, which the checksum covers.
-        if ones_sum(v4.header().slice()) != 0xffff {
+        if checksum(v4.header().slice()) != 0 {
             return Err(format!("IPv4 header checksum of {:?}", h.source));
         }
         if let Some(outer) = ips.last()
@@ -341,25 +344,12 @@ pub fn assert_checksums_valid(frame: &[u8]) {
     assert!(parsed.l4_valid, "transport checksum");
 }
 
-/// Ones'-complement sum (RFC 1071) of `data`, folded to 16 bits: written
-/// out here so the tests can make and check headers etherparse refuses.
-pub fn ones_sum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
 /// Recomputes the checksum of the IPv4 header at `at` in `frame`, over the
 /// length its IHL gives (20 bytes if less).
 pub fn fix_ipv4_checksum(frame: &mut [u8], at: usize) {
     let len = usize::from(frame[at] & 0x0f).max(5) * 4;
     frame[at + 10..at + 12].fill(0);
-    let check = !ones_sum(&frame[at..at + len]);
+    let check = checksum(&frame[at..at + len]);
     frame[at + 10..at + 12].copy_from_slice(&check.to_be_bytes());
 }
 
@@ -367,6 +357,6 @@ pub fn fix_ipv4_checksum(frame: &mut [u8], at: usize) {
 /// checksum that was right becomes wrong by exactly `n`.
 pub fn add_to_checksum(frame: &mut [u8], at: usize, n: u16) {
     let field = u16::from_be_bytes([frame[at], frame[at + 1]]);
-    let sum = ones_sum(&[field.to_be_bytes(), n.to_be_bytes()].concat());
+    let sum = !checksum(&[field.to_be_bytes(), n.to_be_bytes()].concat());
     frame[at..at + 2].copy_from_slice(&sum.to_be_bytes());
 }
