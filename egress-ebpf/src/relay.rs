@@ -12,6 +12,7 @@ use egress_common::{
     fragment::Fragment,
     headers::ICMP_LEN,
     reason::Reason,
+    rewrite,
 };
 use network_types::ip::Ipv4Hdr;
 
@@ -87,14 +88,7 @@ fn translate<H: Hook>(hook: &mut H, flow: &Flow, end: usize) -> Result<(), Reaso
     let pkt = hook.packet();
     // SAFETY: disjoint headers, each the only live reference to its bytes.
     unsafe {
-        let ip: &mut Ipv4Hdr = pkt.get(ETH_LEN)?;
-        let old = [ip.ttl, ip.proto];
-        ip.dst_addr = client;
-        ip.ttl -= 1;
-        ip.check = Incremental::new(ip.check)
-            .replace4(nat, client)
-            .replace2(old, [ip.ttl, ip.proto])
-            .finish();
+        rewrite::ipv4(pkt.get(ETH_LEN)?, Side::Dst, client, true);
 
         let quoted: &mut Ipv4Hdr = pkt.get(QUOTED_IP)?;
         let old_check = quoted.check;
@@ -111,9 +105,7 @@ fn translate<H: Hook>(hook: &mut H, flow: &Flow, end: usize) -> Result<(), Reaso
             let echo: &mut IcmpEcho = pkt.get(QUOTED_L4)?;
             let old = echo.check;
             echo.id = client_port;
-            echo.check = Incremental::new(old)
-                .replace2(nat_port, client_port)
-                .finish();
+            echo.check = rewrite::echo_checksum(old, nat_port, client_port);
             sum = sum.replace2(old, echo.check);
         } else {
             let ports: &mut PortPair = pkt.get(QUOTED_L4)?;
@@ -127,10 +119,8 @@ fn translate<H: Hook>(hook: &mut H, flow: &Flow, end: usize) -> Result<(), Reaso
                 && (!udp || *check != [0, 0])
             {
                 let old = *check;
-                let new = Incremental::new(old)
-                    .replace4(nat, client)
-                    .replace2(nat_port, client_port);
-                *check = if udp { new.finish_udp() } else { new.finish() };
+                *check =
+                    rewrite::l4_checksum(old, Some((nat, client)), (nat_port, client_port), udp);
                 sum = sum.replace2(old, *check);
             }
         }
