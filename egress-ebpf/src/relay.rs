@@ -10,7 +10,7 @@ use egress_common::{
     config::Config,
     flow::{DIR_IN, Flow, FlowKey, IPPROTO_ICMP, IPPROTO_UDP},
     fragment::Fragment,
-    headers::ICMP_LEN,
+    headers::{ICMP_LEN, QUOTE_LEN},
     reason::Reason,
     rewrite,
 };
@@ -30,12 +30,19 @@ const ICMP_AT: usize = ETH_LEN + IP_LEN;
 const QUOTED_IP: usize = ICMP_AT + ICMP_LEN;
 const QUOTED_L4: usize = QUOTED_IP + IP_LEN;
 
-/// Relays the ICMP error in the hook (a 20-byte IP header, not a fragment)
-/// to the client whose flow it is about.
+/// Relays the ICMP error in the hook (a 20-byte IP header, not a fragment,
+/// no longer than the frame) to the client whose flow it is about.
 pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
     let pkt = hook.packet();
     // SAFETY: read-only views of non-overlapping headers.
     let (ip, quoted) = unsafe { (pkt.get::<Ipv4Hdr>(ETH_LEN)?, pkt.get::<Ipv4Hdr>(QUOTED_IP)?) };
+    // Only a quote of the IP header and the 8 bytes after it (RFC 792)
+    // within the error's own length names a flow: bytes after the error are
+    // not the quote's. A shorter one is the kernel's to judge.
+    let len = ip.tot_len();
+    if usize::from(len) < IP_LEN + ICMP_LEN + QUOTE_LEN {
+        return Err(Reason::NotOurs.into());
+    }
     // We send neither IP options nor packets from another address, and a
     // later fragment's "ports" would be payload.
     if quoted.vihl != 0x45
@@ -58,10 +65,6 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
         _pad: [0; 2],
     };
     let flow = state::find(&key).ok_or(Reason::NotOurs)?;
-    let len = ip.tot_len();
-    if usize::from(len) < QUOTED_L4 - ETH_LEN || ETH_LEN + usize::from(len) > pkt.len() {
-        return Err(Reason::BadLength.into());
-    }
     // Never an ICMP error about an ICMP error (RFC 1122 3.2.2): these two
     // are dropped unanswered.
     if ip.ttl <= 1 {

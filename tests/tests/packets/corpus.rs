@@ -1,12 +1,13 @@
 //! A corpus of random and mutated frames through each hook: valid outbound
-//! and return frames with bits flipped, cut short, lengths, header lengths,
-//! protocols, flags, TTLs, addresses and ports changed (mostly with the IP
-//! checksums fixed, so the mutation reaches past the checksum check), and
-//! frames of random bytes. Every frame must get a defined action and
-//! exactly one reason counter; every frame sent on must be well formed by
-//! an independent parser; a frame passed to the kernel is untouched unless
-//! translated for it. The corpus is a function of its seed:
-//! `EGRESS_CORPUS_SEED=N` replays (or explores) another one.
+//! frames, replies and ICMP errors about flows, with bits flipped, cut
+//! short or extended, and lengths, header lengths, protocols, flags, TTLs,
+//! addresses and ports changed (mostly with the IP checksums fixed, so the
+//! mutation reaches past the checksum check), and frames of random bytes.
+//! Every frame must get a defined action and exactly one reason counter;
+//! every frame sent on must be well formed by an independent parser; a
+//! frame passed to the kernel is untouched unless translated for it. The
+//! corpus is a function of its seed: `EGRESS_CORPUS_SEED=N` replays (or
+//! explores) another one.
 
 use std::collections::HashMap;
 
@@ -290,10 +291,6 @@ fn frame(rng: &mut Rng, flows: &[Flow]) -> Vec<u8> {
             for _ in 0..rng.below(4) {
                 mutate(rng, &mut b);
             }
-            let (ip, l4) = b.check;
-            if rng.percent(30) && b.frame.len() >= l4 {
-                fix_l4_checksum(&mut b.frame, ip, l4);
-            }
             if rng.percent(80) {
                 for &ip in &b.ips {
                     let len = b.frame.len();
@@ -305,6 +302,11 @@ fn frame(rng: &mut Rng, flows: &[Flow]) -> Vec<u8> {
                         fix_ipv4_checksum(&mut b.frame, ip);
                     }
                 }
+            }
+            // Last: an ICMP error's checksum covers the quoted header's.
+            let (ip, l4) = b.check;
+            if rng.percent(30) && b.frame.len() >= l4 {
+                fix_l4_checksum(&mut b.frame, ip, l4);
             }
             b.frame
         }

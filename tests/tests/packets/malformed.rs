@@ -13,7 +13,7 @@ for_each_hook!(
     malformed_return_frames_get_their_verdict,
     wrong_transport_checksums_are_translated_and_stay_wrong,
     udp_surplus_and_ethernet_padding_are_carried_along,
-    padding_after_a_short_icmp_quote_is_left_alone,
+    bytes_after_an_icmp_error_are_not_its_quote,
 );
 
 /// Where the headers of a frame from the peer start.
@@ -410,18 +410,19 @@ fn udp_surplus_and_ethernet_padding_are_carried_along(hook: Hook) {
     assert_eq!(out, want, "translated with surplus and padding");
 }
 
-fn padding_after_a_short_icmp_quote_is_left_alone(hook: Hook) {
+fn bytes_after_an_icmp_error_are_not_its_quote(hook: Hook) {
     let gw = &mut Gateway::new(hook);
     let syn = L4::syn(23456, 80);
     outbound(gw, CLIENT, syn, Reason::NewFlow);
-    // A router's error quoting 28 bytes of the SYN: the quote ends before
-    // the TCP checksum, and the frame carries bytes after the IP packet
-    // where the checksum would be. They are not the quote's: translating
-    // them would break the ICMP checksum (a bug the corpus found).
     let kind = Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit);
     let error = Ip::new(ROUTER, GW);
     let sent = ip_packet(Ip::new(GW, SERVER), syn);
     let padding = [0xaa; 20];
+
+    // A router's error quoting 28 bytes of the SYN: the quote ends before
+    // the TCP checksum, and the frame carries bytes after the IP packet
+    // where the checksum would be. Translating them would break the ICMP
+    // checksum (a bug the corpus found): they are left alone.
     let frame = [
         ethernet(
             ROUTER_MAC,
@@ -442,5 +443,17 @@ fn padding_after_a_short_icmp_quote_is_left_alone(hook: Hook) {
         ..error
     };
     let quote = &ip_packet(Ip::new(CLIENT, SERVER), syn)[..28];
-    assert_eq!(&relayed[INNER..], &icmp_error(back, kind, quote)[..]);
+    assert_eq!(
+        &relayed[INNER..],
+        &icmp_error(back, kind.clone(), quote)[..]
+    );
+
+    // An error whose length ends with the quoted IP header, followed by
+    // the flow's ports outside it: no ports, no flow; the kernel's.
+    let mut frame = ethernet(ROUTER_MAC, GW_MAC, &icmp_error(error, kind, &sent[..28]));
+    grow_len(&mut frame, IP_RET, -8);
+    fix_ipv4_checksum(&mut frame, IP_RET);
+    let (verdict, out, reason) = gw.run(&frame);
+    assert_eq!((verdict, reason), (Verdict::Pass, Reason::NotOurs));
+    assert_eq!(out, frame);
 }
