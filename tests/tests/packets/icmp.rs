@@ -21,6 +21,13 @@ for_each_hook!(
     ttl_1_on_the_return_path_is_answered_to_the_sender,
 );
 
+/// A DNS query from the client: the flow most tests here start with.
+const QUERY: L4 = L4::Udp {
+    sport: 5353,
+    dport: 53,
+    payload: b"query",
+};
+
 /// A router on the Internet side, source of errors about our flows.
 const INTERNET_ROUTER: [u8; 4] = [198, 51, 100, 1];
 
@@ -115,11 +122,7 @@ fn as_sent(addr: [u8; 4], l4: L4) -> Vec<u8> {
 
 fn icmp_errors_about_a_flow_reach_its_client_translated_back(hook: Hook) {
     let gw = &mut Gateway::new(hook);
-    let udp = L4::Udp {
-        sport: 5353,
-        dport: 53,
-        payload: b"query",
-    };
+    let udp = QUERY;
     let udp_unchecked = L4::Udp {
         sport: 5354,
         dport: 53,
@@ -219,11 +222,7 @@ fn icmp_errors_about_a_flow_reach_its_client_translated_back(hook: Hook) {
 
 fn icmp_errors_about_no_flow_are_left_to_the_kernel(hook: Hook) {
     let gw = &mut Gateway::new(hook);
-    let udp = L4::Udp {
-        sport: 5353,
-        dport: 53,
-        payload: b"query",
-    };
+    let udp = QUERY;
     let nat_port = outbound(gw, CLIENT, udp, Reason::NewFlow);
     let unreachable = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
     let error = Ip::new(SERVER, GW);
@@ -260,11 +259,7 @@ fn icmp_errors_about_no_flow_are_left_to_the_kernel(hook: Hook) {
 
 fn a_relayed_error_does_not_refresh_its_flow(hook: Hook) {
     let gw = &mut Gateway::new(hook);
-    let udp = L4::Udp {
-        sport: 5353,
-        dport: 53,
-        payload: b"query",
-    };
+    let udp = QUERY;
     let nat_port = outbound(gw, CLIENT, udp, Reason::NewFlow);
     let before = gw.flows();
     let unreachable = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
@@ -296,11 +291,7 @@ fn reply_of(len: usize, nat_port: u16, df: bool) -> (Ip, Vec<u8>) {
 
 fn return_packets_too_big_for_the_tunnel(hook: Hook) {
     let gw = &mut Gateway::new(hook);
-    let udp = L4::Udp {
-        sport: 5353,
-        dport: 53,
-        payload: b"query",
-    };
+    let udp = QUERY;
     let nat_port = outbound(gw, CLIENT, udp, Reason::NewFlow);
     // eth0's MTU is 1500: 1480 bytes still fit once encapsulated...
     let (_, fits) = reply_of(1480, nat_port, true);
@@ -378,11 +369,7 @@ fn outbound_packets_too_big_for_the_route(hook: Hook) {
 
 fn ttl_1_on_the_return_path_is_answered_to_the_sender(hook: Hook) {
     let gw = &mut Gateway::new(hook);
-    let udp = L4::Udp {
-        sport: 5353,
-        dport: 53,
-        payload: b"query",
-    };
+    let udp = QUERY;
     let nat_port = outbound(gw, CLIENT, udp, Reason::NewFlow);
     let reply = ip_packet(
         Ip {
