@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use egress_common::{
     flow::{Flow, IPPROTO_TCP, IPPROTO_UDP},
     reason::Verdict as Class,
+    tcp,
 };
 use etherparse::{
     Icmpv4Type, IpNumber,
@@ -91,6 +92,8 @@ impl Base {
 }
 
 const PAYLOAD: &[u8] = b"0123456789abcdef0123456789";
+/// A TCP MSS option of 1460.
+const MSS_1460: &[u8] = &[2, 4, 0x05, 0xb4];
 
 /// A valid outbound frame of a random kind, client, destination and port.
 fn outbound_base(rng: &mut Rng) -> Base {
@@ -98,8 +101,10 @@ fn outbound_base(rng: &mut Rng) -> Base {
     let remote = rng.pick(&[SERVER, SERVER, UNRESOLVED, BEYOND_ETH1]);
     let port = 20000 + rng.below(50) as u16;
     let payload = &PAYLOAD[..rng.below(PAYLOAD.len())];
-    let l4 = match rng.below(4) {
+    let l4 = match rng.below(5) {
         0 => L4::syn(port, 80),
+        // The gateway clamps this MSS (1460) to its tunnel's.
+        4 => L4::with_options(port, 80, tcp::SYN, MSS_1460),
         1 => L4::tcp(port, 443, payload),
         2 => L4::Udp {
             sport: port,
@@ -120,6 +125,9 @@ fn reply_base(rng: &mut Rng, flows: &[Flow]) -> Base {
     );
     let payload = &PAYLOAD[..rng.below(PAYLOAD.len())];
     let l4 = match f.proto {
+        IPPROTO_TCP if rng.percent(20) => {
+            L4::with_options(rport, nport, tcp::SYN | tcp::ACK, MSS_1460)
+        }
         IPPROTO_TCP => L4::tcp(rport, nport, payload),
         IPPROTO_UDP => L4::Udp {
             sport: rport,
