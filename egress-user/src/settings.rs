@@ -132,43 +132,31 @@ pub struct FileSettings {
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct FileTimeouts {
-    #[serde(
-        default,
-        deserialize_with = "humantime_serde::deserialize",
-        serialize_with = "compact_duration"
-    )]
+    #[serde(default, with = "human_duration")]
     pub tcp_established: Option<Duration>,
-    #[serde(
-        default,
-        deserialize_with = "humantime_serde::deserialize",
-        serialize_with = "compact_duration"
-    )]
+    #[serde(default, with = "human_duration")]
     pub tcp_transitory: Option<Duration>,
-    #[serde(
-        default,
-        deserialize_with = "humantime_serde::deserialize",
-        serialize_with = "compact_duration"
-    )]
+    #[serde(default, with = "human_duration")]
     pub tcp_reset: Option<Duration>,
-    #[serde(
-        default,
-        deserialize_with = "humantime_serde::deserialize",
-        serialize_with = "compact_duration"
-    )]
+    #[serde(default, with = "human_duration")]
     pub udp: Option<Duration>,
-    #[serde(
-        default,
-        deserialize_with = "humantime_serde::deserialize",
-        serialize_with = "compact_duration"
-    )]
+    #[serde(default, with = "human_duration")]
     pub icmp: Option<Duration>,
 }
 
 /// A duration as written in the config file: "2h4m", "30s".
-fn compact_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-    match d {
-        Some(d) => s.collect_str(&humantime::format_duration(*d).to_string().replace(' ', "")),
-        None => s.serialize_none(),
+/// Durations as people write them: read by humantime ("2h4m", "2h 4m"),
+/// written without spaces ("2h4m").
+mod human_duration {
+    use std::time::Duration;
+
+    pub use humantime_serde::deserialize;
+
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.collect_str(&humantime::format_duration(*d).to_string().replace(' ', "")),
+            None => s.serialize_none(),
+        }
     }
 }
 
