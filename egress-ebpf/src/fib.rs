@@ -1,4 +1,11 @@
-//! Next hop from the kernel's FIB (`bpf_fib_lookup`).
+//! Next hop from the kernel's FIB (`bpf_fib_lookup`), remembered per
+//! route in [`ROUTES`](crate::maps::ROUTES).
+//!
+//! The FIB lookup is the most expensive step of an established packet
+//! (about half its cost), yet its answer only changes when the host's
+//! routes, neighbours, links or addresses do. The daemon bumps
+//! [`ROUTES_GENERATION`](crate::maps::ROUTES_GENERATION) on every such
+//! netlink notification, which retires every remembered answer at once.
 
 use aya_ebpf::bindings::{
     BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
@@ -6,10 +13,13 @@ use aya_ebpf::bindings::{
     bpf_fib_lookup,
 };
 use aya_ebpf::helpers::bpf_fib_lookup as bpf_fib_lookup_helper;
-use core::mem::size_of;
+use core::{ffi::c_void, mem::size_of};
 use egress_common::reason::Reason;
 
-use crate::packet::Hook;
+use crate::{
+    maps::{self, ROUTES, Route, RouteKey},
+    packet::Hook,
+};
 
 const AF_INET: u8 = 2;
 
@@ -32,6 +42,11 @@ pub enum NextHop {
 
 /// Looks up the route for an IPv4 packet of `tot_len` bytes from `src` to
 /// `dst`, as if it arrived on the hook's interface; checks the egress MTU.
+///
+/// A resolved answer of the current generation is remembered with the
+/// route's MTU; only packets that fit it are answered from memory, so
+/// "too big" always comes from the kernel itself. Unresolved neighbours
+/// and failures are never remembered: the next packet asks again.
 #[inline(always)]
 pub fn lookup<H: Hook>(
     hook: &H,
@@ -40,42 +55,95 @@ pub fn lookup<H: Hook>(
     proto: u8,
     tot_len: u16,
 ) -> Result<NextHop, Reason> {
+    let key = RouteKey {
+        src,
+        dst,
+        ifindex: hook.ingress_ifindex(),
+        proto,
+        _pad: [0; 3],
+    };
+    let generation = maps::routes_generation();
+    let fits = |r: &Route| r.generation == generation && tot_len <= r.mtu;
+    // SAFETY (both reads): values are only ever replaced whole.
+    let route = match unsafe { ROUTES.get(&key) } {
+        Some(r) if fits(r) => r,
+        _ => {
+            let answer = ask_kernel(hook.ctx(), &key, tot_len, generation);
+            if answer < 0 {
+                return Err(Reason::Internal);
+            }
+            match answer as u32 {
+                BPF_FIB_LKUP_RET_SUCCESS => match unsafe { ROUTES.get(&key) } {
+                    Some(r) if fits(r) => r,
+                    // Not remembered (no room): the kernel forwards this one.
+                    _ => return Ok(NextHop::Unresolved),
+                },
+                BPF_FIB_LKUP_RET_NO_NEIGH => return Ok(NextHop::Unresolved),
+                BPF_FIB_LKUP_RET_BLACKHOLE
+                | BPF_FIB_LKUP_RET_UNREACHABLE
+                | BPF_FIB_LKUP_RET_PROHIBIT => return Err(Reason::NoRoute),
+                BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+                    return Ok(NextHop::TooBig {
+                        mtu: (answer >> 32) as u16,
+                    });
+                }
+                // Local destination, forwarding disabled on the interface,
+                // unsupported encapsulation route, no source address.
+                _ => return Err(Reason::NotForwarded),
+            }
+        }
+    };
+    Ok(NextHop::Resolved {
+        ifindex: route.ifindex,
+        src_mac: route.src_mac,
+        dst_mac: route.dst_mac,
+    })
+}
+
+/// `bpf_fib_lookup` for `key` and a packet of `tot_len` bytes; a resolved
+/// answer goes into [`ROUTES`] with the largest packet known to fit. Returns
+/// the helper's code, negative if it failed, with a "fragmentation needed"
+/// MTU in bits 32..48.
+///
+/// Not inlined: the lookup's 64-byte argument would otherwise sit on the
+/// stack of every path that routes, past the BPF stack limit.
+#[inline(never)]
+fn ask_kernel(ctx: *mut c_void, key: &RouteKey, tot_len: u16, generation: u64) -> i64 {
     // SAFETY: bpf_fib_lookup is plain old data; all-zero is its documented
     // "unset" state.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
-    p.l4_protocol = proto;
+    p.l4_protocol = key.proto;
     p.__bindgen_anon_1.tot_len = tot_len;
-    p.ifindex = hook.ingress_ifindex();
-    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
-    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    p.ifindex = key.ifindex;
+    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(key.src);
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(key.dst);
     // SAFETY: `p` is a valid, exclusively borrowed lookup struct and the
     // context is the running program's.
-    let rc =
-        unsafe { bpf_fib_lookup_helper(hook.ctx(), &mut p, size_of::<bpf_fib_lookup>() as i32, 0) };
-    if rc < 0 {
-        return Err(Reason::Internal);
-    }
+    let rc = unsafe { bpf_fib_lookup_helper(ctx, &mut p, size_of::<bpf_fib_lookup>() as i32, 0) };
+    // SAFETY (union reads): on success the kernel filled in the MAC
+    // addresses and (since 5.12) the route's MTU where `tot_len` was (an
+    // older kernel leaves `tot_len`, which fits too); on FRAG_NEEDED, the
+    // MTU.
+    let mtu = unsafe { p.__bindgen_anon_1.mtu_result };
+    // A negative `rc` (the helper failed) is no code below.
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            // SAFETY: on success the kernel filled in the MAC addresses.
             let macs = unsafe { p.__bindgen_anon_6.__bindgen_anon_2 };
-            Ok(NextHop::Resolved {
-                ifindex: p.ifindex,
+            let route = Route {
                 src_mac: macs.smac,
                 dst_mac: macs.dmac,
-            })
+                ifindex: p.ifindex,
+                mtu: mtu.max(tot_len),
+                _pad: [0; 2],
+                generation,
+            };
+            // Replaced whole, never written in place: a reader on another
+            // CPU sees the old answer or the new one, not a mix.
+            let _ = ROUTES.insert(key, &route, 0);
+            rc
         }
-        BPF_FIB_LKUP_RET_NO_NEIGH => Ok(NextHop::Unresolved),
-        BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
-            Err(Reason::NoRoute)
-        }
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => Ok(NextHop::TooBig {
-            // SAFETY: on FRAG_NEEDED the kernel stored the MTU there.
-            mtu: unsafe { p.__bindgen_anon_1.mtu_result },
-        }),
-        // Local destination, forwarding disabled on the interface,
-        // unsupported encapsulation route, no source address.
-        _ => Err(Reason::NotForwarded),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => rc | i64::from(mtu) << 32,
+        _ => rc,
     }
 }

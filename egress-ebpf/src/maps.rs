@@ -3,7 +3,7 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
 };
 use egress_common::{
     config::Config,
@@ -43,6 +43,40 @@ pub static CLIENT_FLOWS: HashMap<[u8; 4], u64> = HashMap::pinned(1024, BPF_F_NO_
 #[map]
 pub static FRAGMENTS: LruHashMap<FragKey, FragEntry> = LruHashMap::with_max_entries(16384, 0);
 
+/// What a FIB lookup is asked: the packet's addresses and protocol and the
+/// interface it arrived on.
+#[repr(C)]
+pub struct RouteKey {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub ifindex: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// A resolved FIB answer, valid while its generation is current and for
+/// packets of up to `mtu` bytes.
+#[repr(C)]
+pub struct Route {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub ifindex: u32,
+    pub mtu: u16,
+    pub _pad: [u8; 2],
+    pub generation: u64,
+}
+
+/// Remembered FIB answers (see `fib`). An LRU: a route evicted is only
+/// looked up again. Not pinned: a new program starts with none.
+#[map]
+pub static ROUTES: LruHashMap<RouteKey, Route> = LruHashMap::with_max_entries(65536, 0);
+
+/// The routing generation, bumped by the daemon whenever routes,
+/// neighbours, links or addresses change: [`ROUTES`] entries of an older
+/// generation are ignored.
+#[map]
+pub static ROUTES_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
+
 /// Outer source addresses allowed to tunnel to us (value unused).
 #[map]
 pub static PEERS: HashMap<[u8; 4], u8> = HashMap::with_max_entries(256, 0);
@@ -65,6 +99,11 @@ pub fn config() -> &'static Config {
     // placeholder value into the code: the loader patches it at load time.
     // SAFETY: reads a valid pointer to a static.
     unsafe { &*core::ptr::read_volatile(&(&raw const CONFIG)) }
+}
+
+#[inline(always)]
+pub fn routes_generation() -> u64 {
+    ROUTES_GENERATION.get(0).copied().unwrap_or(0)
 }
 
 #[inline(always)]

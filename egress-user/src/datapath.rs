@@ -10,7 +10,9 @@ use std::{
 use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{HashMap, IterableMap as _, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{
+        Array, HashMap, IterableMap as _, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key,
+    },
     programs::{
         SchedClassifier, Xdp, XdpMode,
         tc::{NlOptions, TcAttach, TcAttachType},
@@ -239,6 +241,16 @@ impl Datapath {
             .iter()
             .map(|&r| Ok((r, stats.get(&(r as u32), 0)?.iter().sum())))
             .collect()
+    }
+
+    /// Retires every FIB answer the data path remembers: routes, rules,
+    /// neighbours, links or addresses changed.
+    pub fn routes_changed(&mut self) -> anyhow::Result<()> {
+        let mut generation: Array<_, u64> =
+            Array::try_from(map(&mut self.ebpf, "ROUTES_GENERATION")?)?;
+        let next = generation.get(&0, 0)?.wrapping_add(1);
+        generation.set(0, &next, 0)?;
+        Ok(())
     }
 
     /// The connection state, for the garbage collector and for inspection.

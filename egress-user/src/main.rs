@@ -12,7 +12,7 @@ use egress_user::{
     gc,
     inspect::Pinned,
     metrics::{self, Collector},
-    netlink::LinkEvents,
+    netlink::HostEvents,
     notify::{self, Notifier},
     settings::Settings,
 };
@@ -141,7 +141,7 @@ fn run(settings: Settings, reset_state: bool) -> anyhow::Result<()> {
         .context("cannot start the runtime")?;
     let _in_runtime = runtime.enter();
     // Subscribed before attaching, so no change in between goes unseen.
-    let events = LinkEvents::subscribe().context("cannot follow the interface over netlink")?;
+    let events = HostEvents::subscribe().context("cannot follow the interface over netlink")?;
     let (timeouts, top_flows) = (settings.timeouts, settings.metrics_top_flows);
     let mut gateway = Gateway::start(settings, reset_state)?;
     let collector = match metrics_listener {
@@ -188,7 +188,7 @@ fn run(settings: Settings, reset_state: bool) -> anyhow::Result<()> {
 /// until SIGINT or SIGTERM.
 async fn serve(
     gateway: &mut Gateway,
-    mut events: LinkEvents,
+    mut events: HostEvents,
     timeouts: &gc::Timeouts,
     metrics: Option<(std::net::TcpListener, Arc<Collector>)>,
     notify: &dyn Fn(&str),
@@ -206,14 +206,20 @@ async fn serve(
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             changed = events.changed() => {
-                changed.context("netlink notifications failed")?;
-                let before = gateway.status();
-                if let Err(e) = gateway.follow() {
-                    tracing::error!("{e:#}; trying again at the interface's next change");
+                let interface = changed.context("netlink notifications failed")?;
+                if interface {
+                    let before = gateway.status();
+                    if let Err(e) = gateway.follow() {
+                        tracing::error!("{e:#}; trying again at the interface's next change");
+                    }
+                    let now = gateway.status();
+                    if now != before {
+                        notify(&notify::status(&now));
+                    }
                 }
-                let now = gateway.status();
-                if now != before {
-                    notify(&notify::status(&now));
+                // Any of these can change where a packet goes next.
+                if let Err(e) = gateway.datapath().routes_changed() {
+                    tracing::warn!("cannot retire the data path's remembered routes: {e:#}");
                 }
             }
             _ = tick.tick() => {

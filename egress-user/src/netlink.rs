@@ -213,15 +213,20 @@ impl AsRawFd for Socket {
     }
 }
 
-/// Link and IPv4 address notifications (`RTMGRP_LINK`,
-/// `RTMGRP_IPV4_IFADDR`), for the tokio loop.
-pub struct LinkEvents {
+/// Notifications of what can change the interface or a route: links, IPv4
+/// addresses, routes and rules, and neighbours (`RTMGRP_*`), for the tokio
+/// loop.
+pub struct HostEvents {
     sock: tokio::io::unix::AsyncFd<Socket>,
 }
 
-impl LinkEvents {
+impl HostEvents {
     pub fn subscribe() -> io::Result<Self> {
-        let groups = (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR) as u32;
+        let groups = (libc::RTMGRP_LINK
+            | libc::RTMGRP_IPV4_IFADDR
+            | libc::RTMGRP_IPV4_ROUTE
+            | libc::RTMGRP_IPV4_RULE
+            | libc::RTMGRP_NEIGH) as u32;
         let sock = Socket::open(libc::NETLINK_ROUTE, groups)?;
         sock.set_nonblocking()?;
         // SAFETY: `Socket` owns its descriptor and always returns it from
@@ -233,19 +238,31 @@ impl LinkEvents {
     }
 
     /// Waits until something changed, then takes every pending
-    /// notification. What changed is not parsed: the caller looks at the
-    /// interface again, which also covers notifications lost to a full
-    /// socket buffer (`ENOBUFS`).
-    pub async fn changed(&mut self) -> io::Result<()> {
+    /// notification; says whether a link or address was among them, or
+    /// notifications were lost to a full socket buffer (`ENOBUFS`). What
+    /// changed is not parsed further: the caller looks at the interface
+    /// again.
+    pub async fn changed(&mut self) -> io::Result<bool> {
         let mut buf = vec![0u8; 32 * 1024];
         let mut guard = self.sock.readable().await?;
+        let mut interface = false;
         loop {
             match guard.get_inner().recv(&mut buf) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {}
+                Ok(n) => {
+                    interface |= split(&buf[..n]).any(|(kind, _)| {
+                        matches!(
+                            kind,
+                            libc::RTM_NEWLINK
+                                | libc::RTM_DELLINK
+                                | libc::RTM_NEWADDR
+                                | libc::RTM_DELADDR
+                        )
+                    });
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => interface = true,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     guard.clear_ready();
-                    return Ok(());
+                    return Ok(interface);
                 }
                 Err(e) => return Err(e),
             }

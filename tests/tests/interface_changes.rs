@@ -1,9 +1,10 @@
 //! The gateway follows its interface over netlink: deleted and created
 //! again (a new index), it attaches again in the same mode; its address
-//! changed, it loads the data path again with the new defaulted address.
-//! Either way the pinned connection state carries the existing flow over:
-//! the same client socket keeps its translation, and the flow's counters
-//! continue. Needs root.
+//! changed, it loads the data path again with the new defaulted address;
+//! its next hop's MAC address changed, the data path's remembered routes
+//! give way to the new one. Either way the pinned connection state carries
+//! the existing flow over: the same client socket keeps its translation,
+//! and the flow's counters continue. Needs root.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -15,8 +16,8 @@ use anyhow::{Context as _, Result, ensure};
 use tests::{
     Attach, Stack,
     addrs::{
-        CLIENT_TUN_IP, CLIENT_UNDERLAY_IP, GATEWAY_IP, HOST_IFACE, LINK_PREFIX, ROUTER_GATEWAY_IP,
-        SERVER_IP,
+        CLIENT_TUN_IP, CLIENT_UNDERLAY_IP, GATEWAY_IP, HOST_IFACE, LINK_PREFIX,
+        ROUTER_GATEWAY_IFACE, ROUTER_GATEWAY_IP, SERVER_IP,
     },
     echo::{UdpClient, udp_server},
     egress_bin, exec, require_root,
@@ -29,6 +30,8 @@ const PORT: u16 = 9300;
 const FOLLOW: Duration = Duration::from_secs(60);
 /// The gateway's new address in the address-change scenario.
 const NEW_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 20);
+/// The router's new MAC address in the next-hop scenario.
+const NEW_ROUTER_MAC: &str = "02:00:00:00:01:99";
 
 mod survives_its_interface_deleted_and_created_again {
     use super::*;
@@ -199,6 +202,37 @@ fn follows_a_new_address_of_its_interface() -> Result<()> {
             ipip_peer,
             CLIENT_UNDERLAY_IP,
             NEW_IP,
+        )?;
+        Ok(())
+    });
+    stack.topo.lab.keep_logs_on_err(result)
+}
+
+/// The router's interface toward the gateway gets a new MAC address, and
+/// the gateway's neighbour entry learns it (as a gratuitous ARP would teach
+/// it). Frames still sent to the old address would be dropped by the
+/// router: the flow only goes on if the data path gave up the next hop it
+/// remembered for both directions (the server behind the router, the
+/// client's peer behind it too).
+#[test]
+fn follows_a_new_mac_address_of_its_next_hop() -> Result<()> {
+    require_root()?;
+    let egress = egress_bin()?;
+    let mut stack = Stack::start(
+        &egress,
+        Path::new(env!("CARGO_BIN_EXE_ipip-peer")),
+        Attach::Native,
+    )?;
+    let result = across(&mut stack, &egress, |stack| {
+        exec(
+            &stack.topo.router,
+            &format!("ip link set dev {ROUTER_GATEWAY_IFACE} address {NEW_ROUTER_MAC}"),
+        )?;
+        exec(
+            &stack.topo.gateway,
+            &format!(
+                "ip neigh replace {ROUTER_GATEWAY_IP} lladdr {NEW_ROUTER_MAC} dev {HOST_IFACE}"
+            ),
         )?;
         Ok(())
     });
