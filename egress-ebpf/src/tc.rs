@@ -1,4 +1,4 @@
-//! The TC hook (clsact ingress): the same translation on socket buffers,
+//! The TC hook (TCX or clsact ingress): the same translation on socket buffers,
 //! for interfaces without native XDP. Unlike an XDP frame, an skb may carry
 //! checksum offload state, may be a GRO aggregate of many segments, and may
 //! keep part of its data outside the directly accessible linear area.

@@ -18,6 +18,8 @@ use crate::{
 
 /// Oldest kernel the data path is built and tested for.
 const MIN_KERNEL: (u32, u32) = (6, 1);
+/// First kernel with TCX, which attaches TC programs as links.
+const TCX_KERNEL: (u32, u32) = (6, 6);
 const BTF: &str = "/sys/kernel/btf/vmlinux";
 /// Largest MTU at which most drivers (ENA, mlx5, veth) run an XDP program
 /// that does not handle multi-buffer frames: one 4 KiB page minus headroom
@@ -402,10 +404,22 @@ fn interface(r: &mut Report, s: &Settings, i: &IfaceFacts, facts: &Facts) {
             );
         }
     }
-    mtu_and_hook(r, s.attach, i);
+    mtu_and_hook(r, s.attach, i, tc_attach(facts));
 }
 
-fn mtu_and_hook(r: &mut Report, attach: AttachMode, i: &IfaceFacts) {
+/// How the gateway attaches its TC program on this kernel. It finds out
+/// by trying a TCX link; the kernel version tells the same without
+/// attaching anything.
+fn tc_attach(facts: &Facts) -> &'static str {
+    match kernel_version(&facts.kernel) >= Some(TCX_KERNEL) {
+        true => "a TCX link on ingress (Linux 6.6+), which ends with the daemon",
+        false => {
+            "a filter on clsact ingress (no TCX before Linux 6.6), which outlives a killed daemon until the next start removes it"
+        }
+    }
+}
+
+fn mtu_and_hook(r: &mut Report, attach: AttachMode, i: &IfaceFacts, tc: &str) {
     let name = &i.iface.name;
     let Some(mtu) = i.mtu else {
         r.warn(format!("cannot read {name}'s MTU"), "see `ip link show`");
@@ -436,7 +450,9 @@ fn mtu_and_hook(r: &mut Report, attach: AttachMode, i: &IfaceFacts) {
         (AttachMode::Auto, Ok(why)) => r.ok(format!(
             "{why}: attach auto tries native XDP first, TC if that fails"
         )),
-        (AttachMode::Auto, Err(why)) => r.ok(format!("{why}: attach auto will use TC")),
+        (AttachMode::Auto, Err(why)) => {
+            r.ok(format!("{why}: attach auto will use TC, through {tc}"))
+        }
         (AttachMode::Native, Ok(why)) => r.ok(why),
         (AttachMode::Native, Err(why)) if too_big => r.problem(
             why,
@@ -447,7 +463,7 @@ fn mtu_and_hook(r: &mut Report, attach: AttachMode, i: &IfaceFacts) {
             "attach generic: the slowest hook, and it mishandles offloaded checksums",
             "attach = \"auto\" (native XDP where the driver has it, else TC)",
         ),
-        (AttachMode::Tc, _) => r.ok("attach tc: clsact ingress"),
+        (AttachMode::Tc, _) => r.ok(format!("attach tc: through {tc}")),
     }
 }
 
@@ -716,6 +732,19 @@ mod tests {
         let small = at(&with(1200, Some(true), "auto"), Level::Warning);
         assert!(small[0].contains("only 1180 bytes"), "{small:?}");
         assert!(at(&with(1500, Some(true), "tc"), Level::Problem).is_empty());
+    }
+
+    #[test]
+    fn the_tc_attach_follows_the_kernel() {
+        let tc_on = |kernel: &str| {
+            let mut facts = good();
+            facts.kernel = kernel.into();
+            judge(&settings("attach = \"tc\""), &facts).render()
+        };
+        assert!(tc_on("6.18.44-generic").contains("attach tc: through a TCX link"));
+        assert!(tc_on("6.6.0").contains("TCX link"));
+        let old = tc_on("6.1.0-27-cloud-amd64");
+        assert!(old.contains("attach tc: through a filter on clsact ingress"), "{old}");
     }
 
     #[test]

@@ -14,9 +14,10 @@ use aya::{
         Array, HashMap, IterableMap as _, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key,
     },
     programs::{
-        SchedClassifier, Xdp, XdpMode,
-        tc::{NlOptions, TcAttach, TcAttachType},
+        LinkOrder, ProgramError, SchedClassifier, Xdp, XdpMode,
+        tc::{TcAttach, TcAttachType},
     },
+    sys::SyscallError,
 };
 use egress_common::{
     config::Config,
@@ -27,7 +28,7 @@ use egress_common::{
 use ipnet::Ipv4Net;
 
 use crate::{
-    clsact::Clsact,
+    clsact::{self, Clsact},
     pinning,
     settings::{AttachMode, PortRange},
 };
@@ -45,8 +46,10 @@ pub const TC_PROGRAM: &str = "egress_tc";
 pub enum Attached {
     NativeXdp,
     GenericXdp,
-    /// TC on clsact ingress.
-    Tc,
+    /// TC through a TCX link on ingress (Linux 6.6+).
+    Tcx,
+    /// TC through a netlink filter on clsact ingress (older kernels).
+    Clsact,
 }
 
 impl Attached {
@@ -54,7 +57,8 @@ impl Attached {
         match self {
             Self::NativeXdp => "native XDP",
             Self::GenericXdp => "generic XDP",
-            Self::Tc => "TC (clsact ingress)",
+            Self::Tcx => "TC (TCX ingress)",
+            Self::Clsact => "TC (clsact ingress)",
         }
     }
 }
@@ -169,6 +173,9 @@ impl Datapath {
         ifindex: u32,
         mode: AttachMode,
     ) -> anyhow::Result<Attached> {
+        // In any mode: a TC filter of a gateway that was killed would run
+        // its old program beside (or behind) the new one.
+        clsact::remove_leftovers(iface, ifindex, TC_PROGRAM)?;
         match mode {
             AttachMode::Native => self.attach_xdp(ifindex, XdpMode::Driver),
             AttachMode::Generic => self.attach_xdp(ifindex, XdpMode::Skb),
@@ -201,18 +208,56 @@ impl Datapath {
         Ok(hook)
     }
 
-    /// Through netlink on clsact, on every kernel alike (aya would pick
-    /// TCX links on 6.6+).
+    /// Through a TCX link where the kernel has TCX (6.6+): like the XDP
+    /// link, it ends with this process, so a killed daemon leaves nothing
+    /// running and a new one never stacks on an old one. Older kernels get
+    /// a filter on clsact ingress instead.
     fn attach_tc(&mut self, iface: &str, ifindex: u32) -> anyhow::Result<Attached> {
-        self.clsact = Some(Clsact::ensure(iface, ifindex)?);
-        let ingress = TcAttach::Netlink {
-            parent: TcAttachType::Ingress.into(),
-            options: NlOptions::default(),
+        let tcx = TcAttach::Tcx {
+            attach_type: TcAttachType::Ingress,
+            order: LinkOrder::default(),
         };
+        match self.tc()?.attach(ifindex, tcx) {
+            Ok(_) => {
+                tracing::info!(
+                    "attach tc: TCX link on {iface} ingress (the kernel has TCX; the attachment ends with this process)"
+                );
+                Ok(Attached::Tcx)
+            }
+            // What a kernel without TCX answers (BPF_LINK_CREATE knows no
+            // TCX attach type for a TC program).
+            Err(ProgramError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                self.attach_tc_clsact(iface, ifindex)?;
+                tracing::info!(
+                    "attach tc: filter on {iface}'s clsact ingress, pref {} handle {:#x} \
+                     (the kernel refused a TCX link: {io_error}; TCX came in Linux 6.6)",
+                    clsact::PRIORITY,
+                    u32::from(clsact::HANDLE),
+                );
+                Ok(Attached::Clsact)
+            }
+            Err(e) => Err(e).with_context(|| format!("TCX attach on {iface} ingress failed")),
+        }
+    }
+
+    /// The TC attach of kernels without TCX: a netlink filter on clsact
+    /// ingress at our own priority and handle (public so tests reach it on
+    /// kernels with TCX).
+    pub fn attach_tc_clsact(&mut self, iface: &str, ifindex: u32) -> anyhow::Result<()> {
+        self.clsact = Some(Clsact::ensure(iface, ifindex)?);
         self.tc()?
-            .attach(ifindex, ingress)
-            .context("TC attach on clsact ingress failed")?;
-        Ok(Attached::Tc)
+            .attach(ifindex, clsact::ingress_filter())
+            .with_context(|| {
+                format!(
+                    "TC attach on {iface}'s clsact ingress (pref {}, handle {:#x}) failed; \
+                     `tc filter show dev {iface} ingress` shows what is there",
+                    clsact::PRIORITY,
+                    u32::from(clsact::HANDLE),
+                )
+            })?;
+        Ok(())
     }
 
     /// The loaded XDP program (for `BPF_PROG_TEST_RUN` in tests and benchmarks).

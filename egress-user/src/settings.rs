@@ -103,7 +103,8 @@ pub enum AttachMode {
     Native,
     /// Generic (skb) XDP: works on any interface, slowest.
     Generic,
-    /// TC on clsact ingress: works on any interface.
+    /// TC on ingress (a TCX link, or a clsact filter before Linux 6.6):
+    /// works on any interface.
     Tc,
 }
 

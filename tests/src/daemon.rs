@@ -84,6 +84,10 @@ impl Daemon {
     /// Stops the process: SIGTERM first so it can clean up (the gateway
     /// detaches XDP), SIGKILL if it has not exited after a grace period.
     pub fn stop(&mut self) {
+        // Already reaped: its pid may belong to another process by now.
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
         let pid = Pid::from_raw(self.child.id() as i32);
         let _ = kill(pid, Signal::SIGTERM);
         let deadline = Instant::now() + GRACE;
@@ -95,6 +99,16 @@ impl Daemon {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Kills the process with SIGKILL, as a crash or the OOM killer ends
+    /// it: no chance to clean up. Returns once it is reaped.
+    pub fn kill(&mut self) -> Result<()> {
+        self.child
+            .kill()
+            .with_context(|| format!("kill {}", self.name))?;
+        self.child.wait()?;
+        Ok(())
     }
 }
 

@@ -5,6 +5,7 @@
 //! kernel ipip module).
 
 pub mod addrs;
+pub mod attached;
 pub mod daemon;
 pub mod echo;
 pub mod ipip;
@@ -13,6 +14,7 @@ pub mod tap;
 pub mod tiny_bpf;
 pub mod topology;
 
+pub use attached::Attachments;
 pub use daemon::Daemon;
 pub use netns::{Lab, exec, exec_output, in_netns};
 pub use topology::{Attach, Stack, Topology};

@@ -1,6 +1,7 @@
 //! The gateway restarted (an upgrade) under an established TCP connection:
-//! the pinned connection state carries it over, in every attach mode.
-//! Needs root.
+//! the pinned connection state carries it over, in every attach mode. And
+//! a gateway killed outright leaves nothing attached that a new one would
+//! run beside. Needs root.
 
 use std::{
     io::{Read, Write},
@@ -11,12 +12,14 @@ use std::{
 
 use anyhow::{Result, ensure};
 use tests::{
-    Attach, Stack,
-    addrs::{GATEWAY_IP, SERVER_IP},
+    Attach, Attachments, Stack,
+    addrs::{CLIENT_TUN_IP, GATEWAY_IP, HOST_IFACE, SERVER_IP},
+    echo::{udp_request, udp_server},
     egress_bin, in_netns, require_root,
 };
 
 const PORT: u16 = 9100;
+const UDP_PORT: u16 = 9101;
 const WAIT: Duration = Duration::from_secs(10);
 /// Longer than Linux's largest delayed-ACK timeout (200 ms).
 const QUIET: Duration = Duration::from_secs(1);
@@ -90,6 +93,54 @@ fn survives_restart(attach: Attach) -> Result<()> {
             round(&mut client, &mut server, &data)?;
         }
         Ok(())
+    })();
+    stack.topo.lab.keep_logs_on_err(result)
+}
+
+/// SIGKILL (or a crash) gives the gateway no chance to detach. In TC mode
+/// its program hangs from a TCX link, which ends with the process like the
+/// XDP link does: nothing of it stays attached (a clsact filter would, and
+/// run the old program beside the next gateway's), and a new gateway is
+/// attached exactly once and translates. Seen through `ip`, `tc` and the
+/// kernel's TCX query, not through the gateway.
+#[test]
+fn a_killed_tc_gateway_leaves_nothing_attached() -> Result<()> {
+    require_root()?;
+    let bin = egress_bin()?;
+    let mut stack = Stack::start(&bin, Path::new(env!("CARGO_BIN_EXE_ipip-peer")), Attach::Tc)?;
+    let result = (|| {
+        let server = SocketAddr::from((SERVER_IP, UDP_PORT));
+        let _udp = udp_server(&stack.topo.server, server)?;
+        let translated = |stack: &Stack| -> Result<()> {
+            let reply = udp_request(&stack.topo.client, CLIENT_TUN_IP, server, b"hello")?;
+            ensure!(reply.seen.ip() == GATEWAY_IP, "server saw {}", reply.seen);
+            Ok(())
+        };
+        let attached_once = |stack: &Stack| -> Result<()> {
+            let seen = Attachments::of(&stack.topo.gateway, HOST_IFACE)?;
+            ensure!(
+                seen.tcx == ["egress_tc"] && seen.clsact.is_empty() && seen.xdp.is_none(),
+                "expected the TC program once, on TCX ingress: {seen:?}"
+            );
+            // TCX needs no qdisc, so none is added.
+            ensure!(!seen.clsact_qdisc, "a clsact qdisc was added: {seen:?}");
+            ensure!(
+                stack.gateway.log().contains("attach tc: TCX link on eth0 ingress"),
+                "the gateway did not say how it attached:\n{}",
+                stack.gateway.log()
+            );
+            Ok(())
+        };
+        attached_once(&stack)?;
+        translated(&stack)?;
+
+        stack.gateway.kill()?;
+        let left = Attachments::of(&stack.topo.gateway, HOST_IFACE)?;
+        ensure!(left.is_empty(), "the killed gateway left {left:?}");
+
+        stack.gateway = stack.topo.start_gateway(&bin, Attach::Tc)?;
+        attached_once(&stack)?;
+        translated(&stack)
     })();
     stack.topo.lab.keep_logs_on_err(result)
 }

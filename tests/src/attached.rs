@@ -1,0 +1,80 @@
+//! What runs on an interface's receive path, as the kernel tells anyone who
+//! asks (not the gateway's own account): XDP from `ip link`, clsact filters
+//! and the qdisc from `tc`, TCX programs from the kernel's `BPF_PROG_QUERY`
+//! (`tc` lists no TCX program, and Debian 12's `bpftool` predates TCX).
+
+use std::ffi::CString;
+
+use anyhow::{Context as _, Result};
+use aya::programs::{SchedClassifier, TcAttachType};
+
+use crate::netns::{exec, in_netns};
+
+/// The gateway's TC program, as its loader names it.
+pub const GATEWAY_TC: &str = "egress_tc";
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Attachments {
+    /// `prog/xdp id N` from `ip link`, if an XDP program is attached.
+    pub xdp: Option<String>,
+    /// Whether the interface has a clsact qdisc.
+    pub clsact_qdisc: bool,
+    /// `tc filter show dev IFACE ingress`: one line per filter.
+    pub clsact: Vec<String>,
+    /// The names of the programs on TCX ingress, in the order they run.
+    pub tcx: Vec<String>,
+}
+
+impl Attachments {
+    /// What `iface` in namespace `ns` runs now.
+    pub fn of(ns: &str, iface: &str) -> Result<Self> {
+        let link = exec(ns, &format!("ip -d link show dev {iface}"))?;
+        let xdp = link.find("prog/xdp id ").map(|at| {
+            link[at..]
+                .split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        });
+        let qdiscs = exec(ns, &format!("tc qdisc show dev {iface}"))?;
+        // A filter's own line has its handle; the line before it heads
+        // its priority.
+        let clsact = exec(ns, &format!("tc filter show dev {iface} ingress"))?
+            .lines()
+            .filter(|l| l.contains(" handle "))
+            .map(|l| l.trim().to_owned())
+            .collect();
+        let name = CString::new(iface)?;
+        let (_, programs) = in_netns(ns, || {
+            SchedClassifier::query_tcx(name.as_c_str(), TcAttachType::Ingress)
+        })?
+        .with_context(|| format!("query the TCX ingress of {iface} in {ns}"))?;
+        let tcx = programs
+            .iter()
+            .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+            .collect();
+        Ok(Self {
+            xdp,
+            clsact_qdisc: qdiscs.contains("qdisc clsact"),
+            clsact,
+            tcx,
+        })
+    }
+
+    /// How many times the gateway's TC program is attached.
+    pub fn gateway_tc(&self) -> usize {
+        let filters = self.clsact.iter().filter(|l| is_gateway_filter(l));
+        let links = self.tcx.iter().filter(|n| *n == GATEWAY_TC);
+        filters.count() + links.count()
+    }
+
+    /// Nothing attached at all: no XDP, no filter, no TCX program.
+    pub fn is_empty(&self) -> bool {
+        self.xdp.is_none() && self.clsact.is_empty() && self.tcx.is_empty()
+    }
+}
+
+/// A `tc filter show` line of a filter running the gateway's program.
+pub fn is_gateway_filter(line: &str) -> bool {
+    line.split_whitespace().any(|w| w == GATEWAY_TC)
+}
