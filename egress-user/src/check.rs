@@ -744,7 +744,10 @@ mod tests {
         assert!(tc_on("6.18.44-generic").contains("attach tc: through a TCX link"));
         assert!(tc_on("6.6.0").contains("TCX link"));
         let old = tc_on("6.1.0-27-cloud-amd64");
-        assert!(old.contains("attach tc: through a filter on clsact ingress"), "{old}");
+        assert!(
+            old.contains("attach tc: through a filter on clsact ingress"),
+            "{old}"
+        );
     }
 
     #[test]

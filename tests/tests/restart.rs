@@ -125,7 +125,10 @@ fn a_killed_tc_gateway_leaves_nothing_attached() -> Result<()> {
             // TCX needs no qdisc, so none is added.
             ensure!(!seen.clsact_qdisc, "a clsact qdisc was added: {seen:?}");
             ensure!(
-                stack.gateway.log().contains("attach tc: TCX link on eth0 ingress"),
+                stack
+                    .gateway
+                    .log()
+                    .contains("attach tc: TCX link on eth0 ingress"),
                 "the gateway did not say how it attached:\n{}",
                 stack.gateway.log()
             );

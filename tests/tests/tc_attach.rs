@@ -1,0 +1,236 @@
+//! The TC program's attachment through the daemon's own loader, in a
+//! namespace, checked from outside (`ip`, `tc`, the kernel's TCX query): a
+//! filter a killed gateway left is removed before any attach, other
+//! programs' filters stay, the clsact filter of kernels without TCX sits
+//! at one fixed place so it cannot stack, and the host is left as found.
+//! This kernel has TCX, so the clsact path is entered directly, where a
+//! kernel without TCX falls back to it. Needs root.
+
+use anyhow::{Context as _, Result, ensure};
+use aya::programs::tc::{NlOptions, TcAttach, TcAttachType};
+use egress_user::{
+    clsact,
+    datapath::{Attached, Datapath, Policy, TC_PROGRAM},
+    settings::{AttachMode, PortRange},
+};
+use tests::{Attachments, Lab, attached::is_gateway_filter, exec, in_netns, require_root};
+
+const IFACE: &str = "eth0";
+/// A classic BPF program that matches nothing, as another tool's filter.
+const OTHER_FILTER: &str = "1,6 0 0 0,";
+const OTHER_PRIORITY: u16 = 5;
+
+/// A namespace with one interface for the gateway to attach to.
+struct Host {
+    lab: Lab,
+    ns: String,
+    ifindex: u32,
+    policy: Policy,
+}
+
+impl Host {
+    fn new() -> Result<Self> {
+        require_root()?;
+        let mut lab = Lab::new()?;
+        let ns = lab.add_ns("tc")?;
+        for cmd in [
+            format!("ip link add {IFACE} type veth peer name p0"),
+            format!("ip link set {IFACE} up"),
+            "ip link set p0 up".into(),
+            format!("ip addr add 10.1.1.10/24 dev {IFACE}"),
+        ] {
+            exec(&ns, &cmd)?;
+        }
+        let ifindex = exec(&ns, &format!("cat /sys/class/net/{IFACE}/ifindex"))?
+            .trim()
+            .parse()?;
+        let policy = Policy {
+            tunnel_local: [10, 1, 1, 10].into(),
+            snat: vec![[10, 1, 1, 10].into()],
+            ports: PortRange {
+                min: 20000,
+                max: 29999,
+            },
+            peers: vec![[10, 0, 1, 10].into()],
+            client_cidrs: vec!["192.168.250.0/30".parse()?],
+            max_flows: 1024,
+            max_client_flows: 0,
+            mss: 1440,
+            state_dir: lab.state_dir()?,
+            reset_state: false,
+        };
+        Ok(Self {
+            lab,
+            ns,
+            ifindex,
+            policy,
+        })
+    }
+
+    /// Runs `f` with a freshly loaded data path, on a thread in the
+    /// namespace (netlink requests go to the namespace they are made in).
+    fn with_datapath<T: Send>(
+        &self,
+        f: impl FnOnce(&mut Datapath) -> Result<T> + Send,
+    ) -> Result<T> {
+        in_netns(&self.ns, || f(&mut Datapath::load(&self.policy)?))?
+    }
+
+    fn attachments(&self) -> Result<Attachments> {
+        Attachments::of(&self.ns, IFACE)
+    }
+
+    /// The clsact qdisc, as a killed gateway or another tool added it.
+    fn add_clsact(&self) -> Result<()> {
+        exec(&self.ns, &format!("tc qdisc add dev {IFACE} clsact"))?;
+        Ok(())
+    }
+
+    /// Another tool's filter (not a gateway's) on clsact ingress.
+    fn add_other_filter(&self) -> Result<()> {
+        let file = self.lab.dir().join("other.bpf");
+        std::fs::write(&file, OTHER_FILTER)?;
+        exec(
+            &self.ns,
+            &format!(
+                "tc filter add dev {IFACE} ingress pref {OTHER_PRIORITY} bpf bytecode-file {}",
+                file.display()
+            ),
+        )?;
+        Ok(())
+    }
+
+    /// Leaves the gateway's TC program attached at `filter` as a gateway
+    /// killed while attached leaves it: its process is gone, the filter
+    /// stays.
+    fn leave_filter(&self, filter: TcAttach) -> Result<()> {
+        self.with_datapath(|dp| {
+            let program = dp.tc()?;
+            let link = program.attach(self.ifindex, filter)?;
+            // The link's drop detaches it; a killed process never runs that.
+            std::mem::forget(program.take_link(link)?);
+            Ok(())
+        })
+    }
+}
+
+/// Where gateways before TCX support attached: the kernel's choice.
+fn automatic_priority() -> TcAttach {
+    TcAttach::Netlink {
+        parent: TcAttachType::Ingress.into(),
+        options: NlOptions::default(),
+    }
+}
+
+/// Whether `line` is the gateway's filter at its fixed place.
+fn at_our_place(line: &str) -> bool {
+    is_gateway_filter(line)
+        && line.contains(&format!(" pref {} ", clsact::PRIORITY))
+        && line.contains(&format!(" handle {:#x} ", u32::from(clsact::HANDLE)))
+}
+
+fn other_filter_only(seen: &Attachments) -> bool {
+    matches!(&seen.clsact[..], [line] if line.contains(&format!(" pref {OTHER_PRIORITY} ")) && !is_gateway_filter(line))
+}
+
+#[test]
+fn without_tcx_a_killed_gateways_filter_is_replaced_and_other_filters_stay() -> Result<()> {
+    let host = Host::new()?;
+    let result = (|| {
+        host.add_clsact()?;
+        host.add_other_filter()?;
+        // Killed gateways of this version and of one before it.
+        host.leave_filter(clsact::ingress_filter())?;
+        host.leave_filter(automatic_priority())?;
+        let seen = host.attachments()?;
+        ensure!(seen.gateway_tc() == 2 && seen.clsact.len() == 3, "{seen:?}");
+
+        host.with_datapath(|dp| {
+            // Our place is taken: the attach fails rather than stacking.
+            let taken = dp.attach_tc_clsact(IFACE, host.ifindex);
+            ensure!(taken.is_err(), "attached beside a leftover filter");
+            clsact::remove_leftovers(IFACE, host.ifindex, TC_PROGRAM)?;
+            let seen = host.attachments()?;
+            ensure!(other_filter_only(&seen), "after the removal: {seen:?}");
+
+            dp.attach_tc_clsact(IFACE, host.ifindex)?;
+            let seen = host.attachments()?;
+            ensure!(
+                seen.gateway_tc() == 1 && seen.clsact.iter().any(|l| at_our_place(l)),
+                "expected one filter at pref {}: {seen:?}",
+                clsact::PRIORITY
+            );
+            ensure!(seen.clsact.len() == 2 && seen.tcx.is_empty(), "{seen:?}");
+            Ok(())
+        })?;
+        // Detached; the qdisc was there before, so it stays.
+        let seen = host.attachments()?;
+        ensure!(
+            other_filter_only(&seen) && seen.clsact_qdisc,
+            "after detaching: {seen:?}"
+        );
+        Ok(())
+    })();
+    host.lab.keep_logs_on_err(result)
+}
+
+#[test]
+fn any_attach_removes_a_killed_gateways_filter() -> Result<()> {
+    let host = Host::new()?;
+    let result = (|| {
+        host.add_clsact()?;
+        for mode in [AttachMode::Tc, AttachMode::Generic] {
+            host.leave_filter(automatic_priority())?;
+            let seen = host.with_datapath(|dp| {
+                let hook = dp.attach(IFACE, host.ifindex, mode)?;
+                let seen = host.attachments()?;
+                Ok((hook, seen))
+            })?;
+            let ok = match seen.0 {
+                Attached::Tcx => seen.1.tcx == [TC_PROGRAM] && seen.1.xdp.is_none(),
+                Attached::GenericXdp => seen.1.tcx.is_empty() && seen.1.xdp.is_some(),
+                _ => false,
+            };
+            ensure!(
+                ok && seen.1.clsact.is_empty(),
+                "{mode:?} attached as {:?}: {:?}",
+                seen.0,
+                seen.1
+            );
+            let after = host.attachments()?;
+            ensure!(after.is_empty(), "{mode:?} left {after:?}");
+        }
+        Ok(())
+    })();
+    host.lab.keep_logs_on_err(result)
+}
+
+#[test]
+fn the_host_is_left_as_found() -> Result<()> {
+    let host = Host::new()?;
+    let result = (|| {
+        let untouched = host.attachments()?;
+        ensure!(
+            untouched.is_empty() && !untouched.clsact_qdisc,
+            "{untouched:?}"
+        );
+        let seen = host.with_datapath(|dp| {
+            ensure!(dp.attach(IFACE, host.ifindex, AttachMode::Tc)? == Attached::Tcx);
+            host.attachments()
+        })?;
+        // TCX needs no qdisc.
+        ensure!(seen.tcx == [TC_PROGRAM] && !seen.clsact_qdisc, "{seen:?}");
+        ensure!(host.attachments()? == untouched, "TCX detach");
+
+        let seen = host.with_datapath(|dp| {
+            dp.attach_tc_clsact(IFACE, host.ifindex)?;
+            host.attachments()
+        })?;
+        ensure!(seen.clsact_qdisc && seen.gateway_tc() == 1, "{seen:?}");
+        // The qdisc we added goes with us.
+        ensure!(host.attachments()? == untouched, "clsact detach");
+        Ok(())
+    })()
+    .context("attach and detach");
+    host.lab.keep_logs_on_err(result)
+}
