@@ -49,8 +49,22 @@ fn unit_restarts_on_failure_and_keeps_state() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn gateway_runs_with_the_units_capabilities_and_reports_readiness() -> Result<()> {
+mod gateway_runs_with_the_units_capabilities_and_reports_readiness {
+    use super::*;
+
+    #[test]
+    fn native() -> Result<()> {
+        with_the_units_capabilities(Attach::Native, "native XDP")
+    }
+
+    /// A TCX link, and the look for a killed gateway's clsact filter.
+    #[test]
+    fn tc() -> Result<()> {
+        with_the_units_capabilities(Attach::Tc, "TC (TCX ingress)")
+    }
+}
+
+fn with_the_units_capabilities(attach: Attach, hook: &str) -> Result<()> {
     require_root()?;
     let egress = egress_bin()?;
     let caps: Vec<&str> = directive("CapabilityBoundingSet")?
@@ -71,7 +85,7 @@ fn gateway_runs_with_the_units_capabilities_and_reports_readiness() -> Result<()
             socket_path.display(),
             setpriv_caps.join(",")
         );
-        let mut gateway = topo.start_gateway_under(&launcher, &egress, Attach::Native, "")?;
+        let mut gateway = topo.start_gateway_under(&launcher, &egress, attach, "")?;
 
         let want: u64 = caps
             .iter()
@@ -92,7 +106,7 @@ fn gateway_runs_with_the_units_capabilities_and_reports_readiness() -> Result<()
         let n = notify.recv(&mut buf).context("no readiness notification")?;
         let ready = String::from_utf8_lossy(&buf[..n]).into_owned();
         ensure!(
-            ready == "READY=1\nSTATUS=attached to eth0 as native XDP",
+            ready == format!("READY=1\nSTATUS=attached to eth0 as {hook}"),
             "{ready:?}"
         );
 

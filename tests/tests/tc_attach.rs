@@ -6,7 +6,7 @@
 //! This kernel has TCX, so the clsact path is entered directly, where a
 //! kernel without TCX falls back to it. Needs root.
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Result, ensure};
 use aya::programs::tc::{NlOptions, TcAttach, TcAttachType};
 use egress_user::{
     clsact,
@@ -76,6 +76,13 @@ impl Host {
         in_netns(&self.ns, || f(&mut Datapath::load(&self.policy)?))?
     }
 
+    /// Runs `test` on a new host; a failure keeps the lab's directory.
+    fn test(test: impl FnOnce(&Self) -> Result<()>) -> Result<()> {
+        let host = Self::new()?;
+        let result = test(&host);
+        host.lab.keep_logs_on_err(result)
+    }
+
     fn attachments(&self) -> Result<Attachments> {
         Attachments::of(&self.ns, IFACE)
     }
@@ -135,8 +142,7 @@ fn other_filter_only(seen: &Attachments) -> bool {
 
 #[test]
 fn without_tcx_a_killed_gateways_filter_is_replaced_and_other_filters_stay() -> Result<()> {
-    let host = Host::new()?;
-    let result = (|| {
+    Host::test(|host| {
         host.add_clsact()?;
         host.add_other_filter()?;
         // Killed gateways of this version and of one before it.
@@ -170,45 +176,38 @@ fn without_tcx_a_killed_gateways_filter_is_replaced_and_other_filters_stay() -> 
             "after detaching: {seen:?}"
         );
         Ok(())
-    })();
-    host.lab.keep_logs_on_err(result)
+    })
 }
 
 #[test]
 fn any_attach_removes_a_killed_gateways_filter() -> Result<()> {
-    let host = Host::new()?;
-    let result = (|| {
+    Host::test(|host| {
         host.add_clsact()?;
         for mode in [AttachMode::Tc, AttachMode::Generic] {
             host.leave_filter(automatic_priority())?;
-            let seen = host.with_datapath(|dp| {
+            let (hook, seen) = host.with_datapath(|dp| {
                 let hook = dp.attach(IFACE, host.ifindex, mode)?;
-                let seen = host.attachments()?;
-                Ok((hook, seen))
+                Ok((hook, host.attachments()?))
             })?;
-            let ok = match seen.0 {
-                Attached::Tcx => seen.1.tcx == [TC_PROGRAM] && seen.1.xdp.is_none(),
-                Attached::GenericXdp => seen.1.tcx.is_empty() && seen.1.xdp.is_some(),
+            let ok = match hook {
+                Attached::Tcx => seen.tcx == [TC_PROGRAM] && seen.xdp.is_none(),
+                Attached::GenericXdp => seen.tcx.is_empty() && seen.xdp.is_some(),
                 _ => false,
             };
             ensure!(
-                ok && seen.1.clsact.is_empty(),
-                "{mode:?} attached as {:?}: {:?}",
-                seen.0,
-                seen.1
+                ok && seen.clsact.is_empty(),
+                "{mode:?} attached as {hook:?}: {seen:?}"
             );
             let after = host.attachments()?;
             ensure!(after.is_empty(), "{mode:?} left {after:?}");
         }
         Ok(())
-    })();
-    host.lab.keep_logs_on_err(result)
+    })
 }
 
 #[test]
 fn the_host_is_left_as_found() -> Result<()> {
-    let host = Host::new()?;
-    let result = (|| {
+    Host::test(|host| {
         let untouched = host.attachments()?;
         ensure!(
             untouched.is_empty() && !untouched.clsact_qdisc,
@@ -230,7 +229,5 @@ fn the_host_is_left_as_found() -> Result<()> {
         // The qdisc we added goes with us.
         ensure!(host.attachments()? == untouched, "clsact detach");
         Ok(())
-    })()
-    .context("attach and detach");
-    host.lab.keep_logs_on_err(result)
+    })
 }
