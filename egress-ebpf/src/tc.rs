@@ -9,7 +9,7 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         __sk_buff, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_MARK_MANGLED_0,
-        BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_F_PSEUDO_HDR, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     helpers::bpf_redirect,
     macros::classifier,
@@ -151,7 +151,10 @@ pub fn egress_tc(ctx: TcContext) -> i32 {
             .map_err(Outcome::from)
             .and_then(|()| nat::process(&mut hook)),
     ) {
-        Action::Pass => TC_ACT_OK,
+        // "Next" (TCX_NEXT), not "OK": what we pass goes on to whatever
+        // other program hangs on the hook after us, then to the stack, as
+        // if we were not there.
+        Action::Pass => TC_ACT_UNSPEC,
         Action::Drop => TC_ACT_SHOT,
         // SAFETY: no preconditions; with flags 0 (egress) it returns
         // TC_ACT_REDIRECT.

@@ -45,7 +45,8 @@ const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
-const TC_ACT_OK: u32 = 0;
+/// `TC_ACT_UNSPEC` (-1), "next program".
+const TC_ACT_UNSPEC: u32 = u32::MAX;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
@@ -184,7 +185,7 @@ impl Gateway {
         out.truncate(result.data_size_out as usize);
         let verdict = match (self.hook, result.return_value) {
             (Hook::Xdp, XDP_DROP) | (Hook::Tc, TC_ACT_SHOT) => Some(Verdict::Drop),
-            (Hook::Xdp, XDP_PASS) | (Hook::Tc, TC_ACT_OK) => Some(Verdict::Pass),
+            (Hook::Xdp, XDP_PASS) | (Hook::Tc, TC_ACT_UNSPEC) => Some(Verdict::Pass),
             (Hook::Xdp, XDP_TX) => Some(Verdict::Tx),
             (Hook::Xdp, XDP_REDIRECT) => Some(Verdict::Redirect),
             // TC sends out of any interface with bpf_redirect, and a test
