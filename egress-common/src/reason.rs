@@ -68,8 +68,9 @@ pub enum Reason {
     TooBig,
     /// A kernel helper failed (head adjustment, redirect).
     Internal,
-    /// Return: an ICMP error about a translated flow, translated back and
-    /// sent to the client (RFC 5508).
+    /// An ICMP error about a translated flow, translated and sent on (RFC
+    /// 5508): from the Internet back to the client through the tunnel, or
+    /// from a client (about the flow's return traffic) to the remote host.
     IcmpErrorRelayed,
     /// Translated, but larger than the next hop's MTU and without DF:
     /// handed to the kernel's forwarding path, which fragments it.
@@ -83,10 +84,13 @@ pub enum Reason {
     /// Not an IPv4 header although one is due: version other than 4, or a
     /// header length (IHL) below 5 words. The kernel drops these too.
     BadHeader,
+    /// Outbound: an ICMP error from a client whose quoted packet is no
+    /// return packet of a flow the error's peer owns; never forwarded.
+    IcmpErrorNoFlow,
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::BadHeader as u32 + 1;
+    pub const COUNT: u32 = Reason::IcmpErrorNoFlow as u32 + 1;
 
     /// Size of the pinned counter array: room for reasons added later, so
     /// an upgrade keeps its counters. New reasons are appended, never
@@ -123,6 +127,7 @@ impl Reason {
         Reason::BadChecksum,
         Reason::NestedTunnel,
         Reason::BadHeader,
+        Reason::IcmpErrorNoFlow,
     ];
 
     /// Stable snake_case name, used in logs and metric labels.
@@ -157,6 +162,7 @@ impl Reason {
             Reason::BadChecksum => "bad_checksum",
             Reason::NestedTunnel => "nested_tunnel",
             Reason::BadHeader => "bad_header",
+            Reason::IcmpErrorNoFlow => "icmp_error_no_flow",
         }
     }
 

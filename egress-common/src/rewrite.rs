@@ -13,6 +13,19 @@ pub enum Side {
     Dst,
 }
 
+impl Side {
+    /// The other end. An ICMP error goes to the source of the packet it
+    /// quotes, so translating one side of the error translates the other
+    /// side of its quote.
+    #[inline(always)]
+    pub const fn other(self) -> Self {
+        match self {
+            Side::Src => Side::Dst,
+            Side::Dst => Side::Src,
+        }
+    }
+}
+
 /// Offsets in the IPv4 header.
 const TTL: usize = 8;
 const CHECK: usize = 10;

@@ -63,7 +63,7 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
             // SAFETY: a read-only view of one byte.
             let kind: &u8 = unsafe { pkt.get(L4)? };
             if is_icmp_error(*kind) {
-                return relay::handle(hook, cfg);
+                return relay::from_internet(hook, cfg);
             }
         }
         let (sport, dport) = match l4::ports(pkt, L4, ip.proto, Side::Dst) {

@@ -1,10 +1,12 @@
-//! Outbound: IP-in-IP from a peer → decapsulate → SNAT → forward.
+//! Outbound: IP-in-IP from a peer → decapsulate → SNAT → forward. ICMP
+//! errors a client sends about a flow's return traffic take the same way
+//! (see `relay`).
 
 use egress_common::{
     config::Config,
-    flow::{DIR_OUT, FlowKey, IPPROTO_IPIP, IPPROTO_TCP},
+    flow::{DIR_OUT, FlowKey, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP},
     fragment::{FragKey, Fragment},
-    headers::{ICMP_ADMIN_PROHIBITED, ICMP_DEST_UNREACH},
+    headers::{ICMP_ADMIN_PROHIBITED, ICMP_DEST_UNREACH, is_icmp_error},
     reason::Reason,
     tcp,
 };
@@ -18,7 +20,7 @@ use crate::{
     maps, mss,
     nat::{self, ETH_LEN, IP_LEN, IP_MF_OFFSET, Outcome, has_df, send},
     packet::{Hook, Packet},
-    state,
+    relay, state,
 };
 
 const INNER: usize = ETH_LEN + IP_LEN;
@@ -35,6 +37,9 @@ struct Inner {
     fragment: Fragment,
     /// IP identification: which datagram a fragment belongs to.
     id: [u8; 2],
+    /// An ICMP error (a whole datagram): it names its flow by its quote,
+    /// and `key` has no ports.
+    icmp_error: bool,
 }
 
 impl Inner {
@@ -52,6 +57,10 @@ impl Inner {
 pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
     let pkt = hook.packet();
     let inner = validate(pkt)?;
+    if inner.icmp_error {
+        allowed(&inner, cfg)?;
+        return relay::from_client(hook, inner.peer, inner.len);
+    }
     let key = inner.key;
     let later = inner.fragment == Fragment::Later;
 
@@ -177,9 +186,16 @@ fn validate(pkt: Packet) -> Result<Inner, Reason> {
     if inner.proto == IPPROTO_IPIP {
         return Err(Reason::NestedTunnel);
     }
-    let (sport, dport) = match fragment {
-        Fragment::Later => ([0; 2], [0; 2]),
-        _ => l4::ports(pkt, L4, inner.proto, Side::Src)?,
+    // A fragmented error is no error we relay: its first fragment is
+    // refused as an unsupported ICMP type below.
+    let icmp_error = inner.proto == IPPROTO_ICMP
+        && fragment == Fragment::Whole
+        // SAFETY: a read-only view of one byte.
+        && is_icmp_error(*unsafe { pkt.get::<u8>(L4)? });
+    let (sport, dport) = if icmp_error || fragment == Fragment::Later {
+        ([0; 2], [0; 2])
+    } else {
+        l4::ports(pkt, L4, inner.proto, Side::Src)?
     };
     // A first fragment's UDP length is the whole datagram's.
     if fragment == Fragment::Whole {
@@ -201,5 +217,6 @@ fn validate(pkt: Packet) -> Result<Inner, Reason> {
         df: has_df(inner),
         fragment,
         id: inner.id,
+        icmp_error,
     })
 }

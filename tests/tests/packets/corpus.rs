@@ -1,8 +1,9 @@
 //! A corpus of random and mutated frames through each hook: valid outbound
-//! frames, replies and ICMP errors about flows, with bits flipped, cut
-//! short or extended, and lengths, header lengths, protocols, flags, TTLs,
-//! addresses and ports changed (mostly with the IP checksums fixed, so the
-//! mutation reaches past the checksum check), and frames of random bytes.
+//! frames, replies and ICMP errors about flows (from the Internet and from
+//! clients), with bits flipped, cut short or extended, and lengths, header
+//! lengths, protocols, flags, TTLs, addresses and ports changed (mostly
+//! with the IP checksums fixed, so the mutation reaches past the checksum
+//! check), and frames of random bytes.
 //! Every frame must get a defined action and exactly one reason counter;
 //! every frame sent on must be well formed by an independent parser; a
 //! frame passed to the kernel is untouched unless translated for it. The
@@ -179,6 +180,40 @@ fn icmp_error_base(rng: &mut Rng, flows: &[Flow]) -> Base {
     }
 }
 
+/// A valid ICMP error from a client about one of the gateway's flows,
+/// quoting a packet of its return traffic as the client received it.
+fn client_error_base(rng: &mut Rng, flows: &[Flow]) -> Base {
+    let f = flows[rng.below(flows.len())];
+    let (rport, cport) = (
+        u16::from_be_bytes(f.remote_port),
+        u16::from_be_bytes(f.client_port),
+    );
+    let l4 = match f.proto {
+        IPPROTO_TCP => L4::tcp(rport, cport, b""),
+        IPPROTO_UDP => L4::Udp {
+            sport: rport,
+            dport: cport,
+            payload: PAYLOAD,
+        },
+        _ => L4::EchoReply { id: cport, seq: 1 },
+    };
+    let received = ip_packet(Ip::new(f.remote_addr, f.client_addr), l4);
+    let kind = match rng.below(2) {
+        0 => Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
+        _ => Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit),
+    };
+    let quote = &received[..rng.pick(&[28, received.len()])];
+    let from = rng.pick(&[f.client_addr, CLIENT2]);
+    let error = icmp_error(Ip::new(from, f.remote_addr), kind, quote);
+    Base {
+        frame: from_peer(&error),
+        // The outer header, the error's and the quoted one.
+        ips: vec![14, 34, 62],
+        l4: 82,
+        check: (34, 54),
+    }
+}
+
 fn set_u16(f: &mut [u8], at: usize, v: u16) {
     if at + 2 <= f.len() {
         f[at..at + 2].copy_from_slice(&v.to_be_bytes());
@@ -275,7 +310,7 @@ fn fix_l4_checksum(f: &mut [u8], ip: usize, l4: usize) {
 
 /// The next frame of the corpus.
 fn frame(rng: &mut Rng, flows: &[Flow]) -> Vec<u8> {
-    match rng.below(20) {
+    match rng.below(22) {
         // Random bytes, as any frame or as IPv4 to the gateway.
         0 => rng.bytes(14, 120),
         1 => {
@@ -293,7 +328,8 @@ fn frame(rng: &mut Rng, flows: &[Flow]) -> Vec<u8> {
             let mut b = match n {
                 _ if n < 11 || flows.is_empty() => outbound_base(rng),
                 11..17 => reply_base(rng, flows),
-                _ => icmp_error_base(rng, flows),
+                17..20 => icmp_error_base(rng, flows),
+                _ => client_error_base(rng, flows),
             };
             // A few frames go through valid, to make flows and replies.
             for _ in 0..rng.below(4) {
@@ -367,6 +403,7 @@ fn random_and_mutated_frames_get_defined_verdicts_and_well_formed_output(hook: H
         Reason::Translated,
         Reason::ReverseHit,
         Reason::IcmpErrorRelayed,
+        Reason::IcmpErrorNoFlow,
         Reason::TtlExceeded,
         Reason::NoNeighbour,
         Reason::BadChecksum,

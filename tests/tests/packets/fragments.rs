@@ -15,9 +15,6 @@ for_each_hook!(
     unsolicited_inbound_fragments_pass_and_create_nothing,
 );
 
-/// A second allowed peer.
-const PEER2: [u8; 4] = [10, 0, 1, 11];
-
 /// The IP header of a datagram a host fragments (DF clear).
 fn fragmentable(src: [u8; 4], dst: [u8; 4]) -> Ip {
     Ip {

@@ -336,12 +336,19 @@ pub fn parse(frame: &[u8]) -> Result<Parsed, String> {
 }
 
 /// Parses a frame (IPv4 over Ethernet, possibly IP-in-IP) and verifies every
-/// checksum in it: IPv4 headers, TCP, UDP (unless 0) and ICMP. A fragment's
-/// transport checksum covers the whole datagram: only its IP header's is
-/// checked.
+/// checksum in it: IPv4 headers, TCP, UDP (unless 0) and ICMP, and the IPv4
+/// header an ICMP error quotes. A fragment's transport checksum covers the
+/// whole datagram: only its IP header's is checked.
 pub fn assert_checksums_valid(frame: &[u8]) {
     let parsed = parse(frame).expect("the frame parses");
     assert!(parsed.l4_valid, "transport checksum");
+    if matches!(parsed.icmp_type, Some(3 | 11 | 12)) {
+        let icmp = Ethernet2Header::LEN + parsed.ips.iter().map(|h| h.header_len()).sum::<usize>();
+        let quote = &frame[icmp + 8..];
+        let len = usize::from(quote[0] & 0x0f) * 4;
+        assert!(len >= 20 && quote.len() >= len, "quoted IPv4 header");
+        assert_eq!(checksum(&quote[..len]), 0, "quoted IPv4 header checksum");
+    }
 }
 
 /// Recomputes the checksum of the IPv4 header at `at` in `frame`, over the

@@ -22,6 +22,8 @@ pub const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const GW: [u8; 4] = [10, 1, 1, 10];
 pub const ROUTER: [u8; 4] = [10, 1, 1, 1];
 pub const PEER: [u8; 4] = [10, 0, 1, 10];
+/// A second peer, allowed by the tests that add it.
+pub const PEER2: [u8; 4] = [10, 0, 1, 11];
 pub const CLIENT: [u8; 4] = [192, 168, 250, 2];
 pub const CLIENT2: [u8; 4] = [10, 0, 2, 2];
 pub const SERVER: [u8; 4] = [203, 0, 113, 10];

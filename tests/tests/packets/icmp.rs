@@ -1,6 +1,7 @@
 //! ICMP and MTU: errors relayed back to the client whose flow they are
-//! about (RFC 5508), time exceeded and fragmentation needed answered by the
-//! gateway itself, and packets too big for the next hop.
+//! about (RFC 5508), errors from clients about a flow's return traffic
+//! relayed to the remote host, time exceeded and fragmentation needed
+//! answered by the gateway itself, and packets too big for the next hop.
 
 use egress_common::{flow::DIR_IN, reason::Reason};
 use etherparse::{
@@ -16,6 +17,10 @@ for_each_hook!(
     icmp_errors_about_a_flow_reach_its_client_translated_back,
     icmp_errors_about_no_flow_are_left_to_the_kernel,
     a_relayed_error_does_not_refresh_its_flow,
+    icmp_errors_from_a_client_reach_the_remote_translated,
+    icmp_errors_from_a_client_about_no_flow_are_dropped,
+    icmp_errors_from_outside_the_policy_are_refused,
+    short_or_expiring_icmp_errors_from_a_client_are_dropped,
     return_packets_too_big_for_the_tunnel,
     outbound_packets_too_big_for_the_route,
     ttl_1_on_the_return_path_is_answered_to_the_sender,
@@ -393,4 +398,251 @@ fn ttl_1_on_the_return_path_is_answered_to_the_sender(hook: Hook) {
         inbound.1.packets, 0,
         "an expired packet counted on its flow"
     );
+}
+
+/// A router on the client side of the tunnel, inside a client range.
+const CLIENT_ROUTER: [u8; 4] = [10, 0, 0, 1];
+
+/// The IP header of an ICMP error `from` a client-side host `to` a remote,
+/// as Linux sends it.
+fn client_error_ip(from: [u8; 4], to: [u8; 4]) -> Ip {
+    Ip {
+        df: false,
+        tos: 0xc0,
+        ..Ip::new(from, to)
+    }
+}
+
+/// The server's `l4` to `dst` as the client received it: the header the
+/// server sent (see [`reply_ip`]), two hops later.
+fn as_received(dst: [u8; 4], l4: L4) -> Vec<u8> {
+    let ip = Ip {
+        dst,
+        ttl: 62,
+        ..reply_ip(SERVER)
+    };
+    ip_packet(ip, l4)
+}
+
+/// The return half's `l4` (from the remote to the client's port) of an
+/// outbound `l4`, with the client's port (or echo identifier) `port`.
+fn reply_to(l4: L4, port: u16) -> L4 {
+    match l4 {
+        L4::Tcp { dport, payload, .. } => L4::tcp(dport, port, payload),
+        L4::Udp { dport, payload, .. } => L4::Udp {
+            sport: dport,
+            dport: port,
+            payload,
+        },
+        L4::EchoRequest { seq, .. } => L4::EchoReply { id: port, seq },
+        L4::EchoReply { .. } => unreachable!("flows start with a request"),
+    }
+}
+
+fn icmp_errors_from_a_client_reach_the_remote_translated(hook: Hook) {
+    let gw = &mut Gateway::new(hook);
+    let unreachable = Icmpv4Type::DestinationUnreachable;
+    // (what, flow, error source, error type, bytes of the packet quoted)
+    let cases = [
+        (
+            "the client's port unreachable, whole UDP datagram quoted",
+            QUERY,
+            CLIENT,
+            unreachable(DestUnreachableHeader::Port),
+            usize::MAX,
+        ),
+        (
+            "a client-side router's time exceeded, 8 bytes of TCP quoted (no checksum)",
+            L4::tcp(40001, 443, b"hello"),
+            CLIENT_ROUTER,
+            Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit),
+            28,
+        ),
+        (
+            "a client-side router's fragmentation needed, whole TCP segment quoted",
+            L4::tcp(40000, 443, b"hello"),
+            CLIENT_ROUTER,
+            unreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1280 }),
+            usize::MAX,
+        ),
+        (
+            "host unreachable about an echo reply",
+            L4::EchoRequest { id: 77, seq: 3 },
+            CLIENT_ROUTER,
+            unreachable(DestUnreachableHeader::Host),
+            usize::MAX,
+        ),
+        (
+            "parameter problem about UDP without checksum",
+            L4::Udp {
+                sport: 5354,
+                dport: 53,
+                payload: b"query",
+            },
+            CLIENT,
+            Icmpv4Type::ParameterProblem(ParameterProblemHeader::PointerIndicatesError(8)),
+            usize::MAX,
+        ),
+    ];
+    for (what, l4, from, kind, quoted) in cases {
+        let nat_port = outbound(gw, CLIENT, l4, Reason::NewFlow);
+        let client_port = match l4 {
+            L4::Tcp { sport, .. } | L4::Udp { sport, .. } => sport,
+            L4::EchoRequest { id, .. } | L4::EchoReply { id, .. } => id,
+        };
+        let mut received = as_received(CLIENT, reply_to(l4, client_port));
+        let mut sent = as_received(GW, reply_to(l4, nat_port));
+        if what.contains("without checksum") {
+            // The server computed no UDP checksum: it stays 0 both ways.
+            for p in [&mut received, &mut sent] {
+                p[26..28].copy_from_slice(&[0, 0]);
+            }
+        }
+        let n = quoted.min(received.len());
+        let error = client_error_ip(from, SERVER);
+        let inner = icmp_error(error, kind.clone(), &received[..n]);
+        let before = gw.flows();
+        let out = outbound_packet(gw, &inner, Reason::IcmpErrorRelayed);
+        let relayed = Ip {
+            src: GW,
+            ttl: error.ttl - 1,
+            ..error
+        };
+        assert_eq!(
+            out,
+            ethernet(GW_MAC, ROUTER_MAC, &icmp_error(relayed, kind, &sent[..n])),
+            "{what}"
+        );
+        assert_eq!(gw.flows(), before, "{what}: the error changed a flow");
+    }
+}
+
+fn icmp_errors_from_a_client_about_no_flow_are_dropped(hook: Hook) {
+    let gw = &mut Gateway::with(hook, |p| p.peers.push(PEER2.into()));
+    outbound(gw, CLIENT, QUERY, Reason::NewFlow);
+    let cport = 5353;
+    let reply = reply_to(QUERY, cport);
+    let unreachable = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+    let error =
+        |to, quoted: &[u8]| icmp_error(client_error_ip(CLIENT, to), unreachable.clone(), quoted);
+    let about = |quoted: &[u8]| from_peer(&error(SERVER, quoted));
+    let mut later_fragment = as_received(CLIENT, reply);
+    later_fragment[6..8].copy_from_slice(&[0, 0x10]);
+    let mut with_options = as_received(CLIENT, reply);
+    with_options[0] = 0x46;
+    let mut from_elsewhere = as_received(CLIENT, reply);
+    from_elsewhere[12..16].copy_from_slice(&INTERNET_ROUTER);
+    for (what, frame) in [
+        (
+            "a port with no flow",
+            about(&as_received(CLIENT, reply_to(QUERY, cport + 1))),
+        ),
+        ("a packet from another remote", about(&from_elsewhere)),
+        (
+            "sent to another host than the quote's source",
+            from_peer(&error(INTERNET_ROUTER, &as_received(CLIENT, reply))),
+        ),
+        ("a later fragment (no ports)", about(&later_fragment)),
+        ("a quoted header with options", about(&with_options)),
+        (
+            "an echo request (replies are what the client receives)",
+            about(&as_received(CLIENT, L4::EchoRequest { id: cport, seq: 1 })),
+        ),
+        (
+            "the flow, but tunnelled by another peer than the flow's",
+            ethernet(
+                ROUTER_MAC,
+                GW_MAC,
+                &encapsulate(
+                    Ip::new(PEER2, GW),
+                    &error(SERVER, &as_received(CLIENT, reply)),
+                ),
+            ),
+        ),
+    ] {
+        let before = gw.flows();
+        let (verdict, out, reason) = gw.run(&frame);
+        assert_eq!(
+            (verdict, reason),
+            (Verdict::Drop, Reason::IcmpErrorNoFlow),
+            "{what}"
+        );
+        assert_eq!(out, frame, "{what}: frame modified");
+        assert_eq!(gw.flows(), before, "{what}: the error changed a flow");
+    }
+}
+
+fn icmp_errors_from_outside_the_policy_are_refused(hook: Hook) {
+    let gw = &mut Gateway::new(hook);
+    outbound(gw, CLIENT, QUERY, Reason::NewFlow);
+    let unreachable = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+    let quote = as_received(CLIENT, reply_to(QUERY, 5353));
+    let error = |from| icmp_error(client_error_ip(from, SERVER), unreachable.clone(), &quote);
+    let stranger = [10, 0, 9, 9];
+    for (what, frame, want) in [
+        (
+            "tunnelled by an address not a peer",
+            ethernet(
+                ROUTER_MAC,
+                GW_MAC,
+                &encapsulate(Ip::new(stranger, GW), &error(CLIENT)),
+            ),
+            Reason::PeerNotAllowed,
+        ),
+        (
+            "sent by an address not a client",
+            from_peer(&error([172, 16, 0, 1])),
+            Reason::ClientNotAllowed,
+        ),
+        (
+            "sent by the gateway's own address",
+            from_peer(&error(GW)),
+            Reason::Loop,
+        ),
+    ] {
+        let (verdict, out, reason) = gw.run(&frame);
+        assert_eq!((verdict, reason), (Verdict::Drop, want), "{what}");
+        assert_eq!(out, frame, "{what}: frame modified");
+    }
+}
+
+fn short_or_expiring_icmp_errors_from_a_client_are_dropped(hook: Hook) {
+    let gw = &mut Gateway::new(hook);
+    outbound(gw, CLIENT, QUERY, Reason::NewFlow);
+    let unreachable = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+    let quote = as_received(CLIENT, reply_to(QUERY, 5353));
+    let error = |ip, quoted: &[u8]| from_peer(&icmp_error(ip, unreachable.clone(), quoted));
+    let ip = client_error_ip(CLIENT, SERVER);
+    // The IP lengths end with the quoted IP header; the ports follow in the
+    // frame, outside the error.
+    let ports_outside = [error(ip, &quote[..20]), quote[20..28].to_vec()].concat();
+    for (what, frame, want) in [
+        (
+            "a quote short of the 8 transport bytes",
+            error(ip, &quote[..27]),
+            Reason::Truncated,
+        ),
+        (
+            "the quoted header cut short",
+            error(ip, &quote[..12]),
+            Reason::Truncated,
+        ),
+        (
+            "the ports after the error's IP length",
+            ports_outside,
+            Reason::Truncated,
+        ),
+        (
+            // Never an ICMP error about an ICMP error.
+            "TTL 1 at the gateway",
+            error(Ip { ttl: 1, ..ip }, &quote),
+            Reason::TtlExceeded,
+        ),
+    ] {
+        let before = gw.flows();
+        let (verdict, out, reason) = gw.run(&frame);
+        assert_eq!((verdict, reason), (Verdict::Drop, want), "{what}");
+        assert_eq!(out, frame, "{what}: frame modified");
+        assert_eq!(gw.flows(), before, "{what}: the error changed a flow");
+    }
 }

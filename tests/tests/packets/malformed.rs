@@ -234,6 +234,15 @@ fn malformed_outbound_frames_are_dropped_with_their_reason(hook: Hook) {
             ),
             Reason::Unsupported,
         ),
+        drop(
+            "ICMP error with no room for the quoted IP header and 8 bytes",
+            from_peer(&icmp_error(
+                Ip::new(CLIENT, SERVER),
+                Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit),
+                &ip_packet(Ip::new(SERVER, CLIENT), L4::syn(80, 23456))[..24],
+            )),
+            Reason::Truncated,
+        ),
     ];
     // BPF_PROG_TEST_RUN refuses to make an skb of an IPv4 frame shorter
     // than an IPv4 header, so only XDP can be shown one.
