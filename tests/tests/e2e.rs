@@ -51,6 +51,7 @@ in_every_mode!(
     large_replies_arrive_or_teach_the_server_the_tunnel_mtu,
     fragmented_udp_crosses_both_ways,
     syn_mss_is_clamped_to_fit_the_tunnel,
+    udp_to_a_closed_client_port_is_refused_by_the_translation,
 );
 
 /// Runs `test` against a fresh stack; a failure keeps the daemons' logs.
@@ -354,21 +355,110 @@ fn syn_mss_is_clamped_to_fit_the_tunnel(stack: &Stack) -> Result<()> {
     Ok(())
 }
 
-fn set_pmtu_discovery(sock: &UdpSocket, mode: libc::c_int) -> Result<()> {
+/// The server sends to a client port whose socket has closed: the client's
+/// kernel answers with port unreachable through the tunnel, which the
+/// gateway translates (RFC 5508). The server's connected socket must be
+/// refused, by the translation address, about its own datagram to it.
+fn udp_to_a_closed_client_port_is_refused_by_the_translation(stack: &Stack) -> Result<()> {
+    let topo = &stack.topo;
+    let client = in_netns(&topo.client, || UdpSocket::bind((CLIENT_TUN_IP, 0)))??;
+    let server = in_netns(&topo.server, || UdpSocket::bind((SERVER_IP, ECHO_PORT)))??;
+    server.set_read_timeout(Some(Duration::from_secs(3)))?;
+    set_int(&server, libc::IPPROTO_IP, libc::IP_RECVERR, 1)?;
+    client.send_to(b"hello", (SERVER_IP, ECHO_PORT))?;
+    let mut buf = vec![0; 2048];
+    let (_, translated) = server.recv_from(&mut buf)?;
+    ensure!(translated.ip() == GATEWAY_IP, "server saw {translated}");
+    server.connect(translated)?;
+    drop(client);
+
+    server.send(b"still there?")?;
+    let refused = server.recv(&mut buf);
+    ensure!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "the server's recv after the client closed: {refused:?}"
+    );
+    let (kind, code, from) = queued_icmp_error(&server)?;
+    ensure!(
+        (kind, code) == (3, 3),
+        "ICMP type {kind} code {code}, not port unreachable"
+    );
+    ensure!(from == GATEWAY_IP, "the error came from {from}");
+    Ok(())
+}
+
+/// Type, code and sender of the ICMP error queued on `sock` (`IP_RECVERR`).
+fn queued_icmp_error(sock: &UdpSocket) -> Result<(u8, u8, Ipv4Addr)> {
     use std::os::fd::AsRawFd;
+    let mut data = [0u8; 512];
+    // Aligned for the control messages.
+    let mut control = [0u64; 64];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = size_of_val(&control);
+    // SAFETY: a valid socket, and buffers that outlive the call.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &raw mut msg, libc::MSG_ERRQUEUE) };
+    ensure!(n >= 0, "MSG_ERRQUEUE: {}", std::io::Error::last_os_error());
+    // SAFETY: the kernel filled in `msg` and its control messages.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&raw const msg) };
+    while !cmsg.is_null() {
+        // SAFETY: a control message header within `control`.
+        let header = unsafe { &*cmsg };
+        if (header.cmsg_level, header.cmsg_type) == (libc::IPPROTO_IP, libc::IP_RECVERR) {
+            // SAFETY: an IP_RECVERR message holds a sock_extended_err and,
+            // for an ICMP error, the sender's sockaddr_in after it.
+            let (err, from) = unsafe {
+                let err = libc::CMSG_DATA(cmsg).cast::<libc::sock_extended_err>();
+                let from = libc::SO_EE_OFFENDER(err).cast::<libc::sockaddr_in>();
+                (err.read_unaligned(), from.read_unaligned())
+            };
+            ensure!(
+                err.ee_origin == libc::SO_EE_ORIGIN_ICMP,
+                "error of origin {}",
+                err.ee_origin
+            );
+            let from = Ipv4Addr::from(u32::from_be(from.sin_addr.s_addr));
+            return Ok((err.ee_type, err.ee_code, from));
+        }
+        // SAFETY: as for the first header.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&raw const msg, cmsg) };
+    }
+    anyhow::bail!("no IP_RECVERR message queued")
+}
+
+fn set_pmtu_discovery(sock: &UdpSocket, mode: libc::c_int) -> Result<()> {
+    set_int(sock, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, mode)
+}
+
+/// Sets an integer socket option.
+fn set_int(
+    sock: &impl std::os::fd::AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> Result<()> {
     // SAFETY: a valid socket and a c_int option value of the right size.
     let rc = unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            (&raw const mode).cast(),
+            level,
+            name,
+            (&raw const value).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     ensure!(
         rc == 0,
-        "IP_MTU_DISCOVER: {}",
+        "setsockopt {level}/{name}: {}",
         std::io::Error::last_os_error()
     );
     Ok(())

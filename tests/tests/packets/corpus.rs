@@ -140,24 +140,31 @@ fn reply_base(rng: &mut Rng, flows: &[Flow]) -> Base {
     Base::reply(f.remote_addr, f.nat_addr, l4)
 }
 
-/// A valid ICMP error from the Internet about one of the gateway's flows,
-/// quoting the packet the gateway sent.
-fn icmp_error_base(rng: &mut Rng, flows: &[Flow]) -> Base {
+/// A valid ICMP error about one of the gateway's flows: from the Internet,
+/// quoting the packet the gateway sent, or from a client through the
+/// tunnel, quoting a return packet as the client received it.
+fn icmp_error_base(rng: &mut Rng, flows: &[Flow], from_client: bool) -> Base {
     let f = flows[rng.below(flows.len())];
-    let (rport, nport) = (
-        u16::from_be_bytes(f.remote_port),
-        u16::from_be_bytes(f.nat_port),
-    );
+    let (addr, port) = if from_client {
+        (f.client_addr, f.client_port)
+    } else {
+        (f.nat_addr, f.nat_port)
+    };
+    let (port, rport) = (u16::from_be_bytes(port), u16::from_be_bytes(f.remote_port));
     let l4 = match f.proto {
-        IPPROTO_TCP => L4::tcp(nport, rport, b""),
+        IPPROTO_TCP => L4::tcp(port, rport, b""),
         IPPROTO_UDP => L4::Udp {
-            sport: nport,
+            sport: port,
             dport: rport,
             payload: PAYLOAD,
         },
-        _ => L4::EchoRequest { id: nport, seq: 1 },
+        _ => L4::EchoRequest { id: port, seq: 1 },
     };
-    let sent = ip_packet(Ip::new(f.nat_addr, f.remote_addr), l4);
+    let quoted = if from_client {
+        ip_packet(Ip::new(f.remote_addr, addr), l4.reply_to(port))
+    } else {
+        ip_packet(Ip::new(addr, f.remote_addr), l4)
+    };
     let kind = match rng.below(3) {
         0 => Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
         1 => Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit),
@@ -165,52 +172,26 @@ fn icmp_error_base(rng: &mut Rng, flows: &[Flow]) -> Base {
             next_hop_mtu: 1400,
         }),
     };
-    let quote = &sent[..rng.pick(&[28, sent.len()])];
-    let from = rng.pick(&[f.remote_addr, ROUTER]);
-    Base {
-        frame: ethernet(
-            ROUTER_MAC,
-            GW_MAC,
-            &icmp_error(Ip::new(from, f.nat_addr), kind, quote),
-        ),
-        // The error's header and the quoted one.
-        ips: vec![14, 42],
-        l4: 62,
-        check: (14, 34),
-    }
-}
-
-/// A valid ICMP error from a client about one of the gateway's flows,
-/// quoting a packet of its return traffic as the client received it.
-fn client_error_base(rng: &mut Rng, flows: &[Flow]) -> Base {
-    let f = flows[rng.below(flows.len())];
-    let (rport, cport) = (
-        u16::from_be_bytes(f.remote_port),
-        u16::from_be_bytes(f.client_port),
+    let quote = &quoted[..rng.pick(&[28, quoted.len()])];
+    // The quoted packet's destination, or a router on its way.
+    let router = if from_client { CLIENT2 } else { ROUTER };
+    let from = rng.pick(&[quoted[16..20].try_into().unwrap(), router]);
+    let error = icmp_error(
+        Ip::new(from, quoted[12..16].try_into().unwrap()),
+        kind,
+        quote,
     );
-    let l4 = match f.proto {
-        IPPROTO_TCP => L4::tcp(rport, cport, b""),
-        IPPROTO_UDP => L4::Udp {
-            sport: rport,
-            dport: cport,
-            payload: PAYLOAD,
-        },
-        _ => L4::EchoReply { id: cport, seq: 1 },
+    // The error's header (after the outer one) and the quoted one.
+    let (frame, ips, at) = if from_client {
+        (from_peer(&error), vec![14, 34, 62], 34)
+    } else {
+        (ethernet(ROUTER_MAC, GW_MAC, &error), vec![14, 42], 14)
     };
-    let received = ip_packet(Ip::new(f.remote_addr, f.client_addr), l4);
-    let kind = match rng.below(2) {
-        0 => Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
-        _ => Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit),
-    };
-    let quote = &received[..rng.pick(&[28, received.len()])];
-    let from = rng.pick(&[f.client_addr, CLIENT2]);
-    let error = icmp_error(Ip::new(from, f.remote_addr), kind, quote);
     Base {
-        frame: from_peer(&error),
-        // The outer header, the error's and the quoted one.
-        ips: vec![14, 34, 62],
-        l4: 82,
-        check: (34, 54),
+        frame,
+        ips,
+        l4: at + 48,
+        check: (at, at + 20),
     }
 }
 
@@ -328,8 +309,8 @@ fn frame(rng: &mut Rng, flows: &[Flow]) -> Vec<u8> {
             let mut b = match n {
                 _ if n < 11 || flows.is_empty() => outbound_base(rng),
                 11..17 => reply_base(rng, flows),
-                17..20 => icmp_error_base(rng, flows),
-                _ => client_error_base(rng, flows),
+                17..20 => icmp_error_base(rng, flows, false),
+                _ => icmp_error_base(rng, flows, true),
             };
             // A few frames go through valid, to make flows and replies.
             for _ in 0..rng.below(4) {

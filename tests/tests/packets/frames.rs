@@ -99,6 +99,29 @@ impl<'a> L4<'a> {
             L4::EchoReply { .. } => unreachable!("replies are not translated outbound"),
         }
     }
+
+    /// The reply to this packet (from a client) to `port` (or echo
+    /// identifier), as its flow's return traffic carries it.
+    pub fn reply_to(self, port: u16) -> Self {
+        match self {
+            L4::Tcp { dport, payload, .. } => L4::tcp(dport, port, payload),
+            L4::Udp { dport, payload, .. } => L4::Udp {
+                sport: dport,
+                dport: port,
+                payload,
+            },
+            L4::EchoRequest { seq, .. } => L4::EchoReply { id: port, seq },
+            L4::EchoReply { .. } => unreachable!("flows start with a request"),
+        }
+    }
+
+    /// The source port, or echo identifier.
+    pub fn sport(self) -> u16 {
+        match self {
+            L4::Tcp { sport, .. } | L4::Udp { sport, .. } => sport,
+            L4::EchoRequest { id, .. } | L4::EchoReply { id, .. } => id,
+        }
+    }
 }
 
 /// IPv4 header fields the tests vary.

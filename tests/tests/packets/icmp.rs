@@ -125,76 +125,87 @@ fn as_sent(addr: [u8; 4], l4: L4) -> Vec<u8> {
     )
 }
 
-fn icmp_errors_about_a_flow_reach_its_client_translated_back(hook: Hook) {
-    let gw = &mut Gateway::new(hook);
-    let udp = QUERY;
-    let udp_unchecked = L4::Udp {
-        sport: 5354,
-        dport: 53,
-        payload: b"query",
-    };
-    let tcp = L4::tcp(40000, 443, b"hello");
-    let echo = L4::EchoRequest { id: 77, seq: 3 };
+/// An ICMP error about a flow: what it is, the flow's first packet (from
+/// the client), the error's source, its type, and how many bytes of the
+/// packet it quotes (`usize::MAX`: all of it).
+type ErrorCase = (&'static str, L4<'static>, [u8; 4], Icmpv4Type, usize);
+
+/// One error of each kind, each about a flow of its own, sent by the
+/// quoted packet's destination `host` or by a `router` on its way.
+fn error_cases(host: [u8; 4], router: [u8; 4]) -> [ErrorCase; 5] {
     let unreachable = Icmpv4Type::DestinationUnreachable;
-    // (what, flow, error source, error type, bytes of the packet quoted)
-    let cases = [
+    [
         (
             "port unreachable, whole UDP datagram quoted",
-            udp,
-            SERVER,
+            QUERY,
+            host,
             unreachable(DestUnreachableHeader::Port),
             usize::MAX,
         ),
         (
             "fragmentation needed, whole TCP segment quoted",
-            tcp,
-            INTERNET_ROUTER,
+            L4::tcp(40000, 443, b"hello"),
+            router,
             unreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 }),
             usize::MAX,
         ),
         (
             "time exceeded, 8 bytes of TCP quoted (no checksum)",
             L4::tcp(40001, 443, b"hello"),
-            INTERNET_ROUTER,
+            router,
             Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit),
             28,
         ),
         (
-            "host unreachable about an echo request",
-            echo,
-            INTERNET_ROUTER,
+            "host unreachable about an echo flow",
+            L4::EchoRequest { id: 77, seq: 3 },
+            router,
             unreachable(DestUnreachableHeader::Host),
             usize::MAX,
         ),
         (
             "parameter problem about UDP without checksum",
-            udp_unchecked,
-            INTERNET_ROUTER,
+            L4::Udp {
+                sport: 5354,
+                dport: 53,
+                payload: b"query",
+            },
+            router,
             Icmpv4Type::ParameterProblem(ParameterProblemHeader::PointerIndicatesError(8)),
             usize::MAX,
         ),
-    ];
-    for (what, l4, from, kind, quoted) in cases {
-        let nat_port = outbound(gw, CLIENT, l4, Reason::NewFlow);
-        let mut sent = as_sent(GW, l4.with_sport(nat_port));
-        let mut original = as_sent(CLIENT, l4);
+    ]
+}
+
+/// The first `quoted` bytes of a packet `before` and `after` the gateway
+/// translates it (UDP without checksum for the case that says so: the
+/// sender computed none, and it stays 0 both ways).
+fn quotes(what: &str, quoted: usize, mut before: Vec<u8>, mut after: Vec<u8>) -> [Vec<u8>; 2] {
+    let n = quoted.min(before.len());
+    [&mut before, &mut after].map(|p| {
         if what.contains("without checksum") {
-            // The sender computed no UDP checksum: it stays 0 both ways.
-            for p in [&mut sent, &mut original] {
-                p[26..28].copy_from_slice(&[0, 0]);
-            }
+            p[26..28].copy_from_slice(&[0, 0]);
         }
-        let n = quoted.min(sent.len());
+        p[..n].to_vec()
+    })
+}
+
+fn icmp_errors_about_a_flow_reach_its_client_translated_back(hook: Hook) {
+    let gw = &mut Gateway::new(hook);
+    for (what, l4, from, kind, quoted) in error_cases(SERVER, INTERNET_ROUTER) {
+        let nat_port = outbound(gw, CLIENT, l4, Reason::NewFlow);
+        let [sent, original] = quotes(
+            what,
+            quoted,
+            as_sent(GW, l4.with_sport(nat_port)),
+            as_sent(CLIENT, l4),
+        );
         let error = Ip {
             df: false,
             tos: 0xc0,
             ..Ip::new(from, GW)
         };
-        let frame = ethernet(
-            ROUTER_MAC,
-            GW_MAC,
-            &icmp_error(error, kind.clone(), &sent[..n]),
-        );
+        let frame = ethernet(ROUTER_MAC, GW_MAC, &icmp_error(error, kind.clone(), &sent));
         let (verdict, out, reason) = gw.run(&frame);
         assert_eq!(
             (verdict, reason),
@@ -202,15 +213,7 @@ fn icmp_errors_about_a_flow_reach_its_client_translated_back(hook: Hook) {
             "{what}"
         );
         assert_checksums_valid(&out);
-        let relayed = icmp_error(
-            Ip {
-                dst: CLIENT,
-                ttl: error.ttl - 1,
-                ..error
-            },
-            kind,
-            &original[..n],
-        );
+        let relayed = icmp_error(translated_in(error, CLIENT), kind, &original);
         let outer = Ip {
             id: u16::from_be_bytes([out[18], out[19]]),
             df: false,
@@ -403,8 +406,12 @@ fn ttl_1_on_the_return_path_is_answered_to_the_sender(hook: Hook) {
 /// A router on the client side of the tunnel, inside a client range.
 const CLIENT_ROUTER: [u8; 4] = [10, 0, 0, 1];
 
-/// The IP header of an ICMP error `from` a client-side host `to` a remote,
-/// as Linux sends it.
+/// An ICMP error `from` a client-side host `to` a remote quoting `quote`,
+/// as Linux sends it, and tunnelled by the peer.
+fn client_error(from: [u8; 4], to: [u8; 4], kind: Icmpv4Type, quote: &[u8]) -> Vec<u8> {
+    icmp_error(client_error_ip(from, to), kind, quote)
+}
+
 fn client_error_ip(from: [u8; 4], to: [u8; 4]) -> Ip {
     Ip {
         df: false,
@@ -424,93 +431,41 @@ fn as_received(dst: [u8; 4], l4: L4) -> Vec<u8> {
     ip_packet(ip, l4)
 }
 
-/// The return half's `l4` (from the remote to the client's port) of an
-/// outbound `l4`, with the client's port (or echo identifier) `port`.
-fn reply_to(l4: L4, port: u16) -> L4 {
-    match l4 {
-        L4::Tcp { dport, payload, .. } => L4::tcp(dport, port, payload),
-        L4::Udp { dport, payload, .. } => L4::Udp {
-            sport: dport,
-            dport: port,
-            payload,
-        },
-        L4::EchoRequest { seq, .. } => L4::EchoReply { id: port, seq },
-        L4::EchoReply { .. } => unreachable!("flows start with a request"),
-    }
+/// The client's port unreachable about the reply to [`QUERY`].
+fn port_unreachable(quote: &[u8]) -> Vec<u8> {
+    let kind = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+    client_error(CLIENT, SERVER, kind, quote)
+}
+
+/// The reply to [`QUERY`] as the client received it.
+fn query_reply() -> Vec<u8> {
+    as_received(CLIENT, QUERY.reply_to(QUERY.sport()))
 }
 
 fn icmp_errors_from_a_client_reach_the_remote_translated(hook: Hook) {
     let gw = &mut Gateway::new(hook);
-    let unreachable = Icmpv4Type::DestinationUnreachable;
-    // (what, flow, error source, error type, bytes of the packet quoted)
-    let cases = [
-        (
-            "the client's port unreachable, whole UDP datagram quoted",
-            QUERY,
-            CLIENT,
-            unreachable(DestUnreachableHeader::Port),
-            usize::MAX,
-        ),
-        (
-            "a client-side router's time exceeded, 8 bytes of TCP quoted (no checksum)",
-            L4::tcp(40001, 443, b"hello"),
-            CLIENT_ROUTER,
-            Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit),
-            28,
-        ),
-        (
-            "a client-side router's fragmentation needed, whole TCP segment quoted",
-            L4::tcp(40000, 443, b"hello"),
-            CLIENT_ROUTER,
-            unreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1280 }),
-            usize::MAX,
-        ),
-        (
-            "host unreachable about an echo reply",
-            L4::EchoRequest { id: 77, seq: 3 },
-            CLIENT_ROUTER,
-            unreachable(DestUnreachableHeader::Host),
-            usize::MAX,
-        ),
-        (
-            "parameter problem about UDP without checksum",
-            L4::Udp {
-                sport: 5354,
-                dport: 53,
-                payload: b"query",
-            },
-            CLIENT,
-            Icmpv4Type::ParameterProblem(ParameterProblemHeader::PointerIndicatesError(8)),
-            usize::MAX,
-        ),
-    ];
-    for (what, l4, from, kind, quoted) in cases {
+    for (what, l4, from, kind, quoted) in error_cases(CLIENT, CLIENT_ROUTER) {
         let nat_port = outbound(gw, CLIENT, l4, Reason::NewFlow);
-        let client_port = match l4 {
-            L4::Tcp { sport, .. } | L4::Udp { sport, .. } => sport,
-            L4::EchoRequest { id, .. } | L4::EchoReply { id, .. } => id,
-        };
-        let mut received = as_received(CLIENT, reply_to(l4, client_port));
-        let mut sent = as_received(GW, reply_to(l4, nat_port));
-        if what.contains("without checksum") {
-            // The server computed no UDP checksum: it stays 0 both ways.
-            for p in [&mut received, &mut sent] {
-                p[26..28].copy_from_slice(&[0, 0]);
-            }
-        }
-        let n = quoted.min(received.len());
+        let [received, sent] = quotes(
+            what,
+            quoted,
+            as_received(CLIENT, l4.reply_to(l4.sport())),
+            as_received(GW, l4.reply_to(nat_port)),
+        );
         let error = client_error_ip(from, SERVER);
-        let inner = icmp_error(error, kind.clone(), &received[..n]);
         let before = gw.flows();
-        let out = outbound_packet(gw, &inner, Reason::IcmpErrorRelayed);
-        let relayed = Ip {
-            src: GW,
-            ttl: error.ttl - 1,
-            ..error
-        };
+        let out = outbound_packet(
+            gw,
+            &icmp_error(error, kind.clone(), &received),
+            Reason::IcmpErrorRelayed,
+        );
         assert_eq!(
             out,
-            ethernet(GW_MAC, ROUTER_MAC, &icmp_error(relayed, kind, &sent[..n])),
+            ethernet(
+                GW_MAC,
+                ROUTER_MAC,
+                &icmp_error(translated_out(error), kind, &sent)
+            ),
             "{what}"
         );
         assert_eq!(gw.flows(), before, "{what}: the error changed a flow");
@@ -520,129 +475,120 @@ fn icmp_errors_from_a_client_reach_the_remote_translated(hook: Hook) {
 fn icmp_errors_from_a_client_about_no_flow_are_dropped(hook: Hook) {
     let gw = &mut Gateway::with(hook, |p| p.peers.push(PEER2.into()));
     outbound(gw, CLIENT, QUERY, Reason::NewFlow);
-    let cport = 5353;
-    let reply = reply_to(QUERY, cport);
-    let unreachable = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
-    let error =
-        |to, quoted: &[u8]| icmp_error(client_error_ip(CLIENT, to), unreachable.clone(), quoted);
-    let about = |quoted: &[u8]| from_peer(&error(SERVER, quoted));
-    let mut later_fragment = as_received(CLIENT, reply);
-    later_fragment[6..8].copy_from_slice(&[0, 0x10]);
-    let mut with_options = as_received(CLIENT, reply);
-    with_options[0] = 0x46;
-    let mut from_elsewhere = as_received(CLIENT, reply);
-    from_elsewhere[12..16].copy_from_slice(&INTERNET_ROUTER);
-    for (what, frame) in [
-        (
+    let reply = query_reply();
+    let edited = |at: usize, bytes: &[u8]| {
+        let mut quote = reply.clone();
+        quote[at..at + bytes.len()].copy_from_slice(bytes);
+        from_peer(&port_unreachable(&quote))
+    };
+    let no_flow = |what, frame| (what, frame, Verdict::Drop, Reason::IcmpErrorNoFlow);
+    let kind = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+    let cases = vec![
+        no_flow(
             "a port with no flow",
-            about(&as_received(CLIENT, reply_to(QUERY, cport + 1))),
+            from_peer(&port_unreachable(&as_received(
+                CLIENT,
+                QUERY.reply_to(QUERY.sport() + 1),
+            ))),
         ),
-        ("a packet from another remote", about(&from_elsewhere)),
-        (
+        no_flow("a packet from another remote", edited(12, &INTERNET_ROUTER)),
+        no_flow(
             "sent to another host than the quote's source",
-            from_peer(&error(INTERNET_ROUTER, &as_received(CLIENT, reply))),
+            from_peer(&client_error(CLIENT, INTERNET_ROUTER, kind, &reply)),
         ),
-        ("a later fragment (no ports)", about(&later_fragment)),
-        ("a quoted header with options", about(&with_options)),
-        (
+        no_flow("a later fragment (no ports)", edited(6, &[0, 0x10])),
+        no_flow("a quoted header with options", edited(0, &[0x46])),
+        no_flow(
             "an echo request (replies are what the client receives)",
-            about(&as_received(CLIENT, L4::EchoRequest { id: cport, seq: 1 })),
+            from_peer(&port_unreachable(&as_received(
+                CLIENT,
+                L4::EchoRequest { id: 7, seq: 1 },
+            ))),
         ),
-        (
+        no_flow(
             "the flow, but tunnelled by another peer than the flow's",
             ethernet(
                 ROUTER_MAC,
                 GW_MAC,
-                &encapsulate(
-                    Ip::new(PEER2, GW),
-                    &error(SERVER, &as_received(CLIENT, reply)),
-                ),
+                &encapsulate(Ip::new(PEER2, GW), &port_unreachable(&reply)),
             ),
         ),
-    ] {
-        let before = gw.flows();
-        let (verdict, out, reason) = gw.run(&frame);
-        assert_eq!(
-            (verdict, reason),
-            (Verdict::Drop, Reason::IcmpErrorNoFlow),
-            "{what}"
-        );
-        assert_eq!(out, frame, "{what}: frame modified");
-        assert_eq!(gw.flows(), before, "{what}: the error changed a flow");
-    }
+    ];
+    let before = gw.flows();
+    assert_cases(gw, cases);
+    assert_eq!(gw.flows(), before, "an error changed a flow");
 }
 
 fn icmp_errors_from_outside_the_policy_are_refused(hook: Hook) {
     let gw = &mut Gateway::new(hook);
     outbound(gw, CLIENT, QUERY, Reason::NewFlow);
-    let unreachable = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
-    let quote = as_received(CLIENT, reply_to(QUERY, 5353));
-    let error = |from| icmp_error(client_error_ip(from, SERVER), unreachable.clone(), &quote);
-    let stranger = [10, 0, 9, 9];
-    for (what, frame, want) in [
-        (
+    let kind = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+    let error = |from| client_error(from, SERVER, kind.clone(), &query_reply());
+    let drop = |what, frame, reason| (what, frame, Verdict::Drop, reason);
+    let cases = vec![
+        drop(
             "tunnelled by an address not a peer",
             ethernet(
                 ROUTER_MAC,
                 GW_MAC,
-                &encapsulate(Ip::new(stranger, GW), &error(CLIENT)),
+                &encapsulate(Ip::new([10, 0, 9, 9], GW), &error(CLIENT)),
             ),
             Reason::PeerNotAllowed,
         ),
-        (
+        drop(
             "sent by an address not a client",
             from_peer(&error([172, 16, 0, 1])),
             Reason::ClientNotAllowed,
         ),
-        (
+        drop(
             "sent by the gateway's own address",
             from_peer(&error(GW)),
             Reason::Loop,
         ),
-    ] {
-        let (verdict, out, reason) = gw.run(&frame);
-        assert_eq!((verdict, reason), (Verdict::Drop, want), "{what}");
-        assert_eq!(out, frame, "{what}: frame modified");
-    }
+    ];
+    assert_cases(gw, cases);
 }
 
 fn short_or_expiring_icmp_errors_from_a_client_are_dropped(hook: Hook) {
     let gw = &mut Gateway::new(hook);
     outbound(gw, CLIENT, QUERY, Reason::NewFlow);
-    let unreachable = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
-    let quote = as_received(CLIENT, reply_to(QUERY, 5353));
-    let error = |ip, quoted: &[u8]| from_peer(&icmp_error(ip, unreachable.clone(), quoted));
-    let ip = client_error_ip(CLIENT, SERVER);
-    // The IP lengths end with the quoted IP header; the ports follow in the
-    // frame, outside the error.
-    let ports_outside = [error(ip, &quote[..20]), quote[20..28].to_vec()].concat();
-    for (what, frame, want) in [
+    let reply = query_reply();
+    let short = |what, n| {
+        let frame = from_peer(&port_unreachable(&reply[..n]));
+        (what, frame, Verdict::Drop, Reason::Truncated)
+    };
+    let kind = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+    let cases = vec![
+        short("a quote short of the 8 transport bytes", 27),
+        short("the quoted header cut short", 12),
         (
-            "a quote short of the 8 transport bytes",
-            error(ip, &quote[..27]),
-            Reason::Truncated,
-        ),
-        (
-            "the quoted header cut short",
-            error(ip, &quote[..12]),
-            Reason::Truncated,
-        ),
-        (
+            // The IP lengths end with the quoted IP header; the ports
+            // follow in the frame, outside the error.
             "the ports after the error's IP length",
-            ports_outside,
+            [
+                from_peer(&port_unreachable(&reply[..20])),
+                reply[20..28].to_vec(),
+            ]
+            .concat(),
+            Verdict::Drop,
             Reason::Truncated,
         ),
         (
             // Never an ICMP error about an ICMP error.
             "TTL 1 at the gateway",
-            error(Ip { ttl: 1, ..ip }, &quote),
+            from_peer(&icmp_error(
+                Ip {
+                    ttl: 1,
+                    ..client_error_ip(CLIENT, SERVER)
+                },
+                kind,
+                &reply,
+            )),
+            Verdict::Drop,
             Reason::TtlExceeded,
         ),
-    ] {
-        let before = gw.flows();
-        let (verdict, out, reason) = gw.run(&frame);
-        assert_eq!((verdict, reason), (Verdict::Drop, want), "{what}");
-        assert_eq!(out, frame, "{what}: frame modified");
-        assert_eq!(gw.flows(), before, "{what}: the error changed a flow");
-    }
+    ];
+    let before = gw.flows();
+    assert_cases(gw, cases);
+    assert_eq!(gw.flows(), before, "an error changed a flow");
 }

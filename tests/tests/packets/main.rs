@@ -168,6 +168,22 @@ fn inbound_packet(gw: &mut Gateway, packet: &[u8], inner: &[u8]) {
     assert_eq!(out, want, "encapsulated return frame");
 }
 
+/// A frame the gateway must not translate: what is wrong with it, the
+/// frame, and the verdict and reason it gets.
+type Case = (&'static str, Vec<u8>, Verdict, Reason);
+
+/// Runs each case and asserts its verdict and reason, that the frame is
+/// left as it came, and that no flow appeared.
+fn assert_cases(gw: &mut Gateway, cases: Vec<Case>) {
+    let entries = gw.flow_entries();
+    for (what, frame, verdict, reason) in cases {
+        let (v, out, r) = gw.run(&frame);
+        assert_eq!((v, r), (verdict, reason), "{what}");
+        assert_eq!(out, frame, "{what}: frame modified");
+    }
+    assert_eq!(gw.flow_entries(), entries, "a rejected frame created state");
+}
+
 fn tcp_outbound_and_return(hook: Hook) {
     let gw = &mut Gateway::new(hook);
     let syn = L4::syn(23456, 80);

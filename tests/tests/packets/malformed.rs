@@ -65,21 +65,6 @@ fn with_options(f: &mut Vec<u8>, ip: usize) {
 
 const ANSWER: &[u8] = b"answer";
 
-/// A case: what is wrong, the frame, and the verdict and reason it gets.
-type Case = (&'static str, Vec<u8>, Verdict, Reason);
-
-/// Runs each case and asserts its verdict and reason, that the frame is
-/// left as it came, and that no flow appeared.
-fn assert_cases(gw: &mut Gateway, cases: Vec<Case>) {
-    let entries = gw.flow_entries();
-    for (what, frame, verdict, reason) in cases {
-        let (v, out, r) = gw.run(&frame);
-        assert_eq!((v, r), (verdict, reason), "{what}");
-        assert_eq!(out, frame, "{what}: frame modified");
-    }
-    assert_eq!(gw.flow_entries(), entries, "a rejected frame created state");
-}
-
 fn malformed_outbound_frames_are_dropped_with_their_reason(hook: Hook) {
     let ip = Ip::new(CLIENT, SERVER);
     let tcp = from_peer(&ip_packet(ip, L4::syn(23456, 80)));
