@@ -104,9 +104,9 @@ pub fn from_client<H: Hook>(hook: &mut H, peer: [u8; 4], len: u16) -> Result<Out
 ///
 /// Only a quote of the IP header and the 8 bytes after it (RFC 792) within
 /// the error's own length names a flow (`Truncated` otherwise): bytes after
-/// the error are not the quote's. We send neither IP options nor packets
-/// that the error would not go back to the source of, and a later
-/// fragment's "ports" would be payload: `Unsupported`.
+/// the error are not the quote's. No flow's packet carries IP options, an
+/// error goes back to the source of the packet it quotes, and a later
+/// fragment's "ports" would be payload: anything else is `Unsupported`.
 #[inline(always)]
 fn quoted_flow(pkt: Packet, at: usize, len: u16, side: Side) -> Result<FlowKey, Reason> {
     if usize::from(len) < IP_LEN + ICMP_LEN + QUOTE_LEN {
