@@ -12,6 +12,7 @@ use anyhow::{Context as _, bail};
 use crate::{
     datapath::{Attached, Datapath, Policy},
     netif::Interface,
+    pinning::{self, StateLock},
     settings::{Settings, mss_for_mtu},
     sysctl::Sysctls,
 };
@@ -23,6 +24,9 @@ pub struct Gateway {
     // settings they rely on are restored.
     datapath: Datapath,
     attached: Option<Attachment>,
+    // Last: the state is another daemon's to take only once this one has
+    // detached.
+    _state_lock: StateLock,
 }
 
 /// The data path on one incarnation of the interface.
@@ -48,6 +52,8 @@ enum Change {
 impl Gateway {
     /// Loads the data path for `settings` and attaches it.
     pub fn start(settings: Settings, reset_state: bool) -> anyhow::Result<Self> {
+        // Before anything is loaded, reset or attached.
+        let state_lock = pinning::claim(&settings.state_dir)?;
         let iface = Interface::find(&settings.iface)?;
         let mut policy = policy_for(&settings, &iface)?;
         policy.reset_state = reset_state;
@@ -59,6 +65,7 @@ impl Gateway {
             policy,
             datapath,
             attached: None,
+            _state_lock: state_lock,
         };
         let hook = gateway.attach(&iface)?;
         let policy = &gateway.policy;

@@ -4,7 +4,11 @@
 use std::{fs, io, path::Path};
 
 use anyhow::{Context as _, bail};
-use nix::{mount::MsFlags, sys::statfs};
+use nix::{
+    fcntl::{Flock, FlockArg},
+    mount::MsFlags,
+    sys::statfs,
+};
 
 /// The default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/sys/fs/bpf/egress";
@@ -13,9 +17,34 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 /// The maps the data path pins (the `#[map]`s declared `pinned`).
 pub const PINNED_MAPS: [&str; 4] = ["FLOWS", "MAPPINGS", "CLIENT_FLOWS", "STATS"];
 
+/// A daemon's sole use of a state directory: an exclusive `flock` on it,
+/// which the kernel releases when the process ends, however it ends. Two
+/// daemons on one state would translate over each other's flows, and one
+/// started with `--reset-state` would wipe the other's.
+pub struct StateLock {
+    _lock: Flock<fs::File>,
+}
+
+/// Prepares `dir` (see [`prepare`]) and takes it for this daemon, or says
+/// who has it.
+pub fn claim(dir: &Path) -> anyhow::Result<StateLock> {
+    prepare(dir, false)?;
+    let file = fs::File::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(StateLock { _lock: lock }),
+        Err((_, nix::Error::EWOULDBLOCK)) => bail!(
+            "another `egress run` is using the state in {}: stop it first \
+             (systemctl stop egress), or give this one its own --state-dir",
+            dir.display()
+        ),
+        Err((_, e)) => Err(e).with_context(|| format!("cannot lock {}", dir.display())),
+    }
+}
+
 /// Makes `dir` ready to hold pinned maps: on a BPF filesystem (mounting
 /// one on /sys/fs/bpf, as systemd does at boot, if the host has none) and,
-/// with `reset`, emptied of the state a previous run left there.
+/// with `reset`, emptied of the state a previous run left there (the
+/// directory itself stays: a running daemon holds it, see [`claim`]).
 pub fn prepare(dir: &Path, reset: bool) -> anyhow::Result<()> {
     let parent = dir
         .parent()
@@ -38,14 +67,15 @@ pub fn prepare(dir: &Path, reset: bool) -> anyhow::Result<()> {
         .with_context(|| format!("cannot mount the BPF filesystem on {BPFFS}"))?;
         tracing::info!("mounted the BPF filesystem on {BPFFS}");
     }
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     if reset {
         remove(dir)?;
     }
-    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
+    Ok(())
 }
 
-/// Removes the pinned state in `dir`, and `dir` itself if that empties it.
-pub fn remove(dir: &Path) -> anyhow::Result<()> {
+/// Removes the pinned state in `dir`.
+fn remove(dir: &Path) -> anyhow::Result<()> {
     let mut removed = 0;
     for name in PINNED_MAPS {
         let pin = dir.join(name);
@@ -58,14 +88,7 @@ pub fn remove(dir: &Path) -> anyhow::Result<()> {
     if removed > 0 {
         tracing::info!(dir = %dir.display(), "removed the previous run's connection state");
     }
-    match fs::remove_dir(dir) {
-        Err(e)
-            if e.kind() != io::ErrorKind::NotFound && e.raw_os_error() != Some(libc::ENOTEMPTY) =>
-        {
-            Err(e).with_context(|| format!("cannot remove {}", dir.display()))
-        }
-        _ => Ok(()),
-    }
+    Ok(())
 }
 
 /// Whether pinned state from an earlier run is present in `dir`.

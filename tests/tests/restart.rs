@@ -1,7 +1,8 @@
 //! The gateway restarted (an upgrade) under an established TCP connection:
-//! the pinned connection state carries it over, in every attach mode. And
-//! a gateway killed outright leaves nothing attached that a new one would
-//! run beside. Needs root.
+//! the pinned connection state carries it over, in every attach mode. A
+//! gateway killed outright leaves nothing attached that a new one would
+//! run beside, and a second gateway is refused the state of a running one.
+//! Needs root.
 
 use std::{
     io::{Read, Write},
@@ -13,9 +14,9 @@ use std::{
 use anyhow::{Result, ensure};
 use tests::{
     Attach, Attachments, Stack,
-    addrs::{CLIENT_TUN_IP, GATEWAY_IP, HOST_IFACE, SERVER_IP},
+    addrs::{CLIENT_TUN_IP, CLIENT_UNDERLAY_IP, GATEWAY_IP, HOST_IFACE, SERVER_IP},
     echo::{udp_request, udp_server},
-    egress_bin, in_netns, require_root,
+    egress_bin, exec_output, in_netns, require_root,
 };
 
 const PORT: u16 = 9100;
@@ -144,6 +145,53 @@ fn a_killed_tc_gateway_leaves_nothing_attached() -> Result<()> {
         stack.gateway = stack.topo.start_gateway(&bin, Attach::Tc)?;
         attached_once(&stack)?;
         translated(&stack)
+    })();
+    stack.topo.lab.keep_logs_on_err(result)
+}
+
+/// A second `egress run` on the state of a running one (an operator
+/// starting it by hand beside the service) is refused with a message that
+/// says so, before it loads, resets or attaches anything: even with
+/// `--reset-state` the running gateway's flows stay, and it goes on
+/// translating from the same port.
+#[test]
+fn a_second_gateway_is_refused_the_state_of_a_running_one() -> Result<()> {
+    require_root()?;
+    let bin = egress_bin()?;
+    let stack = Stack::start(
+        &bin,
+        Path::new(env!("CARGO_BIN_EXE_ipip-peer")),
+        Attach::Native,
+    )?;
+    let result = (|| {
+        let server = SocketAddr::from((SERVER_IP, UDP_PORT));
+        let _udp = udp_server(&stack.topo.server, server)?;
+        let client = tests::echo::UdpClient::bind(&stack.topo.client, CLIENT_TUN_IP)?;
+        let before = client.request(server, b"one")?.seen;
+        ensure!(before.ip() == GATEWAY_IP, "server saw {before}");
+
+        let second = exec_output(
+            &stack.topo.gateway,
+            &format!(
+                "{} run --iface {HOST_IFACE} --peer {CLIENT_UNDERLAY_IP} \
+                 --client-cidr {CLIENT_TUN_IP}/32 --state-dir {} --attach generic --reset-state",
+                bin.display(),
+                stack.topo.lab.state_dir()?.display()
+            ),
+        )?;
+        let stderr = String::from_utf8_lossy(&second.stderr);
+        ensure!(!second.status.success(), "the second gateway ran: {stderr}");
+        ensure!(
+            stderr.contains("another `egress run` is using the state in"),
+            "the refusal does not say why: {stderr}"
+        );
+
+        let after = client.request(server, b"two")?.seen;
+        ensure!(
+            after == before,
+            "the running gateway's flow was lost: {before} became {after}"
+        );
+        Ok(())
     })();
     stack.topo.lab.keep_logs_on_err(result)
 }
