@@ -18,7 +18,7 @@ use aya::{
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 /// Entries per system call.
-const CHUNK: usize = 4096;
+pub const CHUNK: usize = 4096;
 
 /// The `batch` member of `union bpf_attr` (linux/bpf.h).
 #[repr(C)]
@@ -61,37 +61,58 @@ fn attr(map: &MapData) -> BatchAttr {
 /// Every entry of `map` (entries changed meanwhile may or may not appear).
 pub fn dump<T: Borrow<MapData>, K: Pod, V: Pod>(map: &HashMap<T, K, V>) -> io::Result<Vec<(K, V)>> {
     let mut entries = Vec::new();
+    for batch in batches(map) {
+        entries.extend(batch?);
+    }
+    Ok(entries)
+}
+
+/// The entries of `map` a batch of up to [`CHUNK`] at a time, so a reader
+/// can stop part way.
+pub fn batches<T: Borrow<MapData>, K: Pod, V: Pod>(
+    map: &HashMap<T, K, V>,
+) -> impl Iterator<Item = io::Result<Vec<(K, V)>>> + '_ {
     // SAFETY: `Pod` types are valid for any bit pattern, zeros included.
     let mut keys: Vec<K> = vec![unsafe { zeroed() }; CHUNK];
     // SAFETY: as above.
     let mut values: Vec<V> = vec![unsafe { zeroed() }; CHUNK];
     // The resume position, opaque to us: a bucket index for hash maps.
     let mut cursor = [0u64; 2];
-    let mut first = true;
-    loop {
+    let (mut first, mut done) = (true, false);
+    std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
         let mut a = attr(map.map());
         a.in_batch = if first { 0 } else { cursor.as_ptr() as u64 };
         a.out_batch = cursor.as_mut_ptr() as u64;
         a.keys = keys.as_mut_ptr() as u64;
         a.values = values.as_mut_ptr() as u64;
         a.count = CHUNK as u32;
-        let done = match bpf(BPF_MAP_LOOKUP_BATCH, &mut a) {
-            Ok(()) => false,
-            // The end of the map, with the last entries in this batch.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
-            Err(e) => return Err(e),
-        };
-        let n = a.count as usize;
-        entries.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
-        if done {
-            return Ok(entries);
-        }
         first = false;
-    }
+        match bpf(BPF_MAP_LOOKUP_BATCH, &mut a) {
+            Ok(()) => {}
+            // The end of the map, with the last entries in this batch.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => done = true,
+            Err(e) => {
+                done = true;
+                return Some(Err(e));
+            }
+        }
+        let n = a.count as usize;
+        Some(Ok(keys[..n]
+            .iter()
+            .copied()
+            .zip(values[..n].iter().copied())
+            .collect()))
+    })
 }
 
 /// Deletes `keys` from `map`; keys already gone are skipped.
-pub fn delete<K: Pod, V: Pod>(map: &HashMap<&mut MapData, K, V>, keys: &[K]) -> io::Result<()> {
+pub fn delete<T: Borrow<MapData>, K: Pod, V: Pod>(
+    map: &HashMap<T, K, V>,
+    keys: &[K],
+) -> io::Result<()> {
     let mut rest = keys;
     while !rest.is_empty() {
         let chunk = &rest[..rest.len().min(CHUNK)];

@@ -9,9 +9,10 @@ use std::{
 
 use anyhow::Context as _;
 use aya::{
-    Ebpf, EbpfError, EbpfLoader,
+    Ebpf, EbpfError, EbpfLoader, Pod,
     maps::{
-        Array, HashMap, IterableMap as _, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key,
+        Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray,
+        lpm_trie::Key,
     },
     programs::{
         LinkOrder, ProgramError, SchedClassifier, Xdp, XdpMode,
@@ -298,17 +299,26 @@ impl Datapath {
         Ok(())
     }
 
-    /// The connection state, for the garbage collector and for inspection.
-    pub fn state(&mut self) -> anyhow::Result<State<'_>> {
-        let [flows, mappings, clients] =
-            self.ebpf
-                .maps_disjoint_mut(["FLOWS", "MAPPINGS", "CLIENT_FLOWS"]);
-        let missing = |name| move || anyhow::anyhow!("{name} map missing from the eBPF object");
+    /// The connection state, on handles of its own that another thread
+    /// can own (the garbage collector's) and that stay valid across
+    /// reloads, which pick up the same pinned maps.
+    pub fn state(&self) -> anyhow::Result<State> {
         Ok(State {
-            flows: HashMap::try_from(flows.ok_or_else(missing("FLOWS"))?)?,
-            mappings: HashMap::try_from(mappings.ok_or_else(missing("MAPPINGS"))?)?,
-            clients: HashMap::try_from(clients.ok_or_else(missing("CLIENT_FLOWS"))?)?,
+            flows: self.own("FLOWS")?,
+            mappings: self.own("MAPPINGS")?,
+            clients: self.own("CLIENT_FLOWS")?,
         })
+    }
+
+    /// A handle of its own on the hash map `name`.
+    fn own<K: Pod, V: Pod>(&self, name: &str) -> anyhow::Result<HashMap<MapData, K, V>> {
+        let map = self
+            .ebpf
+            .map(name)
+            .with_context(|| format!("{name} map missing from the eBPF object"))?;
+        let ours: HashMap<&MapData, K, V> = HashMap::try_from(map)?;
+        let data = MapData::from_fd(ours.map().fd().as_fd().try_clone_to_owned()?)?;
+        Ok(HashMap::try_from(Map::from_map_data(data)?)?)
     }
 
     /// The first fragments' entries for the rest of their datagrams.
@@ -328,14 +338,14 @@ fn memlock(map: &MapData) -> anyhow::Result<u64> {
 }
 
 /// The connection-state maps.
-pub struct State<'a> {
-    pub flows: HashMap<&'a mut MapData, FlowKey, Flow>,
-    pub mappings: HashMap<&'a mut MapData, PortKey, Mapping>,
+pub struct State {
+    pub flows: HashMap<MapData, FlowKey, Flow>,
+    pub mappings: HashMap<MapData, PortKey, Mapping>,
     /// Live flows per client address.
-    pub clients: HashMap<&'a mut MapData, [u8; 4], u64>,
+    pub clients: HashMap<MapData, [u8; 4], u64>,
 }
 
-impl State<'_> {
+impl State {
     /// Kernel memory of each state map, in bytes.
     pub fn memory(&self) -> anyhow::Result<[(&'static str, u64); 3]> {
         Ok([

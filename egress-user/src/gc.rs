@@ -2,9 +2,19 @@
 //! behind. The data path only creates state and stamps it with the last
 //! packet's time and TCP flags; the daemon decides when it is dead.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
-use aya::maps::{HashMap, MapData, MapError};
+use anyhow::bail;
+use aya::{
+    Pod,
+    maps::{HashMap, MapData, MapError},
+};
 use egress_common::{
     flow::{DIR_IN, DIR_OUT, Flow, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, Mapping, PortKey},
     tcp::TcpState,
@@ -79,17 +89,69 @@ pub struct Sweep {
     pub took: Duration,
 }
 
+/// A request to stop, heeded by a sweep between two batches of map
+/// operations. What a stopped sweep leaves half done, the next one finishes.
+#[derive(Clone, Debug, Default)]
+pub struct Stop(Arc<AtomicBool>);
+
+impl Stop {
+    pub fn request(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn requested(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        match self.requested() {
+            true => bail!("stopped on request"),
+            false => Ok(()),
+        }
+    }
+}
+
 /// Removes every flow idle past its timeout at time `now_ns`, then every
 /// mapping no remaining flow uses, and brings the per-client flow counts
 /// up to date. Halves left alone by an interrupted sweep or a failed insert
 /// go too, once idle past the grace period.
 ///
-/// The tables are read and pruned in bulk; within each flow (and mapping)
-/// the side that admits new packets or flows goes first.
-pub fn sweep(state: &mut State, timeouts: &Timeouts, now_ns: u64) -> anyhow::Result<Sweep> {
+/// The tables are read and pruned in bulk, heeding `stop` between batches;
+/// within each flow (and mapping) the side that admits new packets or
+/// flows goes first. A sweep stopped or failed part way still takes the
+/// flows it removed off their clients' counts.
+pub fn sweep(
+    state: &mut State,
+    timeouts: &Timeouts,
+    now_ns: u64,
+    stop: &Stop,
+) -> anyhow::Result<Sweep> {
     let started = Instant::now();
+    let mut clients = Clients::default();
+    let pruned = prune(state, timeouts, now_ns, stop, &mut clients);
+    let recounted = recount_clients(&mut state.clients, &clients);
+    let mut sweep = pruned?;
+    recounted?;
+    sweep.took = started.elapsed();
+    Ok(sweep)
+}
+
+/// Flows per client address: those a sweep saw live, and those it removed.
+#[derive(Default)]
+struct Clients {
+    live: FxHashMap<[u8; 4], u64>,
+    removed: FxHashMap<[u8; 4], u64>,
+}
+
+fn prune(
+    state: &State,
+    timeouts: &Timeouts,
+    now_ns: u64,
+    stop: &Stop,
+    clients: &mut Clients,
+) -> anyhow::Result<Sweep> {
     let idle = |last_ns: u64| Duration::from_nanos(now_ns.saturating_sub(last_ns));
-    let flows = batch::dump(&state.flows)?;
+    let flows = read(&state.flows, stop)?;
     // Return halves by key, each marked once its outbound half claims it.
     let mut returns: FxHashMap<FlowKey, (&Flow, bool)> =
         FxHashMap::with_capacity_and_hasher(flows.len() / 2, Default::default());
@@ -100,8 +162,6 @@ pub fn sweep(state: &mut State, timeouts: &Timeouts, now_ns: u64) -> anyhow::Res
             .map(|(k, f)| (*k, (f, false))),
     );
     let mut sweep = Sweep::default();
-    let mut live_clients: FxHashMap<[u8; 4], u64> = FxHashMap::default();
-    let mut expired_clients: FxHashMap<[u8; 4], u64> = FxHashMap::default();
     let mut used: FxHashSet<PortKey> =
         FxHashSet::with_capacity_and_hasher(returns.len(), Default::default());
     let (mut dead_in, mut dead_out, mut lone) = (Vec::new(), Vec::new(), Vec::new());
@@ -109,23 +169,22 @@ pub fn sweep(state: &mut State, timeouts: &Timeouts, now_ns: u64) -> anyhow::Res
     for (key, out) in flows.iter().filter(|(k, _)| k.dir == DIR_OUT) {
         let in_key = out.in_key();
         let Some((inb, claimed)) = returns.get_mut(&in_key) else {
-            lone.push((*key, in_key, out.last_seen_ns));
+            lone.push((*key, in_key, out));
             continue;
         };
         *claimed = true;
         if idle(out.last_seen_ns.max(inb.last_seen_ns)) <= timeouts.of(out, inb) {
             sweep.live += 1;
-            *live_clients.entry(out.client_addr).or_default() += 1;
+            *clients.live.entry(out.client_addr).or_default() += 1;
             used.insert(client_key(out));
         } else {
-            dead_in.push(in_key);
-            dead_out.push(*key);
-            *expired_clients.entry(out.client_addr).or_default() += 1;
+            dead_in.push((in_key, *inb));
+            dead_out.push((*key, out));
         }
     }
     // Return halves first: once they are gone no reply can use the flows.
-    batch::delete(&state.flows, &dead_in)?;
-    batch::delete(&state.flows, &dead_out)?;
+    delete_halves(&state.flows, &dead_in, stop, clients)?;
+    delete_halves(&state.flows, &dead_out, stop, clients)?;
     sweep.expired = dead_out.len();
 
     // Lone halves: what a cut-short sweep leaves, or flows created while
@@ -134,16 +193,19 @@ pub fn sweep(state: &mut State, timeouts: &Timeouts, now_ns: u64) -> anyhow::Res
         returns
             .iter()
             .filter(|(_, (_, claimed))| !claimed)
-            .map(|(k, (f, _))| (*k, f.out_key(), f.last_seen_ns)),
+            .map(|(k, (f, _))| (*k, f.out_key(), *f)),
     );
-    for (key, twin, last_seen) in lone {
-        if idle(last_seen) > GRACE && state.flows.get(&twin, 0).is_err() {
-            remove(&mut state.flows, &key)?;
+    let mut orphans = Vec::new();
+    for (key, twin, half) in lone {
+        stop.check()?;
+        if idle(half.last_seen_ns) > GRACE && state.flows.get(&twin, 0).is_err() {
+            orphans.push((key, half));
         }
     }
+    delete_halves(&state.flows, &orphans, stop, clients)?;
 
-    let mappings: FxHashMap<PortKey, Mapping> = batch::dump(&state.mappings)?.into_iter().collect();
-    let (mut dead_clients, mut dead_reservations) = (Vec::new(), Vec::new());
+    let mappings: FxHashMap<PortKey, Mapping> = read(&state.mappings, stop)?.into_iter().collect();
+    let (mut unused, mut orphans) = (Vec::new(), Vec::new());
     let recent = |m: &Mapping| idle(m.used_ns) <= GRACE;
     for (key, m) in &mappings {
         let twin = PortKey {
@@ -156,27 +218,72 @@ pub fn sweep(state: &mut State, timeouts: &Timeouts, now_ns: u64) -> anyhow::Res
             // A reservation whose client side is gone (creation in progress,
             // or a cut-short sweep).
             if !mappings.contains_key(&twin) && !recent(m) {
-                remove(&mut state.mappings, key)?;
+                orphans.push(*key);
             }
-            continue;
-        }
-        // The second read catches a flow started from the mapping since
-        // the table was read.
-        if used.contains(key) || recent(m) || state.mappings.get(key, 0).is_ok_and(|m| recent(&m)) {
+        } else if used.contains(key) || recent(m) {
             sweep.mappings += 1;
         } else {
-            dead_clients.push(*key);
-            dead_reservations.push(twin);
+            unused.push((*key, twin));
         }
     }
-    // Client sides first: once they are gone no new flow can use the ports.
-    batch::delete(&state.mappings, &dead_clients)?;
-    batch::delete(&state.mappings, &dead_reservations)?;
-    sweep.mappings_expired = dead_clients.len();
-
-    recount_clients(&mut state.clients, &live_clients, &expired_clients)?;
-    sweep.took = started.elapsed();
+    delete(&state.mappings, &orphans, stop)?;
+    for batch in unused.chunks(batch::CHUNK) {
+        stop.check()?;
+        // The second read catches a flow started from the mapping since
+        // the table was read.
+        let (dead, live): (Vec<_>, Vec<_>) = batch
+            .iter()
+            .partition(|(key, _)| !state.mappings.get(key, 0).is_ok_and(|m| recent(&m)));
+        sweep.mappings += live.len();
+        sweep.mappings_expired += dead.len();
+        // Client sides first: once they are gone no new flow can use the ports.
+        let (dead_clients, dead_reservations): (Vec<_>, Vec<_>) = dead.into_iter().unzip();
+        batch::delete(&state.mappings, &dead_clients)?;
+        batch::delete(&state.mappings, &dead_reservations)?;
+    }
     Ok(sweep)
+}
+
+/// Every entry of `map`, read a batch at a time.
+fn read<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>, stop: &Stop) -> anyhow::Result<Vec<(K, V)>> {
+    let mut entries = Vec::new();
+    for batch in batch::batches(map) {
+        stop.check()?;
+        entries.extend(batch?);
+    }
+    Ok(entries)
+}
+
+/// Deletes `keys` from `map` a batch at a time.
+fn delete<K: Pod, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    keys: &[K],
+    stop: &Stop,
+) -> anyhow::Result<()> {
+    for batch in keys.chunks(batch::CHUNK) {
+        stop.check()?;
+        batch::delete(map, batch)?;
+    }
+    Ok(())
+}
+
+/// Deletes flow halves a batch at a time; each outbound half removed is a
+/// flow its client no longer has (the data path counts a flow when it
+/// inserts the outbound half).
+fn delete_halves(
+    flows: &HashMap<MapData, FlowKey, Flow>,
+    halves: &[(FlowKey, &Flow)],
+    stop: &Stop,
+    clients: &mut Clients,
+) -> anyhow::Result<()> {
+    for batch in halves.chunks(batch::CHUNK) {
+        let keys: Vec<FlowKey> = batch.iter().map(|(k, _)| *k).collect();
+        delete(flows, &keys, stop)?;
+        for (_, f) in batch.iter().filter(|(k, _)| k.dir == DIR_OUT) {
+            *clients.removed.entry(f.client_addr).or_default() += 1;
+        }
+    }
+    Ok(())
 }
 
 /// The client-side mapping key a flow was created from.
@@ -189,38 +296,26 @@ fn client_key(out: &Flow) -> PortKey {
     }
 }
 
-/// Takes the expired flows off each client's count. The data path adds to
+/// Takes the removed flows off each client's count. The data path adds to
 /// the counts concurrently, so a count is read just before it is written,
 /// and never set below the live flows this sweep saw.
 fn recount_clients(
-    counts: &mut HashMap<&mut MapData, [u8; 4], u64>,
-    live: &FxHashMap<[u8; 4], u64>,
-    expired: &FxHashMap<[u8; 4], u64>,
+    counts: &mut HashMap<MapData, [u8; 4], u64>,
+    clients: &Clients,
 ) -> Result<(), MapError> {
-    let clients: Vec<[u8; 4]> = counts.keys().collect::<Result<_, _>>()?;
-    for client in clients.iter().chain(live.keys()) {
+    let known: Vec<[u8; 4]> = counts.keys().collect::<Result<_, _>>()?;
+    for client in known.iter().chain(clients.live.keys()) {
         let now = counts.get(client, 0).unwrap_or(0);
         let want = now
-            .saturating_sub(expired.get(client).copied().unwrap_or(0))
-            .max(live.get(client).copied().unwrap_or(0));
+            .saturating_sub(clients.removed.get(client).copied().unwrap_or(0))
+            .max(clients.live.get(client).copied().unwrap_or(0));
         match (want, now) {
             (w, n) if w == n => {}
-            (0, _) => remove(counts, client)?,
+            (0, _) => counts.remove(client)?,
             (w, _) => counts.insert(client, &w, 0)?,
         }
     }
     Ok(())
-}
-
-fn remove<K: aya::Pod, V: aya::Pod>(
-    map: &mut HashMap<&mut MapData, K, V>,
-    key: &K,
-) -> Result<(), MapError> {
-    match map.remove(key) {
-        // Already gone: the twin of a half removed by an earlier sweep.
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        r => r,
-    }
 }
 
 #[cfg(test)]

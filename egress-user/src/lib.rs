@@ -16,4 +16,5 @@ pub mod netlink;
 pub mod notify;
 pub mod pinning;
 pub mod settings;
+pub mod sweeper;
 pub mod sysctl;

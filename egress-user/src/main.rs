@@ -15,11 +15,14 @@ use egress_user::{
     netlink::HostEvents,
     notify::{self, Notifier},
     settings::Settings,
+    sweeper::Sweeper,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
-/// How often idle flows are swept.
+/// How long the garbage collector rests between sweeps.
 const GC_INTERVAL: Duration = Duration::from_secs(10);
+/// How often refused flows are reported.
+const REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Parser)]
 #[command(version, about = "eBPF IP-in-IP egress NAT gateway")]
@@ -184,8 +187,8 @@ fn run(settings: Settings, reset_state: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sweeps idle state, reports refused flows and follows the interface
-/// until SIGINT or SIGTERM.
+/// Sweeps idle state (on a thread of its own), reports refused flows and
+/// follows the interface until SIGINT or SIGTERM.
 async fn serve(
     gateway: &mut Gateway,
     mut events: HostEvents,
@@ -199,7 +202,15 @@ async fn serve(
     });
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut tick = tokio::time::interval(GC_INTERVAL);
+    // Stopped when dropped, on the way out.
+    let _sweeper = Sweeper::start(
+        gateway.datapath().state()?,
+        *timeouts,
+        GC_INTERVAL,
+        collector,
+    )
+    .context("cannot start the garbage collector's thread")?;
+    let mut tick = tokio::time::interval(REPORT_INTERVAL);
     let mut refused = Refusals::default();
     loop {
         tokio::select! {
@@ -222,24 +233,10 @@ async fn serve(
                     tracing::warn!("cannot retire the data path's remembered routes: {e:#}");
                 }
             }
-            _ = tick.tick() => {
-                let datapath = gateway.datapath();
-                // A failed sweep is retried at the next tick; the data path
-                // is unaffected meanwhile.
-                let sweep = gc::sweep(&mut datapath.state()?, timeouts, gc::monotonic_ns());
-                if let (Some(c), Ok(s)) = (&collector, &sweep) {
-                    c.record_sweep(s);
-                }
-                match sweep {
-                    Ok(s) if s.expired + s.mappings_expired > 0 => tracing::info!(
-                        expired = s.expired, live = s.live, mappings_expired = s.mappings_expired,
-                        mappings = s.mappings, took = ?s.took, "swept idle flows"
-                    ),
-                    Ok(s) => tracing::debug!(live = s.live, mappings = s.mappings, took = ?s.took, "swept flows"),
-                    Err(e) => tracing::warn!("flow table sweep failed: {e}"),
-                }
-                refused.report(&datapath.stats()?);
-            }
+            _ = tick.tick() => match gateway.datapath().stats() {
+                Ok(stats) => refused.report(&stats),
+                Err(e) => tracing::warn!("cannot read the packet counters: {e:#}"),
+            },
         }
     }
     tracing::info!("signal received, shutting down");

@@ -418,7 +418,7 @@ async fn respond(mut stream: TcpStream, collector: Arc<Collector>) -> anyhow::Re
     let (status, body) = match (method, path) {
         ("GET", "/metrics") => {
             // Dumping the maps takes a while at a million flows: off the
-            // runtime's thread, which also sweeps and answers signals.
+            // runtime's thread, which answers signals and interface changes.
             match tokio::task::spawn_blocking(move || collector.render()).await? {
                 Ok(text) => ("200 OK", text),
                 Err(e) => (

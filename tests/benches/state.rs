@@ -97,9 +97,10 @@ fn main() {
     let mut state = gw.state();
     let memory = state.memory().unwrap();
     let timeouts = gc::Timeouts::default();
-    let keep = gc::sweep(&mut state, &timeouts, gc::monotonic_ns()).unwrap();
+    let stop = gc::Stop::default();
+    let keep = gc::sweep(&mut state, &timeouts, gc::monotonic_ns(), &stop).unwrap();
     let hours = 3 * 3600 * 1_000_000_000;
-    let expire = gc::sweep(&mut state, &timeouts, gc::monotonic_ns() + hours).unwrap();
+    let expire = gc::sweep(&mut state, &timeouts, gc::monotonic_ns() + hours, &stop).unwrap();
 
     println!("connection state, {FLOWS} flows (UDP, one mapping each)");
     println!(

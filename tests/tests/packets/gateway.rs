@@ -269,11 +269,12 @@ impl Gateway {
 
     /// One garbage-collection sweep as the daemon runs it, at time `now_ns`.
     pub fn sweep(&mut self, now_ns: u64) -> gc::Sweep {
-        gc::sweep(&mut self.state(), &gc::Timeouts::default(), now_ns).unwrap()
+        let stop = gc::Stop::default();
+        gc::sweep(&mut self.state(), &gc::Timeouts::default(), now_ns, &stop).unwrap()
     }
 
     /// The connection-state maps.
-    pub fn state(&mut self) -> State<'_> {
+    pub fn state(&self) -> State {
         self.datapath.state().unwrap()
     }
 

@@ -8,7 +8,7 @@ use egress_common::{
     reason::Reason,
     tcp::{ACK, FIN, RST, SYN, TcpState},
 };
-use egress_user::settings::PortRange;
+use egress_user::{gc, settings::PortRange};
 use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
 
 use super::*;
@@ -22,6 +22,8 @@ for_each_hook!(
     a_full_table_refuses_new_flows_and_keeps_old_ones,
     a_client_at_its_cap_is_refused_and_others_are_not,
     sweeps_remove_exactly_the_flows_past_their_timeout,
+    a_stopped_sweep_changes_nothing_and_the_next_one_sweeps,
+    flows_a_cut_short_sweep_half_removed_go_and_leave_the_client_count,
     restart_keeps_flows_and_reset_clears_them,
     first_packets_racing_on_two_cpus_make_one_flow_each,
 );
@@ -203,7 +205,7 @@ fn sweeps_remove_exactly_the_flows_past_their_timeout(hook: Hook) {
     let echo = L4::EchoRequest { id: 21004, seq: 1 };
     outbound(&mut gw, CLIENT, echo, Reason::NewFlow);
 
-    let now = egress_user::gc::monotonic_ns();
+    let now = gc::monotonic_ns();
     let live_ports = |gw: &mut Gateway| -> HashSet<u16> {
         gw.outbound_flows()
             .iter()
@@ -239,6 +241,60 @@ fn sweeps_remove_exactly_the_flows_past_their_timeout(hook: Hook) {
         gw.mappings().is_empty(),
         "unused mappings expire with their flows"
     );
+}
+
+fn a_stopped_sweep_changes_nothing_and_the_next_one_sweeps(hook: Hook) {
+    let mut gw = Gateway::new(hook);
+    outbound(&mut gw, CLIENT, udp(21000), Reason::NewFlow);
+    outbound(&mut gw, CLIENT, udp(21001), Reason::NewFlow);
+    let (flows, mappings) = (gw.flows(), gw.mappings());
+    // Past the UDP timeout: a whole sweep would remove everything.
+    let later = gc::monotonic_ns() + 301 * 1_000_000_000;
+    let stop = gc::Stop::default();
+    stop.request();
+    let stopped = gc::sweep(&mut gw.state(), &gc::Timeouts::default(), later, &stop);
+    assert!(
+        stopped.is_err(),
+        "a stopped sweep reports it did not finish"
+    );
+    assert_eq!(gw.flows(), flows);
+    assert_eq!(gw.mappings(), mappings);
+    assert_eq!(gw.client_flows(CLIENT), 2);
+
+    let sweep = gw.sweep(later);
+    assert_eq!((sweep.expired, sweep.mappings_expired), (2, 2));
+    assert_eq!(gw.flow_entries(), 0);
+    assert!(gw.mappings().is_empty());
+    assert_eq!(gw.client_flows(CLIENT), 0);
+}
+
+/// A sweep stopped between deleting return halves and outbound halves
+/// leaves outbound halves alone; the next sweep removes them, their
+/// mappings, and their count.
+fn flows_a_cut_short_sweep_half_removed_go_and_leave_the_client_count(hook: Hook) {
+    let mut gw = Gateway::new(hook);
+    outbound(&mut gw, CLIENT, udp(21000), Reason::NewFlow);
+    outbound(&mut gw, CLIENT, udp(21001), Reason::NewFlow);
+    let cut = gw
+        .outbound_flows()
+        .into_iter()
+        .find(|f| f.client_port == 21001u16.to_be_bytes())
+        .unwrap();
+    gw.state().flows.remove(&cut.in_key()).unwrap();
+
+    // Idle past the grace period, within the UDP timeout.
+    let sweep = gw.sweep(gc::monotonic_ns() + 11 * 1_000_000_000);
+    assert_eq!((sweep.live, sweep.mappings_expired), (1, 1));
+    let left = gw.outbound_flows();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].client_port, 21000u16.to_be_bytes());
+    assert_eq!(gw.flow_entries(), 2);
+    assert_eq!(
+        gw.mappings().len(),
+        2,
+        "the live flow's mapping, both sides"
+    );
+    assert_eq!(gw.client_flows(CLIENT), 1);
 }
 
 fn restart_keeps_flows_and_reset_clears_them(hook: Hook) {

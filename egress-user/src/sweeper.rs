@@ -1,0 +1,97 @@
+//! The garbage collector's own thread. A sweep of a large table takes
+//! seconds (a million flows: several), so it runs here rather than in the
+//! daemon's event loop, where signals and interface changes would wait.
+
+use std::{
+    sync::{
+        Arc,
+        mpsc::{self, RecvTimeoutError},
+    },
+    thread::{self, JoinHandle},
+    time::Duration,
+};
+
+use crate::{
+    datapath::State,
+    gc::{self, Stop, Timeouts},
+    metrics::Collector,
+};
+
+/// Sweeps until dropped; dropping it stops a sweep in progress at its
+/// next batch and waits for the thread.
+pub struct Sweeper {
+    stop: Stop,
+    wake: mpsc::Sender<()>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Sweeper {
+    /// Sweeps `state` now and then `interval` after each sweep ends,
+    /// recording each in `metrics`. A failed sweep is logged and tried
+    /// again at the next interval.
+    pub fn start(
+        mut state: State,
+        timeouts: Timeouts,
+        interval: Duration,
+        metrics: Option<Arc<Collector>>,
+    ) -> std::io::Result<Self> {
+        let stop = Stop::default();
+        let (wake, woken) = mpsc::channel();
+        let thread = thread::Builder::new().name("gc".into()).spawn({
+            let stop = stop.clone();
+            move || {
+                loop {
+                    match gc::sweep(&mut state, &timeouts, gc::monotonic_ns(), &stop) {
+                        Ok(s) => {
+                            if let Some(m) = &metrics {
+                                m.record_sweep(&s);
+                            }
+                            log(&s);
+                        }
+                        Err(_) if stop.requested() => {
+                            tracing::info!("sweep stopped part way; the next run finishes it");
+                        }
+                        Err(e) => tracing::warn!("flow table sweep failed: {e:#}"),
+                    }
+                    // Woken early only to stop.
+                    if woken.recv_timeout(interval) != Err(RecvTimeoutError::Timeout) {
+                        return;
+                    }
+                }
+            }
+        })?;
+        Ok(Self {
+            stop,
+            wake,
+            thread: Some(thread),
+        })
+    }
+}
+
+fn log(s: &gc::Sweep) {
+    if s.expired + s.mappings_expired > 0 {
+        tracing::info!(
+            expired = s.expired,
+            live = s.live,
+            mappings_expired = s.mappings_expired,
+            mappings = s.mappings,
+            took = ?s.took,
+            "swept idle flows"
+        );
+    } else {
+        tracing::debug!(live = s.live, mappings = s.mappings, took = ?s.took, "swept flows");
+    }
+}
+
+impl Drop for Sweeper {
+    fn drop(&mut self) {
+        self.stop.request();
+        // Fails only if the thread is gone already.
+        let _ = self.wake.send(());
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the garbage collector's thread panicked");
+        }
+    }
+}
