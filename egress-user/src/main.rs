@@ -17,7 +17,7 @@ use egress_user::{
     settings::Settings,
     sweeper::Sweeper,
 };
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// How long the garbage collector rests between sweeps.
 const GC_INTERVAL: Duration = Duration::from_secs(10);
@@ -143,6 +143,9 @@ fn run(settings: Settings, reset_state: bool) -> anyhow::Result<()> {
         .build()
         .context("cannot start the runtime")?;
     let _in_runtime = runtime.enter();
+    // Caught from here on, so a stop requested while the gateway starts
+    // (or just after it reports ready) still detaches it.
+    let mut shutdown = Shutdown::catch()?;
     // Subscribed before attaching, so no change in between goes unseen.
     let events = HostEvents::subscribe().context("cannot follow the interface over netlink")?;
     let (timeouts, top_flows) = (settings.timeouts, settings.metrics_top_flows);
@@ -169,7 +172,14 @@ fn run(settings: Settings, reset_state: bool) -> anyhow::Result<()> {
     };
     notify(&notify::ready(&gateway.status()));
 
-    runtime.block_on(serve(&mut gateway, events, &timeouts, collector, &notify))?;
+    runtime.block_on(serve(
+        &mut gateway,
+        events,
+        &timeouts,
+        collector,
+        &notify,
+        &mut shutdown,
+    ))?;
     notify(notify::STOPPING);
 
     for (reason, packets) in gateway.datapath().stats()? {
@@ -195,13 +205,12 @@ async fn serve(
     timeouts: &gc::Timeouts,
     metrics: Option<(std::net::TcpListener, Arc<Collector>)>,
     notify: &dyn Fn(&str),
+    shutdown: &mut Shutdown,
 ) -> anyhow::Result<()> {
     let collector = metrics.map(|(listener, collector)| {
         tokio::spawn(metrics::serve(listener, collector.clone()));
         collector
     });
-    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     // Stopped when dropped, on the way out.
     let _sweeper = Sweeper::start(
         gateway.datapath().state()?,
@@ -214,8 +223,7 @@ async fn serve(
     let mut refused = Refusals::default();
     loop {
         tokio::select! {
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
+            _ = shutdown.requested() => break,
             changed = events.changed() => {
                 let interface = changed.context("netlink notifications failed")?;
                 if interface {
@@ -241,6 +249,28 @@ async fn serve(
     }
     tracing::info!("signal received, shutting down");
     Ok(())
+}
+
+/// SIGINT and SIGTERM, each a request to shut down.
+struct Shutdown {
+    sigint: Signal,
+    sigterm: Signal,
+}
+
+impl Shutdown {
+    fn catch() -> anyhow::Result<Self> {
+        Ok(Self {
+            sigint: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            sigterm: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+        })
+    }
+
+    async fn requested(&mut self) {
+        tokio::select! {
+            _ = self.sigint.recv() => {}
+            _ = self.sigterm.recv() => {}
+        }
+    }
 }
 
 /// New flows refused for lack of room, logged once per tick at most.

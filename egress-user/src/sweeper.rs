@@ -49,7 +49,9 @@ impl Sweeper {
                             log(&s);
                         }
                         Err(_) if stop.requested() => {
-                            tracing::info!("sweep stopped part way; the next run finishes it");
+                            tracing::info!(
+                                "shutdown stopped a sweep part way; the next run finishes it"
+                            );
                         }
                         Err(e) => tracing::warn!("flow table sweep failed: {e:#}"),
                     }

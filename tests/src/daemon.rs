@@ -6,7 +6,7 @@ use nix::unistd::Pid;
 use std::fs::File;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 const POLL: Duration = Duration::from_millis(50);
@@ -81,24 +81,33 @@ impl Daemon {
 }
 
 impl Daemon {
-    /// Stops the process: SIGTERM first so it can clean up (the gateway
-    /// detaches XDP), SIGKILL if it has not exited after a grace period.
-    pub fn stop(&mut self) {
+    /// Sends SIGTERM and waits up to `timeout` for the process to exit;
+    /// returns how it exited.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus> {
         // Already reaped: its pid may belong to another process by now.
-        if !matches!(self.child.try_wait(), Ok(None)) {
-            return;
+        if let Some(status) = self.child.try_wait()? {
+            return Ok(status);
         }
-        let pid = Pid::from_raw(self.child.id() as i32);
-        let _ = kill(pid, Signal::SIGTERM);
-        let deadline = Instant::now() + GRACE;
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("{} still running {timeout:?} after SIGTERM", self.name);
             }
             std::thread::sleep(POLL);
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    }
+
+    /// Stops the process: SIGTERM first so it can clean up (the gateway
+    /// detaches XDP), SIGKILL if it has not exited after a grace period.
+    pub fn stop(&mut self) {
+        if self.terminate(GRACE).is_err() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 
     /// Kills the process with SIGKILL, as a crash or the OOM killer ends

@@ -1,5 +1,6 @@
 //! `cargo xtask bench`: what the fast path costs, in the kernel and end to
-//! end against the classic kernel NAT, in one run. Prints a table and
+//! end against the classic kernel NAT, and what connection state costs at
+//! a million flows, in one run. Prints a table and
 //! writes JSON to `BENCH_JSON`. Benchmarks print figures; they never fail
 //! on timing (only on a broken setup). Needs root.
 
@@ -12,6 +13,9 @@ mod gateway;
 mod in_kernel;
 mod lab;
 mod report;
+mod state;
+#[path = "../../tests/packets/table.rs"]
+mod table;
 mod traffic;
 
 use anyhow::{Context, Result};
@@ -29,10 +33,13 @@ fn main() -> Result<()> {
     let started = Instant::now();
     eprintln!("bench: in-kernel costs");
     let in_kernel = in_kernel::measure();
+    eprintln!("bench: connection state at {} flows", state::FLOWS);
+    let state = state::measure();
     let ebpf = end_to_end(Kind::Ebpf, &egress)?;
     let kernel = end_to_end(Kind::Kernel, &egress)?;
     let report = Report {
         in_kernel,
+        state,
         ebpf,
         kernel,
         elapsed: started.elapsed(),

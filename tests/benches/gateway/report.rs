@@ -1,6 +1,7 @@
 //! The figures as a table for people and JSON for machines.
 
 use crate::in_kernel::{InKernel, NEW_FLOWS_PER_RUN, PER_RUN, RUNS};
+use crate::state::{FLOWS, NEW_FLOWS, StateAtScale};
 use crate::traffic::{RATE_INTERVAL, RR_ROUNDS, TCP_INTERVAL};
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -55,6 +56,7 @@ const PERCENTILES: [(&str, f64); 3] = [("p50", 0.50), ("p99", 0.99), ("p99_9", 0
 
 pub struct Report {
     pub in_kernel: InKernel,
+    pub state: StateAtScale,
     pub ebpf: EndToEnd,
     pub kernel: EndToEnd,
     pub elapsed: Duration,
@@ -180,8 +182,25 @@ impl Report {
                     "target_p99_met": self.p99_lower(),
                 },
             },
-            // Filled in by the `state` bench, which runs after this one.
-            "state_at_scale": null,
+            "state_at_scale": self.state_json(),
+        })
+    }
+
+    fn state_json(&self) -> Value {
+        let s = &self.state;
+        let mut memory = json!({});
+        for (map, bytes) in s.memory {
+            memory[map] = bytes.into();
+        }
+        json!({
+            "flows": FLOWS,
+            "new_flows_per_s": s.new_flows_per_s(),
+            "new_flows_measured": NEW_FLOWS,
+            "memory_bytes": memory,
+            "gc_sweep_s": {
+                "nothing_expired": s.sweep_nothing_expired.took.as_secs_f64(),
+                "all_expired": s.sweep_all_expired.took.as_secs_f64(),
+            },
         })
     }
 
@@ -261,11 +280,37 @@ impl Report {
         println!("Generator: {GENERATOR}");
         println!("Note: {BASELINE_NOTE}");
         println!();
-        println!(
-            "State at scale (memory at 1M flows, new flows/s, GC sweep at 1M): the `state` bench, \
-             below (not yet in the JSON)"
-        );
+        self.print_state();
+        println!();
         println!("Bench run took {:.0} s", self.elapsed.as_secs_f64());
+    }
+
+    fn print_state(&self) {
+        let s = &self.state;
+        println!("Connection state at {FLOWS} flows (UDP, one mapping each)");
+        println!(
+            "{:<36} {:.0}/s ({} ns each; in-kernel time of BPF_PROG_TEST_RUN, {NEW_FLOWS} flows)",
+            "new flows through the data path",
+            s.new_flows_per_s(),
+            s.new_flow.as_nanos()
+        );
+        for (map, bytes) in s.memory {
+            println!(
+                "{:<36} {:.1} MiB",
+                format!("memory of {map}"),
+                bytes as f64 / f64::from(1 << 20)
+            );
+        }
+        let (keep, expire) = (&s.sweep_nothing_expired, &s.sweep_all_expired);
+        println!(
+            "{:<36} {:.2?} ({} live)",
+            "GC sweep, nothing expired", keep.took, keep.live
+        );
+        println!(
+            "{:<36} {:.2?} ({} flows, {} mappings removed)",
+            "GC sweep, all expired", expire.took, expire.expired, expire.mappings_expired
+        );
+        println!("  (filling the table from userspace took {:.1?})", s.fill);
     }
 }
 

@@ -1,0 +1,133 @@
+//! The daemon's garbage collector on a million flows written into the
+//! pinned state maps: SIGTERM during a sweep ends the daemon cleanly, and
+//! the sweeps remove exactly the expired flows, their mappings and their
+//! client counts, however far a stopped sweep got. Needs root.
+
+#[path = "packets/table.rs"]
+mod table;
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use egress_common::flow::{Flow, FlowKey, PortKey};
+use egress_user::{batch, datapath::State, gc};
+use tests::{Attach, Daemon, Topology, egress_bin, require_root};
+
+const FLOWS: u32 = 1_000_000;
+/// Hang guard only: how long the daemon may take to exit, or to sweep.
+const PATIENCE: Duration = Duration::from_secs(120);
+/// UDP flows idle longer than this expire.
+const UDP_TIMEOUT: &str = "--timeout udp=1s";
+/// Logs every sweep, including those that remove nothing.
+const SWEEP_LOG: &str = "env RUST_LOG=info,egress_user::sweeper=debug";
+
+/// Every even flow is live (stamped an hour ahead, so whatever the
+/// test's pace), every odd one idle since boot.
+fn last_seen(now: u64) -> impl Fn(u32) -> u64 {
+    move |i| match i % 2 {
+        0 => now + 3600 * 1_000_000_000,
+        _ => 0,
+    }
+}
+
+#[test]
+fn sigterm_during_a_sweep_exits_cleanly_and_sweeps_remove_exactly_the_expired_flows() -> Result<()>
+{
+    require_root()?;
+    let bin = egress_bin()?;
+    let topo = Topology::new()?;
+    let result = (|| {
+        // A first run makes the pinned maps.
+        let start =
+            |launcher: &str| topo.start_gateway_under(launcher, &bin, Attach::Tc, UDP_TIMEOUT);
+        start("")?.stop();
+        let dir = topo.lab.state_dir()?;
+        table::fill(&mut pinned(&dir)?, 0..FLOWS, last_seen(gc::monotonic_ns()));
+
+        // Its first sweep starts as it reports ready.
+        let mut gw = start("")?;
+        exits_cleanly(&mut gw)?;
+
+        let mut gw = start(SWEEP_LOG)?;
+        gw.wait_for("swept", PATIENCE)?;
+        exits_cleanly(&mut gw)?;
+        only_live_flows_left(&mut pinned(&dir)?)
+    })();
+    topo.lab.keep_logs_on_err(result)
+}
+
+fn exits_cleanly(gw: &mut Daemon) -> Result<()> {
+    let status = gw.terminate(PATIENCE)?;
+    ensure!(
+        status.success(),
+        "the gateway exited {status} after SIGTERM; its log:\n{}",
+        gw.log()
+    );
+    ensure!(
+        gw.log().contains("detaching"),
+        "no clean shutdown:\n{}",
+        gw.log()
+    );
+    Ok(())
+}
+
+/// The state maps the gateway pinned in `dir`.
+fn pinned(dir: &Path) -> Result<State> {
+    let open = |name: &str| -> Result<Map> {
+        let data = MapData::from_pin(dir.join(name)).with_context(|| format!("open {name}"))?;
+        Ok(Map::from_map_data(data)?)
+    };
+    Ok(State {
+        flows: BpfHashMap::try_from(open("FLOWS")?)?,
+        mappings: BpfHashMap::try_from(open("MAPPINGS")?)?,
+        clients: BpfHashMap::try_from(open("CLIENT_FLOWS")?)?,
+    })
+}
+
+fn only_live_flows_left(state: &mut State) -> Result<()> {
+    let live: Vec<Flow> = (0..FLOWS).step_by(2).map(|i| table::flow(i, 0)).collect();
+    let flows: HashSet<FlowKey> = batch::dump(&state.flows)?
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let want: HashSet<FlowKey> = live
+        .iter()
+        .flat_map(|f| [f.out_key(), f.in_key()])
+        .collect();
+    ensure!(
+        flows == want,
+        "{} flow halves left, {} of them live ones, {} live ones wanted",
+        flows.len(),
+        flows.intersection(&want).count(),
+        want.len()
+    );
+
+    let mappings: HashSet<PortKey> = batch::dump(&state.mappings)?
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let want: HashSet<PortKey> = live
+        .iter()
+        .flat_map(|f| table::mapping(f).map(|(k, _)| k))
+        .collect();
+    ensure!(
+        mappings == want,
+        "{} mapping entries left, {} of them live flows', {} wanted",
+        mappings.len(),
+        mappings.intersection(&want).count(),
+        want.len()
+    );
+
+    let mut want: HashMap<[u8; 4], u64> = HashMap::new();
+    for f in &live {
+        *want.entry(f.client_addr).or_default() += 1;
+    }
+    let counts: HashMap<[u8; 4], u64> = batch::dump(&state.clients)?.into_iter().collect();
+    ensure!(counts == want, "client counts {counts:?}, want {want:?}");
+    Ok(())
+}

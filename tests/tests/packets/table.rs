@@ -1,0 +1,60 @@
+//! A connection table at scale, written straight into the state maps as
+//! the data path would have made it: UDP flows, each from a client
+//! endpoint of its own and so with a mapping of its own. For the GC's
+//! daemon test and the state benchmark.
+
+use std::{collections::HashMap, ops::Range};
+
+use egress_common::flow::{Flow, IPPROTO_UDP, Mapping, PortKey};
+use egress_user::datapath::State;
+
+/// The `i`-th client endpoint and its remote.
+pub fn endpoint(i: u32) -> ([u8; 4], u16, [u8; 4]) {
+    let port = 1024 + (i % 60_000) as u16;
+    let [_, _, hi, lo] = (i / 60_000).to_be_bytes();
+    ([10, 0, 100 + hi, lo], port, [203, 0, 113, (i % 251) as u8])
+}
+
+/// The `i`-th flow, both halves alike, last seen at `last_seen_ns`.
+pub fn flow(i: u32, last_seen_ns: u64) -> Flow {
+    let (client, sport, remote) = endpoint(i);
+    Flow {
+        client_addr: client,
+        // One translation address per 60,000 ports, as a pool would.
+        nat_addr: [10, 1, 2, client[3]],
+        remote_addr: remote,
+        peer_addr: [192, 0, 2, 1],
+        client_port: sport.to_be_bytes(),
+        nat_port: sport.to_be_bytes(),
+        remote_port: 53u16.to_be_bytes(),
+        proto: IPPROTO_UDP,
+        created_ns: last_seen_ns,
+        last_seen_ns,
+        ..Flow::default()
+    }
+}
+
+/// The pair of mapping entries `f` was made from, used at its creation.
+pub fn mapping(f: &Flow) -> [(PortKey, Mapping); 2] {
+    let client = (f.client_addr, f.client_port);
+    Mapping::pair(IPPROTO_UDP, client, (f.nat_addr, f.nat_port), f.created_ns)
+}
+
+/// Inserts the flows numbered `range`, last seen at `last_seen(i)`, with
+/// their mappings, and adds them to their clients' counts.
+pub fn fill(state: &mut State, range: Range<u32>, last_seen: impl Fn(u32) -> u64) {
+    let mut counts: HashMap<[u8; 4], u64> = HashMap::new();
+    for i in range {
+        let f = flow(i, last_seen(i));
+        state.flows.insert(&f.out_key(), &f, 0).unwrap();
+        state.flows.insert(&f.in_key(), &f, 0).unwrap();
+        for (key, value) in mapping(&f) {
+            state.mappings.insert(&key, &value, 0).unwrap();
+        }
+        *counts.entry(f.client_addr).or_default() += 1;
+    }
+    for (client, n) in counts {
+        let before = state.clients.get(&client, 0).unwrap_or(0);
+        state.clients.insert(&client, &(before + n), 0).unwrap();
+    }
+}
