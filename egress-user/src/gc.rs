@@ -277,8 +277,9 @@ fn delete_halves(
     clients: &mut Clients,
 ) -> anyhow::Result<()> {
     for batch in halves.chunks(batch::CHUNK) {
+        stop.check()?;
         let keys: Vec<FlowKey> = batch.iter().map(|(k, _)| *k).collect();
-        delete(flows, &keys, stop)?;
+        batch::delete(flows, &keys)?;
         for (_, f) in batch.iter().filter(|(k, _)| k.dir == DIR_OUT) {
             *clients.removed.entry(f.client_addr).or_default() += 1;
         }

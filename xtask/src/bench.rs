@@ -1,5 +1,6 @@
-//! `cargo xtask bench`: in-kernel and end-to-end figures for the release
-//! gateway, printed as a table and written to target/bench/latest.json.
+//! `cargo xtask bench`: in-kernel, state-at-scale and end-to-end figures
+//! for the release gateway, printed as tables and written to
+//! target/bench/latest.json.
 
 use anyhow::Result;
 
