@@ -8,13 +8,17 @@ mod table;
 
 use std::{
     collections::{HashMap, HashSet},
+    hash::Hash,
     path::Path,
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, ensure};
-use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use egress_common::flow::{Flow, FlowKey, PortKey};
+use aya::{
+    Pod,
+    maps::{HashMap as BpfHashMap, Map, MapData},
+};
+use egress_common::flow::Flow;
 use egress_user::{batch, datapath::State, gc};
 use tests::{Attach, Daemon, Topology, egress_bin, require_root};
 
@@ -49,14 +53,15 @@ fn sigterm_during_a_sweep_exits_cleanly_and_sweeps_remove_exactly_the_expired_fl
         let dir = topo.lab.state_dir()?;
         table::fill(&mut pinned(&dir)?, 0..FLOWS, last_seen(gc::monotonic_ns()));
 
-        // Its first sweep starts as it reports ready.
+        // SIGTERM as it reports ready, while its first sweep (seconds long)
+        // runs.
         let mut gw = start("")?;
         exits_cleanly(&mut gw)?;
 
         let mut gw = start(SWEEP_LOG)?;
         gw.wait_for("swept", PATIENCE)?;
         exits_cleanly(&mut gw)?;
-        only_live_flows_left(&mut pinned(&dir)?)
+        only_live_flows_left(&pinned(&dir)?)
     })();
     topo.lab.keep_logs_on_err(result)
 }
@@ -76,6 +81,23 @@ fn exits_cleanly(gw: &mut Daemon) -> Result<()> {
     Ok(())
 }
 
+/// Whether `map` holds the keys `want` and no others.
+fn exactly<K: Pod + Eq + Hash, V: Pod>(
+    name: &str,
+    map: &BpfHashMap<MapData, K, V>,
+    want: HashSet<K>,
+) -> Result<()> {
+    let keys: HashSet<K> = batch::dump(map)?.into_iter().map(|(k, _)| k).collect();
+    ensure!(
+        keys == want,
+        "{name}: {} entries, {} of them wanted, {} wanted",
+        keys.len(),
+        keys.intersection(&want).count(),
+        want.len()
+    );
+    Ok(())
+}
+
 /// The state maps the gateway pinned in `dir`.
 fn pinned(dir: &Path) -> Result<State> {
     let open = |name: &str| -> Result<Map> {
@@ -89,39 +111,12 @@ fn pinned(dir: &Path) -> Result<State> {
     })
 }
 
-fn only_live_flows_left(state: &mut State) -> Result<()> {
+fn only_live_flows_left(state: &State) -> Result<()> {
     let live: Vec<Flow> = (0..FLOWS).step_by(2).map(|i| table::flow(i, 0)).collect();
-    let flows: HashSet<FlowKey> = batch::dump(&state.flows)?
-        .into_iter()
-        .map(|(k, _)| k)
-        .collect();
-    let want: HashSet<FlowKey> = live
-        .iter()
-        .flat_map(|f| [f.out_key(), f.in_key()])
-        .collect();
-    ensure!(
-        flows == want,
-        "{} flow halves left, {} of them live ones, {} live ones wanted",
-        flows.len(),
-        flows.intersection(&want).count(),
-        want.len()
-    );
-
-    let mappings: HashSet<PortKey> = batch::dump(&state.mappings)?
-        .into_iter()
-        .map(|(k, _)| k)
-        .collect();
-    let want: HashSet<PortKey> = live
-        .iter()
-        .flat_map(|f| table::mapping(f).map(|(k, _)| k))
-        .collect();
-    ensure!(
-        mappings == want,
-        "{} mapping entries left, {} of them live flows', {} wanted",
-        mappings.len(),
-        mappings.intersection(&want).count(),
-        want.len()
-    );
+    let halves = live.iter().flat_map(|f| [f.out_key(), f.in_key()]);
+    exactly("FLOWS", &state.flows, halves.collect())?;
+    let mappings = live.iter().flat_map(|f| table::mapping(f).map(|(k, _)| k));
+    exactly("MAPPINGS", &state.mappings, mappings.collect())?;
 
     let mut want: HashMap<[u8; 4], u64> = HashMap::new();
     for f in &live {
