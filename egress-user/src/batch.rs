@@ -100,11 +100,8 @@ pub fn batches<T: Borrow<MapData>, K: Pod, V: Pod>(
             }
         }
         let n = a.count as usize;
-        Some(Ok(keys[..n]
-            .iter()
-            .copied()
-            .zip(values[..n].iter().copied())
-            .collect()))
+        let batch = keys[..n].iter().copied().zip(values[..n].iter().copied());
+        Some(Ok(batch.collect()))
     })
 }
 

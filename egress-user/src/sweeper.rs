@@ -41,20 +41,7 @@ impl Sweeper {
             let stop = stop.clone();
             move || {
                 loop {
-                    match gc::sweep(&mut state, &timeouts, gc::monotonic_ns(), &stop) {
-                        Ok(s) => {
-                            if let Some(m) = &metrics {
-                                m.record_sweep(&s);
-                            }
-                            log(&s);
-                        }
-                        Err(_) if stop.requested() => {
-                            tracing::info!(
-                                "shutdown stopped a sweep part way; the next run finishes it"
-                            );
-                        }
-                        Err(e) => tracing::warn!("flow table sweep failed: {e:#}"),
-                    }
+                    sweep(&mut state, &timeouts, &stop, metrics.as_deref());
                     // Woken early only to stop.
                     if woken.recv_timeout(interval) != Err(RecvTimeoutError::Timeout) {
                         return;
@@ -70,7 +57,22 @@ impl Sweeper {
     }
 }
 
-fn log(s: &gc::Sweep) {
+/// One sweep, recorded and logged.
+fn sweep(state: &mut State, timeouts: &Timeouts, stop: &Stop, metrics: Option<&Collector>) {
+    let s = match gc::sweep(state, timeouts, gc::monotonic_ns(), stop) {
+        Ok(s) => s,
+        Err(_) if stop.requested() => {
+            tracing::info!("shutdown stopped a sweep part way; the next run finishes it");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!("flow table sweep failed: {e:#}");
+            return;
+        }
+    };
+    if let Some(m) = metrics {
+        m.record_sweep(&s);
+    }
     if s.expired + s.mappings_expired > 0 {
         tracing::info!(
             expired = s.expired,
