@@ -15,4 +15,5 @@ pub mod mss;
 pub mod ports;
 pub mod reason;
 pub mod rewrite;
+pub mod route;
 pub mod tcp;

@@ -1,5 +1,5 @@
 //! Next hop from the kernel's FIB (`bpf_fib_lookup`), remembered per
-//! route in [`ROUTES`](crate::maps::ROUTES).
+//! route in [`ROUTES`](crate::maps::ROUTES), a direct-mapped cache per CPU.
 //!
 //! The FIB lookup is the most expensive step of an established packet
 //! (about half its cost), yet its answer only changes when the host's
@@ -14,10 +14,13 @@ use aya_ebpf::bindings::{
 };
 use aya_ebpf::helpers::bpf_fib_lookup as bpf_fib_lookup_helper;
 use core::{ffi::c_void, mem::size_of};
-use egress_common::reason::Reason;
+use egress_common::{
+    reason::Reason,
+    route::{Route, RouteKey},
+};
 
 use crate::{
-    maps::{self, ROUTES, Route, RouteKey},
+    maps::{self, ROUTES},
     packet::Hook,
 };
 
@@ -55,36 +58,28 @@ pub fn lookup<H: Hook>(
     proto: u8,
     tot_len: u16,
 ) -> Result<NextHop, Reason> {
-    let key = RouteKey {
-        src,
-        dst,
-        ifindex: hook.ingress_ifindex(),
-        proto,
-        _pad: [0; 3],
-    };
+    let key = RouteKey::new(src, dst, hook.ingress_ifindex(), proto);
+    let slot = key.slot();
     let generation = maps::routes_generation();
-    let fits = |r: &Route| r.generation == generation && tot_len <= r.mtu;
-    // SAFETY (both reads): values are only ever replaced whole.
-    let route = match unsafe { ROUTES.get(&key) } {
-        Some(r) if fits(r) => r,
-        _ => {
-            let answer = ask_kernel(hook.ctx(), &key, tot_len, generation);
-            if answer < 0 {
+    let answer = |slot| ROUTES.get(slot).filter(|r| r.answers(&key, generation, tot_len));
+    let route = match answer(slot) {
+        Some(r) => r,
+        None => {
+            let code = ask_kernel(hook.ctx(), &key, slot, tot_len, generation);
+            if code < 0 {
                 return Err(Reason::Internal);
             }
-            match answer as u32 {
-                BPF_FIB_LKUP_RET_SUCCESS => match unsafe { ROUTES.get(&key) } {
-                    Some(r) if fits(r) => r,
-                    // Not remembered (no room): the kernel forwards this one.
-                    _ => return Ok(NextHop::Unresolved),
-                },
+            match code as u32 {
+                BPF_FIB_LKUP_RET_SUCCESS => {
+                    answer(slot).ok_or(Reason::Internal)?
+                }
                 BPF_FIB_LKUP_RET_NO_NEIGH => return Ok(NextHop::Unresolved),
                 BPF_FIB_LKUP_RET_BLACKHOLE
                 | BPF_FIB_LKUP_RET_UNREACHABLE
                 | BPF_FIB_LKUP_RET_PROHIBIT => return Err(Reason::NoRoute),
                 BPF_FIB_LKUP_RET_FRAG_NEEDED => {
                     return Ok(NextHop::TooBig {
-                        mtu: (answer >> 32) as u16,
+                        mtu: (code >> 32) as u16,
                     });
                 }
                 // Local destination, forwarding disabled on the interface,
@@ -101,23 +96,23 @@ pub fn lookup<H: Hook>(
 }
 
 /// `bpf_fib_lookup` for `key` and a packet of `tot_len` bytes; a resolved
-/// answer goes into [`ROUTES`] with the largest packet known to fit. Returns
-/// the helper's code, negative if it failed, with a "fragmentation needed"
-/// MTU in bits 32..48.
+/// answer goes into this CPU's [`ROUTES`] `slot` with the largest packet
+/// known to fit. Returns the helper's code, negative if it failed, with a
+/// "fragmentation needed" MTU in bits 32..48.
 ///
 /// Not inlined: the lookup's 64-byte argument would otherwise sit on the
 /// stack of every path that routes, past the BPF stack limit.
 #[inline(never)]
-fn ask_kernel(ctx: *mut c_void, key: &RouteKey, tot_len: u16, generation: u64) -> i64 {
+fn ask_kernel(ctx: *mut c_void, key: &RouteKey, slot: u32, tot_len: u16, generation: u64) -> i64 {
     // SAFETY: bpf_fib_lookup is plain old data; all-zero is its documented
     // "unset" state.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
-    p.l4_protocol = key.proto;
+    p.l4_protocol = key.proto as u8;
     p.__bindgen_anon_1.tot_len = tot_len;
     p.ifindex = key.ifindex;
-    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(key.src);
-    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(key.dst);
+    p.__bindgen_anon_3.ipv4_src = key.src;
+    p.__bindgen_anon_4.ipv4_dst = key.dst;
     // SAFETY: `p` is a valid, exclusively borrowed lookup struct and the
     // context is the running program's.
     let rc = unsafe { bpf_fib_lookup_helper(ctx, &mut p, size_of::<bpf_fib_lookup>() as i32, 0) };
@@ -131,6 +126,7 @@ fn ask_kernel(ctx: *mut c_void, key: &RouteKey, tot_len: u16, generation: u64) -
         BPF_FIB_LKUP_RET_SUCCESS => {
             let macs = unsafe { p.__bindgen_anon_6.__bindgen_anon_2 };
             let route = Route {
+                key: *key,
                 src_mac: macs.smac,
                 dst_mac: macs.dmac,
                 ifindex: p.ifindex,
@@ -138,9 +134,11 @@ fn ask_kernel(ctx: *mut c_void, key: &RouteKey, tot_len: u16, generation: u64) -
                 _pad: [0; 2],
                 generation,
             };
-            // Replaced whole, never written in place: a reader on another
-            // CPU sees the old answer or the new one, not a mix.
-            let _ = ROUTES.insert(key, &route, 0);
+            // This CPU's own slot: no other reader or writer.
+            if let Some(entry) = ROUTES.get_ptr_mut(slot) {
+                // SAFETY: a valid, aligned map value of this CPU.
+                unsafe { *entry = route };
+            }
             rc
         }
         BPF_FIB_LKUP_RET_FRAG_NEEDED => rc | i64::from(mtu) << 32,

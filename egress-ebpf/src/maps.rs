@@ -10,6 +10,7 @@ use egress_common::{
     flow::{Flow, FlowKey, Mapping, PortKey},
     fragment::{FragEntry, FragKey},
     reason::Reason,
+    route::{ROUTE_SLOTS, Route},
 };
 
 // The connection state (`FLOWS`, `MAPPINGS`, `CLIENT_FLOWS`) and the
@@ -43,33 +44,10 @@ pub static CLIENT_FLOWS: HashMap<[u8; 4], u64> = HashMap::pinned(1024, BPF_F_NO_
 #[map]
 pub static FRAGMENTS: LruHashMap<FragKey, FragEntry> = LruHashMap::with_max_entries(16384, 0);
 
-/// What a FIB lookup is asked: the packet's addresses and protocol and the
-/// interface it arrived on.
-#[repr(C)]
-pub struct RouteKey {
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
-    pub ifindex: u32,
-    pub proto: u8,
-    pub _pad: [u8; 3],
-}
-
-/// A resolved FIB answer, valid while its generation is current and for
-/// packets of up to `mtu` bytes.
-#[repr(C)]
-pub struct Route {
-    pub src_mac: [u8; 6],
-    pub dst_mac: [u8; 6],
-    pub ifindex: u32,
-    pub mtu: u16,
-    pub _pad: [u8; 2],
-    pub generation: u64,
-}
-
-/// Remembered FIB answers (see `fib`). An LRU: a route evicted is only
-/// looked up again. Not pinned: a new program starts with none.
+/// Remembered FIB answers, a direct-mapped cache per CPU (see
+/// `egress_common::route`). Not pinned: a new program starts with none.
 #[map]
-pub static ROUTES: LruHashMap<RouteKey, Route> = LruHashMap::with_max_entries(65536, 0);
+pub static ROUTES: PerCpuArray<Route> = PerCpuArray::with_max_entries(ROUTE_SLOTS, 0);
 
 /// The routing generation, bumped by the daemon whenever routes,
 /// neighbours, links or addresses change: [`ROUTES`] entries of an older
