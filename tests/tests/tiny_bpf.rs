@@ -4,8 +4,9 @@
 use std::net::Ipv4Addr;
 use tests::ipip::{self, checksum};
 use tests::require_root;
-use tests::tiny_bpf::{Hook, Program, programs};
+use tests::tiny_bpf::{HashMap, Hook, Program, programs};
 
+const XDP_ABORTED: u32 = 0;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const TC_ACT_OK: u32 = 0;
@@ -51,6 +52,28 @@ fn mac_swap_swaps_and_transmits() {
     assert_eq!(verdict, XDP_TX);
     assert_eq!((&out[..6], &out[6..12]), (&input[6..12], &input[..6]));
     assert_eq!(out[12..], input[12..]);
+}
+
+#[test]
+fn flow_lookup_transmits_only_flows_in_its_map() {
+    require_root().unwrap();
+    let known = frame(&udp(CLIENT, 18));
+    let unknown = frame(&udp(LOCAL, 18));
+    // CLIENT -> 203.0.113.10, ports 12345 -> 9, UDP; padded to 16 bytes.
+    let key = [
+        192, 168, 250, 2, 203, 0, 113, 10, 0x30, 0x39, 0, 9, 17, 0, 0, 0,
+    ];
+    assert_eq!(programs::flow_lookup_key(&known), key);
+    let flows = HashMap::new(16, 8, 1024).unwrap();
+    flows.insert(&key, &[0; 8]).unwrap();
+    let insns = programs::flow_lookup(&flows);
+
+    let (verdict, out) = run(Hook::Xdp, &insns, &known);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!((&out[..6], &out[6..12]), (&known[6..12], &known[..6]));
+    assert_eq!(out[12..], known[12..]);
+    let (verdict, out) = run(Hook::Xdp, &insns, &unknown);
+    assert_eq!((verdict, out), (XDP_ABORTED, unknown));
 }
 
 #[test]

@@ -5,8 +5,9 @@
 use crate::frames::{Ip, L4, encapsulate, ethernet, icmp_error, ip_packet};
 use crate::gateway::*;
 use crate::report::Series;
+use egress_common::flow::Flow;
 use egress_user::settings::PortRange;
-use tests::tiny_bpf::{Hook, Program, programs};
+use tests::tiny_bpf::{HashMap, Hook, Program, programs};
 
 /// Runs of `PER_RUN` single packets; each figure is the median of the
 /// runs' medians.
@@ -23,6 +24,7 @@ const XDP_TX: u32 = 3;
 
 pub struct InKernel {
     pub mac_swap_floor: Series,
+    pub flow_lookup_floor: Series,
     pub outbound: Series,
     pub inbound: Series,
     pub new_flow: Series,
@@ -62,8 +64,9 @@ fn new_flow_frame(n: usize) -> Vec<u8> {
 
 pub fn measure() -> InKernel {
     // Room for every new flow of every run: the tables never fill.
+    let max_flows = (RUNS * NEW_FLOWS_PER_RUN).next_power_of_two() as u32;
     let mut gw = Gateway::with(crate::gateway::Hook::Xdp, |p| {
-        p.max_flows = (RUNS * NEW_FLOWS_PER_RUN).next_power_of_two() as u32;
+        p.max_flows = max_flows;
         p.ports = ALL_PORTS;
     });
     let floor = Program::load(Hook::Xdp, &programs::mac_swap()).expect("load MAC swap");
@@ -87,10 +90,20 @@ pub fn measure() -> InKernel {
         GW_MAC,
         &icmp_error(Ip::new(SERVER, GW), unreachable, &sent),
     );
+    // The floor plus what no translator can skip: one lookup in a hash
+    // map the size of the gateway's flow table, entries as large.
+    let flows = HashMap::new(16, size_of::<Flow>(), 2 * max_flows).expect("create flow map");
+    let key = programs::flow_lookup_key(&inbound);
+    flows
+        .insert(&key, &[0; size_of::<Flow>()])
+        .expect("insert flow");
+    let lookup_floor =
+        Program::load(Hook::Xdp, &programs::flow_lookup(&flows)).expect("load flow lookup");
     let mut out = vec![0u8; 2048];
 
     let mut figures = InKernel {
         mac_swap_floor: Series::default(),
+        flow_lookup_floor: Series::default(),
         outbound: Series::default(),
         inbound: Series::default(),
         new_flow: Series::default(),
@@ -98,12 +111,15 @@ pub fn measure() -> InKernel {
     };
     // Series interleaved run by run, so drift on a shared machine hits all alike.
     for run in 0..RUNS {
-        figures
-            .mac_swap_floor
-            .push(run_median((0..PER_RUN).map(|_| {
-                let r = floor.test_run(&outbound, &mut out).expect("run MAC swap");
+        for (series, prog) in [
+            (&mut figures.mac_swap_floor, &floor),
+            (&mut figures.flow_lookup_floor, &lookup_floor),
+        ] {
+            series.push(run_median((0..PER_RUN).map(|_| {
+                let r = prog.test_run(&inbound, &mut out).expect("run floor");
                 (r.verdict, r.duration)
             })));
+        }
         for (series, frame) in [
             (&mut figures.outbound, &outbound),
             (&mut figures.inbound, &inbound),

@@ -1,6 +1,6 @@
 //! Just enough of an eBPF assembler for the programs in `programs`:
 //! 64-bit ALU, loads and stores, forward jumps to the program's last
-//! instruction, helper calls.
+//! instruction, helper calls, map references.
 
 /// One eBPF instruction as the kernel reads it (`struct bpf_insn`).
 #[repr(C)]
@@ -22,6 +22,8 @@ pub const R4: Reg = 4;
 pub const R5: Reg = 5;
 pub const R6: Reg = 6;
 pub const R7: Reg = 7;
+/// The read-only frame pointer: the stack lies below it.
+pub const R10: Reg = 10;
 
 /// Access width of a load or store.
 #[derive(Clone, Copy)]
@@ -135,6 +137,19 @@ impl Asm {
     /// Goes to the final `exit` if `reg` is not zero.
     pub fn exit_if_nonzero(&mut self, reg: Reg) -> &mut Self {
         self.op(0x55, reg, 0, TO_EXIT, 0)
+    }
+
+    /// Goes to the final `exit` if `reg` is zero.
+    pub fn exit_if_zero(&mut self, reg: Reg) -> &mut Self {
+        self.op(0x15, reg, 0, TO_EXIT, 0)
+    }
+
+    /// `dst` = the map whose file descriptor is `fd` (a two-slot `ld_imm64`
+    /// the kernel resolves at load time).
+    pub fn load_map(&mut self, dst: Reg, fd: i32) -> &mut Self {
+        const BPF_PSEUDO_MAP_FD: Reg = 1;
+        self.op(0x18, dst, BPF_PSEUDO_MAP_FD, 0, fd)
+            .op(0, 0, 0, 0, 0)
     }
 
     pub fn call(&mut self, helper: i32) -> &mut Self {

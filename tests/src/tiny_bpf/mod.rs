@@ -1,7 +1,7 @@
 //! Tiny BPF programs in raw bytecode, loaded and attached with bpf(2), for
 //! the lab's plumbing: the router's `XDP_PASS`, and the benchmark's
-//! traffic generator, sink, MAC-swap floor and kernel-speed IP-in-IP client
-//! (`programs`). No ELF objects and no second BPF toolchain needed.
+//! traffic generator, sink, MAC-swap floor (alone and with one hash map
+//! lookup) and kernel-speed IP-in-IP client (`programs`). No ELF objects and no second BPF toolchain needed.
 //!
 //! Why the router's veth toward the gateway needs `XDP_PASS` (GRO alone is
 //! not enough): native XDP_TX on the gateway's veth queues frames on the
@@ -19,9 +19,12 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
@@ -37,6 +40,27 @@ pub enum Hook {
     Xdp,
     /// tcx egress (clsact's successor), ahead of the device's transmit.
     TcxEgress,
+}
+
+/// Leading fields of `union bpf_attr` for BPF_MAP_CREATE.
+#[repr(C)]
+#[derive(Default)]
+struct MapCreate {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+/// `union bpf_attr` for BPF_MAP_UPDATE_ELEM.
+#[repr(C)]
+struct MapUpdate {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
 }
 
 /// Leading fields of `union bpf_attr` for BPF_PROG_LOAD; the kernel zero-fills the rest.
@@ -104,6 +128,56 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i32> {
 fn new_fd(fd: i32) -> OwnedFd {
     // SAFETY: the kernel returned a new file descriptor that nothing else owns.
     unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// A BPF hash map for programs to look keys up in (`Asm::load_map`).
+pub struct HashMap {
+    fd: OwnedFd,
+    key_size: usize,
+    value_size: usize,
+}
+
+impl HashMap {
+    pub fn new(key_size: usize, value_size: usize, max_entries: u32) -> Result<Self> {
+        let mut attr = MapCreate {
+            map_type: BPF_MAP_TYPE_HASH,
+            key_size: key_size as u32,
+            value_size: value_size as u32,
+            max_entries,
+            ..Default::default()
+        };
+        let fd = bpf(BPF_MAP_CREATE, &mut attr).context("BPF_MAP_CREATE")?;
+        Ok(Self {
+            fd: new_fd(fd),
+            key_size,
+            value_size,
+        })
+    }
+
+    pub fn insert(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        anyhow::ensure!(
+            key.len() == self.key_size && value.len() == self.value_size,
+            "a {}-byte key and {}-byte value for a map of {} and {}",
+            key.len(),
+            value.len(),
+            self.key_size,
+            self.value_size
+        );
+        let mut attr = MapUpdate {
+            map_fd: self.fd.as_raw_fd() as u32,
+            _pad: 0,
+            key: key.as_ptr() as u64,
+            value: value.as_ptr() as u64,
+            flags: 0,
+        };
+        bpf(BPF_MAP_UPDATE_ELEM, &mut attr).context("BPF_MAP_UPDATE_ELEM")?;
+        Ok(())
+    }
+
+    /// For `Asm::load_map`; the kernel takes its own reference at load.
+    pub fn fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
 }
 
 pub struct TestRunResult {

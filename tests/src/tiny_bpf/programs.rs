@@ -1,6 +1,7 @@
 //! The programs themselves. Each loads with `Program::load` on its hook.
 
-use super::asm::{Asm, Insn, R0, R1, R2, R3, R4, R5, R6, R7, Size};
+use super::HashMap;
+use super::asm::{Asm, Insn, R0, R1, R2, R3, R4, R5, R6, R7, R10, Reg, Size};
 use crate::ipip;
 use std::net::Ipv4Addr;
 
@@ -9,6 +10,7 @@ const XDP_PASS: i32 = 2;
 const XDP_TX: i32 = 3;
 const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
+const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
 const BPF_FUNC_XDP_ADJUST_HEAD: i32 = 44;
 const BPF_FUNC_SKB_ADJUST_ROOM: i32 = 50;
 const BPF_ADJ_ROOM_MAC: i32 = 1;
@@ -51,17 +53,62 @@ pub fn mac_swap() -> Vec<Insn> {
     a.mov_imm(R0, XDP_DROP)
         .load(Size::W, R2, R1, XDP_DATA)
         .load(Size::W, R3, R1, XDP_DATA_END)
-        .exit_if_shorter(R2, R3, ETH_LEN.into(), R4)
-        .load(Size::W, R4, R2, 0)
-        .load(Size::H, R5, R2, 4)
-        .load(Size::W, R1, R2, 6)
-        .load(Size::H, R3, R2, 10)
-        .store(Size::W, R2, 0, R1)
-        .store(Size::H, R2, 4, R3)
-        .store(Size::W, R2, 6, R4)
-        .store(Size::H, R2, 10, R5)
-        .mov_imm(R0, XDP_TX);
+        .exit_if_shorter(R2, R3, ETH_LEN.into(), R4);
+    swap_and_transmit(&mut a, R2);
     a.finish()
+}
+
+/// XDP: [`mac_swap`] once the frame's flow (IPv4 source and destination,
+/// the 4 bytes after a 20-byte header, protocol, zero-padded to 16 bytes)
+/// is found in `flows`, a hash map with 16-byte keys; the floor of a
+/// translator that looks up one flow per packet. Drops frames too short
+/// for it, `XDP_ABORTED` for a flow not in the map.
+pub fn flow_lookup(flows: &HashMap) -> Vec<Insn> {
+    const KEY: i16 = -16;
+    let mut a = Asm::default();
+    a.mov_imm(R0, XDP_DROP)
+        .load(Size::W, R6, R1, XDP_DATA)
+        .load(Size::W, R3, R1, XDP_DATA_END)
+        .exit_if_shorter(R6, R3, (ETH_LEN + IP_LEN + 4).into(), R4)
+        .load(Size::W, R4, R6, IP_SRC)
+        .store(Size::W, R10, KEY, R4)
+        .load(Size::W, R4, R6, IP_SRC + 4)
+        .store(Size::W, R10, KEY + 4, R4)
+        .load(Size::W, R4, R6, ETH_LEN + IP_LEN)
+        .store(Size::W, R10, KEY + 8, R4)
+        .load(Size::B, R4, R6, IP_PROTO)
+        .store(Size::W, R10, KEY + 12, R4)
+        .load_map(R1, flows.fd())
+        .mov(R2, R10)
+        .add_imm(R2, KEY.into())
+        .call(BPF_FUNC_MAP_LOOKUP_ELEM)
+        .exit_if_zero(R0);
+    swap_and_transmit(&mut a, R6);
+    a.finish()
+}
+
+/// The key [`flow_lookup`] looks up for `frame`.
+pub fn flow_lookup_key(frame: &[u8]) -> [u8; 16] {
+    let (src, l4) = (IP_SRC as usize, (ETH_LEN + IP_LEN) as usize);
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&frame[src..src + 8]);
+    key[8..12].copy_from_slice(&frame[l4..l4 + 4]);
+    key[12] = frame[IP_PROTO as usize];
+    key
+}
+
+/// Swaps the Ethernet addresses of the frame at `data` (14 bytes checked)
+/// and returns `XDP_TX`.
+fn swap_and_transmit(a: &mut Asm, data: Reg) {
+    a.load(Size::W, R4, data, 0)
+        .load(Size::H, R5, data, 4)
+        .load(Size::W, R1, data, 6)
+        .load(Size::H, R3, data, 10)
+        .store(Size::W, data, 0, R1)
+        .store(Size::H, data, 4, R3)
+        .store(Size::W, data, 6, R4)
+        .store(Size::H, data, 10, R5)
+        .mov_imm(R0, XDP_TX);
 }
 
 /// XDP, for BPF_PROG_TEST_RUN's live-frames mode: writes `frame` over the
