@@ -7,7 +7,7 @@ use crate::netns::{Lab, exec};
 use crate::tiny_bpf::{Hook, Program, programs};
 use anyhow::Result;
 use std::net::Ipv4Addr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -38,7 +38,7 @@ impl Attach {
 /// Four namespaces: the client and server reach each other only through the
 /// gateway, via the router that joins all three.
 pub struct Topology {
-    _router_xdp: OwnedFd,
+    router_xdp: OwnedFd,
     pub lab: Lab,
     pub router: String,
     pub gateway: String,
@@ -84,7 +84,7 @@ impl Topology {
             &format!("ip route add {INTERNET_CIDR} dev {TUN_IFACE} src {CLIENT_TUN_IP}"),
         )?;
         Ok(Self {
-            _router_xdp: router_xdp,
+            router_xdp,
             lab,
             router,
             gateway,
@@ -102,8 +102,14 @@ impl Topology {
 
     /// Creates the link between router and gateway again, as it was.
     pub fn relink_gateway(&mut self) -> Result<()> {
-        self._router_xdp = link_gateway(&self.router, &self.gateway)?;
+        self.router_xdp = link_gateway(&self.router, &self.gateway)?;
         Ok(())
+    }
+
+    /// The link running `XDP_PASS` on the router's veth toward the
+    /// gateway, for a caller to put another program in its place.
+    pub fn router_gateway_xdp(&self) -> BorrowedFd<'_> {
+        self.router_xdp.as_fd()
     }
 
     /// The client's tunnel endpoint, peering with the gateway.

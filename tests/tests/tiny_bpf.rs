@@ -1,14 +1,17 @@
 //! The lab's raw-bytecode programs (`tests::tiny_bpf`) pass the verifier and
-//! do what they say, checked with BPF_PROG_TEST_RUN. Need root.
+//! do what they say, checked with BPF_PROG_TEST_RUN; a link's program can be
+//! replaced. Need root.
 
 use std::net::Ipv4Addr;
+use std::os::fd::AsFd;
 use tests::ipip::{self, checksum};
-use tests::require_root;
 use tests::tiny_bpf::{HashMap, Hook, Program, programs};
+use tests::{Attachments, Lab, exec, require_root};
 
 const XDP_ABORTED: u32 = 0;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
 const TC_ACT_OK: u32 = 0;
 const ETH: [u8; 14] = [1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 0x08, 0x00];
 const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 250, 2);
@@ -77,6 +80,16 @@ fn flow_lookup_transmits_only_flows_in_its_map() {
 }
 
 #[test]
+fn forward_rewrites_the_macs_and_redirects() {
+    let input = frame(&udp(CLIENT, 18));
+    let (dst, src) = ([0x0a, 0, 0, 0, 0, 1], [0x0a, 0, 0, 0, 0, 2]);
+    let (verdict, out) = run(Hook::Xdp, &programs::forward(dst, src, 1), &input);
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!((&out[..6], &out[6..12]), (&dst[..], &src[..]));
+    assert_eq!(out[12..], input[12..]);
+}
+
+#[test]
 fn send_frame_writes_the_template() {
     let template = frame(&udp(CLIENT, 19));
     let (verdict, out) = run(
@@ -126,4 +139,19 @@ fn encap_leaves_other_sources_alone() {
     let encap = programs::ipip_encap(CLIENT, LOCAL, REMOTE);
     let (verdict, out) = run(Hook::TcxEgress, &encap, &input);
     assert_eq!((verdict, out), (TC_ACT_OK, input));
+}
+
+#[test]
+fn replace_swaps_the_program_a_link_runs() -> anyhow::Result<()> {
+    require_root()?;
+    let mut lab = Lab::new()?;
+    let ns = lab.add_ns("replace")?;
+    exec(&ns, "ip link add xa type veth peer name xb")?;
+    let link = Program::load(Hook::Xdp, &programs::pass())?.attach(&ns, "xa")?;
+    let before = Attachments::of(&ns, "xa")?.xdp;
+    Program::load(Hook::Xdp, &programs::drop_all())?.replace(link.as_fd())?;
+    let after = Attachments::of(&ns, "xa")?.xdp;
+    assert!(before.is_some() && after.is_some(), "{before:?} {after:?}");
+    assert_ne!(before, after, "another program runs");
+    Ok(())
 }

@@ -1,7 +1,8 @@
 //! Tiny BPF programs in raw bytecode, loaded and attached with bpf(2), for
 //! the lab's plumbing: the router's `XDP_PASS`, and the benchmark's
 //! traffic generator, sink, MAC-swap floor (alone and with one hash map
-//! lookup) and kernel-speed IP-in-IP client (`programs`). No ELF objects and no second BPF toolchain needed.
+//! lookup), kernel-speed IP-in-IP client and XDP forwarder (`programs`).
+//! No ELF objects and no second BPF toolchain needed.
 //!
 //! Why the router's veth toward the gateway needs `XDP_PASS` (GRO alone is
 //! not enough): native XDP_TX on the gateway's veth queues frames on the
@@ -16,7 +17,7 @@ use crate::netns::in_netns;
 use anyhow::{Context, Result};
 use asm::Insn;
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 const BPF_MAP_CREATE: libc::c_long = 0;
@@ -24,6 +25,7 @@ const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 const BPF_PROG_TYPE_XDP: u32 = 6;
@@ -87,6 +89,14 @@ struct LinkCreate {
     target_ifindex: u32,
     attach_type: u32,
     flags: u32,
+}
+
+#[repr(C)]
+struct LinkUpdate {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
 }
 
 /// `union bpf_attr` for BPF_PROG_TEST_RUN.
@@ -241,6 +251,19 @@ impl Program {
                 .with_context(|| format!("attach to {iface} in {ns}"))?;
             Ok(new_fd(fd))
         })?
+    }
+
+    /// Puts this program in place of the one `link` runs, in one step:
+    /// the interface is never without a program.
+    pub fn replace(&self, link: BorrowedFd) -> Result<()> {
+        let mut update = LinkUpdate {
+            link_fd: link.as_raw_fd() as u32,
+            new_prog_fd: self.fd.as_raw_fd() as u32,
+            flags: 0,
+            old_prog_fd: 0,
+        };
+        bpf(BPF_LINK_UPDATE, &mut update).context("replace a link's program")?;
+        Ok(())
     }
 
     /// One BPF_PROG_TEST_RUN of `frame`; `out` receives the frame as left.

@@ -11,6 +11,7 @@ const XDP_TX: i32 = 3;
 const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
 const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
+const BPF_FUNC_REDIRECT: i32 = 23;
 const BPF_FUNC_XDP_ADJUST_HEAD: i32 = 44;
 const BPF_FUNC_SKB_ADJUST_ROOM: i32 = 50;
 const BPF_ADJ_ROOM_MAC: i32 = 1;
@@ -109,6 +110,22 @@ fn swap_and_transmit(a: &mut Asm, data: Reg) {
         .store(Size::W, data, 6, R4)
         .store(Size::H, data, 10, R5)
         .mov_imm(R0, XDP_TX);
+}
+
+/// XDP: a static switch port: every frame gets Ethernet destination `dst`
+/// and source `src` and leaves by interface `ifindex` (`XDP_REDIRECT`).
+/// No lookup and no TTL decrement: the least a forwarder does.
+pub fn forward(dst: [u8; 6], src: [u8; 6], ifindex: u32) -> Vec<Insn> {
+    let mut a = Asm::default();
+    a.mov_imm(R0, XDP_DROP)
+        .load(Size::W, R2, R1, XDP_DATA)
+        .load(Size::W, R3, R1, XDP_DATA_END)
+        .exit_if_shorter(R2, R3, ETH_LEN.into(), R4)
+        .store_bytes(R2, 0, &[dst, src].concat())
+        .mov_imm(R1, ifindex as i32)
+        .mov_imm(R2, 0)
+        .call(BPF_FUNC_REDIRECT);
+    a.finish()
 }
 
 /// XDP, for BPF_PROG_TEST_RUN's live-frames mode: writes `frame` over the
