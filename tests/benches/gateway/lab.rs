@@ -8,7 +8,7 @@
 
 use crate::frames::{Ip, L4, encapsulate, ethernet, ip_packet};
 use anyhow::Result;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use tests::addrs::*;
 use tests::tiny_bpf::{Hook, Program, programs};
@@ -42,6 +42,8 @@ impl Kind {
 /// Fields drop in order: links and the daemon before the namespaces.
 pub struct BenchLab {
     _links: Vec<OwnedFd>,
+    /// `XDP_PASS` on the router's veth toward the client.
+    router_client_xdp: OwnedFd,
     _gateway: Option<Daemon>,
     pub topo: Topology,
     pub kind: Kind,
@@ -63,8 +65,9 @@ impl BenchLab {
                  src {CLIENT_TUN_IP} mtu {TUN_MTU}"
             ),
         )?;
-        let mut links =
-            vec![Program::load(Hook::Xdp, &programs::pass())?.attach(router, ROUTER_CLIENT_IFACE)?];
+        let router_client_xdp =
+            Program::load(Hook::Xdp, &programs::pass())?.attach(router, ROUTER_CLIENT_IFACE)?;
+        let mut links = Vec::new();
         let gateway = match kind {
             Kind::Ebpf => {
                 let encap = programs::ipip_encap(CLIENT_TUN_IP, CLIENT_UNDERLAY_IP, GATEWAY_IP);
@@ -84,12 +87,19 @@ impl BenchLab {
         let router_mac = mac(router, ROUTER_CLIENT_IFACE)?;
         Ok(Self {
             _links: links,
+            router_client_xdp,
             _gateway: gateway,
             topo,
             kind,
             client_mac,
             router_mac,
         })
+    }
+
+    /// The link running `XDP_PASS` on the router's veth toward the client,
+    /// for a caller to put another program in its place.
+    pub fn router_client_xdp(&self) -> BorrowedFd<'_> {
+        self.router_client_xdp.as_fd()
     }
 
     /// A small UDP packet of flow `sport` as the client puts it on the wire
@@ -150,7 +160,8 @@ fn kernel_nat(topo: &Topology) -> Result<()> {
     Ok(())
 }
 
-fn mac(ns: &str, iface: &str) -> Result<[u8; 6]> {
+/// The MAC address of `iface` in `ns`.
+pub fn mac(ns: &str, iface: &str) -> Result<[u8; 6]> {
     let text = exec(ns, &format!("cat /sys/class/net/{iface}/address"))?;
     let mut mac = [0u8; 6];
     for (byte, hex) in mac.iter_mut().zip(text.trim().split(':')) {
@@ -161,10 +172,17 @@ fn mac(ns: &str, iface: &str) -> Result<[u8; 6]> {
 
 /// Packets `iface` in `ns` has received.
 pub fn rx_packets(ns: &str, iface: &str) -> Result<u64> {
-    Ok(exec(
-        ns,
-        &format!("cat /sys/class/net/{iface}/statistics/rx_packets"),
-    )?
-    .trim()
-    .parse()?)
+    counter(ns, iface, "rx_packets")
+}
+
+/// Packets `iface` in `ns` was given to send: sent, or dropped because
+/// the ring of its veth peer was full.
+pub fn tx_offered(ns: &str, iface: &str) -> Result<u64> {
+    Ok(counter(ns, iface, "tx_packets")? + counter(ns, iface, "tx_dropped")?)
+}
+
+/// One of `iface`'s statistics in `ns`.
+fn counter(ns: &str, iface: &str, name: &str) -> Result<u64> {
+    let path = format!("/sys/class/net/{iface}/statistics/{name}");
+    Ok(exec(ns, &format!("cat {path}"))?.trim().parse()?)
 }

@@ -4,6 +4,7 @@
 //! writes JSON to `BENCH_JSON`. Benchmarks print figures; they never fail
 //! on timing (only on a broken setup). Needs root.
 
+mod fabric;
 #[path = "../../tests/packets/frames.rs"]
 #[allow(dead_code)]
 mod frames;
@@ -19,6 +20,7 @@ mod table;
 mod traffic;
 
 use anyhow::{Context, Result};
+use fabric::Fabric;
 use lab::{BenchLab, Kind};
 use report::{EndToEnd, Report};
 use std::path::{Path, PathBuf};
@@ -65,10 +67,12 @@ fn end_to_end(kind: Kind, egress: &Path) -> Result<EndToEnd> {
         let (rtts, lost) = traffic::rr_latency(&lab)?;
         let tcp_bps = traffic::tcp_throughput(&lab)?;
         // Last: the server's XDP sink would swallow the other tests' traffic.
-        let rate = traffic::udp_rate(&lab)?;
+        let udp = Fabric::ALL
+            .into_iter()
+            .map(|fabric| traffic::udp_rate(&lab, fabric))
+            .collect::<Result<_>>()?;
         Ok(EndToEnd {
-            offered_pps: rate.offered_pps,
-            delivered_pps: rate.delivered_pps,
+            udp,
             tcp_bps,
             rtts,
             lost,
