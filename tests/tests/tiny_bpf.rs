@@ -49,6 +49,14 @@ fn run(hook: Hook, insns: &[tests::tiny_bpf::asm::Insn], input: &[u8]) -> (u32, 
 }
 
 #[test]
+fn transmit_sends_frames_back_untouched() {
+    let input = frame(&udp(CLIENT, 18));
+    let (verdict, out) = run(Hook::Xdp, &programs::transmit(), &input);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(out, input);
+}
+
+#[test]
 fn mac_swap_swaps_and_transmits() {
     let input = frame(&udp(CLIENT, 18));
     let (verdict, out) = run(Hook::Xdp, &programs::mac_swap(), &input);

@@ -224,14 +224,19 @@ impl Gateway {
         frames: impl Iterator<Item = &'f [u8]> + Send,
         out: &mut [u8],
     ) -> Vec<TestRunResult> {
+        self.with_runs(|run| frames.map(|frame| run(frame, &mut *out)).collect())
+    }
+
+    /// Calls `f` from a thread inside the namespace, handing it a function
+    /// that runs the program once on a fresh copy of a frame, as `test_run`
+    /// does: for callers that mix the program's runs with other work.
+    pub fn with_runs<T: Send>(
+        &mut self,
+        f: impl FnOnce(&mut dyn FnMut(&[u8], &mut [u8]) -> TestRunResult) -> T + Send,
+    ) -> T {
         let (ifindex, ns) = (self.ifindex, self.ns.clone());
         let prog = self.program();
-        in_netns(&ns, || {
-            frames
-                .map(|frame| prog.run(frame, ifindex, &mut *out))
-                .collect()
-        })
-        .unwrap()
+        in_netns(&ns, || f(&mut |frame, out| prog.run(frame, ifindex, out))).unwrap()
     }
 
     /// Runs the frames, in order, on two threads at once: first packets of
