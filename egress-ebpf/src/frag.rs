@@ -5,7 +5,7 @@ use egress_common::{
     fragment::{FragEntry, FragKey},
 };
 
-use crate::{maps::FRAGMENTS, state};
+use crate::{clock, maps::FRAGMENTS, state};
 
 /// Records that the datagram `key`, whose first fragment this is, belongs
 /// to the flow half `flow`. Best effort: without the entry its later
@@ -26,7 +26,7 @@ pub fn remember(key: &FragKey, flow: &FlowKey, now: u64) {
 pub fn find(key: &FragKey) -> Option<&'static mut Flow> {
     // SAFETY: a copy of the value is all that is kept.
     let entry = unsafe { FRAGMENTS.get(key) }.copied()?;
-    if !entry.is_fresh(state::now()) {
+    if !entry.is_fresh(clock::now()) {
         return None;
     }
     state::find(&entry.flow)

@@ -16,11 +16,11 @@ use egress_common::{
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
+    clock,
     fib::{self, NextHop},
     maps,
     nat::{ETH_LEN, Outcome, send},
     packet::{Hook, Packet},
-    state,
 };
 
 /// Errors per second each CPU may send, and the burst it may save up
@@ -69,7 +69,7 @@ impl Error {
 #[inline(always)]
 pub fn to_client<H: Hook>(hook: &mut H, error: Error, reason: Reason) -> Result<Outcome, Outcome> {
     let cfg = maps::config();
-    if is_later_fragment(hook.packet(), ETH_LEN + IPV4_LEN) || !allowed(state::now()) {
+    if is_later_fragment(hook.packet(), ETH_LEN + IPV4_LEN) || !allowed(clock::now()) {
         return Err(reason.into());
     }
     let pkt = hook.packet();
@@ -88,7 +88,7 @@ pub fn to_client<H: Hook>(hook: &mut H, error: Error, reason: Reason) -> Result<
 /// Counted under `reason` whether or not the error is sent.
 #[inline(always)]
 pub fn to_sender<H: Hook>(hook: &mut H, error: Error, reason: Reason) -> Result<Outcome, Outcome> {
-    if is_later_fragment(hook.packet(), ETH_LEN) || !allowed(state::now()) {
+    if is_later_fragment(hook.packet(), ETH_LEN) || !allowed(clock::now()) {
         return Err(reason.into());
     }
     let pkt = hook.packet();

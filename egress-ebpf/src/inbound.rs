@@ -14,6 +14,7 @@ use egress_common::{
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
+    clock,
     fib::{self, NextHop},
     frag,
     icmp::{self, Error},
@@ -100,7 +101,7 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
         let fits = mtu.saturating_sub(IP_LEN as u16);
         return icmp::to_sender(hook, Error::frag_needed(fits), Reason::TooBig);
     }
-    let now = state::now();
+    let now = clock::now();
     state::touch(flow, len, now);
     if fragment == Fragment::First {
         frag::remember(&datagram, &flow.in_key(), now);

@@ -13,6 +13,7 @@ use egress_common::{
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
+    clock,
     fib::{self, NextHop},
     frag,
     icmp::{self, Error},
@@ -92,7 +93,7 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
     if let (NextHop::TooBig { mtu }, true) = (&hop, inner.df) {
         return icmp::to_client(hook, Error::frag_needed(*mtu), Reason::TooBig);
     }
-    let now = state::now();
+    let now = clock::now();
     let (flow, reason) = match existing {
         Some(f) => (f, Reason::Translated),
         None => match state::create(&key, inner.peer, cfg, now) {

@@ -5,7 +5,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
 use egress_common::{
     config::Config,
@@ -20,15 +20,7 @@ use crate::maps::{CLIENT_FLOWS, FLOWS, MAPPINGS};
 const EEXIST: i32 = 17;
 const NOEXIST: u64 = BPF_NOEXIST as u64;
 
-/// The clock flows are stamped with: CLOCK_MONOTONIC to the last tick,
-/// cheap enough for every packet and fine for idle timeouts.
-#[inline(always)]
-pub fn now() -> u64 {
-    // SAFETY: no preconditions.
-    unsafe { bpf_ktime_get_coarse_ns() }
-}
-
-/// The same clock to the nanosecond, for round-trip times: a tick (up to
+/// The flows' clock (see `clock`) to the nanosecond, for round-trip times: a tick (up to
 /// 4 ms) is more than many round trips. Only read on handshake segments.
 #[inline(always)]
 fn precise_now() -> u64 {
