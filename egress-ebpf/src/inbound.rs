@@ -151,14 +151,18 @@ pub fn encapsulate<H: Hook>(
     let pkt = hook.packet();
     // SAFETY: copies out of the packet.
     let (orig, inner) = unsafe { (*pkt.get::<EthHdr>(0)?, *pkt.get::<Ipv4Hdr>(ETH_LEN)?) };
+    let df = has_df(&inner);
     let outer = Ipv4 {
         // RFC 2003: TOS and DF copied from the inner header, our TTL.
         tos: inner.tos,
         // No overflow: checked by `route_to_peer`.
         tot_len: inner.tot_len().wrapping_add(IP_LEN as u16),
+        // Only a datagram that may be fragmented needs an ID of its own;
+        // one with DF gets 0, as Linux gives packets no socket owns
+        // (RFC 6864: any value will do), which spares a helper call.
         // SAFETY: no preconditions.
-        id: unsafe { bpf_get_prandom_u32() } as u16,
-        df: has_df(&inner),
+        id: if df { 0 } else { unsafe { bpf_get_prandom_u32() as u16 } },
+        df,
         ttl: OUTER_TTL,
         proto: IPPROTO_IPIP,
         src: cfg.tunnel_local,
