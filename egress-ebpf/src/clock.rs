@@ -18,6 +18,7 @@ use aya_ebpf::{
 #[map]
 static LAST_READING: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
+/// CLOCK_MONOTONIC as of the last tick, in ns.
 #[inline(always)]
 pub fn now() -> u64 {
     // SAFETY: no preconditions.
