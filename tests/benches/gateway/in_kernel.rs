@@ -131,25 +131,47 @@ pub fn measure() -> InKernel {
         let new_flows: Vec<Vec<u8>> = (run * NEW_FLOWS_PER_RUN..(run + 1) * NEW_FLOWS_PER_RUN)
             .map(new_flow_frame)
             .collect();
+        // In the order of `InKernel::all_mut`.
         let mut times: [Vec<u64>; 7] = Default::default();
+        let [
+            harness_ns,
+            floor_ns,
+            lookup_ns,
+            out_ns,
+            in_ns,
+            icmp_ns,
+            new_ns,
+        ] = &mut times;
         gw.with_runs(|gateway| {
             // As many turns as blocks of PER_RUN.
             for new_flows in new_flows.chunks(BLOCK / 2) {
-                for (i, prog) in [&harness, &floor, &lookup_floor].into_iter().enumerate() {
+                let floors = [
+                    (&harness, &mut *harness_ns),
+                    (&floor, &mut *floor_ns),
+                    (&lookup_floor, &mut *lookup_ns),
+                ];
+                for (prog, ns) in floors {
                     for _ in 0..BLOCK {
                         let r = prog.test_run(&inbound, &mut out).expect("run floor");
-                        times[i].push(timed(r.verdict, r.duration));
+                        ns.push(timed(r.verdict, r.duration));
                     }
                 }
-                for (i, frame) in [&outbound, &inbound, &error].into_iter().enumerate() {
+                let mut run = |frame: &[u8], ns: &mut Vec<u64>| {
+                    let r = gateway(frame, &mut out);
+                    ns.push(timed(r.return_value, r.duration));
+                };
+                let paths = [
+                    (&outbound, &mut *out_ns),
+                    (&inbound, &mut *in_ns),
+                    (&error, &mut *icmp_ns),
+                ];
+                for (frame, ns) in paths {
                     for _ in 0..BLOCK {
-                        let r = gateway(frame, &mut out);
-                        times[3 + i].push(timed(r.return_value, r.duration));
+                        run(frame, ns);
                     }
                 }
                 for frame in new_flows {
-                    let r = gateway(frame, &mut out);
-                    times[6].push(timed(r.return_value, r.duration));
+                    run(frame, new_ns);
                 }
             }
         });
