@@ -30,15 +30,6 @@ pub enum Kind {
     Kernel,
 }
 
-impl Kind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Ebpf => "ebpf",
-            Kind::Kernel => "kernel",
-        }
-    }
-}
-
 /// Fields drop in order: links and the daemon before the namespaces.
 pub struct BenchLab {
     _links: Vec<OwnedFd>,

@@ -23,8 +23,9 @@ use anyhow::{Context, Result};
 use fabric::Fabric;
 use lab::{BenchLab, Kind};
 use report::{EndToEnd, Report};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
+use traffic::{RR_ROUNDS, TRIALS};
 
 fn main() -> Result<()> {
     tests::require_root()?;
@@ -37,8 +38,11 @@ fn main() -> Result<()> {
     let in_kernel = in_kernel::measure();
     eprintln!("bench: connection state at {} flows", state::FLOWS);
     let state = state::measure();
-    let ebpf = end_to_end(Kind::Ebpf, &egress)?;
-    let kernel = end_to_end(Kind::Kernel, &egress)?;
+    eprintln!("bench: end to end, the eBPF and the kernel gateway in turn");
+    let ebpf_lab = BenchLab::new(Kind::Ebpf, &egress)?;
+    let kernel_lab = BenchLab::new(Kind::Kernel, &egress)?;
+    let labs = [&ebpf_lab, &kernel_lab];
+    let [ebpf, kernel] = keep_logs_on_err(&labs, end_to_end(&labs))?;
     let report = Report {
         in_kernel,
         state,
@@ -59,24 +63,44 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Every end-to-end figure through a fresh topology with gateway `kind`.
-fn end_to_end(kind: Kind, egress: &Path) -> Result<EndToEnd> {
-    eprintln!("bench: end to end through the {} gateway", kind.name());
-    let lab = BenchLab::new(kind, egress)?;
-    let measure = || -> Result<EndToEnd> {
-        let (rtts, lost) = traffic::rr_latency(&lab)?;
-        let tcp_bps = traffic::tcp_throughput(&lab)?;
-        // Last: the server's XDP sink would swallow the other tests' traffic.
-        let udp = Fabric::ALL
-            .into_iter()
-            .map(|fabric| traffic::udp_rate(&lab, fabric))
-            .collect::<Result<_>>()?;
-        Ok(EndToEnd {
-            udp,
-            tcp_bps,
-            rtts,
-            lost,
-        })
+/// Every end-to-end figure through each of `labs`, measured in `TRIALS`
+/// turns that alternate between the gateways (ABBA), so that a slow spell
+/// of the shared host falls on both alike rather than on whichever gateway
+/// happened to be measured then.
+fn end_to_end(labs: &[&BenchLab; 2]) -> Result<[EndToEnd; 2]> {
+    let mut figures = [EndToEnd::default(), EndToEnd::default()];
+    let turns = |trial: usize| -> [usize; 2] {
+        if trial.is_multiple_of(2) {
+            [0, 1]
+        } else {
+            [1, 0]
+        }
     };
-    lab.topo.lab.keep_logs_on_err(measure())
+    for trial in 0..TRIALS {
+        for i in turns(trial) {
+            let (rtts, lost) = traffic::rr_latency(labs[i], RR_ROUNDS / TRIALS)?;
+            figures[i].rtts.extend(rtts);
+            figures[i].lost += lost;
+            figures[i].tcp_bps.push(traffic::tcp_throughput(labs[i])?);
+        }
+    }
+    // Last: the server's XDP sink would swallow the other figures' traffic.
+    for (f, fabric) in Fabric::ALL.into_iter().enumerate() {
+        eprintln!("bench: UDP rate through the {}", fabric.name());
+        for trial in 0..TRIALS {
+            for i in turns(trial) {
+                figures[i].udp[f].push(traffic::udp_rate(labs[i], fabric)?);
+            }
+        }
+    }
+    for e in &mut figures {
+        e.rtts.sort_unstable();
+    }
+    Ok(figures)
+}
+
+/// `result`, with every lab's logs kept if it is an error.
+fn keep_logs_on_err<T>(labs: &[&BenchLab; 2], result: Result<T>) -> Result<T> {
+    labs.iter()
+        .fold(result, |r, lab| lab.topo.lab.keep_logs_on_err(r))
 }

@@ -24,9 +24,12 @@ const GENERATORS: u16 = 2;
 /// (about 50 ms here, the thread asleep): at 64 Ki frames a call the CPUs
 /// sat a third to half idle and the figures came out 15-25% low.
 const FRAMES_PER_CALL: u32 = 1 << 20;
+/// Turns each gateway takes at every end-to-end figure.
+pub const TRIALS: usize = 5;
 const WARM_UP: Duration = Duration::from_millis(500);
-pub const RATE_INTERVAL: Duration = Duration::from_secs(3);
-pub const TCP_INTERVAL: Duration = Duration::from_secs(3);
+pub const RATE_INTERVAL: Duration = Duration::from_secs(1);
+pub const TCP_INTERVAL: Duration = Duration::from_secs(1);
+/// Requests per gateway, over all its turns.
 pub const RR_ROUNDS: usize = 20_000;
 const RR_WARM_UP: usize = 1_000;
 const RR_CPU: usize = 0;
@@ -130,11 +133,11 @@ pub fn tcp_throughput(lab: &BenchLab) -> Result<f64> {
     Ok(u64::from_be_bytes(count) as f64 * 8.0 / start.elapsed().as_secs_f64())
 }
 
-/// Round-trip times of `RR_ROUNDS` UDP requests answered by an echo server,
-/// one at a time, sorted; lost ones are left out and counted. Client and
+/// Round-trip times of `rounds` UDP requests answered by an echo server,
+/// one at a time; lost ones are left out and counted. Client and
 /// server run on one CPU: otherwise where the scheduler happens to put them
 /// decides the figure (p50 moved between 20 and 70 us from run to run).
-pub fn rr_latency(lab: &BenchLab) -> Result<(Vec<Duration>, usize)> {
+pub fn rr_latency(lab: &BenchLab, rounds: usize) -> Result<(Vec<Duration>, usize)> {
     let _pinned = PinnedToCpu::new(RR_CPU)?;
     let topo = &lab.topo;
     let server = SocketAddr::from((SERVER_IP, ECHO_PORT));
@@ -142,8 +145,8 @@ pub fn rr_latency(lab: &BenchLab) -> Result<(Vec<Duration>, usize)> {
     let sock = in_netns(&topo.client, || UdpSocket::bind((CLIENT_TUN_IP, 0)))??;
     sock.connect(server)?;
     sock.set_read_timeout(Some(RR_TIMEOUT))?;
-    let (mut rtts, mut lost) = (Vec::with_capacity(RR_ROUNDS), 0);
-    for round in 0..RR_WARM_UP + RR_ROUNDS {
+    let (mut rtts, mut lost) = (Vec::with_capacity(rounds), 0);
+    for round in 0..RR_WARM_UP + rounds {
         let seq = (round as u64).to_be_bytes();
         let sent = Instant::now();
         sock.send(&seq)?;
@@ -154,7 +157,6 @@ pub fn rr_latency(lab: &BenchLab) -> Result<(Vec<Duration>, usize)> {
         }
     }
     ensure!(!rtts.is_empty(), "no request was answered");
-    rtts.sort_unstable();
     Ok((rtts, lost))
 }
 
