@@ -9,7 +9,7 @@ use std::time::Duration;
 
 /// What generates the end-to-end traffic; also in the README.
 pub const GENERATOR: &str = "UDP: BPF_PROG_TEST_RUN in XDP live-frames mode on the client's \
-    eth0, one thread per core, each transmitting one pre-built frame (a flow of its own) with \
+    eth0, one thread pinned to each core, each transmitting one pre-built frame (a flow of its own) with \
     XDP_TX; offered: what the client's eth0 sent or dropped (its peer's ring full), delivered: \
     the server's eth0 rx counter while an XDP program there drops them. \
     TCP and request/response: the client's own stack, encapsulated for the eBPF gateway by a \
