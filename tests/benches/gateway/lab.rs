@@ -74,6 +74,7 @@ impl BenchLab {
                 None
             }
         };
+        pin_neighbours(&topo)?;
         let client_mac = mac(client, HOST_IFACE)?;
         let router_mac = mac(router, ROUTER_CLIENT_IFACE)?;
         Ok(Self {
@@ -151,14 +152,61 @@ fn kernel_nat(topo: &Topology) -> Result<()> {
     Ok(())
 }
 
+/// Permanent neighbour entries for every hop the bench's traffic takes:
+/// the UDP rate's sink drops ARP, and the XDP fabric forwards it past the
+/// router, so entries that expired during the run could not be resolved
+/// again and the kernel gateway's traffic would stop (the eBPF gateway's
+/// FIB lookups never age an entry).
+fn pin_neighbours(topo: &Topology) -> Result<()> {
+    let router = &topo.router;
+    let pin = |ns: &str, iface: &str, ip, lladdr: String| {
+        exec(
+            ns,
+            &format!("ip neigh replace {ip} lladdr {lladdr} nud permanent dev {iface}"),
+        )
+    };
+    // Each host's eth0 and the router's veth at its other end.
+    for (host, host_ip, router_iface, router_ip) in [
+        (
+            &topo.client,
+            CLIENT_UNDERLAY_IP,
+            ROUTER_CLIENT_IFACE,
+            ROUTER_CLIENT_IP,
+        ),
+        (
+            &topo.gateway,
+            GATEWAY_IP,
+            ROUTER_GATEWAY_IFACE,
+            ROUTER_GATEWAY_IP,
+        ),
+        (
+            &topo.server,
+            SERVER_IP,
+            ROUTER_SERVER_IFACE,
+            ROUTER_SERVER_IP,
+        ),
+    ] {
+        pin(host, HOST_IFACE, router_ip, mac_text(router, router_iface)?)?;
+        pin(router, router_iface, host_ip, mac_text(host, HOST_IFACE)?)?;
+    }
+    Ok(())
+}
+
 /// The MAC address of `iface` in `ns`.
 pub fn mac(ns: &str, iface: &str) -> Result<[u8; 6]> {
-    let text = exec(ns, &format!("cat /sys/class/net/{iface}/address"))?;
+    let text = mac_text(ns, iface)?;
     let mut mac = [0u8; 6];
-    for (byte, hex) in mac.iter_mut().zip(text.trim().split(':')) {
+    for (byte, hex) in mac.iter_mut().zip(text.split(':')) {
         *byte = u8::from_str_radix(hex, 16)?;
     }
     Ok(mac)
+}
+
+/// The MAC address of `iface` in `ns` as `ip` writes it.
+fn mac_text(ns: &str, iface: &str) -> Result<String> {
+    Ok(exec(ns, &format!("cat /sys/class/net/{iface}/address"))?
+        .trim()
+        .to_owned())
 }
 
 /// Packets `iface` in `ns` has received.

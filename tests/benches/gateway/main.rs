@@ -84,9 +84,7 @@ fn end_to_end(labs: &[&BenchLab; 2]) -> Result<[EndToEnd; 2]> {
             figures[i].tcp_bps.push(traffic::tcp_throughput(labs[i])?);
         }
     }
-    // Last: the server's XDP sink drops ARP too, and the XDP fabric
-    // forwards it past the router, so the UDP rate relies on the neighbour
-    // entries the figures above resolved.
+    // Last: the server's XDP sink would swallow the other figures' traffic.
     for (f, fabric) in Fabric::ALL.into_iter().enumerate() {
         eprintln!("bench: UDP rate through the {}", fabric.name());
         for trial in 0..TRIALS {
