@@ -9,6 +9,7 @@
 pub mod checksum;
 pub mod config;
 pub mod flow;
+pub mod flow_cache;
 pub mod fragment;
 pub mod headers;
 pub mod mss;

@@ -68,6 +68,16 @@ impl TcpState {
     }
 }
 
+/// The flags a half records.
+pub const TRACKED: u8 = FIN | SYN | RST | ACK;
+
+/// Whether a segment with `flags` changes the record of a half that has
+/// seen `seen`: a SYN (handshake time stamps, a reopened connection) or a
+/// tracked flag the half has not seen.
+pub const fn changes_record(seen: u8, flags: u8) -> bool {
+    flags & SYN != 0 || flags & TRACKED & !seen != 0
+}
+
 /// Whether an outbound segment with `flags` opens a new connection on a flow
 /// whose outbound half has seen `seen`: a SYN after the previous connection
 /// on the same 5-tuple ended. Its halves then start their records afresh.

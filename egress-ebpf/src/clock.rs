@@ -18,11 +18,17 @@ use aya_ebpf::{
 #[map]
 static LAST_READING: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
+/// The tick counter (`jiffies`).
+#[inline(always)]
+pub fn tick() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_jiffies64() }
+}
+
 /// CLOCK_MONOTONIC as of the last tick, in ns.
 #[inline(always)]
 pub fn now() -> u64 {
-    // SAFETY: no preconditions.
-    let tick = unsafe { bpf_jiffies64() };
+    let tick = tick();
     let Some(last) = LAST_READING.get_ptr_mut(0) else {
         return coarse();
     };

@@ -16,13 +16,14 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use crate::{
     clock,
     fib::{self, NextHop},
+    flow_cache::{self, Found},
     frag,
     icmp::{self, Error},
     l4::{self, Side},
     mss,
     nat::{self, ETH_LEN, IP_LEN, Outcome, has_df, send},
     packet::Hook,
-    relay, state,
+    relay,
 };
 
 const L4: usize = ETH_LEN + IP_LEN;
@@ -53,10 +54,17 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
         dir: DIR_IN,
     };
     let later = fragment == Fragment::Later;
-    let flow = if later {
+    let flags = if ip.proto == IPPROTO_TCP && !later {
+        l4::tcp_flags(pkt, L4)
+    } else {
+        0
+    };
+    let (found, key) = if later {
         // Without its first fragment's entry a later fragment may well be
         // the host's own: the kernel reassembles (or expires) it.
-        frag::find(&datagram).ok_or(Reason::NotOurs)?
+        let flow = frag::find(&datagram).ok_or(Reason::NotOurs)?;
+        let key = flow.in_key();
+        (Found::Table(flow, None), key)
     } else {
         // A fragmented error is no error we relay: its first fragment
         // matches no flow below.
@@ -81,7 +89,7 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
             dir: DIR_IN,
             _pad: [0; 2],
         };
-        state::find(&key).ok_or(Reason::NotOurs)?
+        (flow_cache::find(&key, flags).ok_or(Reason::NotOurs)?, key)
     };
 
     let l4_min = if later { 0 } else { l4::min_len(ip.proto) };
@@ -95,30 +103,28 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
     if ip.ttl <= 1 {
         return icmp::to_sender(hook, Error::TIME_EXCEEDED, Reason::TtlExceeded);
     }
-    let hop = route_to_peer(hook, cfg, flow.peer_addr, len, ip.proto)?;
+    let flow = found.flow();
+    let (peer, client) = (flow.peer_addr, (flow.client_addr, flow.client_port));
+    let hop = route_to_peer(hook, cfg, peer, len, ip.proto)?;
     if let (NextHop::TooBig { mtu }, true) = (&hop, has_df(ip)) {
         // What fits once our outer header is added (RFC 2003 section 5.1).
         let fits = mtu.saturating_sub(IP_LEN as u16);
         return icmp::to_sender(hook, Error::frag_needed(fits), Reason::TooBig);
     }
     let now = clock::now();
-    state::touch(flow, len, now);
+    flow_cache::record(found, &key, len, flags, now);
     if fragment == Fragment::First {
-        frag::remember(&datagram, &flow.in_key(), now);
+        frag::remember(&datagram, &key, now);
     }
-    if ip.proto == IPPROTO_TCP && !later {
-        let flags = l4::tcp_flags(pkt, L4);
-        state::track_in(flow, flags);
-        if flags & tcp::SYN != 0 {
-            mss::clamp(hook, L4, usize::from(len) - IP_LEN, cfg.mss)?;
-        }
+    if flags & tcp::SYN != 0 {
+        mss::clamp(hook, L4, usize::from(len) - IP_LEN, cfg.mss)?;
     }
 
     // Always our hop on the inner TTL: should the kernel forward this packet
     // (unresolved neighbour), it decrements the outer TTL only.
-    let port = if later { None } else { Some(flow.client_port) };
-    l4::translate(hook, ETH_LEN, Side::Dst, flow.client_addr, port, true)?;
-    encapsulate(hook, cfg, flow.peer_addr, &hop, Reason::ReverseHit)
+    let port = if later { None } else { Some(client.1) };
+    l4::translate(hook, ETH_LEN, Side::Dst, client.0, port, true)?;
+    encapsulate(hook, cfg, peer, &hop, Reason::ReverseHit)
 }
 
 /// The next hop toward `peer` of the `len`-byte IP packet in the hook,

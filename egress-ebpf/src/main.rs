@@ -16,7 +16,8 @@ macro_rules! bpf_modules {
 }
 
 bpf_modules!(
-    clock, fib, frag, icmp, inbound, l4, maps, mss, nat, outbound, packet, relay, state, tc, xdp,
+    clock, fib, flow_cache, frag, icmp, inbound, l4, maps, mss, nat, outbound, packet, relay,
+    state, tc, xdp,
 );
 
 #[cfg(target_arch = "bpf")]

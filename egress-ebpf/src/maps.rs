@@ -8,6 +8,7 @@ use aya_ebpf::{
 use egress_common::{
     config::Config,
     flow::{Flow, FlowKey, Mapping, PortKey},
+    flow_cache::{CACHE_SLOTS, CachedFlow},
     fragment::{FragEntry, FragKey},
     reason::Reason,
     route::{ROUTE_SLOTS, Route},
@@ -25,6 +26,12 @@ pub static FLOWS: HashMap<FlowKey, Flow> = HashMap::pinned(1024, 0);
 /// Both halves of every endpoint-independent mapping.
 #[map]
 pub static MAPPINGS: HashMap<PortKey, Mapping> = HashMap::pinned(1024, 0);
+
+/// Recent flow halves, a direct-mapped cache per CPU in front of [`FLOWS`]
+/// (see `egress_common::flow_cache`). Pinned: its slots hold packet counts
+/// not yet in [`FLOWS`].
+#[map]
+pub static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::pinned(CACHE_SLOTS, 0);
 
 /// Live flows per client address, for the per-client cap. Incremented
 /// here, recounted by the daemon's sweeps. Allocated as clients appear: one

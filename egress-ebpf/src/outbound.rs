@@ -15,6 +15,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use crate::{
     clock,
     fib::{self, NextHop},
+    flow_cache::{self, Found},
     frag,
     icmp::{self, Error},
     l4::{self, Side},
@@ -64,19 +65,24 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
     }
     let key = inner.key;
     let later = inner.fragment == Fragment::Later;
+    let flags = if key.proto == IPPROTO_TCP && !later {
+        l4::tcp_flags(pkt, L4)
+    } else {
+        0
+    };
 
     let existing = if later {
         // Only through its first fragment's flow, from the same peer: a
         // later fragment never creates state.
         let flow = frag::find(&inner.datagram()).filter(|f| f.peer_addr == inner.peer);
-        Some(flow.ok_or(Reason::FragmentUnmatched)?)
+        Some(Found::Table(flow.ok_or(Reason::FragmentUnmatched)?, None))
     } else {
-        state::find(&key)
+        flow_cache::find(&key, flags)
     };
     // Policy was checked when the flow was created; a packet of a known flow
     // from the flow's own peer skips the peer and client map lookups.
     let nat_addr = match &existing {
-        Some(f) if f.peer_addr == inner.peer => f.nat_addr,
+        Some(f) if f.flow().peer_addr == inner.peer => f.flow().nat_addr,
         _ => {
             allowed(&inner, cfg)?;
             cfg.snat_for(key.src)
@@ -94,10 +100,13 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
         return icmp::to_client(hook, Error::frag_needed(*mtu), Reason::TooBig);
     }
     let now = clock::now();
-    let (flow, reason) = match existing {
+    let (found, reason) = match existing {
         Some(f) => (f, Reason::Translated),
         None => match state::create(&key, inner.peer, cfg, now) {
-            Ok(()) => (state::find(&key).ok_or(Reason::Internal)?, Reason::NewFlow),
+            Ok(()) => (
+                Found::created(&key).ok_or(Reason::Internal)?,
+                Reason::NewFlow,
+            ),
             // Refused: tell the client at once (RFC 5508 REQ-8) rather than
             // let it time out.
             Err(r @ (Reason::PortsExhausted | Reason::TableFull | Reason::ClientLimit)) => {
@@ -107,24 +116,21 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
             Err(r) => return Err(r.into()),
         },
     };
-    state::touch(flow, inner.len, now);
+    let (nat_addr, nat_port) = (found.flow().nat_addr, found.flow().nat_port);
+    flow_cache::record(found, &key, inner.len, flags, now);
     if inner.fragment == Fragment::First {
         frag::remember(&inner.datagram(), &key, now);
     }
-    if key.proto == IPPROTO_TCP && !later {
-        let flags = l4::tcp_flags(pkt, L4);
-        state::track_out(flow, flags);
-        if flags & tcp::SYN != 0 {
-            mss::clamp(hook, L4, usize::from(inner.len) - IP_LEN, cfg.mss)?;
-        }
+    if flags & tcp::SYN != 0 {
+        mss::clamp(hook, L4, usize::from(inner.len) - IP_LEN, cfg.mss)?;
     }
 
     // SAFETY: a copy, taken while the packet view is valid.
     let orig: EthHdr = unsafe { *hook.packet().get::<EthHdr>(0)? };
     // The kernel's forwarding path decrements the TTL itself.
     let dec_ttl = matches!(hop, NextHop::Resolved { .. });
-    let port = if later { None } else { Some(flow.nat_port) };
-    l4::translate(hook, INNER, Side::Src, flow.nat_addr, port, dec_ttl)?;
+    let port = if later { None } else { Some(nat_port) };
+    l4::translate(hook, INNER, Side::Src, nat_addr, port, dec_ttl)?;
     hook.adjust_head(IP_LEN as i32)?;
     send(hook, hook.packet(), &hop, &orig, reason)
 }

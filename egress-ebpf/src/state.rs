@@ -182,8 +182,6 @@ pub fn touch(flow: &mut Flow, bytes: u16, now: u64) {
     flow.bytes += u64::from(bytes);
 }
 
-const TRACKED: u8 = tcp::FIN | tcp::SYN | tcp::RST | tcp::ACK;
-
 /// Records an outbound TCP segment's `flags` in the flow's outbound half:
 /// a new connection on the same tuple restarts both halves' records, the
 /// SYN stamps the handshake, and the client's first ACK after the server's
@@ -208,7 +206,7 @@ pub fn track_out(out: &mut Flow, flags: u8) {
     {
         out.rtt_ns = precise_now().saturating_sub(inb.handshake_ns);
     }
-    out.tcp_flags |= flags & TRACKED;
+    out.tcp_flags |= flags & tcp::TRACKED;
 }
 
 /// Records a return TCP segment's `flags` in the flow's return half: the
@@ -225,5 +223,5 @@ pub fn track_in(inb: &mut Flow, flags: u8) {
             inb.rtt_ns = now.saturating_sub(out.handshake_ns);
         }
     }
-    inb.tcp_flags |= flags & TRACKED;
+    inb.tcp_flags |= flags & tcp::TRACKED;
 }

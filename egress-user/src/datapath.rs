@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::{
-    Ebpf, EbpfError, EbpfLoader, Pod,
+    Ebpf, EbpfError, EbpfLoader,
     maps::{
         Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray,
         lpm_trie::Key,
@@ -23,14 +23,16 @@ use aya::{
 use egress_common::{
     config::Config,
     flow::{Flow, FlowKey, Mapping, PortKey},
+    flow_cache::CachedFlow,
     fragment::{FragEntry, FragKey},
     reason::Reason,
 };
 use ipnet::Ipv4Net;
 
 use crate::{
+    batch,
     clsact::{self, Clsact},
-    pinning,
+    inspect, pinning,
     settings::{AttachMode, PortRange},
 };
 
@@ -304,21 +306,24 @@ impl Datapath {
     /// reloads, which pick up the same pinned maps.
     pub fn state(&self) -> anyhow::Result<State> {
         Ok(State {
-            flows: self.own("FLOWS")?,
-            mappings: self.own("MAPPINGS")?,
-            clients: self.own("CLIENT_FLOWS")?,
+            flows: HashMap::try_from(self.own("FLOWS")?)?,
+            mappings: HashMap::try_from(self.own("MAPPINGS")?)?,
+            clients: HashMap::try_from(self.own("CLIENT_FLOWS")?)?,
+            cache: PerCpuArray::try_from(self.own("FLOW_CACHE")?)?,
         })
     }
 
-    /// A handle of its own on the hash map `name`.
-    fn own<K: Pod, V: Pod>(&self, name: &str) -> anyhow::Result<HashMap<MapData, K, V>> {
+    /// A handle of its own on the map `name`.
+    fn own(&self, name: &str) -> anyhow::Result<Map> {
         let map = self
             .ebpf
             .map(name)
             .with_context(|| format!("{name} map missing from the eBPF object"))?;
-        let ours: HashMap<&MapData, K, V> = HashMap::try_from(map)?;
-        let data = MapData::from_fd(ours.map().fd().as_fd().try_clone_to_owned()?)?;
-        Ok(HashMap::try_from(Map::from_map_data(data)?)?)
+        let (Map::HashMap(data) | Map::PerCpuArray(data)) = map else {
+            anyhow::bail!("{name} is neither a hash map nor a per-CPU array");
+        };
+        let fd = data.fd().as_fd().try_clone_to_owned()?;
+        Ok(Map::from_map_data(MapData::from_fd(fd)?)?)
     }
 
     /// The first fragments' entries for the rest of their datagrams.
@@ -343,9 +348,19 @@ pub struct State {
     pub mappings: HashMap<MapData, PortKey, Mapping>,
     /// Live flows per client address.
     pub clients: HashMap<MapData, [u8; 4], u64>,
+    /// Recent flows per CPU, with packets not yet counted in `flows`.
+    pub cache: PerCpuArray<MapData, CachedFlow>,
 }
 
 impl State {
+    /// Every flow half, its packets counted wherever the data path counted
+    /// them (see [`inspect::credit_cached`]).
+    pub fn counted_flows(&self) -> anyhow::Result<Vec<(FlowKey, Flow)>> {
+        let mut entries = batch::dump(&self.flows).context("cannot read FLOWS")?;
+        inspect::credit_cached(&self.cache, &mut entries).context("cannot read FLOW_CACHE")?;
+        Ok(entries)
+    }
+
     /// Kernel memory of each state map, in bytes.
     pub fn memory(&self) -> anyhow::Result<[(&'static str, u64); 3]> {
         Ok([

@@ -3,6 +3,7 @@
 //! here, so they see the same numbers.
 
 use std::{
+    borrow::Borrow,
     net::{Ipv4Addr, SocketAddrV4},
     path::Path,
 };
@@ -13,6 +14,7 @@ use egress_common::{
     flow::{
         DIR_IN, DIR_OUT, Flow, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Mapping, PortKey,
     },
+    flow_cache::{CACHE_SLOTS, CachedFlow},
     reason::Reason,
     tcp::TcpState,
 };
@@ -28,6 +30,7 @@ pub struct Pinned {
     mappings: HashMap<MapData, PortKey, Mapping>,
     clients: HashMap<MapData, [u8; 4], u64>,
     stats: PerCpuArray<MapData, u64>,
+    cache: PerCpuArray<MapData, CachedFlow>,
 }
 
 impl Pinned {
@@ -45,13 +48,14 @@ impl Pinned {
                 .and_then(Map::from_map_data)
                 .with_context(|| format!("cannot open {} (needs root or CAP_BPF)", path.display()))
         };
-        let [flows, mappings, clients, stats] = pinning::PINNED_MAPS;
+        let [flows, mappings, clients, stats, cache] = pinning::PINNED_MAPS;
         let format = |name: &str| format!("{name} in {} has another format", dir.display());
         Ok(Self {
             flows: HashMap::try_from(open(flows)?).with_context(|| format(flows))?,
             mappings: HashMap::try_from(open(mappings)?).with_context(|| format(mappings))?,
             clients: HashMap::try_from(open(clients)?).with_context(|| format(clients))?,
             stats: PerCpuArray::try_from(open(stats)?).with_context(|| format(stats))?,
+            cache: PerCpuArray::try_from(open(cache)?).with_context(|| format(cache))?,
         })
     }
 
@@ -69,7 +73,8 @@ impl Pinned {
     /// Every complete flow (both halves present), and how many entries
     /// the flow table holds.
     pub fn flows(&self) -> anyhow::Result<(Vec<Conn>, u64)> {
-        let entries = batch::dump(&self.flows).context("cannot read FLOWS")?;
+        let mut entries = batch::dump(&self.flows).context("cannot read FLOWS")?;
+        credit_cached(&self.cache, &mut entries).context("cannot read FLOW_CACHE")?;
         let returns: FxHashMap<FlowKey, Flow> = entries
             .iter()
             .filter(|(k, _)| k.dir == DIR_IN)
@@ -132,6 +137,32 @@ impl Pinned {
             )?,
         ])
     }
+}
+
+/// Adds the packets the data path counted in its per-CPU flow cache to
+/// `entries`, the flow table's (see `egress_common::flow_cache`).
+///
+/// Read after the table: counts a slot hands to the table in between are
+/// missed by this read (never counted twice), so a sum is never above the
+/// true count, and a later read may be lower only by such counts.
+pub fn credit_cached<T: Borrow<MapData>>(
+    cache: &PerCpuArray<T, CachedFlow>,
+    entries: &mut [(FlowKey, Flow)],
+) -> anyhow::Result<()> {
+    let mut slots: FxHashMap<FlowKey, Vec<CachedFlow>> = FxHashMap::default();
+    for slot in 0..CACHE_SLOTS {
+        for cached in cache.get(&slot, 0)?.iter() {
+            if cached.packets > 0 {
+                slots.entry(cached.key).or_default().push(*cached);
+            }
+        }
+    }
+    for (key, flow) in entries {
+        for cached in slots.get(key).into_iter().flatten() {
+            cached.credit(key, flow);
+        }
+    }
+    Ok(())
 }
 
 /// How full one state map is.

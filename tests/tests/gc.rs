@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use aya::{
     Pod,
-    maps::{HashMap as BpfHashMap, Map, MapData},
+    maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray},
 };
 use egress_common::flow::Flow;
 use egress_user::{batch, datapath::State, gc};
@@ -108,6 +108,7 @@ fn pinned(dir: &Path) -> Result<State> {
         flows: BpfHashMap::try_from(open("FLOWS")?)?,
         mappings: BpfHashMap::try_from(open("MAPPINGS")?)?,
         clients: BpfHashMap::try_from(open("CLIENT_FLOWS")?)?,
+        cache: PerCpuArray::try_from(open("FLOW_CACHE")?)?,
     })
 }
 

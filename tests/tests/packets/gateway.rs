@@ -288,9 +288,9 @@ impl Gateway {
         self.state().flows.keys().count()
     }
 
-    /// Every flow half, by key.
+    /// Every flow half, by key, with every packet counted.
     pub fn flows(&mut self) -> HashMap<FlowKey, Flow> {
-        self.state().flows.iter().map(Result::unwrap).collect()
+        self.state().counted_flows().unwrap().into_iter().collect()
     }
 
     /// The outbound halves only: one per flow.
