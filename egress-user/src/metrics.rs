@@ -52,6 +52,36 @@ struct Seen {
     rtts: FxHashSet<(FlowKey, Leg, u64)>,
     tunnel: Histogram,
     internet: Histogram,
+    /// Counts last exported per top flow (see [`Collector::top`]).
+    exported: FxHashMap<(FlowKey, u64), Counts>,
+}
+
+/// A flow's packets and bytes, outbound and return.
+type Counts = [u64; 4];
+
+/// Raises the counts of `conns` that the previous scrape exported higher
+/// to what it exported, and returns what these are exported with.
+///
+/// A read can miss counts the data path moves from its cache to the table
+/// meanwhile (see `inspect::credit_cached`), and a counter must never go
+/// back: Prometheus would take it for a reset.
+fn never_back(
+    before: &FxHashMap<(FlowKey, u64), Counts>,
+    conns: &mut [Conn],
+) -> FxHashMap<(FlowKey, u64), Counts> {
+    let mut exported = FxHashMap::default();
+    for c in conns {
+        let id = (c.out.out_key(), c.out.created_ns);
+        let mut now = [c.out.packets, c.out.bytes, c.inb.packets, c.inb.bytes];
+        if let Some(before) = before.get(&id) {
+            for (n, b) in now.iter_mut().zip(before) {
+                *n = (*n).max(*b);
+            }
+        }
+        [c.out.packets, c.out.bytes, c.inb.packets, c.inb.bytes] = now;
+        exported.insert(id, now);
+    }
+    exported
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -303,6 +333,10 @@ impl Collector {
     fn top(&self, mut conns: Vec<Conn>, t: &mut Text) {
         conns.sort_unstable_by_key(|c| std::cmp::Reverse(c.bytes()));
         conns.truncate(self.top_flows);
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+            seen.exported = never_back(&seen.exported, &mut conns);
+        }
         for (name, help, value) in [
             (
                 "egress_flow_packets_total",
@@ -441,4 +475,54 @@ async fn respond(mut stream: TcpStream, collector: Arc<Collector>) -> anyhow::Re
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use egress_common::flow::Flow;
+
+    fn conn(created_ns: u64, counts: Counts) -> Conn {
+        let [out_packets, out_bytes, in_packets, in_bytes] = counts;
+        let half = |packets, bytes| Flow {
+            client_port: 40000u16.to_be_bytes(),
+            created_ns,
+            packets,
+            bytes,
+            ..Flow::default()
+        };
+        Conn {
+            out: half(out_packets, out_bytes),
+            inb: half(in_packets, in_bytes),
+        }
+    }
+
+    fn exported(conns: &[Conn]) -> Vec<Counts> {
+        let counts = |h: &Flow| (h.packets, h.bytes);
+        conns
+            .iter()
+            .map(|c| {
+                let ((a, b), (x, y)) = (counts(&c.out), counts(&c.inb));
+                [a, b, x, y]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_exported_count_never_goes_back() {
+        let mut first = [conn(1, [5, 500, 4, 400])];
+        let before = never_back(&FxHashMap::default(), &mut first);
+        assert_eq!(exported(&first), [[5, 500, 4, 400]]);
+
+        // A read that missed counts in flight: held at the last export,
+        // each count on its own.
+        let mut second = [conn(1, [3, 300, 6, 600])];
+        let before = never_back(&before, &mut second);
+        assert_eq!(exported(&second), [[5, 500, 6, 600]]);
+
+        // A new flow on the same tuple starts from its own counts.
+        let mut third = [conn(2, [1, 100, 0, 0])];
+        never_back(&before, &mut third);
+        assert_eq!(exported(&third), [[1, 100, 0, 0]]);
+    }
 }
