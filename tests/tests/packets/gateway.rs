@@ -14,6 +14,10 @@ use egress_user::{
     gc,
     settings::PortRange,
 };
+use nix::{
+    sched::{CpuSet, sched_setaffinity},
+    unistd::Pid,
+};
 use tests::tiny_bpf::xdp_md;
 use tests::{Lab, exec, in_netns};
 
@@ -237,6 +241,28 @@ impl Gateway {
         let (ifindex, ns) = (self.ifindex, self.ns.clone());
         let prog = self.program();
         in_netns(&ns, || f(&mut |frame, out| prog.run(frame, ifindex, out))).unwrap()
+    }
+
+    /// Runs the program once on each of `frames`, in order, all on CPU 0
+    /// (so they meet the same per-CPU flow cache), and returns how many
+    /// packets it counted for each reason.
+    pub fn on_cpu_0(&mut self, frames: &[Vec<u8>]) -> HashMap<Reason, u64> {
+        let before = self.stats();
+        self.with_runs(|run| {
+            let mut one = CpuSet::new();
+            one.set(0).unwrap();
+            sched_setaffinity(Pid::from_raw(0), &one).unwrap();
+            let mut out = vec![0u8; 2048];
+            for frame in frames {
+                run(frame, &mut out);
+            }
+        });
+        let after = self.stats();
+        Reason::ALL
+            .into_iter()
+            .filter(|r| after[r] > before[r])
+            .map(|r| (r, after[&r] - before[&r]))
+            .collect()
     }
 
     /// Runs the frames, in order, on two threads at once: first packets of

@@ -22,6 +22,7 @@ macro_rules! for_each_hook {
     };
 }
 
+mod cache;
 mod corpus;
 mod fragments;
 mod frames;

@@ -40,14 +40,14 @@ fn udp(sport: u16) -> L4<'static> {
 }
 
 /// The one flow's outbound and return halves.
-fn halves(gw: &mut Gateway) -> (Flow, Flow) {
+pub fn halves(gw: &mut Gateway) -> (Flow, Flow) {
     let flows = gw.flows();
     assert_eq!(flows.len(), 2, "one flow, two halves");
     let out = *flows.iter().find(|(k, _)| k.dir == DIR_OUT).unwrap().1;
     (out, flows[&out.in_key()])
 }
 
-fn tcp_state(gw: &mut Gateway) -> TcpState {
+pub fn tcp_state(gw: &mut Gateway) -> TcpState {
     let (out, inb) = halves(gw);
     TcpState::of(out.tcp_flags, inb.tcp_flags)
 }
