@@ -70,18 +70,6 @@ pub fn fold(mut sum: u32) -> u16 {
     sum as u16
 }
 
-/// Checksum of a fresh 20-byte IPv4 header (whose checksum field is zero).
-#[inline(always)]
-pub fn ipv4_header(hdr: &[u8; 20]) -> [u8; 2] {
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i < 20 {
-        sum += u32::from(u16::from_be_bytes([hdr[i], hdr[i + 1]]));
-        i += 2;
-    }
-    (!fold(sum)).to_be_bytes()
-}
-
 /// Whether a received 20-byte IPv4 header's checksum is right, given as
 /// the ten 16-bit words it occupies in memory: in either byte order, the
 /// words of a correct header, checksum included, sum to all ones (RFC 1071
@@ -110,17 +98,6 @@ mod tests {
             sum += hi | lo;
         }
         (!fold(sum)).to_be_bytes()
-    }
-
-    #[test]
-    fn header_checksum_matches_rfc1071_example() {
-        // Header from RFC 1071 style worked examples (checksum field zeroed).
-        let hdr: [u8; 20] = [
-            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0, 0, 0xc0, 0xa8, 0x00,
-            0x01, 0xc0, 0xa8, 0x00, 0xc7,
-        ];
-        assert_eq!(ipv4_header(&hdr), [0xb8, 0x61]);
-        assert_eq!(ipv4_header(&hdr), full(&hdr));
     }
 
     /// The header as the data path loads it: 16-bit words in memory order.

@@ -54,14 +54,14 @@ pub fn find(key: &FlowKey, flags: u8) -> Option<Found> {
 /// Accounts a packet of `bytes` with TCP `flags` (0 for other protocols,
 /// and for later fragments) to `found`, the flow half under `key`.
 #[inline(always)]
-pub fn record(found: Found, key: &FlowKey, bytes: u16, flags: u8, now: u64) {
+pub fn record(found: Found, key: &FlowKey, bytes: u16, flags: u8) {
     match found {
         Found::Cached(c) => {
             c.packets += 1;
             c.bytes += u64::from(bytes);
         }
         Found::Table(flow, slot) => {
-            state::touch(flow, bytes, now);
+            state::touch(flow, bytes, clock::now());
             if key.dir == DIR_OUT {
                 state::track_out(flow, flags);
             } else {

@@ -111,10 +111,9 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
         let fits = mtu.saturating_sub(IP_LEN as u16);
         return icmp::to_sender(hook, Error::frag_needed(fits), Reason::TooBig);
     }
-    let now = clock::now();
-    flow_cache::record(found, &key, len, flags, now);
+    flow_cache::record(found, &key, len, flags);
     if fragment == Fragment::First {
-        frag::remember(&datagram, &key, now);
+        frag::remember(&datagram, &key, clock::now());
     }
     if flags & tcp::SYN != 0 {
         mss::clamp(hook, L4, usize::from(len) - IP_LEN, cfg.mss)?;

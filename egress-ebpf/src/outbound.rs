@@ -99,10 +99,9 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
     if let (NextHop::TooBig { mtu }, true) = (&hop, inner.df) {
         return icmp::to_client(hook, Error::frag_needed(*mtu), Reason::TooBig);
     }
-    let now = clock::now();
     let (found, reason) = match existing {
         Some(f) => (f, Reason::Translated),
-        None => match state::create(&key, inner.peer, cfg, now) {
+        None => match state::create(&key, inner.peer, cfg, clock::now()) {
             Ok(()) => (
                 Found::created(&key).ok_or(Reason::Internal)?,
                 Reason::NewFlow,
@@ -117,9 +116,9 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
         },
     };
     let (nat_addr, nat_port) = (found.flow().nat_addr, found.flow().nat_port);
-    flow_cache::record(found, &key, inner.len, flags, now);
+    flow_cache::record(found, &key, inner.len, flags);
     if inner.fragment == Fragment::First {
-        frag::remember(&inner.datagram(), &key, now);
+        frag::remember(&inner.datagram(), &key, clock::now());
     }
     if flags & tcp::SYN != 0 {
         mss::clamp(hook, L4, usize::from(inner.len) - IP_LEN, cfg.mss)?;
