@@ -362,11 +362,12 @@ impl State {
     }
 
     /// Kernel memory of each state map, in bytes.
-    pub fn memory(&self) -> anyhow::Result<[(&'static str, u64); 3]> {
+    pub fn memory(&self) -> anyhow::Result<[(&'static str, u64); 4]> {
         Ok([
             ("flows", memlock(self.flows.map())?),
             ("mappings", memlock(self.mappings.map())?),
             ("client_flows", memlock(self.clients.map())?),
+            ("flow_cache", memlock(self.cache.map())?),
         ])
     }
 }

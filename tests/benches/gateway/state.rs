@@ -17,7 +17,7 @@ pub struct StateAtScale {
     /// In-kernel time of `BPF_PROG_TEST_RUN` per new flow.
     pub new_flow: Duration,
     /// Kernel memory of each state map, sized for `FLOWS`.
-    pub memory: [(&'static str, u64); 3],
+    pub memory: [(&'static str, u64); 4],
     /// Inserting the flows from userspace (not a figure of the gateway).
     pub fill: Duration,
     pub sweep_nothing_expired: gc::Sweep,
