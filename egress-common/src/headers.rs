@@ -155,7 +155,10 @@ mod tests {
         /// An error etherparse reads as the type and code it was made with,
         /// with its next-hop MTU, carrying the quote, with a valid checksum.
         #[test]
-        fn icmp_error_parses_back(quote in proptest::array::uniform28(0u8..), kind in 0u8.., code in 0u8.., mtu in 0u16..) {
+        fn icmp_error_parses_back(quote in proptest::array::uniform28(0u8..), frag_needed: bool, kind in 0u8.., code in 0u8.., mtu in 0u16..) {
+            // Only "fragmentation needed" has an MTU (etherparse, too, reads
+            // the field as unused in every other type).
+            let (kind, code, mtu) = if frag_needed { (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, mtu) } else { (kind, code, 0) };
             let mut msg = [0; ICMP_LEN + QUOTE_LEN];
             let (h, q) = msg.split_at_mut(ICMP_LEN);
             icmp_error(kind, code, mtu, &quote, h.try_into().unwrap());
