@@ -96,7 +96,7 @@ fn flush(slot: &CachedFlow) {
         return;
     }
     if let Some(entry) = state::find(&slot.key)
-        && slot.holds(&slot.key, entry)
+        && entry.created_ns == slot.flow.created_ns
     {
         entry.packets += slot.packets;
         entry.bytes += slot.bytes;

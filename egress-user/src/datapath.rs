@@ -30,7 +30,6 @@ use egress_common::{
 use ipnet::Ipv4Net;
 
 use crate::{
-    batch,
     clsact::{self, Clsact},
     inspect, pinning,
     settings::{AttachMode, PortRange},
@@ -354,11 +353,9 @@ pub struct State {
 
 impl State {
     /// Every flow half, its packets counted wherever the data path counted
-    /// them (see [`inspect::credit_cached`]).
+    /// them (see [`inspect::counted_flows`]).
     pub fn counted_flows(&self) -> anyhow::Result<Vec<(FlowKey, Flow)>> {
-        let mut entries = batch::dump(&self.flows).context("cannot read FLOWS")?;
-        inspect::credit_cached(&self.cache, &mut entries).context("cannot read FLOW_CACHE")?;
-        Ok(entries)
+        inspect::counted_flows(&self.flows, &self.cache)
     }
 
     /// Kernel memory of each state map, in bytes.

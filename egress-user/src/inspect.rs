@@ -73,8 +73,7 @@ impl Pinned {
     /// Every complete flow (both halves present), and how many entries
     /// the flow table holds.
     pub fn flows(&self) -> anyhow::Result<(Vec<Conn>, u64)> {
-        let mut entries = batch::dump(&self.flows).context("cannot read FLOWS")?;
-        credit_cached(&self.cache, &mut entries).context("cannot read FLOW_CACHE")?;
+        let entries = counted_flows(&self.flows, &self.cache)?;
         let returns: FxHashMap<FlowKey, Flow> = entries
             .iter()
             .filter(|(k, _)| k.dir == DIR_IN)
@@ -139,13 +138,23 @@ impl Pinned {
     }
 }
 
-/// Adds the packets the data path counted in its per-CPU flow cache to
-/// `entries`, the flow table's (see `egress_common::flow_cache`).
+/// Every entry of the flow table `flows`, with the packets the data path
+/// counted in its per-CPU flow cache `cache` added (see
+/// `egress_common::flow_cache`).
 ///
-/// Read after the table: counts a slot hands to the table in between are
-/// missed by this read (never counted twice), so a sum is never above the
-/// true count, and a later read may be lower only by such counts.
-pub fn credit_cached<T: Borrow<MapData>>(
+/// The cache is read after the table: counts a slot hands to the table in
+/// between are missed by this read (never counted twice), so a sum is never
+/// above the true count, and a later read may be lower only by such counts.
+pub fn counted_flows<T: Borrow<MapData>>(
+    flows: &HashMap<T, FlowKey, Flow>,
+    cache: &PerCpuArray<T, CachedFlow>,
+) -> anyhow::Result<Vec<(FlowKey, Flow)>> {
+    let mut entries = batch::dump(flows).context("cannot read FLOWS")?;
+    credit_cached(cache, &mut entries).context("cannot read FLOW_CACHE")?;
+    Ok(entries)
+}
+
+fn credit_cached<T: Borrow<MapData>>(
     cache: &PerCpuArray<T, CachedFlow>,
     entries: &mut [(FlowKey, Flow)],
 ) -> anyhow::Result<()> {

@@ -59,11 +59,15 @@ struct Seen {
 /// A flow's packets and bytes, outbound and return.
 type Counts = [u64; 4];
 
+fn counts(c: &Conn) -> Counts {
+    [c.out.packets, c.out.bytes, c.inb.packets, c.inb.bytes]
+}
+
 /// Raises the counts of `conns` that the previous scrape exported higher
 /// to what it exported, and returns what these are exported with.
 ///
 /// A read can miss counts the data path moves from its cache to the table
-/// meanwhile (see `inspect::credit_cached`), and a counter must never go
+/// meanwhile (see `inspect::counted_flows`), and a counter must never go
 /// back: Prometheus would take it for a reset.
 fn never_back(
     before: &FxHashMap<(FlowKey, u64), Counts>,
@@ -72,7 +76,7 @@ fn never_back(
     let mut exported = FxHashMap::default();
     for c in conns {
         let id = (c.out.out_key(), c.out.created_ns);
-        let mut now = [c.out.packets, c.out.bytes, c.inb.packets, c.inb.bytes];
+        let mut now = counts(c);
         if let Some(before) = before.get(&id) {
             for (n, b) in now.iter_mut().zip(before) {
                 *n = (*n).max(*b);
@@ -498,14 +502,7 @@ mod tests {
     }
 
     fn exported(conns: &[Conn]) -> Vec<Counts> {
-        let counts = |h: &Flow| (h.packets, h.bytes);
-        conns
-            .iter()
-            .map(|c| {
-                let ((a, b), (x, y)) = (counts(&c.out), counts(&c.inb));
-                [a, b, x, y]
-            })
-            .collect()
+        conns.iter().map(counts).collect()
     }
 
     #[test]
