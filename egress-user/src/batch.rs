@@ -1,7 +1,8 @@
 //! Whole-map reads and bulk deletes with the kernel's batch commands
 //! (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_DELETE_BATCH`, Linux 5.6), which aya
 //! does not wrap: a sweep of a million flows costs a few hundred system
-//! calls instead of several million.
+//! calls instead of several million, a read of the flow cache one instead
+//! of a thousand.
 
 use std::{
     borrow::Borrow,
@@ -12,7 +13,8 @@ use std::{
 
 use aya::{
     Pod,
-    maps::{HashMap, IterableMap as _, MapData},
+    maps::{HashMap, IterableMap as _, MapData, PerCpuArray},
+    util::nr_cpus,
 };
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
@@ -72,23 +74,53 @@ pub fn dump<T: Borrow<MapData>, K: Pod, V: Pod>(map: &HashMap<T, K, V>) -> io::R
 pub fn batches<T: Borrow<MapData>, K: Pod, V: Pod>(
     map: &HashMap<T, K, V>,
 ) -> impl Iterator<Item = io::Result<Vec<(K, V)>>> + '_ {
+    lookups::<K, V>(map.map(), CHUNK, 1).map(|batch| {
+        let (keys, values) = batch?;
+        Ok(keys.into_iter().zip(values).collect())
+    })
+}
+
+/// Every value of the per-CPU array `map`, each index's value on each
+/// possible CPU (in no order a caller may rely on).
+pub fn per_cpu_values<T: Borrow<MapData>, V: Pod>(map: &PerCpuArray<T, V>) -> io::Result<Vec<V>> {
+    // The kernel lays each CPU's value out on an 8-byte stride: with a
+    // size that is a multiple of 8, a `V` buffer matches that layout.
+    const { assert!(size_of::<V>().is_multiple_of(8)) };
+    let cpus = nr_cpus().map_err(|(_, e)| e)?;
+    let mut values = Vec::new();
+    // The whole array in one call.
+    for batch in lookups::<u32, V>(map.map(), map.len() as usize, cpus.get() as usize) {
+        values.extend(batch?.1);
+    }
+    Ok(values)
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` over `map` (any type that supports it): up to
+/// `chunk` keys per call with `per_key` values each (1, or the number of
+/// possible CPUs for a per-CPU map).
+fn lookups<K: Pod, V: Pod>(
+    map: &MapData,
+    chunk: usize,
+    per_key: usize,
+) -> impl Iterator<Item = io::Result<(Vec<K>, Vec<V>)>> + '_ {
     // SAFETY: `Pod` types are valid for any bit pattern, zeros included.
-    let mut keys: Vec<K> = vec![unsafe { zeroed() }; CHUNK];
+    let mut keys: Vec<K> = vec![unsafe { zeroed() }; chunk];
     // SAFETY: as above.
-    let mut values: Vec<V> = vec![unsafe { zeroed() }; CHUNK];
-    // The resume position, opaque to us: a bucket index for hash maps.
+    let mut values: Vec<V> = vec![unsafe { zeroed() }; chunk * per_key];
+    // The resume position, opaque to us: a bucket index for hash maps, the
+    // next index for arrays.
     let mut cursor = [0u64; 2];
     let (mut first, mut done) = (true, false);
     std::iter::from_fn(move || {
         if done {
             return None;
         }
-        let mut a = attr(map.map());
+        let mut a = attr(map);
         a.in_batch = if first { 0 } else { cursor.as_ptr() as u64 };
         a.out_batch = cursor.as_mut_ptr() as u64;
         a.keys = keys.as_mut_ptr() as u64;
         a.values = values.as_mut_ptr() as u64;
-        a.count = CHUNK as u32;
+        a.count = chunk as u32;
         first = false;
         match bpf(BPF_MAP_LOOKUP_BATCH, &mut a) {
             Ok(()) => {}
@@ -100,8 +132,7 @@ pub fn batches<T: Borrow<MapData>, K: Pod, V: Pod>(
             }
         }
         let n = a.count as usize;
-        let batch = keys[..n].iter().copied().zip(values[..n].iter().copied());
-        Some(Ok(batch.collect()))
+        Some(Ok((keys[..n].to_vec(), values[..n * per_key].to_vec())))
     })
 }
 

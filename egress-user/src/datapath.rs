@@ -355,7 +355,7 @@ impl State {
     /// Every flow half, its packets counted wherever the data path counted
     /// them (see [`inspect::counted_flows`]).
     pub fn counted_flows(&self) -> anyhow::Result<Vec<(FlowKey, Flow)>> {
-        inspect::counted_flows(&self.flows, &self.cache)
+        inspect::counted_flows(&self.flows, Some(&self.cache))
     }
 
     /// Kernel memory of each state map, in bytes.

@@ -14,7 +14,7 @@ use egress_common::{
     flow::{
         DIR_IN, DIR_OUT, Flow, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Mapping, PortKey,
     },
-    flow_cache::{CACHE_SLOTS, CachedFlow},
+    flow_cache::CachedFlow,
     reason::Reason,
     tcp::TcpState,
 };
@@ -30,7 +30,9 @@ pub struct Pinned {
     mappings: HashMap<MapData, PortKey, Mapping>,
     clients: HashMap<MapData, [u8; 4], u64>,
     stats: PerCpuArray<MapData, u64>,
-    cache: PerCpuArray<MapData, CachedFlow>,
+    /// None under a daemon of a version before the flow cache, whose table
+    /// counts every packet.
+    cache: Option<PerCpuArray<MapData, CachedFlow>>,
 }
 
 impl Pinned {
@@ -55,7 +57,11 @@ impl Pinned {
             mappings: HashMap::try_from(open(mappings)?).with_context(|| format(mappings))?,
             clients: HashMap::try_from(open(clients)?).with_context(|| format(clients))?,
             stats: PerCpuArray::try_from(open(stats)?).with_context(|| format(stats))?,
-            cache: PerCpuArray::try_from(open(cache)?).with_context(|| format(cache))?,
+            cache: if dir.join(cache).exists() {
+                Some(PerCpuArray::try_from(open(cache)?).with_context(|| format(cache))?)
+            } else {
+                None
+            },
         })
     }
 
@@ -73,7 +79,7 @@ impl Pinned {
     /// Every complete flow (both halves present), and how many entries
     /// the flow table holds.
     pub fn flows(&self) -> anyhow::Result<(Vec<Conn>, u64)> {
-        let entries = counted_flows(&self.flows, &self.cache)?;
+        let entries = counted_flows(&self.flows, self.cache.as_ref())?;
         let returns: FxHashMap<FlowKey, Flow> = entries
             .iter()
             .filter(|(k, _)| k.dir == DIR_IN)
@@ -147,10 +153,12 @@ impl Pinned {
 /// above the true count, and a later read may be lower only by such counts.
 pub fn counted_flows<T: Borrow<MapData>>(
     flows: &HashMap<T, FlowKey, Flow>,
-    cache: &PerCpuArray<T, CachedFlow>,
+    cache: Option<&PerCpuArray<T, CachedFlow>>,
 ) -> anyhow::Result<Vec<(FlowKey, Flow)>> {
     let mut entries = batch::dump(flows).context("cannot read FLOWS")?;
-    credit_cached(cache, &mut entries).context("cannot read FLOW_CACHE")?;
+    if let Some(cache) = cache {
+        credit_cached(cache, &mut entries).context("cannot read FLOW_CACHE")?;
+    }
     Ok(entries)
 }
 
@@ -159,11 +167,9 @@ fn credit_cached<T: Borrow<MapData>>(
     entries: &mut [(FlowKey, Flow)],
 ) -> anyhow::Result<()> {
     let mut slots: FxHashMap<FlowKey, Vec<CachedFlow>> = FxHashMap::default();
-    for slot in 0..CACHE_SLOTS {
-        for cached in cache.get(&slot, 0)?.iter() {
-            if cached.packets > 0 {
-                slots.entry(cached.key).or_default().push(*cached);
-            }
+    for cached in batch::per_cpu_values(cache)? {
+        if cached.packets > 0 {
+            slots.entry(cached.key).or_default().push(cached);
         }
     }
     for (key, flow) in entries {

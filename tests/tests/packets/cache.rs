@@ -17,6 +17,7 @@ use crate::state::{halves, tcp_state};
 
 for_each_hook!(
     every_packet_is_counted_cached_or_not,
+    packets_cached_on_each_cpu_are_all_counted,
     flows_that_share_a_slot_keep_their_counts,
     a_segment_that_changes_the_record_is_never_served_from_the_cache,
     a_flow_removed_from_the_table_is_not_served_once_a_tick_passed,
@@ -53,7 +54,7 @@ fn every_packet_is_counted_cached_or_not(hook: Hook) {
     let mut frames = vec![query(21000); 20];
     frames.extend(vec![reply(port); 10]);
     assert_eq!(
-        gw.on_cpu_0(&frames),
+        gw.on_cpu(0, &frames),
         HashMap::from([(Reason::Translated, 20), (Reason::ReverseHit, 10)])
     );
     let (out, inb) = halves(gw);
@@ -64,6 +65,21 @@ fn every_packet_is_counted_cached_or_not(hook: Hook) {
     // back to back span a tick or two).
     let table = gw.state().flows.get(&out.out_key(), 0).unwrap();
     assert!(table.packets < 21, "{} packets in the table", table.packets);
+}
+
+fn packets_cached_on_each_cpu_are_all_counted(hook: Hook) {
+    let gw = &mut Gateway::new(hook);
+    let port = outbound(gw, CLIENT, udp(21000, 53), Reason::NewFlow);
+    // Each CPU has a slot of its own for the flow; readers add them all.
+    // (On a host with one CPU, both rounds meet the same slot.)
+    let last = std::thread::available_parallelism().unwrap().get() - 1;
+    for cpu in [0, last] {
+        gw.on_cpu(cpu, &vec![query(21000); 10]);
+        gw.on_cpu(cpu, &vec![reply(port); 5]);
+    }
+    let (out, inb) = halves(gw);
+    assert_eq!((out.packets, out.bytes), (21, 21 * LEN));
+    assert_eq!((inb.packets, inb.bytes), (10, 10 * LEN));
 }
 
 fn flows_that_share_a_slot_keep_their_counts(hook: Hook) {
@@ -85,7 +101,7 @@ fn flows_that_share_a_slot_keep_their_counts(hook: Hook) {
     // its table entry.
     let frames: Vec<_> = [a, a, b, a, b, b, b, a].map(query).into();
     assert_eq!(
-        gw.on_cpu_0(&frames),
+        gw.on_cpu(0, &frames),
         HashMap::from([(Reason::Translated, 8)])
     );
     let flows = gw.flows();
@@ -106,12 +122,12 @@ fn a_segment_that_changes_the_record_is_never_served_from_the_cache(hook: Hook) 
         let segment = L4::segment(80, 23456, flags, b"");
         ethernet(ROUTER_MAC, GW_MAC, &ip_packet(reply_ip(SERVER), segment))
     };
-    gw.on_cpu_0(&[out(SYN), back(SYN | ACK)]);
+    gw.on_cpu(0, &[out(SYN), back(SYN | ACK)]);
     // The client's first ACK, acknowledgements the flow has seen (served
     // from the cache), then its FIN.
-    gw.on_cpu_0(&[out(ACK), out(ACK), out(ACK), out(ACK), out(FIN | ACK)]);
+    gw.on_cpu(0, &[out(ACK), out(ACK), out(ACK), out(ACK), out(FIN | ACK)]);
     assert_eq!(tcp_state(gw), TcpState::Closing);
-    gw.on_cpu_0(&[back(ACK), back(ACK), back(ACK), back(RST)]);
+    gw.on_cpu(0, &[back(ACK), back(ACK), back(ACK), back(RST)]);
     assert_eq!(tcp_state(gw), TcpState::Reset);
     let (o, i) = halves(gw);
     assert_eq!((o.packets, i.packets), (6, 5));
@@ -125,7 +141,7 @@ fn a_flow_removed_from_the_table_is_not_served_once_a_tick_passed(hook: Hook) {
     let gw = &mut Gateway::new(hook);
     let port = outbound(gw, CLIENT, udp(21000, 53), Reason::NewFlow);
     let served = HashMap::from([(Reason::Translated, 1), (Reason::ReverseHit, 1)]);
-    assert_eq!(gw.on_cpu_0(&[query(21000), reply(port)]), served);
+    assert_eq!(gw.on_cpu(0, &[query(21000), reply(port)]), served);
     // The daemon removes the flow (its mapping stays, as in a sweep's
     // grace period).
     let (out, inb) = halves(gw);
@@ -135,7 +151,7 @@ fn a_flow_removed_from_the_table_is_not_served_once_a_tick_passed(hook: Hook) {
     // Past a tick, whatever the kernel's HZ.
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(
-        gw.on_cpu_0(&[reply(port), query(21000)]),
+        gw.on_cpu(0, &[reply(port), query(21000)]),
         HashMap::from([(Reason::NotOurs, 1), (Reason::NewFlow, 1)])
     );
 }

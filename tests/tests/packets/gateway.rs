@@ -243,14 +243,14 @@ impl Gateway {
         in_netns(&ns, || f(&mut |frame, out| prog.run(frame, ifindex, out))).unwrap()
     }
 
-    /// Runs the program once on each of `frames`, in order, all on CPU 0
-    /// (so they meet the same per-CPU flow cache), and returns how many
-    /// packets it counted for each reason.
-    pub fn on_cpu_0(&mut self, frames: &[Vec<u8>]) -> HashMap<Reason, u64> {
+    /// Runs the program once on each of `frames`, in order, all on CPU
+    /// `cpu` (so they meet the same per-CPU flow cache), and returns how
+    /// many packets it counted for each reason.
+    pub fn on_cpu(&mut self, cpu: usize, frames: &[Vec<u8>]) -> HashMap<Reason, u64> {
         let before = self.stats();
         self.with_runs(|run| {
             let mut one = CpuSet::new();
-            one.set(0).unwrap();
+            one.set(cpu).unwrap();
             sched_setaffinity(Pid::from_raw(0), &one).unwrap();
             let mut out = vec![0u8; 2048];
             for frame in frames {
