@@ -25,7 +25,7 @@ use crate::{batch, datapath::State};
 
 /// State that looks dead but may be in the middle of being created (a
 /// mapping no flow uses yet, a flow half without its twin) is left alone
-/// until it has been idle this long.
+/// for this long: a mapping until idle this long, a half until this old.
 pub const GRACE: Duration = Duration::from_secs(10);
 
 /// Idle timeouts by protocol and TCP state.
@@ -114,7 +114,8 @@ impl Stop {
 /// Removes every flow idle past its timeout at time `now_ns`, then every
 /// mapping no remaining flow uses, and brings the per-client flow counts
 /// up to date. Halves left alone by an interrupted sweep or a failed insert
-/// go too, once idle past the grace period.
+/// go too, once older than the grace period, however busy: a lone half
+/// translates one way only.
 ///
 /// The tables are read and pruned in bulk, heeding `stop` between batches;
 /// within each flow (and mapping) the side that admits new packets or
@@ -189,6 +190,8 @@ fn prune(
 
     // Lone halves: what a cut-short sweep leaves, or flows created while
     // this sweep read the table (hence the grace period and second look).
+    // By age, not idleness: a client still sending would keep a lone
+    // outbound half alive forever, its replies unmatched.
     lone.extend(
         returns
             .iter()
@@ -198,7 +201,7 @@ fn prune(
     let mut orphans = Vec::new();
     for (key, twin, half) in lone {
         stop.check()?;
-        if idle(half.last_seen_ns) > GRACE && state.flows.get(&twin, 0).is_err() {
+        if idle(half.created_ns) > GRACE && state.flows.get(&twin, 0).is_err() {
             orphans.push((key, half));
         }
     }

@@ -24,6 +24,7 @@ for_each_hook!(
     sweeps_remove_exactly_the_flows_past_their_timeout,
     a_stopped_sweep_changes_nothing_and_the_next_one_sweeps,
     flows_a_cut_short_sweep_half_removed_go_and_leave_the_client_count,
+    a_busy_lone_half_goes_once_past_the_grace_period,
     restart_keeps_flows_and_reset_clears_them,
     first_packets_racing_on_two_cpus_make_one_flow_each,
 );
@@ -295,6 +296,24 @@ fn flows_a_cut_short_sweep_half_removed_go_and_leave_the_client_count(hook: Hook
         "the live flow's mapping, both sides"
     );
     assert_eq!(gw.client_flows(CLIENT), 1);
+}
+
+/// A lone outbound half its client keeps using still goes once past the
+/// grace period: it would translate requests whose replies match nothing.
+fn a_busy_lone_half_goes_once_past_the_grace_period(hook: Hook) {
+    let mut gw = Gateway::new(hook);
+    outbound(&mut gw, CLIENT, udp(21001), Reason::NewFlow);
+    let mut cut = gw.outbound_flows()[0];
+    gw.state().flows.remove(&cut.in_key()).unwrap();
+
+    // Past the grace period since it was created, and just used.
+    let later = cut.created_ns + 11 * 1_000_000_000;
+    cut.last_seen_ns = later;
+    gw.state().flows.insert(&cut.out_key(), &cut, 0).unwrap();
+    gw.sweep(later);
+    assert_eq!(gw.flow_entries(), 0);
+    assert!(gw.mappings().is_empty());
+    assert_eq!(gw.client_flows(CLIENT), 0);
 }
 
 fn restart_keeps_flows_and_reset_clears_them(hook: Hook) {
