@@ -17,7 +17,8 @@ use egress_common::{
 // The connection state (`FLOWS`, `MAPPINGS`, `CLIENT_FLOWS`) and the
 // counters are pinned by name, so a restarted daemon carries on with them.
 // The state maps are sized by the loader and are plain hash maps, never
-// LRUs: entries only go when the daemon expires them, both halves together.
+// LRUs: the kernel never evicts an entry; the daemon's sweep removes them
+// (see `egress_user::gc`).
 
 /// Both halves of every flow.
 #[map]

@@ -31,9 +31,12 @@ fn precise_now() -> u64 {
 /// The flow half stored under `key`, if any.
 #[inline(always)]
 pub fn find(key: &FlowKey) -> Option<&'static mut Flow> {
-    // SAFETY: entries are only deleted by the daemon's garbage collector,
-    // after they have been idle for a whole timeout; the fields we write are
-    // counters, flags and timestamps, where a lost update is harmless.
+    // SAFETY: a valid map value for as long as the program runs. The
+    // daemon's sweep may delete the entry meanwhile (a flow idle past its
+    // timeout, a lone half, one the policy no longer allows) and the
+    // kernel reuse its memory for a new flow: the fields we write are
+    // counters, flags and timestamps, where one packet's stray update does
+    // no lasting harm.
     FLOWS.get_ptr_mut(key).map(|f| unsafe { &mut *f })
 }
 

@@ -7,10 +7,13 @@
 //! (a load-time constant). The connection state lives in pinned maps
 //! throughout, so flows survive all of it.
 
+use std::sync::{PoisonError, RwLock};
+
 use anyhow::{Context as _, bail};
 
 use crate::{
     datapath::{Attached, Datapath, Policy},
+    gc::{Allowed, SharedAllowed},
     netif::Interface,
     pinning::{self, StateLock},
     settings::{Settings, mss_for_mtu},
@@ -20,6 +23,9 @@ use crate::{
 pub struct Gateway {
     settings: Settings,
     policy: Policy,
+    /// What the sweeps let flows keep using: the policy, replaced before
+    /// a data path with a new one is loaded.
+    allowed: SharedAllowed,
     // Dropped before `attached`: the programs detach before the interface
     // settings they rely on are restored.
     datapath: Datapath,
@@ -60,9 +66,11 @@ impl Gateway {
         let datapath = Datapath::load(&policy)?;
         // Later loads pick up the state this one made.
         policy.reset_state = false;
+        let allowed = SharedAllowed::new(RwLock::new(Allowed::of(&policy)));
         let mut gateway = Self {
             settings,
             policy,
+            allowed,
             datapath,
             attached: None,
             _state_lock: state_lock,
@@ -91,6 +99,10 @@ impl Gateway {
 
     pub fn datapath(&mut self) -> &mut Datapath {
         &mut self.datapath
+    }
+
+    pub fn allowed(&self) -> SharedAllowed {
+        self.allowed.clone()
     }
 
     /// One line on where the gateway stands, for logs and systemd.
@@ -138,8 +150,12 @@ impl Gateway {
                 snat = ?policy.snat,
                 mss = policy.mss,
                 "the interface's address or MTU changed: loading the data path again with it \
-                 (the connection state is kept; flows translated to an old address end)"
+                 (the connection state is kept; the next sweep removes flows translated to an \
+                 old address)"
             );
+            // Before the load: no sweep may take a flow made under the new
+            // policy for one the old one left.
+            *self.allowed.write().unwrap_or_else(PoisonError::into_inner) = Allowed::of(&policy);
             let datapath = Datapath::load(&policy)?;
             // The old programs detach here, just before the new ones attach.
             self.datapath = datapath;

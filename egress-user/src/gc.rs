@@ -3,8 +3,9 @@
 //! packet's time and TCP flags; the daemon decides when it is dead.
 
 use std::{
+    net::Ipv4Addr,
     sync::{
-        Arc,
+        Arc, PoisonError, RwLock,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
@@ -19,9 +20,13 @@ use egress_common::{
     flow::{DIR_IN, DIR_OUT, Flow, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, Mapping, PortKey},
     tcp::TcpState,
 };
+use ipnet::Ipv4Net;
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use crate::{batch, datapath::State};
+use crate::{
+    batch,
+    datapath::{Policy, State},
+};
 
 /// State that looks dead but may be in the middle of being created (a
 /// mapping no flow uses yet, a flow half without its twin) is left alone
@@ -70,6 +75,60 @@ impl Timeouts {
     }
 }
 
+/// What the policy lets flows use. A sweep removes the state the current
+/// policy would not create: flows and mappings on a translation address
+/// that is no longer ours (as MASQUERADE forgets its connections when its
+/// address goes), and those of a peer or client no longer allowed. The
+/// data path trusts a known flow's translation, so until then it goes on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Allowed {
+    pub snat: Vec<Ipv4Addr>,
+    pub peers: Vec<Ipv4Addr>,
+    pub clients: Vec<Ipv4Net>,
+}
+
+impl Allowed {
+    pub fn of(policy: &Policy) -> Self {
+        Self {
+            snat: policy.snat.clone(),
+            peers: policy.peers.clone(),
+            clients: policy.client_cidrs.clone(),
+        }
+    }
+
+    fn client(&self, addr: [u8; 4]) -> bool {
+        self.clients
+            .iter()
+            .any(|net| net.contains(&Ipv4Addr::from(addr)))
+    }
+
+    fn flow(&self, out: &Flow) -> bool {
+        self.snat.contains(&out.nat_addr.into())
+            && self.peers.contains(&out.peer_addr.into())
+            && self.client(out.client_addr)
+    }
+
+    /// Whether the mapping entry `key` → `m` (either side) is allowed.
+    fn mapping(&self, key: &PortKey, m: &Mapping) -> bool {
+        let (client, nat) = match key.dir {
+            DIR_OUT => (key.addr, m.addr),
+            _ => (m.addr, key.addr),
+        };
+        self.snat.contains(&nat.into()) && self.client(client)
+    }
+}
+
+/// The policy as of now, shared between the daemon, which replaces it when
+/// it loads the data path again, and the sweeps.
+pub type SharedAllowed = Arc<RwLock<Allowed>>;
+
+fn current(allowed: &RwLock<Allowed>) -> Allowed {
+    allowed
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+}
+
 /// Now on the clock `bpf_ktime_get_coarse_ns` reads (CLOCK_MONOTONIC).
 pub fn monotonic_ns() -> u64 {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
@@ -80,9 +139,11 @@ pub fn monotonic_ns() -> u64 {
 /// What one sweep found and did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Sweep {
-    /// Flows left, and flows removed (both halves each).
+    /// Flows left, flows removed idle, and flows removed because the
+    /// policy no longer allows them (both halves each).
     pub live: usize,
     pub expired: usize,
+    pub disallowed: usize,
     /// Mappings left, and mappings removed.
     pub mappings: usize,
     pub mappings_expired: usize,
@@ -111,9 +172,9 @@ impl Stop {
     }
 }
 
-/// Removes every flow idle past its timeout at time `now_ns`, then every
-/// mapping no remaining flow uses, and brings the per-client flow counts
-/// up to date. Halves left alone by an interrupted sweep or a failed insert
+/// Removes every flow idle past its timeout at time `now_ns` or no longer
+/// `allowed`, then every mapping no remaining flow uses or no longer
+/// allowed, and brings the per-client flow counts up to date. Halves left alone by an interrupted sweep or a failed insert
 /// go too, once older than the grace period, however busy: a lone half
 /// translates one way only.
 ///
@@ -124,12 +185,13 @@ impl Stop {
 pub fn sweep(
     state: &mut State,
     timeouts: &Timeouts,
+    allowed: &RwLock<Allowed>,
     now_ns: u64,
     stop: &Stop,
 ) -> anyhow::Result<Sweep> {
     let started = Instant::now();
     let mut clients = Clients::default();
-    let pruned = prune(state, timeouts, now_ns, stop, &mut clients);
+    let pruned = prune(state, timeouts, allowed, now_ns, stop, &mut clients);
     let recounted = recount_clients(&mut state.clients, &clients);
     let mut sweep = pruned?;
     recounted?;
@@ -147,12 +209,17 @@ struct Clients {
 fn prune(
     state: &State,
     timeouts: &Timeouts,
+    allowed: &RwLock<Allowed>,
     now_ns: u64,
     stop: &Stop,
     clients: &mut Clients,
 ) -> anyhow::Result<Sweep> {
     let idle = |last_ns: u64| Duration::from_nanos(now_ns.saturating_sub(last_ns));
     let flows = read(&state.flows, stop)?;
+    // Taken after the read: the daemon replaces the policy before it loads
+    // a data path that makes flows under it, so every flow read is judged
+    // by the policy it was made under, or a later one.
+    let policy = current(allowed);
     // Return halves by key, each marked once its outbound half claims it.
     let mut returns: FxHashMap<FlowKey, (&Flow, bool)> =
         FxHashMap::with_capacity_and_hasher(flows.len() / 2, Default::default());
@@ -174,19 +241,22 @@ fn prune(
             continue;
         };
         *claimed = true;
-        if idle(out.last_seen_ns.max(inb.last_seen_ns)) <= timeouts.of(out, inb) {
+        if !policy.flow(out) {
+            sweep.disallowed += 1;
+        } else if idle(out.last_seen_ns.max(inb.last_seen_ns)) <= timeouts.of(out, inb) {
             sweep.live += 1;
             *clients.live.entry(out.client_addr).or_default() += 1;
             used.insert(client_key(out));
+            continue;
         } else {
-            dead_in.push((in_key, *inb));
-            dead_out.push((*key, out));
+            sweep.expired += 1;
         }
+        dead_in.push((in_key, *inb));
+        dead_out.push((*key, out));
     }
     // Return halves first: once they are gone no reply can use the flows.
     delete_halves(&state.flows, &dead_in, stop, clients)?;
     delete_halves(&state.flows, &dead_out, stop, clients)?;
-    sweep.expired = dead_out.len();
 
     // Lone halves: what a cut-short sweep leaves, or flows created while
     // this sweep read the table (hence the grace period and second look).
@@ -208,9 +278,15 @@ fn prune(
     delete_halves(&state.flows, &orphans, stop, clients)?;
 
     let mappings: FxHashMap<PortKey, Mapping> = read(&state.mappings, stop)?.into_iter().collect();
+    let policy = current(allowed);
     let (mut unused, mut orphans) = (Vec::new(), Vec::new());
     let recent = |m: &Mapping| idle(m.used_ns) <= GRACE;
     for (key, m) in &mappings {
+        if !policy.mapping(key, m) {
+            // No second look: a flow made from it since goes next sweep.
+            orphans.push(*key);
+            continue;
+        }
         let twin = PortKey {
             addr: m.addr,
             port: m.port,

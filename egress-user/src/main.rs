@@ -215,6 +215,7 @@ async fn serve(
     let _sweeper = Sweeper::start(
         gateway.datapath().state()?,
         *timeouts,
+        gateway.allowed(),
         GC_INTERVAL,
         collector,
     )

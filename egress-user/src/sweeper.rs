@@ -13,7 +13,7 @@ use std::{
 
 use crate::{
     datapath::State,
-    gc::{self, Stop, Timeouts},
+    gc::{self, SharedAllowed, Stop, Timeouts},
     metrics::Collector,
 };
 
@@ -26,12 +26,14 @@ pub struct Sweeper {
 }
 
 impl Sweeper {
-    /// Sweeps `state` now and then `interval` after each sweep ends,
-    /// recording each in `metrics`. A failed sweep is logged and tried
-    /// again at the next interval.
+    /// Sweeps `state` now and then `interval` after each sweep ends, under
+    /// the policy `allowed` as it is at the time, recording each in
+    /// `metrics`. A failed sweep is logged and tried again at the next
+    /// interval.
     pub fn start(
         mut state: State,
         timeouts: Timeouts,
+        allowed: SharedAllowed,
         interval: Duration,
         metrics: Option<Arc<Collector>>,
     ) -> std::io::Result<Self> {
@@ -41,7 +43,7 @@ impl Sweeper {
             let stop = stop.clone();
             move || {
                 loop {
-                    sweep(&mut state, &timeouts, &stop, metrics.as_deref());
+                    sweep(&mut state, &timeouts, &allowed, &stop, metrics.as_deref());
                     // Woken early only to stop.
                     if woken.recv_timeout(interval) != Err(RecvTimeoutError::Timeout) {
                         return;
@@ -58,8 +60,14 @@ impl Sweeper {
 }
 
 /// One sweep, recorded and logged.
-fn sweep(state: &mut State, timeouts: &Timeouts, stop: &Stop, metrics: Option<&Collector>) {
-    let s = match gc::sweep(state, timeouts, gc::monotonic_ns(), stop) {
+fn sweep(
+    state: &mut State,
+    timeouts: &Timeouts,
+    allowed: &SharedAllowed,
+    stop: &Stop,
+    metrics: Option<&Collector>,
+) {
+    let s = match gc::sweep(state, timeouts, allowed, gc::monotonic_ns(), stop) {
         Ok(s) => s,
         Err(_) if stop.requested() => {
             tracing::info!("shutdown stopped a sweep part way; the next run finishes it");
@@ -72,6 +80,13 @@ fn sweep(state: &mut State, timeouts: &Timeouts, stop: &Stop, metrics: Option<&C
     };
     if let Some(m) = metrics {
         m.record_sweep(&s);
+    }
+    if s.disallowed > 0 {
+        tracing::warn!(
+            flows = s.disallowed,
+            "removed flows the policy no longer allows (a translation address no longer ours, \
+             a peer or client no longer allowed)"
+        );
     }
     if s.expired + s.mappings_expired > 0 {
         tracing::info!(

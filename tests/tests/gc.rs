@@ -46,9 +46,14 @@ fn sigterm_during_a_sweep_exits_cleanly_and_sweeps_remove_exactly_the_expired_fl
     let bin = egress_bin()?;
     let topo = Topology::new()?;
     let result = (|| {
+        // The table's translation addresses (the topology gives the first),
+        // so the sweeps find them all allowed.
+        let mut args = UDP_TIMEOUT.to_string();
+        for addr in &table::nat_addrs(FLOWS)[1..] {
+            args += &format!(" --snat {addr}");
+        }
         // A first run makes the pinned maps.
-        let start =
-            |launcher: &str| topo.start_gateway_under(launcher, &bin, Attach::Tc, UDP_TIMEOUT);
+        let start = |launcher: &str| topo.start_gateway_under(launcher, &bin, Attach::Tc, &args);
         start("")?.stop();
         let dir = topo.lab.state_dir()?;
         table::fill(&mut pinned(&dir)?, 0..FLOWS, last_seen(gc::monotonic_ns()));

@@ -37,7 +37,6 @@ pub fn measure() -> StateAtScale {
             min: 1024,
             max: 65535,
         };
-        p.client_cidrs.push("10.0.0.0/8".parse().unwrap());
     });
 
     let frames: Vec<Vec<u8>> = (0..NEW_FLOWS)
@@ -67,11 +66,22 @@ pub fn measure() -> StateAtScale {
     let mut state = gw.state();
     let memory = state.memory().unwrap();
     let (timeouts, stop) = (gc::Timeouts::default(), gc::Stop::default());
+    // The table's translation addresses: the gateway's own (the flows the
+    // data path made), and the pool the rest were written with.
+    let mut allowed = gw.allowed();
+    allowed.get_mut().unwrap().snat = table::nat_addrs(FLOWS);
     let sweep_nothing_expired =
-        gc::sweep(&mut state, &timeouts, gc::monotonic_ns(), &stop).unwrap();
+        gc::sweep(&mut state, &timeouts, &allowed, gc::monotonic_ns(), &stop).unwrap();
+    assert_eq!(sweep_nothing_expired.live, FLOWS as usize, "flows lost");
     let hours = 3 * 3600 * 1_000_000_000;
-    let sweep_all_expired =
-        gc::sweep(&mut state, &timeouts, gc::monotonic_ns() + hours, &stop).unwrap();
+    let sweep_all_expired = gc::sweep(
+        &mut state,
+        &timeouts,
+        &allowed,
+        gc::monotonic_ns() + hours,
+        &stop,
+    )
+    .unwrap();
     StateAtScale {
         new_flow: in_kernel / NEW_FLOWS,
         memory,

@@ -2,7 +2,7 @@
 //! BPF_PROG_TEST_RUN inside a namespace that gives `bpf_fib_lookup` a route
 //! and a resolved neighbour.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::RwLock};
 
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, TestRunResult, Xdp};
 use egress_common::{
@@ -165,6 +165,13 @@ impl Gateway {
         self.datapath = Datapath::load(&self.policy).unwrap();
     }
 
+    /// Loads the data path again under the policy as `adjust` changes it,
+    /// keeping the state: a daemon restarted with new settings.
+    pub fn reconfigure(&mut self, adjust: impl FnOnce(&mut Policy)) {
+        adjust(&mut self.policy);
+        self.restart(false);
+    }
+
     /// Runs the program once on `frame`, as received on eth0. Returns the
     /// verdict, the frame as the program left it, and the one reason counter
     /// that moved.
@@ -301,7 +308,20 @@ impl Gateway {
     /// One garbage-collection sweep as the daemon runs it, at time `now_ns`.
     pub fn sweep(&mut self, now_ns: u64) -> gc::Sweep {
         let stop = gc::Stop::default();
-        gc::sweep(&mut self.state(), &gc::Timeouts::default(), now_ns, &stop).unwrap()
+        let allowed = self.allowed();
+        gc::sweep(
+            &mut self.state(),
+            &gc::Timeouts::default(),
+            &allowed,
+            now_ns,
+            &stop,
+        )
+        .unwrap()
+    }
+
+    /// What the gateway's policy allows, for a sweep.
+    pub fn allowed(&self) -> RwLock<gc::Allowed> {
+        RwLock::new(gc::Allowed::of(&self.policy))
     }
 
     /// The connection-state maps.

@@ -1,7 +1,7 @@
 //! Connection state: TCP tracking, timeouts, endpoint-independent mapping,
 //! port allocation under pressure, caps, races and restarts.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, net::Ipv4Addr};
 
 use egress_common::{
     flow::{DIR_IN, DIR_OUT, Flow},
@@ -25,6 +25,8 @@ for_each_hook!(
     a_stopped_sweep_changes_nothing_and_the_next_one_sweeps,
     flows_a_cut_short_sweep_half_removed_go_and_leave_the_client_count,
     a_busy_lone_half_goes_once_past_the_grace_period,
+    a_sweep_removes_the_flows_of_an_address_no_longer_ours,
+    a_sweep_removes_the_flows_of_clients_and_peers_no_longer_allowed,
     restart_keeps_flows_and_reset_clears_them,
     first_packets_racing_on_two_cpus_make_one_flow_each,
 );
@@ -253,7 +255,13 @@ fn a_stopped_sweep_changes_nothing_and_the_next_one_sweeps(hook: Hook) {
     let later = gc::monotonic_ns() + 301 * 1_000_000_000;
     let stop = gc::Stop::default();
     stop.request();
-    let stopped = gc::sweep(&mut gw.state(), &gc::Timeouts::default(), later, &stop);
+    let stopped = gc::sweep(
+        &mut gw.state(),
+        &gc::Timeouts::default(),
+        &gw.allowed(),
+        later,
+        &stop,
+    );
     assert!(
         stopped.is_err(),
         "a stopped sweep reports it did not finish"
@@ -314,6 +322,64 @@ fn a_busy_lone_half_goes_once_past_the_grace_period(hook: Hook) {
     assert_eq!(gw.flow_entries(), 0);
     assert!(gw.mappings().is_empty());
     assert_eq!(gw.client_flows(CLIENT), 0);
+}
+
+/// A translation address the gateway no longer has (restarted with another
+/// `snat`, or its address changed): its flows and mappings go at the next
+/// sweep, as MASQUERADE forgets its connections when its address goes, and
+/// the client's next packet makes a flow on the new address.
+fn a_sweep_removes_the_flows_of_an_address_no_longer_ours(hook: Hook) {
+    const NEW_SNAT: [u8; 4] = [10, 1, 1, 20];
+    let mut gw = Gateway::new(hook);
+    let query = from_peer(&ip_packet(Ip::new(CLIENT, SERVER), udp(21000)));
+    outbound(&mut gw, CLIENT, udp(21000), Reason::NewFlow);
+    gw.reconfigure(|p| p.snat = vec![NEW_SNAT.into()]);
+    // Until the sweep, the data path keeps to a known flow's translation.
+    assert_eq!(gw.run(&query).2, Reason::Translated);
+
+    let sweep = gw.sweep(gc::monotonic_ns());
+    assert_eq!((sweep.disallowed, sweep.live), (1, 0));
+    assert_eq!(gw.flow_entries(), 0);
+    assert!(gw.mappings().is_empty());
+    assert_eq!(gw.client_flows(CLIENT), 0);
+    // Past a tick: no flow cache serves the old flow.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(gw.run(&query).2, Reason::NewFlow);
+    assert_eq!(gw.outbound_flows()[0].nat_addr, NEW_SNAT);
+}
+
+/// A client range or a peer the gateway no longer allows: their flows and
+/// the mappings of those clients go at the next sweep, the rest stay.
+fn a_sweep_removes_the_flows_of_clients_and_peers_no_longer_allowed(hook: Hook) {
+    let mut gw = Gateway::with(hook, |p| p.peers.push(PEER2.into()));
+    outbound(&mut gw, CLIENT, udp(21000), Reason::NewFlow);
+    outbound(&mut gw, CLIENT2, udp(21000), Reason::NewFlow);
+    let inner = ip_packet(Ip::new(CLIENT, SERVER), udp(21001));
+    let via_peer2 = ethernet(ROUTER_MAC, GW_MAC, &encapsulate(Ip::new(PEER2, GW), &inner));
+    assert_eq!(gw.run(&via_peer2).2, Reason::NewFlow);
+    // CLIENT2 is in 10.0.0.0/16, CLIENT in the other range.
+    gw.reconfigure(|p| {
+        p.peers = vec![PEER.into()];
+        p.client_cidrs
+            .retain(|net| !net.contains(&Ipv4Addr::from(CLIENT2)));
+    });
+
+    let sweep = gw.sweep(gc::monotonic_ns());
+    assert_eq!((sweep.disallowed, sweep.live), (2, 1));
+    let left = gw.outbound_flows();
+    assert_eq!(left.len(), 1);
+    assert_eq!(
+        (left[0].client_port, left[0].peer_addr),
+        (21000u16.to_be_bytes(), PEER)
+    );
+    assert_eq!(gw.flow_entries(), 2);
+    assert_eq!(gw.client_flows(CLIENT2), 0);
+    let clients: HashSet<[u8; 4]> = gw
+        .mappings()
+        .iter()
+        .map(|(k, m)| if k.dir == DIR_OUT { k.addr } else { m.addr })
+        .collect();
+    assert_eq!(clients, HashSet::from([CLIENT]), "mappings' clients");
 }
 
 fn restart_keeps_flows_and_reset_clears_them(hook: Hook) {

@@ -3,27 +3,47 @@
 //! endpoint of its own and so with a mapping of its own. For the GC's
 //! daemon test and the state benchmark.
 
-use std::{collections::HashMap, ops::Range};
+use std::{collections::HashMap, net::Ipv4Addr, ops::Range};
 
 use egress_common::flow::{Flow, IPPROTO_UDP, Mapping, PortKey};
 use egress_user::datapath::State;
 
-/// The `i`-th client endpoint and its remote.
+/// Flows per translation address (and per client address).
+const PER_ADDR: u32 = 62_500;
+
+/// The `i`-th client endpoint and its remote, from the tests' client range
+/// 10.0.0.0/16.
 pub fn endpoint(i: u32) -> ([u8; 4], u16, [u8; 4]) {
-    let port = 1024 + (i % 60_000) as u16;
-    let [_, _, hi, lo] = (i / 60_000).to_be_bytes();
-    ([10, 0, 100 + hi, lo], port, [203, 0, 113, (i % 251) as u8])
+    let port = 1024 + (i % PER_ADDR) as u16;
+    ([10, 0, 100, block(i)], port, [203, 0, 113, (i % 251) as u8])
 }
 
-/// The `i`-th flow, both halves alike, last seen at `last_seen_ns`.
+fn block(i: u32) -> u8 {
+    u8::try_from(i / PER_ADDR).expect("at most 256 blocks of flows")
+}
+
+/// The translation address of flow `i`: the tests' gateway address
+/// (10.1.1.10) and those after it, one per block of ports, as a pool would.
+fn nat_addr(i: u32) -> [u8; 4] {
+    [10, 1, 1, 10 + block(i)]
+}
+
+/// The translation addresses flows `0..flows` use: the gateway's `snat`.
+pub fn nat_addrs(flows: u32) -> Vec<Ipv4Addr> {
+    (0..flows.div_ceil(PER_ADDR))
+        .map(|b| nat_addr(b * PER_ADDR).into())
+        .collect()
+}
+
+/// The `i`-th flow, both halves alike, last seen at `last_seen_ns`,
+/// tunnelled from the tests' peer (10.0.1.10).
 pub fn flow(i: u32, last_seen_ns: u64) -> Flow {
     let (client, sport, remote) = endpoint(i);
     Flow {
         client_addr: client,
-        // One translation address per 60,000 ports, as a pool would.
-        nat_addr: [10, 1, 2, client[3]],
+        nat_addr: nat_addr(i),
         remote_addr: remote,
-        peer_addr: [192, 0, 2, 1],
+        peer_addr: [10, 0, 1, 10],
         client_port: sport.to_be_bytes(),
         nat_port: sport.to_be_bytes(),
         remote_port: 53u16.to_be_bytes(),
