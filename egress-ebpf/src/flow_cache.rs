@@ -24,6 +24,16 @@ impl Found {
         state::find(key).map(|f| Self::Table(f, cache_slot(key)))
     }
 
+    /// The table entry, with the key's cache slot (refilled once the
+    /// packet is recorded): for a packet that changes the flow itself.
+    #[inline(always)]
+    pub fn into_table(self, key: &FlowKey) -> Option<Self> {
+        match self {
+            Self::Cached(c) => state::find(key).map(|f| Self::Table(f, Some(c))),
+            table => Some(table),
+        }
+    }
+
     /// The translation (from the cache, as of this tick).
     #[inline(always)]
     pub fn flow(&self) -> &Flow {

@@ -99,7 +99,7 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
     if let (NextHop::TooBig { mtu }, true) = (&hop, inner.df) {
         return icmp::to_client(hook, Error::frag_needed(*mtu), Reason::TooBig);
     }
-    let (found, reason) = match existing {
+    let (mut found, reason) = match existing {
         Some(f) => (f, Reason::Translated),
         None => match state::create(&key, inner.peer, cfg, clock::now()) {
             Ok(()) => (
@@ -115,6 +115,14 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
             Err(r) => return Err(r.into()),
         },
     };
+    if found.flow().peer_addr != inner.peer {
+        // The client now tunnels through another peer (a failover): its
+        // flow follows, so replies go back the way its packets come.
+        found = found.into_table(&key).ok_or(Reason::Internal)?;
+        if let Found::Table(flow, _) = &mut found {
+            state::move_to_peer(flow, inner.peer);
+        }
+    }
     let (nat_addr, nat_port) = (found.flow().nat_addr, found.flow().nat_port);
     flow_cache::record(found, &key, inner.len, flags);
     if inner.fragment == Fragment::First {

@@ -177,6 +177,16 @@ fn mapping(key: &FlowKey, cfg: &Config, now: u64) -> Result<([u8; 4], [u8; 2]), 
     Err(Reason::PortsExhausted)
 }
 
+/// Sends the return traffic of the flow whose outbound half is `out` to
+/// `peer` from now on (this CPU at once, other CPUs' caches within a tick).
+#[inline(always)]
+pub fn move_to_peer(out: &mut Flow, peer: [u8; 4]) {
+    out.peer_addr = peer;
+    if let Some(inb) = find(&out.in_key()) {
+        inb.peer_addr = peer;
+    }
+}
+
 /// Accounts one packet of `bytes` to a flow half.
 #[inline(always)]
 pub fn touch(flow: &mut Flow, bytes: u16, now: u64) {

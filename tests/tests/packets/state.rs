@@ -27,6 +27,7 @@ for_each_hook!(
     a_busy_lone_half_goes_once_past_the_grace_period,
     a_sweep_removes_the_flows_of_an_address_no_longer_ours,
     a_sweep_removes_the_flows_of_clients_and_peers_no_longer_allowed,
+    a_flow_follows_its_client_to_another_peer,
     restart_keeps_flows_and_reset_clears_them,
     first_packets_racing_on_two_cpus_make_one_flow_each,
 );
@@ -380,6 +381,38 @@ fn a_sweep_removes_the_flows_of_clients_and_peers_no_longer_allowed(hook: Hook) 
         .map(|(k, m)| if k.dir == DIR_OUT { k.addr } else { m.addr })
         .collect();
     assert_eq!(clients, HashSet::from([CLIENT]), "mappings' clients");
+}
+
+/// A client whose packets come through another allowed peer (its tunnel
+/// failed over): the flow follows, so replies go back that way.
+fn a_flow_follows_its_client_to_another_peer(hook: Hook) {
+    let gw = &mut Gateway::with(hook, |p| p.peers.push(PEER2.into()));
+    let port = outbound(gw, CLIENT, udp(21000), Reason::NewFlow);
+    let reply = L4::Udp {
+        sport: 53,
+        dport: port,
+        payload: b"a",
+    };
+    let reply = ethernet(ROUTER_MAC, GW_MAC, &ip_packet(reply_ip(SERVER), reply));
+    let tunnelled_to = |gw: &mut Gateway| {
+        let (_, out, reason) = gw.run(&reply);
+        assert_eq!(reason, Reason::ReverseHit);
+        let sliced = etherparse::SlicedPacket::from_ethernet(&out).unwrap();
+        match sliced.net {
+            Some(etherparse::NetSlice::Ipv4(ip)) => ip.header().destination(),
+            net => panic!("{net:?}"),
+        }
+    };
+    assert_eq!(tunnelled_to(gw), PEER);
+
+    let inner = ip_packet(Ip::new(CLIENT, SERVER), udp(21000));
+    let via_peer2 = ethernet(ROUTER_MAC, GW_MAC, &encapsulate(Ip::new(PEER2, GW), &inner));
+    assert_eq!(gw.run(&via_peer2).2, Reason::Translated);
+    let (out, inb) = halves(gw);
+    assert_eq!((out.peer_addr, inb.peer_addr), (PEER2, PEER2));
+    // Past a tick: another CPU's cache may hold the old peer until then.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(tunnelled_to(gw), PEER2);
 }
 
 fn restart_keeps_flows_and_reset_clears_them(hook: Hook) {
