@@ -2,6 +2,9 @@
 
 /// Most translation (SNAT) addresses one gateway can use.
 pub const MAX_SNAT_ADDRS: usize = 16;
+/// Most tunnel peers, and client ranges, the policy maps hold.
+pub const MAX_PEERS: u32 = 256;
+pub const MAX_CLIENT_RANGES: u32 = 1024;
 
 /// TTL of the outer header we add: enough to cross any VPC peering path.
 pub const OUTER_TTL: u8 = 64;

@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
 };
 use egress_common::{
-    config::Config,
+    config::{Config, MAX_CLIENT_RANGES, MAX_PEERS},
     flow::{Flow, FlowKey, Mapping, PortKey},
     flow_cache::{CACHE_SLOTS, CachedFlow},
     fragment::{FragEntry, FragKey},
@@ -65,11 +65,11 @@ pub static ROUTES_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Outer source addresses allowed to tunnel to us (value unused).
 #[map]
-pub static PEERS: HashMap<[u8; 4], u8> = HashMap::with_max_entries(256, 0);
+pub static PEERS: HashMap<[u8; 4], u8> = HashMap::with_max_entries(MAX_PEERS, 0);
 
 /// Inner source ranges that may be translated (value unused).
 #[map]
-pub static CLIENTS: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(1024, 0);
+pub static CLIENTS: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_CLIENT_RANGES, 0);
 
 /// Packets per [`Reason`].
 #[map]

@@ -133,8 +133,26 @@ impl Datapath {
                      (live connections through the gateway will break)",
                     policy.state_dir.display()
                 ),
+                EbpfError::MapError(MapError::CreateError { name, io_error })
+                    if matches!(io_error.raw_os_error(), Some(libc::ENOMEM | libc::E2BIG)) =>
+                {
+                    anyhow::anyhow!(
+                        "cannot create the {name} map: {io_error}: the state maps for \
+                         --max-flows {} do not fit in the kernel's memory (they take about \
+                         480 MiB per million flows); lower --max-flows",
+                        policy.max_flows
+                    )
+                }
+                EbpfError::MapError(MapError::CreateError { ref io_error, .. })
+                    if io_error.raw_os_error() == Some(libc::EPERM) =>
+                {
+                    anyhow::Error::new(e).context(
+                        "cannot load the eBPF programs: needs root or CAP_BPF + CAP_PERFMON + \
+                         CAP_NET_ADMIN",
+                    )
+                }
                 e => anyhow::Error::new(e).context(
-                    "cannot load the eBPF programs (needs root or CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN, and a kernel with BTF; `egress check` says what is missing)",
+                    "cannot load the eBPF programs (`egress check` says what this host is missing)",
                 ),
             })?;
         if resumed {

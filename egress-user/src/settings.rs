@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use egress_common::config::{MAX_CLIENT_RANGES, MAX_PEERS, MAX_SNAT_ADDRS};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
@@ -301,11 +302,14 @@ impl Settings {
                 "no client ranges: give --client-cidr (or `client-cidr`); without one nothing is translated"
             );
         }
-        if self.snat.len() > egress_common::config::MAX_SNAT_ADDRS {
-            bail!(
-                "snat: at most {} translation addresses",
-                egress_common::config::MAX_SNAT_ADDRS
-            );
+        if self.snat.len() > MAX_SNAT_ADDRS {
+            bail!("snat: at most {MAX_SNAT_ADDRS} translation addresses");
+        }
+        if self.peers.len() > MAX_PEERS as usize {
+            bail!("peer: at most {MAX_PEERS} tunnel peers");
+        }
+        if self.client_cidrs.len() > MAX_CLIENT_RANGES as usize {
+            bail!("client-cidr: at most {MAX_CLIENT_RANGES} client ranges");
         }
         if self.max_flows == 0 || self.max_flows > (u32::MAX / 2) {
             bail!("max-flows: must be between 1 and {}", u32::MAX / 2);
@@ -562,6 +566,21 @@ mod tests {
         assert!(merged(&format!("{valid}max-flows = 0")).contains("max-flows"));
         assert!(merged(&format!("{valid}[timeouts]\nudp = \"0s\"")).contains("timeouts.udp"));
         assert!(merged("peer = [\"10.0.1.10\"]").contains("iface"));
+        // More than the policy maps hold.
+        let list = |n: u32, item: &dyn Fn(u32) -> String| {
+            let items: Vec<String> = (0..n).map(|i| format!("\"{}\"", item(i))).collect();
+            format!("[{}]", items.join(", "))
+        };
+        let peers = list(MAX_PEERS + 1, &|i| format!("10.0.{}.{}", i / 256, i % 256));
+        let ranges = list(MAX_CLIENT_RANGES + 1, &|i| {
+            format!("10.{}.{}.0/24", i / 256, i % 256)
+        });
+        let many_peers =
+            format!("iface = \"eth0\"\npeer = {peers}\nclient-cidr = [\"10.0.0.0/16\"]");
+        assert!(merged(&many_peers).contains("peer: at most 256"));
+        let many_ranges =
+            format!("iface = \"eth0\"\npeer = [\"10.0.1.10\"]\nclient-cidr = {ranges}");
+        assert!(merged(&many_ranges).contains("client-cidr: at most 1024"));
     }
 
     #[test]

@@ -62,6 +62,11 @@ fn sigterm_during_a_sweep_exits_cleanly_and_sweeps_remove_exactly_the_expired_fl
         // runs.
         let mut gw = start("")?;
         exits_cleanly(&mut gw)?;
+        ensure!(
+            gw.log().contains("stopped a sweep part way"),
+            "the sweep was not under way at SIGTERM:\n{}",
+            gw.log()
+        );
 
         let mut gw = start(SWEEP_LOG)?;
         gw.wait_for("swept", PATIENCE)?;

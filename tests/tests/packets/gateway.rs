@@ -172,6 +172,14 @@ impl Gateway {
         self.restart(false);
     }
 
+    /// Loads another data path under the policy as `adjust` changes it,
+    /// leaving this gateway's as it is.
+    pub fn try_load(&self, adjust: impl FnOnce(&mut Policy)) -> anyhow::Result<Datapath> {
+        let mut policy = self.policy.clone();
+        adjust(&mut policy);
+        Datapath::load(&policy)
+    }
+
     /// Runs the program once on `frame`, as received on eth0. Returns the
     /// verdict, the frame as the program left it, and the one reason counter
     /// that moved.

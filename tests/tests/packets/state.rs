@@ -28,6 +28,7 @@ for_each_hook!(
     a_sweep_removes_the_flows_of_an_address_no_longer_ours,
     a_sweep_removes_the_flows_of_clients_and_peers_no_longer_allowed,
     a_flow_follows_its_client_to_another_peer,
+    a_table_too_large_for_the_kernel_is_refused_with_a_clear_error,
     restart_keeps_flows_and_reset_clears_them,
     first_packets_racing_on_two_cpus_make_one_flow_each,
 );
@@ -413,6 +414,18 @@ fn a_flow_follows_its_client_to_another_peer(hook: Hook) {
     // Past a tick: another CPU's cache may hold the old peer until then.
     std::thread::sleep(std::time::Duration::from_millis(50));
     assert_eq!(tunnelled_to(gw), PEER2);
+}
+
+fn a_table_too_large_for_the_kernel_is_refused_with_a_clear_error(hook: Hook) {
+    let gw = Gateway::new(hook);
+    let e = gw
+        .try_load(|p| {
+            p.max_flows = u32::MAX / 2;
+            p.reset_state = true;
+        })
+        .err()
+        .expect("a flow table of 2^31 flows loaded");
+    assert!(format!("{e:#}").contains("lower --max-flows"), "{e:#}");
 }
 
 fn restart_keeps_flows_and_reset_clears_them(hook: Hook) {
