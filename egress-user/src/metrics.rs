@@ -14,6 +14,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
+    sync::Semaphore,
 };
 
 use crate::{
@@ -419,6 +420,9 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     listener.set_nonblocking(true).context("metrics listener")?;
     let listener = TcpListener::from_std(listener).context("metrics listener")?;
+    // One render at a time: each reads the whole flow table, so scrapes
+    // arriving together queue rather than multiply that work.
+    let render = Arc::new(Semaphore::new(1));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -427,16 +431,20 @@ pub async fn serve(
                 continue;
             }
         };
-        let collector = collector.clone();
+        let (collector, render) = (collector.clone(), render.clone());
         tokio::spawn(async move {
-            if let Err(e) = respond(stream, collector).await {
+            if let Err(e) = respond(stream, collector, &render).await {
                 tracing::debug!(%peer, "metrics request failed: {e:#}");
             }
         });
     }
 }
 
-async fn respond(mut stream: TcpStream, collector: Arc<Collector>) -> anyhow::Result<()> {
+async fn respond(
+    mut stream: TcpStream,
+    collector: Arc<Collector>,
+    render: &Semaphore,
+) -> anyhow::Result<()> {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     tokio::time::timeout(REQUEST_TIMEOUT, async {
@@ -457,6 +465,7 @@ async fn respond(mut stream: TcpStream, collector: Arc<Collector>) -> anyhow::Re
         ("GET", "/metrics") => {
             // Dumping the maps takes a while at a million flows: off the
             // runtime's thread, which answers signals and interface changes.
+            let _turn = render.acquire().await?;
             match tokio::task::spawn_blocking(move || collector.render()).await? {
                 Ok(text) => ("200 OK", text),
                 Err(e) => (
