@@ -57,6 +57,38 @@ struct Seen {
     exported: FxHashMap<(FlowKey, u64), Counts>,
 }
 
+impl Seen {
+    /// Takes `conns` as the live flows; with `count`, counts those and
+    /// the RTTs not seen before.
+    fn update(&mut self, conns: &[Conn], count: bool) {
+        let mut flows = FxHashSet::with_capacity_and_hasher(conns.len(), Default::default());
+        let mut rtts = FxHashSet::default();
+        for c in conns {
+            let key = c.out.out_key();
+            flows.insert((key, c.out.created_ns));
+            for (leg, half, histogram) in [
+                (Leg::Tunnel, &c.out, &mut self.tunnel),
+                (Leg::Internet, &c.inb, &mut self.internet),
+            ] {
+                if half.rtt_ns == 0 {
+                    continue;
+                }
+                let id = (key, leg, half.handshake_ns);
+                if count && !self.rtts.contains(&id) {
+                    histogram.observe(half.rtt_ns as f64 / 1e9);
+                }
+                rtts.insert(id);
+            }
+        }
+        if count {
+            self.created += flows.difference(&self.flows).count() as u64;
+        }
+        // Only live flows are remembered: the sets stay as big as the table.
+        self.flows = flows;
+        self.rtts = rtts;
+    }
+}
+
 /// A flow's packets and bytes, outbound and return.
 type Counts = [u64; 4];
 
@@ -123,11 +155,18 @@ impl Histogram {
 
 impl Collector {
     pub fn new(pinned: Pinned, top_flows: usize, port_capacity: u64) -> Self {
+        // The flows a restarted daemon finds were counted (and their round
+        // trips observed) by the daemon before it.
+        let mut seen = Seen::default();
+        match pinned.flows() {
+            Ok((conns, _)) => seen.update(&conns, false),
+            Err(e) => tracing::warn!("metrics: cannot read the flows already there: {e:#}"),
+        }
         Self {
             pinned,
             top_flows,
             port_capacity,
-            seen: Mutex::default(),
+            seen: Mutex::new(seen),
             gc: Mutex::default(),
         }
     }
@@ -248,35 +287,11 @@ impl Collector {
     /// Counts flows and RTTs not seen before, and writes the totals.
     fn observe(&self, conns: &[Conn], t: &mut Text) {
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        let seen = &mut *seen;
-        let mut flows = FxHashSet::with_capacity_and_hasher(conns.len(), Default::default());
-        let mut rtts = FxHashSet::default();
-        for c in conns {
-            let key = c.out.out_key();
-            flows.insert((key, c.out.created_ns));
-            for (leg, half, histogram) in [
-                (Leg::Tunnel, &c.out, &mut seen.tunnel),
-                (Leg::Internet, &c.inb, &mut seen.internet),
-            ] {
-                if half.rtt_ns == 0 {
-                    continue;
-                }
-                let id = (key, leg, half.handshake_ns);
-                if !seen.rtts.contains(&id) {
-                    histogram.observe(half.rtt_ns as f64 / 1e9);
-                }
-                rtts.insert(id);
-            }
-        }
-        seen.created += flows.difference(&seen.flows).count() as u64;
-        // Only live flows are remembered: the sets stay as big as the table.
-        seen.flows = flows;
-        seen.rtts = rtts;
-
+        seen.update(conns, true);
         t.single(
             "egress_flows_created_total",
             "counter",
-            "Flows first seen by this daemon.",
+            "Flows created since this daemon started (first seen by it).",
             seen.created,
         );
         let name = "egress_tcp_handshake_rtt_seconds";
@@ -530,5 +545,22 @@ mod tests {
         let mut third = [conn(2, [1, 100, 0, 0])];
         never_back(&before, &mut third);
         assert_eq!(exported(&third), [[1, 100, 0, 0]]);
+    }
+
+    #[test]
+    fn flows_found_at_start_are_not_counted_again() {
+        let with_rtt = |created_ns| {
+            let mut c = conn(created_ns, [1, 100, 1, 100]);
+            c.out.rtt_ns = 2_000_000;
+            c.out.handshake_ns = created_ns;
+            c
+        };
+        let mut seen = Seen::default();
+        seen.update(&[with_rtt(1)], false);
+        seen.update(&[with_rtt(1)], true);
+        assert_eq!((seen.created, seen.tunnel.count), (0, 0));
+        // A flow created since, on the same tuple.
+        seen.update(&[with_rtt(2)], true);
+        assert_eq!((seen.created, seen.tunnel.count), (1, 1));
     }
 }
