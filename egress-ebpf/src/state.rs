@@ -77,7 +77,14 @@ pub fn create(key: &FlowKey, peer: [u8; 4], cfg: &Config, now: u64) -> Result<()
     let in_key = flow.in_key();
     let inserted_in = match FLOWS.insert(&in_key, &flow, NOEXIST) {
         Ok(()) => true,
-        Err(e) if e == -EEXIST => false,
+        // Another CPU creating this very flow, or an earlier flow of this
+        // client on the same tuples. Another client's flow would mean its
+        // mapping was swept from under it (the sweep races a reuse): its
+        // replies must not come here.
+        Err(e) if e == -EEXIST => match find(&in_key) {
+            Some(f) if f.client_addr == key.src && f.client_port == key.sport => false,
+            _ => return Err(Reason::Internal),
+        },
         Err(_) => return Err(Reason::TableFull),
     };
     match FLOWS.insert(key, &flow, NOEXIST) {

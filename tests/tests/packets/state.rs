@@ -29,6 +29,7 @@ for_each_hook!(
     a_sweep_removes_the_flows_of_clients_and_peers_no_longer_allowed,
     a_flow_follows_its_client_to_another_peer,
     a_table_too_large_for_the_kernel_is_refused_with_a_clear_error,
+    a_return_tuple_held_by_another_clients_flow_is_never_shared,
     restart_keeps_flows_and_reset_clears_them,
     first_packets_racing_on_two_cpus_make_one_flow_each,
 );
@@ -426,6 +427,29 @@ fn a_table_too_large_for_the_kernel_is_refused_with_a_clear_error(hook: Hook) {
         .err()
         .expect("a flow table of 2^31 flows loaded");
     assert!(format!("{e:#}").contains("lower --max-flows"), "{e:#}");
+}
+
+/// Should a client's mapping go while its flow lives (a sweep racing the
+/// mapping's reuse), its port can be handed to another client; a flow of
+/// that client to the same remote would share the first flow's return
+/// tuple. It is refused: the replies stay the first client's.
+fn a_return_tuple_held_by_another_clients_flow_is_never_shared(hook: Hook) {
+    let mut gw = Gateway::new(hook);
+    // 21000 is in the range: both clients' ports are preserved.
+    let port = outbound(&mut gw, CLIENT, udp(21000), Reason::NewFlow);
+    assert_eq!(port, 21000);
+    for key in gw.mappings().into_keys() {
+        gw.state().mappings.remove(&key).unwrap();
+    }
+    let (verdict, _, reason) = gw.run(&from_peer(&ip_packet(Ip::new(CLIENT2, SERVER), udp(21000))));
+    assert_eq!((verdict, reason), (Verdict::Drop, Reason::Internal));
+    assert_eq!(gw.outbound_flows().len(), 1);
+    let reply = |dport| L4::Udp {
+        sport: 53,
+        dport,
+        payload: b"a",
+    };
+    inbound(&mut gw, reply(port), CLIENT, reply(21000));
 }
 
 fn restart_keeps_flows_and_reset_clears_them(hook: Hook) {
