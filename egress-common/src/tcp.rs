@@ -1,9 +1,9 @@
 //! TCP connection tracking from the flags each direction has seen.
 //!
-//! Each half of a flow ORs the flags of its direction's segments into
-//! `Flow::tcp_flags`; the connection's state follows from the two sets.
-//! Neither direction ever overwrites the other's record, so two CPUs updating
-//! the halves of one flow cannot lose a transition.
+//! Each half of a flow adds the flags of its direction's segments to
+//! `Flow::tcp_flags` ([`record`]); the connection's state follows from the
+//! two sets. Neither direction ever writes the other's record, so two CPUs
+//! updating the halves of one flow cannot lose a transition.
 
 pub const FIN: u8 = 0x01;
 pub const SYN: u8 = 0x02;
@@ -21,7 +21,7 @@ pub enum TcpState {
     Closing,
     /// Both sides have sent FIN.
     Closed,
-    /// Either side has sent RST.
+    /// Either side has sent RST (and nothing after it but RSTs).
     Reset,
 }
 
@@ -71,11 +71,25 @@ impl TcpState {
 /// The flags a half records.
 pub const TRACKED: u8 = FIN | SYN | RST | ACK;
 
+/// The record of a half that has seen `seen` after a segment with `flags`:
+/// the tracked flags added, and a RST forgotten once its sender goes on
+/// sending (an ACK without RST). Its receiver ignored it then (out of
+/// window, RFC 5961), and the connection lives on, as conntrack would have
+/// it; a host that did reset sends nothing more on the connection but RSTs.
+pub const fn record(seen: u8, flags: u8) -> u8 {
+    let seen = if seen & RST != 0 && flags & (RST | ACK) == ACK {
+        seen & !RST
+    } else {
+        seen
+    };
+    seen | (flags & TRACKED)
+}
+
 /// Whether a segment with `flags` changes the record of a half that has
-/// seen `seen`: a SYN (handshake time stamps, a reopened connection) or a
-/// tracked flag the half has not seen.
+/// seen `seen`: a SYN (handshake time stamps, a reopened connection), or
+/// any change of [`record`].
 pub const fn changes_record(seen: u8, flags: u8) -> bool {
-    flags & SYN != 0 || flags & TRACKED & !seen != 0
+    flags & SYN != 0 || record(seen, flags) != seen
 }
 
 /// Whether an outbound segment with `flags` opens a new connection on a flow
@@ -127,19 +141,36 @@ mod tests {
 
     proptest::proptest! {
         /// Whatever segments each direction sees, in whatever order, the
-        /// state never goes back: the halves only ever add flags.
+        /// state never goes back but out of a reset: the halves only add
+        /// flags, but for a RST its sender talks past.
         #[test]
-        fn state_never_goes_back(segments in proptest::collection::vec((proptest::bool::ANY, 0u8..), 0..16)) {
+        fn state_never_goes_back_but_out_of_a_reset(segments in proptest::collection::vec((proptest::bool::ANY, 0u8..), 0..16)) {
             let (mut out, mut inb) = (0, 0);
             let mut state = TcpState::of(out, inb);
             for (outbound, flags) in segments {
-                if outbound { out |= flags } else { inb |= flags }
+                let half = if outbound { &mut out } else { &mut inb };
+                let before = *half;
+                *half = record(before, flags);
+                proptest::prop_assert_eq!(*half & !RST, (before | flags) & TRACKED & !RST);
                 let next = TcpState::of(out, inb);
-                proptest::prop_assert!(rank(next) >= rank(state), "{:?} after {:?}", next, state);
+                proptest::prop_assert!(rank(next) >= rank(state) || state == TcpState::Reset, "{:?} after {:?}", next, state);
                 proptest::prop_assert_eq!(next == TcpState::Reset, (out | inb) & RST != 0);
                 state = next;
             }
         }
+    }
+
+    #[test]
+    fn a_reset_is_forgotten_only_when_its_sender_talks_past_it() {
+        let est = SYN | ACK;
+        assert_eq!(record(est | RST, ACK), est);
+        assert_eq!(record(est | RST, ACK | FIN), est | FIN);
+        assert_eq!(record(est | RST, RST | ACK), est | RST, "another RST");
+        assert_eq!(record(est | RST, RST), est | RST);
+        assert_eq!(record(est | RST, 0), est | RST, "a later fragment");
+        assert!(changes_record(est | RST, ACK));
+        assert!(!changes_record(est, ACK));
+        assert!(!changes_record(est | RST, RST | ACK));
     }
 
     #[test]

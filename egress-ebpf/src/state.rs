@@ -226,7 +226,7 @@ pub fn track_out(out: &mut Flow, flags: u8) {
     {
         out.rtt_ns = precise_now().saturating_sub(inb.handshake_ns);
     }
-    out.tcp_flags |= flags & tcp::TRACKED;
+    out.tcp_flags = tcp::record(out.tcp_flags, flags);
 }
 
 /// Records a return TCP segment's `flags` in the flow's return half: the
@@ -243,5 +243,5 @@ pub fn track_in(inb: &mut Flow, flags: u8) {
             inb.rtt_ns = now.saturating_sub(out.handshake_ns);
         }
     }
-    inb.tcp_flags |= flags & tcp::TRACKED;
+    inb.tcp_flags = tcp::record(inb.tcp_flags, flags);
 }

@@ -16,6 +16,7 @@ use crate::icmp::assert_answered_through_tunnel;
 
 for_each_hook!(
     tcp_state_follows_handshake_and_teardown_in_both_directions,
+    a_reset_its_sender_talks_past_does_not_end_the_connection,
     unsolicited_inbound_packets_create_no_state,
     mapping_is_endpoint_independent,
     exhausted_ports_refuse_new_flows_and_keep_old_ones,
@@ -90,6 +91,42 @@ fn tcp_state_follows_handshake_and_teardown_in_both_directions(hook: Hook) {
     assert_eq!(tcp_state(&mut gw), TcpState::SynSent);
     assert_eq!(halves(&mut gw).1.handshake_ns, 0);
     back(&mut gw, RST | ACK);
+    assert_eq!(tcp_state(&mut gw), TcpState::Reset);
+}
+
+/// A RST whose sender goes on sending was ignored by its receiver (out of
+/// window, RFC 5961): the connection is established again, not left to a
+/// reset's 10 s timeout. After a RST its sender keeps to, it stays reset
+/// whatever the other side still sends.
+fn a_reset_its_sender_talks_past_does_not_end_the_connection(hook: Hook) {
+    let mut gw = Gateway::new(hook);
+    let out = |gw: &mut Gateway, flags| {
+        outbound(
+            gw,
+            CLIENT,
+            L4::segment(23456, 80, flags, b""),
+            Reason::Translated,
+        );
+    };
+    let back = |gw: &mut Gateway, flags| {
+        let l4 = L4::segment(80, 23456, flags, b"");
+        inbound(gw, l4, CLIENT, l4);
+    };
+    outbound(
+        &mut gw,
+        CLIENT,
+        L4::segment(23456, 80, SYN, b""),
+        Reason::NewFlow,
+    );
+    back(&mut gw, SYN | ACK);
+    out(&mut gw, ACK);
+    back(&mut gw, RST);
+    assert_eq!(tcp_state(&mut gw), TcpState::Reset);
+    back(&mut gw, ACK);
+    assert_eq!(tcp_state(&mut gw), TcpState::Established);
+
+    out(&mut gw, RST | ACK);
+    back(&mut gw, ACK);
     assert_eq!(tcp_state(&mut gw), TcpState::Reset);
 }
 
