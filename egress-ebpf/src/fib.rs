@@ -29,8 +29,12 @@ const AF_INET: u8 = 2;
 /// Where a packet goes next.
 pub enum NextHop {
     /// Resolved: send out of `ifindex` with these MAC addresses.
+    /// `ifindex` is the interface the packet arrived on when `back_out`
+    /// (known here, where the arrival interface is at hand: reading it
+    /// again after a head adjustment costs three dependent loads).
     Resolved {
         ifindex: u32,
+        back_out: bool,
         src_mac: [u8; 6],
         dst_mac: [u8; 6],
     },
@@ -90,6 +94,7 @@ pub fn lookup<H: Hook>(
     };
     Ok(NextHop::Resolved {
         ifindex: route.ifindex,
+        back_out: route.ifindex == key.ifindex,
         src_mac: route.src_mac,
         dst_mac: route.dst_mac,
     })

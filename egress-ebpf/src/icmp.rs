@@ -80,7 +80,7 @@ pub fn to_client<H: Hook>(hook: &mut H, error: Error, reason: Reason) -> Result<
         return Err(reason.into());
     }
     rewrite::<H, true>(hook, error.kind, error.code, error.mtu)?;
-    send(hook, hook.packet(), &hop, &orig, reason)
+    send(hook.packet(), &hop, &orig, reason)
 }
 
 /// Answers the packet in the hook, from the Internet to a translation
@@ -105,7 +105,7 @@ pub fn to_sender<H: Hook>(hook: &mut H, error: Error, reason: Reason) -> Result<
         return Err(reason.into());
     }
     rewrite::<H, false>(hook, error.kind, error.code, error.mtu)?;
-    send(hook, hook.packet(), &hop, &orig, reason)
+    send(hook.packet(), &hop, &orig, reason)
 }
 
 /// Where the outer source (the peer) sits in a frame from a peer.

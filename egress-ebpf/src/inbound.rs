@@ -177,5 +177,5 @@ pub fn encapsulate<H: Hook>(
     let pkt = hook.packet();
     // SAFETY: the only live reference into the packet.
     outer.write(unsafe { pkt.get(ETH_LEN)? });
-    send(hook, pkt, hop, &orig, reason)
+    send(pkt, hop, &orig, reason)
 }

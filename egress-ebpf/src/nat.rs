@@ -116,8 +116,7 @@ pub fn process<H: Hook>(hook: &mut H) -> Result<Outcome, Outcome> {
 /// neighbour yet, or to be fragmented) keeps the frame's original addresses,
 /// which makes the kernel accept it as addressed to us.
 #[inline(always)]
-pub fn send<H: Hook>(
-    hook: &H,
+pub fn send(
     pkt: Packet,
     hop: &NextHop,
     orig: &EthHdr,
@@ -129,12 +128,13 @@ pub fn send<H: Hook>(
     let to_kernel = match *hop {
         NextHop::Resolved {
             ifindex,
+            back_out,
             src_mac,
             dst_mac,
         } => {
             eth.src_addr = src_mac;
             eth.dst_addr = dst_mac;
-            let action = if ifindex == hook.ingress_ifindex() {
+            let action = if back_out {
                 Action::Tx
             } else {
                 Action::Redirect(ifindex)

@@ -139,7 +139,7 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
     let port = if later { None } else { Some(nat_port) };
     l4::translate(hook, INNER, Side::Src, nat_addr, port, dec_ttl)?;
     hook.adjust_head(IP_LEN as i32)?;
-    send(hook, hook.packet(), &hop, &orig, reason)
+    send(hook.packet(), &hop, &orig, reason)
 }
 
 /// Whether the peer may tunnel to us and the inner source may be translated

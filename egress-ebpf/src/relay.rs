@@ -95,7 +95,7 @@ pub fn from_client<H: Hook>(hook: &mut H, peer: [u8; 4], len: u16) -> Result<Out
     let nat = (flow.nat_addr, flow.nat_port);
     translate(hook, FROM_PEER, Side::Src, nat, dec_ttl, len)?;
     hook.adjust_head(IP_LEN as i32)?;
-    send(hook, hook.packet(), &hop, &orig, Reason::IcmpErrorRelayed)
+    send(hook.packet(), &hop, &orig, Reason::IcmpErrorRelayed)
 }
 
 /// The key of the flow half the error of `len` bytes at `at` is about: the
