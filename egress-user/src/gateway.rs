@@ -7,13 +7,17 @@
 //! (a load-time constant). The connection state lives in pinned maps
 //! throughout, so flows survive all of it.
 
-use std::sync::{PoisonError, RwLock};
+use std::{
+    net::Ipv4Addr,
+    sync::{PoisonError, RwLock},
+};
 
 use anyhow::{Context as _, bail};
 
 use crate::{
     datapath::{Attached, Datapath, Policy},
     gc::{Allowed, SharedAllowed},
+    neighbours,
     netif::Interface,
     pinning::{self, StateLock},
     settings::{Settings, mss_for_mtu},
@@ -26,6 +30,9 @@ pub struct Gateway {
     /// What the sweeps let flows keep using: the policy, replaced before
     /// a data path with a new one is loaded.
     allowed: SharedAllowed,
+    /// Next hops whose neighbour entries this daemon marked managed (see
+    /// `neighbours`), by interface index; removed on the way out.
+    managed: Vec<(u32, Ipv4Addr)>,
     // Dropped before `attached`: the programs detach before the interface
     // settings they rely on are restored.
     datapath: Datapath,
@@ -71,11 +78,13 @@ impl Gateway {
             settings,
             policy,
             allowed,
+            managed: Vec::new(),
             datapath,
             attached: None,
             _state_lock: state_lock,
         };
         let hook = gateway.attach(&iface)?;
+        gateway.manage_next_hops();
         let policy = &gateway.policy;
         tracing::info!(
             iface = %iface.name,
@@ -163,7 +172,40 @@ impl Gateway {
         }
         self.attach(&iface)?;
         tracing::info!(index = iface.index, "re-attached: {}", self.status());
+        self.manage_next_hops();
         Ok(())
+    }
+
+    /// Marks the neighbour entries of the attached interface's next hops
+    /// managed, those not marked yet. Best effort: without it a next hop's
+    /// new MAC address is learnt only from its own ARP.
+    pub fn manage_next_hops(&mut self) {
+        let Some(ifindex) = self.attached.as_ref().map(|a| a.ifindex) else {
+            return;
+        };
+        let hops = match neighbours::next_hops(ifindex, &self.policy.peers) {
+            Ok(hops) => hops,
+            Err(e) => {
+                tracing::warn!("cannot list the next hops: {e}");
+                return;
+            }
+        };
+        for hop in hops {
+            if self.managed.contains(&(ifindex, hop)) {
+                continue;
+            }
+            match neighbours::manage(ifindex, hop) {
+                Ok(()) => {
+                    tracing::info!(next_hop = %hop, "the kernel keeps this next hop's neighbour entry verified (managed)");
+                    self.managed.push((ifindex, hop));
+                }
+                Err(e) => tracing::warn!(
+                    next_hop = %hop,
+                    "cannot mark the next hop's neighbour entry managed (Linux 5.16+): {e}; \
+                     a new MAC address of it is learnt only from its own ARP"
+                ),
+            }
+        }
     }
 
     /// Attaches to `iface`, setting its sysctls unless they are already set.
@@ -189,6 +231,17 @@ impl Gateway {
     fn forget_attachment(&mut self) {
         if let Some(a) = self.attached.take() {
             a.sysctls.forget();
+        }
+    }
+}
+
+impl Drop for Gateway {
+    /// Leaves the next hops' neighbour entries to the kernel again.
+    fn drop(&mut self) {
+        for (ifindex, hop) in self.managed.drain(..) {
+            if let Err(e) = neighbours::forget(ifindex, hop) {
+                tracing::debug!(next_hop = %hop, "cannot remove the managed neighbour entry: {e}");
+            }
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod gateway;
 pub mod gc;
 pub mod inspect;
 pub mod metrics;
+pub mod neighbours;
 pub mod netif;
 pub mod netlink;
 pub mod notify;

@@ -226,8 +226,8 @@ async fn serve(
         tokio::select! {
             _ = shutdown.requested() => break,
             changed = events.changed() => {
-                let interface = changed.context("netlink notifications failed")?;
-                if interface {
+                let changed = changed.context("netlink notifications failed")?;
+                if changed.interface {
                     let before = gateway.status();
                     if let Err(e) = gateway.follow() {
                         tracing::error!("{e:#}; trying again at the interface's next change");
@@ -236,6 +236,9 @@ async fn serve(
                     if now != before {
                         notify(&notify::status(&now));
                     }
+                }
+                if changed.interface || changed.routes {
+                    gateway.manage_next_hops();
                 }
                 // Any of these can change where a packet goes next.
                 if let Err(e) = gateway.datapath().routes_changed() {

@@ -39,6 +39,14 @@ impl Request {
         Self { buf }
     }
 
+    /// Adds the header flags `flags` (`NLM_F_DUMP`, `NLM_F_CREATE`, ...) to
+    /// those of every request.
+    pub fn flags(mut self, flags: libc::c_int) -> Self {
+        let all = u16::from_ne_bytes([self.buf[6], self.buf[7]]) | flags as u16;
+        self.buf[6..8].copy_from_slice(&all.to_ne_bytes());
+        self
+    }
+
     /// Appends attribute `kind` holding `data`.
     pub fn attr(mut self, kind: u16, data: &[u8]) -> Self {
         let len = (4 + data.len()) as u16;
@@ -238,36 +246,51 @@ impl HostEvents {
     }
 
     /// Waits until something changed, then takes every pending
-    /// notification; says whether a link or address was among them, or
-    /// notifications were lost to a full socket buffer (`ENOBUFS`). What
-    /// changed is not parsed further: the caller looks at the interface
+    /// notification; says whether a link or address, or a route, was among
+    /// them (both, if notifications were lost to a full socket buffer,
+    /// `ENOBUFS`). What changed is not parsed further: the caller looks
     /// again.
-    pub async fn changed(&mut self) -> io::Result<bool> {
+    pub async fn changed(&mut self) -> io::Result<Changed> {
         let mut buf = vec![0u8; 32 * 1024];
         let mut guard = self.sock.readable().await?;
-        let mut interface = false;
+        let mut changed = Changed::default();
         loop {
             match guard.get_inner().recv(&mut buf) {
                 Ok(n) => {
-                    interface |= split(&buf[..n]).any(|(kind, _)| {
-                        matches!(
-                            kind,
+                    for (kind, _) in split(&buf[..n]) {
+                        match kind {
                             libc::RTM_NEWLINK
-                                | libc::RTM_DELLINK
-                                | libc::RTM_NEWADDR
-                                | libc::RTM_DELADDR
-                        )
-                    });
+                            | libc::RTM_DELLINK
+                            | libc::RTM_NEWADDR
+                            | libc::RTM_DELADDR => changed.interface = true,
+                            libc::RTM_NEWROUTE | libc::RTM_DELROUTE => changed.routes = true,
+                            _ => {}
+                        }
+                    }
                 }
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => interface = true,
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    changed = Changed {
+                        interface: true,
+                        routes: true,
+                    };
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     guard.clear_ready();
-                    return Ok(interface);
+                    return Ok(changed);
                 }
                 Err(e) => return Err(e),
             }
         }
     }
+}
+
+/// What a batch of notifications was about (any of them may also have
+/// moved a next hop: the data path's remembered routes go in any case).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Changed {
+    /// A link or an IPv4 address.
+    pub interface: bool,
+    pub routes: bool,
 }
 
 /// `struct genlmsghdr`: command, version, reserved.

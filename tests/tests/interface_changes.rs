@@ -9,12 +9,12 @@
 use std::{
     net::{Ipv4Addr, SocketAddr},
     path::Path,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, ensure};
 use tests::{
-    Attach, Stack,
+    Attach, Stack, Topology,
     addrs::{
         CLIENT_TUN_IP, CLIENT_UNDERLAY_IP, GATEWAY_IP, HOST_IFACE, LINK_PREFIX,
         ROUTER_GATEWAY_IFACE, ROUTER_GATEWAY_IP, SERVER_IP,
@@ -234,6 +234,66 @@ fn follows_a_new_mac_address_of_its_next_hop() -> Result<()> {
                 "ip neigh replace {ROUTER_GATEWAY_IP} lladdr {NEW_ROUTER_MAC} dev {HOST_IFACE}"
             ),
         )?;
+        Ok(())
+    });
+    stack.topo.lab.keep_logs_on_err(result)
+}
+
+/// The router's interface toward the gateway gets a new MAC address and
+/// says nothing (no gratuitous ARP). The gateway's kernel finds out by
+/// itself, probing the next hop's neighbour entry the daemon marked
+/// managed, and the flow goes on. Unmanaged, the entry would go STALE with
+/// the old address, which the data path would go on using.
+#[test]
+fn finds_out_a_new_mac_address_of_its_next_hop_by_itself() -> Result<()> {
+    require_root()?;
+    let egress = egress_bin()?;
+    let topo = Topology::new()?;
+    // Quick reachability checks, set before the entry is first resolved,
+    // so this takes seconds, not a minute.
+    for (knob, value) in [
+        ("base_reachable_time_ms", 500),
+        ("delay_first_probe_time", 1),
+        ("retrans_time_ms", 100),
+    ] {
+        exec(
+            &topo.gateway,
+            &format!("sysctl -qw net.ipv4.neigh.{HOST_IFACE}.{knob}={value}"),
+        )?;
+    }
+    let attach = Attach::Native;
+    let mut stack = Stack {
+        peer: topo.start_ipip_peer(Path::new(env!("CARGO_BIN_EXE_ipip-peer")))?,
+        gateway: topo.start_gateway(&egress, attach)?,
+        topo,
+        attach,
+    };
+    let result = across(&mut stack, &egress, |stack| {
+        let entry = || {
+            exec(
+                &stack.topo.gateway,
+                &format!("ip -d neigh show {ROUTER_GATEWAY_IP} dev {HOST_IFACE}"),
+            )
+        };
+        let now = entry()?;
+        ensure!(
+            now.contains("managed"),
+            "the next hop is not managed: {now}"
+        );
+        exec(
+            &stack.topo.router,
+            &format!("ip link set dev {ROUTER_GATEWAY_IFACE} address {NEW_ROUTER_MAC}"),
+        )?;
+        // A hang guard only.
+        let deadline = Instant::now() + FOLLOW;
+        while !entry()?.contains(NEW_ROUTER_MAC) {
+            ensure!(
+                Instant::now() < deadline,
+                "the new MAC address was never learnt: {}",
+                entry()?
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         Ok(())
     });
     stack.topo.lab.keep_logs_on_err(result)
