@@ -30,9 +30,10 @@ pub struct Gateway {
     /// What the sweeps let flows keep using: the policy, replaced before
     /// a data path with a new one is loaded.
     allowed: SharedAllowed,
-    /// Next hops whose neighbour entries this daemon marked managed (see
-    /// `neighbours`), by interface index; removed on the way out.
-    managed: Vec<(u32, Ipv4Addr)>,
+    /// Next hops looked at (see `neighbours`), by interface index, and
+    /// whether this daemon marked their entries managed (to be removed on
+    /// the way out) or found them static.
+    next_hops: Vec<(u32, Ipv4Addr, bool)>,
     // Dropped before `attached`: the programs detach before the interface
     // settings they rely on are restored.
     datapath: Datapath,
@@ -78,7 +79,7 @@ impl Gateway {
             settings,
             policy,
             allowed,
-            managed: Vec::new(),
+            next_hops: Vec::new(),
             datapath,
             attached: None,
             _state_lock: state_lock,
@@ -191,13 +192,21 @@ impl Gateway {
             }
         };
         for hop in hops {
-            if self.managed.contains(&(ifindex, hop)) {
+            if self
+                .next_hops
+                .iter()
+                .any(|&(i, h, _)| (i, h) == (ifindex, hop))
+            {
                 continue;
             }
             match neighbours::manage(ifindex, hop) {
-                Ok(()) => {
-                    tracing::info!(next_hop = %hop, "the kernel keeps this next hop's neighbour entry verified (managed)");
-                    self.managed.push((ifindex, hop));
+                Ok(marked) => {
+                    if marked {
+                        tracing::info!(next_hop = %hop, "the kernel keeps this next hop's neighbour entry verified (managed)");
+                    } else {
+                        tracing::info!(next_hop = %hop, "the next hop's neighbour entry is static: left as it is");
+                    }
+                    self.next_hops.push((ifindex, hop, marked));
                 }
                 Err(e) => tracing::warn!(
                     next_hop = %hop,
@@ -238,7 +247,7 @@ impl Gateway {
 impl Drop for Gateway {
     /// Leaves the next hops' neighbour entries to the kernel again.
     fn drop(&mut self) {
-        for (ifindex, hop) in self.managed.drain(..) {
+        for (ifindex, hop, _) in self.next_hops.drain(..).filter(|&(_, _, marked)| marked) {
             if let Err(e) = neighbours::forget(ifindex, hop) {
                 tracing::debug!(next_hop = %hop, "cannot remove the managed neighbour entry: {e}");
             }

@@ -25,6 +25,8 @@ const NDA_DST: u16 = 1;
 const NDA_FLAGS_EXT: u16 = 15;
 const NTF_EXT_LEARNED: u8 = 0x10;
 const NTF_EXT_MANAGED: u32 = 1;
+const NUD_NOARP: u16 = 0x40;
+const NUD_PERMANENT: u16 = 0x80;
 /// `struct rtmsg` is 12 bytes.
 const RTMSG: usize = 12;
 const RTA_OIF: u16 = 4;
@@ -67,14 +69,33 @@ pub fn next_hops(ifindex: u32, peers: &[Ipv4Addr]) -> io::Result<Vec<Ipv4Addr>> 
 
 /// Marks the neighbour entry of `addr` on interface `ifindex` managed,
 /// creating it if there is none (keeping its address if there is one).
-pub fn manage(ifindex: u32, addr: Ipv4Addr) -> io::Result<()> {
+/// An entry the operator made static (permanent, or no ARP) is left as it
+/// is: `Ok(false)`.
+pub fn manage(ifindex: u32, addr: Ipv4Addr) -> io::Result<bool> {
+    if state(ifindex, addr)?.is_some_and(|s| s & (NUD_PERMANENT | NUD_NOARP) != 0) {
+        return Ok(false);
+    }
     let request = Request::new(libc::RTM_NEWNEIGH, &ndmsg(ifindex, NTF_EXT_LEARNED))
         .flags(libc::NLM_F_CREATE | libc::NLM_F_REPLACE)
         .attr(NDA_DST, &addr.octets())
         .attr(NDA_FLAGS_EXT, &NTF_EXT_MANAGED.to_ne_bytes());
-    Socket::open(libc::NETLINK_ROUTE, 0)?
-        .request(request)
-        .map(drop)
+    Socket::open(libc::NETLINK_ROUTE, 0)?.request(request)?;
+    Ok(true)
+}
+
+/// The state (`NUD_*`) of the neighbour entry of `addr` on `ifindex`, if
+/// there is one.
+fn state(ifindex: u32, addr: Ipv4Addr) -> io::Result<Option<u16>> {
+    let request =
+        Request::new(libc::RTM_GETNEIGH, &ndmsg(ifindex, 0)).attr(NDA_DST, &addr.octets());
+    match Socket::open(libc::NETLINK_ROUTE, 0)?.request(request) {
+        Ok(answer) => Ok(answer.iter().find_map(|m| {
+            let state = m.payload.get(8..10)?;
+            Some(u16::from_ne_bytes([state[0], state[1]]))
+        })),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Removes the neighbour entry of `addr` on interface `ifindex`: the

@@ -298,3 +298,39 @@ fn finds_out_a_new_mac_address_of_its_next_hop_by_itself() -> Result<()> {
     });
     stack.topo.lab.keep_logs_on_err(result)
 }
+
+/// A next hop whose neighbour entry the operator made static is left as it
+/// is: not made managed while the gateway runs, not removed when it stops.
+#[test]
+fn leaves_a_static_next_hop_entry_alone() -> Result<()> {
+    require_root()?;
+    let egress = egress_bin()?;
+    let topo = Topology::new()?;
+    let result = (|| {
+        let mac = exec(
+            &topo.router,
+            &format!("cat /sys/class/net/{ROUTER_GATEWAY_IFACE}/address"),
+        )?;
+        let entry = || {
+            exec(
+                &topo.gateway,
+                &format!("ip -d neigh show {ROUTER_GATEWAY_IP} dev {HOST_IFACE}"),
+            )
+        };
+        exec(
+            &topo.gateway,
+            &format!(
+                "ip neigh replace {ROUTER_GATEWAY_IP} lladdr {} dev {HOST_IFACE} nud permanent",
+                mac.trim()
+            ),
+        )?;
+        let before = entry()?;
+        let mut gw = topo.start_gateway(&egress, Attach::Native)?;
+        gw.wait_for("is static: left as it is", FOLLOW)?;
+        ensure!(entry()? == before, "while running: {}", entry()?);
+        gw.stop();
+        ensure!(entry()? == before, "after it stopped: {}", entry()?);
+        Ok(())
+    })();
+    topo.lab.keep_logs_on_err(result)
+}
