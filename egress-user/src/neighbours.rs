@@ -16,7 +16,7 @@ use std::{io, net::Ipv4Addr};
 
 use crate::{
     netif,
-    netlink::{Request, Socket, attr_u32},
+    netlink::{Request, Socket},
 };
 
 /// `struct ndmsg` is 12 bytes: family, pad, ifindex, state, flags, type.
@@ -27,32 +27,15 @@ const NTF_EXT_LEARNED: u8 = 0x10;
 const NTF_EXT_MANAGED: u32 = 1;
 const NUD_NOARP: u16 = 0x40;
 const NUD_PERMANENT: u16 = 0x80;
-/// `struct rtmsg` is 12 bytes.
-const RTMSG: usize = 12;
-const RTA_OIF: u16 = 4;
-const RTA_GATEWAY: u16 = 5;
 
 /// The next hops of packets the gateway sends out of interface `ifindex`:
 /// the gateway of every route by it (any table), and each of `peers`
 /// reached directly.
 pub fn next_hops(ifindex: u32, peers: &[Ipv4Addr]) -> io::Result<Vec<Ipv4Addr>> {
-    let mut rtmsg = [0u8; RTMSG];
-    rtmsg[0] = libc::AF_INET as u8;
-    let dump = Request::new(libc::RTM_GETROUTE, &rtmsg).flags(libc::NLM_F_DUMP);
-    let routes = Socket::open(libc::NETLINK_ROUTE, 0)?.request(dump)?;
-    let mut hops: Vec<Ipv4Addr> = routes
-        .iter()
-        .filter_map(|m| {
-            let (mut oif, mut via) = (None, None);
-            for (kind, data) in m.attrs(RTMSG) {
-                match kind {
-                    RTA_OIF => oif = attr_u32(data),
-                    RTA_GATEWAY => via = <[u8; 4]>::try_from(data).ok().map(Ipv4Addr::from),
-                    _ => {}
-                }
-            }
-            via.filter(|_| oif == Some(ifindex))
-        })
+    let mut hops: Vec<Ipv4Addr> = netif::routes()?
+        .into_iter()
+        .filter(|r| r.oif == ifindex)
+        .filter_map(|r| r.via)
         .collect();
     for &peer in peers {
         if let Some(route) = netif::route_to(peer)?

@@ -4,7 +4,7 @@ use std::{ffi::CString, io, net::Ipv4Addr};
 
 use anyhow::{Context as _, bail};
 
-use crate::netlink::{self, Request, Socket, attr_u32};
+use crate::netlink::{self, Message, Request, Socket, attr_u32};
 
 /// `struct ifinfomsg` is 16 bytes: family, pad, type, index, flags, change.
 const IFINFOMSG: usize = 16;
@@ -127,7 +127,23 @@ pub fn route_to(dst: Ipv4Addr) -> io::Result<Option<Route>> {
         }
         Err(e) => return Err(e),
     };
-    Ok(answer.iter().find_map(|m| {
+    Ok(answer.iter().find_map(Route::of))
+}
+
+/// Every IPv4 route with one next hop, of every table (`ip route show
+/// table all`).
+pub fn routes() -> io::Result<Vec<Route>> {
+    let mut rtmsg = [0u8; RTMSG];
+    rtmsg[0] = libc::AF_INET as u8;
+    let dump = Request::new(libc::RTM_GETROUTE, &rtmsg).flags(libc::NLM_F_DUMP);
+    let answer = Socket::open(libc::NETLINK_ROUTE, 0)?.request(dump)?;
+    Ok(answer.iter().filter_map(Route::of).collect())
+}
+
+impl Route {
+    /// The route in an `RTM_NEWROUTE` message, if it has an output
+    /// interface (a multipath route has one per path, not read here).
+    fn of(m: &Message) -> Option<Self> {
         let mut route = Route { oif: 0, via: None };
         for (kind, data) in m.attrs(RTMSG) {
             match kind {
@@ -137,7 +153,7 @@ pub fn route_to(dst: Ipv4Addr) -> io::Result<Option<Route>> {
             }
         }
         (route.oif != 0).then_some(route)
-    }))
+    }
 }
 
 /// The name of interface `index`, if it exists.
