@@ -87,10 +87,13 @@ pub enum Reason {
     /// Outbound: an ICMP error from a client whose quoted packet is no
     /// return packet of a flow the error's peer owns; never forwarded.
     IcmpErrorNoFlow,
+    /// Outbound: as `Translated`, through another peer than the flow's
+    /// (its tunnel failed over): the flow and its replies move to it.
+    PeerMoved,
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::IcmpErrorNoFlow as u32 + 1;
+    pub const COUNT: u32 = Reason::PeerMoved as u32 + 1;
 
     /// Size of the pinned counter array: room for reasons added later, so
     /// an upgrade keeps its counters. New reasons are appended, never
@@ -128,6 +131,7 @@ impl Reason {
         Reason::NestedTunnel,
         Reason::BadHeader,
         Reason::IcmpErrorNoFlow,
+        Reason::PeerMoved,
     ];
 
     /// Stable snake_case name, used in logs and metric labels.
@@ -163,6 +167,7 @@ impl Reason {
             Reason::NestedTunnel => "nested_tunnel",
             Reason::BadHeader => "bad_header",
             Reason::IcmpErrorNoFlow => "icmp_error_no_flow",
+            Reason::PeerMoved => "peer_moved",
         }
     }
 
@@ -172,7 +177,8 @@ impl Reason {
             Reason::Translated
             | Reason::NewFlow
             | Reason::ReverseHit
-            | Reason::IcmpErrorRelayed => Verdict::Forwarded,
+            | Reason::IcmpErrorRelayed
+            | Reason::PeerMoved => Verdict::Forwarded,
             Reason::NoNeighbour | Reason::NotIpv4 | Reason::NotOurs | Reason::KernelFragments => {
                 Verdict::Passed
             }

@@ -99,7 +99,7 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
     if let (NextHop::TooBig { mtu }, true) = (&hop, inner.df) {
         return icmp::to_client(hook, Error::frag_needed(*mtu), Reason::TooBig);
     }
-    let (mut found, reason) = match existing {
+    let (mut found, mut reason) = match existing {
         Some(f) => (f, Reason::Translated),
         None => match state::create(&key, inner.peer, cfg, clock::now()) {
             Ok(()) => (
@@ -118,9 +118,13 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
     if found.flow().peer_addr != inner.peer {
         // The client now tunnels through another peer (a failover): its
         // flow follows, so replies go back the way its packets come.
+        // (Another CPU's cache may still hold the old peer for a tick.)
         found = found.into_table(&key).ok_or(Reason::Internal)?;
-        if let Found::Table(flow, _) = &mut found {
+        if let Found::Table(flow, _) = &mut found
+            && flow.peer_addr != inner.peer
+        {
             state::move_to_peer(flow, inner.peer);
+            reason = Reason::PeerMoved;
         }
     }
     let (nat_addr, nat_port) = (found.flow().nat_addr, found.flow().nat_port);

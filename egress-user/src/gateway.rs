@@ -124,7 +124,8 @@ impl Gateway {
     }
 
     /// Looks at the interface again and follows what changed. An error
-    /// leaves the gateway detached; the next change tries again.
+    /// leaves the gateway as it stood (the old programs attached, or none
+    /// if the interface went); the next change tries again.
     pub fn follow(&mut self) -> anyhow::Result<()> {
         let seen = Interface::lookup(&self.settings.iface)?;
         let change = plan(

@@ -446,7 +446,8 @@ fn a_flow_follows_its_client_to_another_peer(hook: Hook) {
 
     let inner = ip_packet(Ip::new(CLIENT, SERVER), udp(21000));
     let via_peer2 = ethernet(ROUTER_MAC, GW_MAC, &encapsulate(Ip::new(PEER2, GW), &inner));
-    assert_eq!(gw.run(&via_peer2).2, Reason::Translated);
+    assert_eq!(gw.run(&via_peer2).2, Reason::PeerMoved);
+    assert_eq!(gw.run(&via_peer2).2, Reason::Translated, "moved once");
     let (out, inb) = halves(gw);
     assert_eq!((out.peer_addr, inb.peer_addr), (PEER2, PEER2));
     // Past a tick: another CPU's cache may hold the old peer until then.
