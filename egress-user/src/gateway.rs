@@ -211,7 +211,7 @@ impl Gateway {
                 }
                 Err(e) => tracing::warn!(
                     next_hop = %hop,
-                    "cannot mark the next hop's neighbour entry managed (Linux 5.16+): {e}; \
+                    "cannot mark the next hop's neighbour entry managed: {e}; \
                      a new MAC address of it is learnt only from its own ARP"
                 ),
             }

@@ -6,7 +6,7 @@
 //! `bpf_fib_lookup` goes on answering with a STALE entry's MAC address,
 //! right or wrong. A next hop replaced by one with another address (and
 //! no gratuitous ARP) would never be learnt. Marked managed
-//! (`NTF_EXT_MANAGED`, Linux 5.16), an entry is probed by the kernel
+//! (`NTF_EXT_MANAGED`), an entry is probed by the kernel
 //! itself and resolved again when the probes fail; the new address then
 //! reaches the data path as any neighbour change does (see
 //! `Datapath::routes_changed`). Also marked externally learned, so the
