@@ -174,9 +174,10 @@ impl Stop {
 
 /// Removes every flow idle past its timeout at time `now_ns` or no longer
 /// `allowed`, then every mapping no remaining flow uses or no longer
-/// allowed, and brings the per-client flow counts up to date. Halves left alone by an interrupted sweep or a failed insert
-/// go too, once older than the grace period, however busy: a lone half
-/// translates one way only.
+/// allowed, and brings the per-client flow counts up to date. Halves left
+/// alone by an interrupted sweep or a failed insert go too, once older
+/// than the grace period, however busy: a lone half translates one way
+/// only.
 ///
 /// The tables are read and pruned in bulk, heeding `stop` between batches;
 /// within each flow (and mapping) the side that admits new packets or

@@ -239,6 +239,14 @@ fn follows_a_new_mac_address_of_its_next_hop() -> Result<()> {
     stack.topo.lab.keep_logs_on_err(result)
 }
 
+/// The gateway's neighbour entry for the router, with its flags.
+fn next_hop_entry(gateway: &str) -> Result<String> {
+    exec(
+        gateway,
+        &format!("ip -d neigh show {ROUTER_GATEWAY_IP} dev {HOST_IFACE}"),
+    )
+}
+
 /// The router's interface toward the gateway gets a new MAC address and
 /// says nothing (no gratuitous ARP). The gateway's kernel finds out by
 /// itself, probing the next hop's neighbour entry the daemon marked
@@ -269,12 +277,7 @@ fn finds_out_a_new_mac_address_of_its_next_hop_by_itself() -> Result<()> {
         attach,
     };
     let result = across(&mut stack, &egress, |stack| {
-        let entry = || {
-            exec(
-                &stack.topo.gateway,
-                &format!("ip -d neigh show {ROUTER_GATEWAY_IP} dev {HOST_IFACE}"),
-            )
-        };
+        let entry = || next_hop_entry(&stack.topo.gateway);
         let now = entry()?;
         ensure!(
             now.contains("managed"),
@@ -311,12 +314,7 @@ fn leaves_a_static_next_hop_entry_alone() -> Result<()> {
             &topo.router,
             &format!("cat /sys/class/net/{ROUTER_GATEWAY_IFACE}/address"),
         )?;
-        let entry = || {
-            exec(
-                &topo.gateway,
-                &format!("ip -d neigh show {ROUTER_GATEWAY_IP} dev {HOST_IFACE}"),
-            )
-        };
+        let entry = || next_hop_entry(&topo.gateway);
         exec(
             &topo.gateway,
             &format!(
