@@ -62,6 +62,33 @@ pub fn word_at(offset: usize, bytes: [u8; 2]) -> [u8; 2] {
     }
 }
 
+/// The ones'-complement sum of `bytes` as big-endian 16-bit words (`N` even).
+#[inline(always)]
+pub fn sum_words<const N: usize>(bytes: &[u8; N]) -> u32 {
+    let mut sum = 0;
+    let mut i = 0;
+    while i + 1 < N {
+        sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
+        i += 2;
+    }
+    sum
+}
+
+/// The one value of a pending transport checksum field (an skb's
+/// `CHECKSUM_PARTIAL`) that survives being filled in: the kernel or the NIC
+/// writes the complement of the sum of everything from the transport header
+/// to the packet's end, the field's own contents included. With `others` the
+/// sum of the other words, F = ~(others + F) means 2F = -others modulo
+/// 0xffff, where halving is a rotation right by one bit. A zero is written
+/// as all ones, as the kernel writes it.
+#[inline(always)]
+pub fn pending_fixed_point(others: u32) -> [u8; 2] {
+    match (!fold(others)).rotate_right(1) {
+        0 => [0xff, 0xff],
+        f => f.to_be_bytes(),
+    }
+}
+
 /// Folds a 32-bit ones'-complement sum into 16 bits.
 #[inline(always)]
 pub fn fold(mut sum: u32) -> u16 {
@@ -105,7 +132,34 @@ mod tests {
         core::array::from_fn(|i| u16::from_ne_bytes([h[2 * i], h[2 * i + 1]]))
     }
 
+    /// `skb_checksum_help` (or a NIC) finishing a pending checksum: the
+    /// field at `at` gets the checksum of all of `span`, field included.
+    fn fill_in(span: &mut [u8], at: usize) {
+        let [c0, c1] = match full(span) {
+            [0, 0] => [0xff, 0xff],
+            c => c,
+        };
+        span[at..at + 2].copy_from_slice(&[c0, c1]);
+    }
+
     proptest::proptest! {
+        /// A quoted UDP or TCP header whose field holds the fixed point comes
+        /// out of the kernel's filling in unchanged, whatever else it holds.
+        #[test]
+        fn a_pending_fixed_point_is_left_as_it_is(
+            udp in proptest::array::uniform8(proptest::num::u8::ANY),
+            tcp in proptest::array::uniform20(proptest::num::u8::ANY),
+        ) {
+            for (mut span, at) in [(udp.to_vec(), 6), (tcp.to_vec(), 16)] {
+                span[at..at + 2].fill(0);
+                let others = span.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
+                span[at..at + 2].copy_from_slice(&pending_fixed_point(others));
+                let before = span.clone();
+                fill_in(&mut span, at);
+                proptest::prop_assert_eq!(span, before);
+            }
+        }
+
         /// A header etherparse writes verifies; any one bit flipped in it
         /// (a single-bit error always changes a ones'-complement sum) and
         /// it does not.

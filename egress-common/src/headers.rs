@@ -78,18 +78,14 @@ impl Ipv4 {
     }
 }
 
-/// Writes the 8-byte header of an ICMP error of `kind`/`code` quoting
-/// `quote` to `h`, checksum included (it covers the header and the quote).
-/// `mtu` fills the next-hop MTU field of "fragmentation needed" (RFC 1191)
-/// and is 0 for every other error.
+/// Writes the 8-byte header of an ICMP error of `kind`/`code` to `h`,
+/// checksum included: it covers the header and the quote, whose words sum
+/// to `quote_sum` ([`crate::checksum::sum_words`]). `mtu` fills the next-hop
+/// MTU field of "fragmentation needed" (RFC 1191) and is 0 for every other
+/// error.
 #[inline(always)]
-pub fn icmp_error(kind: u8, code: u8, mtu: u16, quote: &[u8; QUOTE_LEN], h: &mut [u8; ICMP_LEN]) {
-    let mut sum = u32::from(u16::from_be_bytes([kind, code])) + u32::from(mtu);
-    let mut i = 0;
-    while i < QUOTE_LEN {
-        sum += u32::from(u16::from_be_bytes([quote[i], quote[i + 1]]));
-        i += 2;
-    }
+pub fn icmp_error(kind: u8, code: u8, mtu: u16, quote_sum: u32, h: &mut [u8; ICMP_LEN]) {
+    let sum = u32::from(u16::from_be_bytes([kind, code])) + u32::from(mtu) + quote_sum;
     let [c0, c1] = (!fold(sum)).to_be_bytes();
     let [m0, m1] = mtu.to_be_bytes();
     *h = [kind, code, c0, c1, 0, 0, m0, m1];
@@ -161,7 +157,7 @@ mod tests {
             let (kind, code, mtu) = if frag_needed { (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, mtu) } else { (kind, code, 0) };
             let mut msg = [0; ICMP_LEN + QUOTE_LEN];
             let (h, q) = msg.split_at_mut(ICMP_LEN);
-            icmp_error(kind, code, mtu, &quote, h.try_into().unwrap());
+            icmp_error(kind, code, mtu, crate::checksum::sum_words(&quote), h.try_into().unwrap());
             q.copy_from_slice(&quote);
             let icmp = etherparse::Icmpv4Slice::from_slice(&msg).unwrap();
             proptest::prop_assert_eq!((icmp.type_u8(), icmp.code_u8()), (kind, code));

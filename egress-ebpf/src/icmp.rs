@@ -4,12 +4,13 @@
 
 use aya_ebpf::{helpers::bpf_get_prandom_u32, macros::map, maps::PerCpuArray};
 use egress_common::{
+    checksum::{pending_fixed_point, sum_words},
     config::OUTER_TTL,
-    flow::{IPPROTO_ICMP, IPPROTO_IPIP},
+    flow::{IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP},
     fragment::Fragment,
     headers::{
         ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_LEN, ICMP_TIME_EXCEEDED, IPV4_LEN, Ipv4,
-        QUOTE_LEN, icmp_error,
+        icmp_error,
     },
     reason::Reason,
 };
@@ -18,7 +19,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use crate::{
     clock,
     fib::{self, NextHop},
-    maps,
+    l4, maps,
     nat::{ETH_LEN, Outcome, send},
     packet::{Hook, Packet},
 };
@@ -63,9 +64,9 @@ impl Error {
 }
 
 /// Answers the outbound IP-in-IP packet in the hook with `error` to its
-/// inner source, quoting the inner header and 8 bytes, encapsulated back to
-/// the peer it came from. The packet is counted under `reason` whether or
-/// not the error is sent (rate limit, no route back).
+/// inner source, quoting the inner header and its transport header,
+/// encapsulated back to the peer it came from. The packet is counted under
+/// `reason` whether or not the error is sent (rate limit, no route back).
 #[inline(always)]
 pub fn to_client<H: Hook>(hook: &mut H, error: Error, reason: Reason) -> Result<Outcome, Outcome> {
     let cfg = maps::config();
@@ -74,12 +75,19 @@ pub fn to_client<H: Hook>(hook: &mut H, error: Error, reason: Reason) -> Result<
     }
     let pkt = hook.packet();
     // SAFETY: copies out of the packet.
-    let (orig, peer) = unsafe { (*pkt.get::<EthHdr>(0)?, *pkt.get::<[u8; 4]>(PEER)?) };
-    let hop = fib::lookup(hook, cfg.tunnel_local, peer, IPPROTO_IPIP, OUTER_LEN as u16)?;
+    let (orig, peer, proto) = unsafe {
+        (
+            *pkt.get::<EthHdr>(0)?,
+            *pkt.get::<[u8; 4]>(PEER)?,
+            *pkt.get::<u8>(ETH_LEN + IPV4_LEN + IP_PROTO)?,
+        )
+    };
+    let len = IPV4_LEN + error_len(proto);
+    let hop = fib::lookup(hook, cfg.tunnel_local, peer, IPPROTO_IPIP, len as u16)?;
     if !matches!(hop, NextHop::Resolved { .. }) {
         return Err(reason.into());
     }
-    rewrite::<H, true>(hook, error.kind, error.code, error.mtu)?;
+    rewrite::<H, true>(hook, error, proto)?;
     send(hook.packet(), &hop, &orig, reason)
 }
 
@@ -94,51 +102,58 @@ pub fn to_sender<H: Hook>(hook: &mut H, error: Error, reason: Reason) -> Result<
     let pkt = hook.packet();
     // SAFETY: copies out of the packet.
     let (orig, ip) = unsafe { (*pkt.get::<EthHdr>(0)?, *pkt.get::<Ipv4Hdr>(ETH_LEN)?) };
-    let hop = fib::lookup(
-        hook,
-        ip.dst_addr,
-        ip.src_addr,
-        IPPROTO_ICMP,
-        ERROR_LEN as u16,
-    )?;
+    let len = error_len(ip.proto) as u16;
+    let hop = fib::lookup(hook, ip.dst_addr, ip.src_addr, IPPROTO_ICMP, len)?;
     if !matches!(hop, NextHop::Resolved { .. }) {
         return Err(reason.into());
     }
-    rewrite::<H, false>(hook, error.kind, error.code, error.mtu)?;
+    rewrite::<H, false>(hook, error, ip.proto)?;
     send(hook.packet(), &hop, &orig, reason)
 }
 
 /// Where the outer source (the peer) sits in a frame from a peer.
 const PEER: usize = ETH_LEN + 12;
-/// The error's IP packet: its IP header, the ICMP header and the quote.
-const ERROR_LEN: usize = IPV4_LEN + ICMP_LEN + QUOTE_LEN;
-/// The error encapsulated to the peer.
-const OUTER_LEN: usize = IPV4_LEN + ERROR_LEN;
+/// Where the protocol sits in an IPv4 header.
+const IP_PROTO: usize = 9;
 
-/// Turns the frame in the hook into `kind`/`code` about the packet in it
-/// (`TUNNEL`: the inner packet of a frame from a peer, encapsulated back to
-/// that peer), Ethernet header still to be written.
+/// How much of a packet of `proto` an error quotes: its IP header and the
+/// transport header the translation reads, 8 bytes (RFC 792) or TCP's 20,
+/// which hold its checksum.
+#[inline(always)]
+fn quote_len(proto: u8) -> usize {
+    IPV4_LEN + l4::min_len(proto)
+}
+
+/// The error's IP packet: its IP header, the ICMP header and the quote.
+#[inline(always)]
+fn error_len(proto: u8) -> usize {
+    IPV4_LEN + ICMP_LEN + quote_len(proto)
+}
+
+/// Turns the frame in the hook into `error` about the packet of `proto` in
+/// it (`TUNNEL`: the inner packet of a frame from a peer, encapsulated back
+/// to that peer), Ethernet header still to be written.
 ///
 /// A function of its own, and off the fast path: inlined, its buffers would
 /// push the program past the 512-byte BPF stack. (It returns no more than
 /// fits the one BPF return register.)
 #[inline(never)]
-fn rewrite<H: Hook, const TUNNEL: bool>(
-    hook: &mut H,
-    kind: u8,
-    code: u8,
-    mtu: u16,
-) -> Result<(), Reason> {
+fn rewrite<H: Hook, const TUNNEL: bool>(hook: &mut H, error: Error, proto: u8) -> Result<(), Reason> {
     let cfg = maps::config();
-    // The quoted packet's IP header, before and after the rewrite.
+    // The quoted packet's IP header before the rewrite, the error's after.
     let quoted = if TUNNEL { ETH_LEN + IPV4_LEN } else { ETH_LEN };
+    let error_len = error_len(proto);
     // SAFETY: a copy out of the packet.
     let peer = unsafe { *hook.packet().get::<[u8; 4]>(PEER)? };
+    // Cut first: a GSO aggregate is then one packet, whose headers grow
+    // with no encapsulation to note (the kernel cuts no packet so marked).
+    hook.truncate(quoted + quote_len(proto))?;
     // The quote stays where it is and the headers grow in front of it: the
     // error's IP and ICMP headers (and the outer header) take the place of
     // the old Ethernet (and outer) header plus this many bytes.
     hook.adjust_head(-((IPV4_LEN + ICMP_LEN) as i32))?;
-    hook.truncate(quoted + ERROR_LEN)?;
+    let quote = quoted + IPV4_LEN + ICMP_LEN;
+    settle_quoted_checksum(hook, quote + IPV4_LEN, proto)?;
     let pkt = hook.packet();
     let header = |tot_len: usize, proto, src, dst| Ipv4 {
         tos: TOS_CONTROL,
@@ -153,19 +168,63 @@ fn rewrite<H: Hook, const TUNNEL: bool>(
     };
     // SAFETY: disjoint headers, the only live references into the packet.
     unsafe {
-        let quote: &[u8; QUOTE_LEN] = pkt.get(quoted + IPV4_LEN + ICMP_LEN)?;
-        let sender = [quote[12], quote[13], quote[14], quote[15]];
+        let ip: &[u8; IPV4_LEN] = pkt.get(quote)?;
+        let sender = [ip[12], ip[13], ip[14], ip[15]];
+        // The address the packet was sent to: our translation address.
+        let sent_to = [ip[16], ip[17], ip[18], ip[19]];
+        // The ICMP header first: the quote's sum is then dead before the
+        // random IDs' helper calls (kept across them it overflows the stack).
+        let quote_sum = sum_words(ip) + transport_sum(pkt, quote + IPV4_LEN, proto)?;
+        let Error { kind, code, mtu } = error;
+        icmp_error(kind, code, mtu, quote_sum, pkt.get(quoted + IPV4_LEN)?);
         let error_src = if TUNNEL {
-            header(OUTER_LEN, IPPROTO_IPIP, cfg.tunnel_local, peer).write(pkt.get(ETH_LEN)?);
+            let outer = header(IPV4_LEN + error_len, IPPROTO_IPIP, cfg.tunnel_local, peer);
+            outer.write(pkt.get(ETH_LEN)?);
             cfg.tunnel_local
         } else {
-            // The address the packet was sent to: our translation address.
-            [quote[16], quote[17], quote[18], quote[19]]
+            sent_to
         };
-        header(ERROR_LEN, IPPROTO_ICMP, error_src, sender).write(pkt.get(quoted)?);
-        icmp_error(kind, code, mtu, quote, pkt.get(quoted + IPV4_LEN)?);
+        header(error_len, IPPROTO_ICMP, error_src, sender).write(pkt.get(quoted)?);
     }
     Ok(())
+}
+
+/// The sum of the words of the quoted transport header at `at`.
+///
+/// # Safety
+/// No reference into the packet may be written through meanwhile.
+#[inline(always)]
+unsafe fn transport_sum(pkt: Packet, at: usize, proto: u8) -> Result<u32, Reason> {
+    // SAFETY: read-only views, as the caller guarantees.
+    unsafe {
+        let mut sum = sum_words(pkt.get::<[u8; 8]>(at)?);
+        if proto == IPPROTO_TCP {
+            sum += sum_words(pkt.get::<[u8; 12]>(at + 8)?);
+        }
+        Ok(sum)
+    }
+}
+
+/// Makes the checksum of the quoted transport header at `at` one that the
+/// way out leaves alone. A packet whose checksum was still to be filled in
+/// (a GRO aggregate, a local sender's packet) keeps that state through the
+/// rewrite, and the field is now inside the quote: the kernel or the NIC
+/// would write the quote's checksum into it after the error's own checksum
+/// was summed, and the sender would drop the error.
+#[inline(always)]
+fn settle_quoted_checksum<H: Hook>(hook: &mut H, at: usize, proto: u8) -> Result<(), Reason> {
+    let Some(check) = l4::checksum_offset(proto).filter(|_| H::PENDING_CHECKSUMS) else {
+        return Ok(());
+    };
+    let pkt = hook.packet();
+    // SAFETY: read-only views of the packet.
+    let (now, sum) = unsafe { (*pkt.get::<[u8; 2]>(at + check)?, transport_sum(pkt, at, proto)?) };
+    // A pending field holds a nonzero sum; zero is UDP's "no checksum".
+    if now == [0, 0] {
+        return Ok(());
+    }
+    let others = sum + u32::from(!u16::from_be_bytes(now));
+    hook.settle_pending_checksum(at + check, now, pending_fixed_point(others))
 }
 
 /// Whether the IP header at `at` is of a fragment other than the first,

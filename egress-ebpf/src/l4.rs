@@ -133,6 +133,17 @@ pub fn min_len(proto: u8) -> usize {
     }
 }
 
+/// Where the checksum sits in a TCP or UDP header; other protocols' is
+/// never offloaded.
+#[inline(always)]
+pub fn checksum_offset(proto: u8) -> Option<usize> {
+    match proto {
+        IPPROTO_TCP => Some(TCP_CHECK),
+        IPPROTO_UDP => Some(UDP_CHECK),
+        _ => None,
+    }
+}
+
 /// Length of the transport header at `off`, options included: what each
 /// segment of a GSO aggregate repeats.
 #[inline(always)]

@@ -127,6 +127,28 @@ impl Hook for Tc {
             .map_err(|_| Reason::Internal)
     }
 
+    const PENDING_CHECKSUMS: bool = true;
+
+    #[inline(always)]
+    fn settle_pending_checksum(
+        &mut self,
+        at: usize,
+        now: [u8; 2],
+        fixed: [u8; 2],
+    ) -> Result<(), Reason> {
+        // No helper tells whether the skb is CHECKSUM_PARTIAL, but
+        // bpf_l4_csum_replace treats the two states apart. By d = fixed -
+        // now, a pseudo-header change moves a pending field (a plain sum)
+        // up and a finished one (a complemented sum) down; a change of the
+        // segment moves only a finished one, up. Both together set a
+        // pending field to `fixed` and leave a finished one as it was.
+        let [now, fixed] = [now, fixed].map(|v| u64::from(u16::from_ne_bytes(v)));
+        self.0
+            .l4_csum_replace(at, now, fixed, BPF_F_PSEUDO_HDR as u64 | 2)
+            .and_then(|()| self.0.l4_csum_replace(at, fixed, now, 2))
+            .map_err(|_| Reason::Internal)
+    }
+
     #[inline(always)]
     fn largest_segment(&self, ip_len: u16, l4_off: usize, proto: u8) -> u16 {
         let gso_size = self.skb().gso_size;

@@ -38,7 +38,7 @@ const INTERNET_ROUTER: [u8; 4] = [198, 51, 100, 1];
 
 /// Asserts that `inner`, sent by a client through the tunnel, was answered
 /// with the ICMP error `kind` from the gateway, encapsulated back to the
-/// peer, quoting the inner header and 8 bytes.
+/// peer, quoting what [`quoted`] says.
 pub fn assert_answered_through_tunnel(
     gw: &mut Gateway,
     inner: &[u8],
@@ -56,7 +56,7 @@ pub fn assert_answered_through_tunnel(
         tos: 0xc0,
         ..Ip::new(GW, client)
     };
-    let error = icmp_error(error, kind, &inner[..28]);
+    let error = icmp_error(error, kind, &inner[..quoted(inner)]);
     let outer = Ip {
         id: id(14 + 4),
         df: false,
@@ -68,6 +68,13 @@ pub fn assert_answered_through_tunnel(
         ethernet(GW_MAC, ROUTER_MAC, &encapsulate(outer, &error)),
         "ICMP error to the client"
     );
+}
+
+/// How much of IPv4 `packet` the gateway's own errors quote: the header and
+/// 8 bytes (RFC 792), or a TCP segment's whole fixed header.
+fn quoted(packet: &[u8]) -> usize {
+    let tcp = packet[9] == 6;
+    20 + if tcp { 20 } else { 8 }
 }
 
 /// Asserts that `packet`, from the Internet to the translation address,
@@ -85,7 +92,11 @@ fn assert_answered_to_sender(gw: &mut Gateway, packet: &[u8], kind: Icmpv4Type, 
     };
     assert_eq!(
         out,
-        ethernet(GW_MAC, ROUTER_MAC, &icmp_error(error, kind, &packet[..28])),
+        ethernet(
+            GW_MAC,
+            ROUTER_MAC,
+            &icmp_error(error, kind, &packet[..quoted(packet)])
+        ),
         "ICMP error to the sender"
     );
 }
@@ -109,7 +120,16 @@ fn ttl_1_from_a_client_is_answered_with_time_exceeded_through_the_tunnel(hook: H
     assert_eq!(gw.flow_entries(), 0, "a probe that expired created state");
     // Also on a flow that exists (mtr over an open UDP flow).
     outbound(gw, CLIENT, udp, Reason::NewFlow);
-    assert_answered_through_tunnel(gw, &probe, exceeded, Reason::TtlExceeded);
+    assert_answered_through_tunnel(gw, &probe, exceeded.clone(), Reason::TtlExceeded);
+    // A TCP probe (tcptraceroute) gets its whole fixed header quoted.
+    let tcp_probe = ip_packet(
+        Ip {
+            ttl: 1,
+            ..Ip::new(CLIENT, SERVER)
+        },
+        L4::syn(40000, 443),
+    );
+    assert_answered_through_tunnel(gw, &tcp_probe, exceeded, Reason::TtlExceeded);
 }
 
 /// The packet `flow` sent to the Internet as the gateway translated it
@@ -391,7 +411,18 @@ fn ttl_1_on_the_return_path_is_answered_to_the_sender(hook: Hook) {
         },
     );
     let exceeded = Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit);
-    assert_answered_to_sender(gw, &reply, exceeded, Reason::TtlExceeded);
+    assert_answered_to_sender(gw, &reply, exceeded.clone(), Reason::TtlExceeded);
+    // A TCP segment gets its whole fixed header quoted.
+    let syn = L4::syn(40000, 443);
+    let nat_port = outbound(gw, CLIENT, syn, Reason::NewFlow);
+    let tcp_reply = ip_packet(
+        Ip {
+            ttl: 1,
+            ..Ip::new(SERVER, GW)
+        },
+        L4::tcp(443, nat_port, b"answer"),
+    );
+    assert_answered_to_sender(gw, &tcp_reply, exceeded, Reason::TtlExceeded);
     let inbound = gw
         .flows()
         .into_iter()
