@@ -110,30 +110,35 @@ mod tc_offloaded {
     }
 
     fn with_offloaded_server(extra: &str, test: impl FnOnce(&Stack) -> Result<()>) -> Result<()> {
-        require_root()?;
-        let stack = Stack::start_with(
-            &egress_bin()?,
-            Path::new(env!("CARGO_BIN_EXE_ipip-peer")),
-            Attach::Tc,
-            extra,
-        )?;
-        let topo = &stack.topo;
-        exec(
-            &topo.server,
-            &format!("ethtool -K {HOST_IFACE} tx on tso on"),
-        )?;
-        exec(&topo.gateway, &format!("ethtool -K {HOST_IFACE} tx off"))?;
-        topo.lab.keep_logs_on_err(test(&stack))
+        with_stack_args(Attach::Tc, extra, |stack| {
+            let topo = &stack.topo;
+            exec(
+                &topo.server,
+                &format!("ethtool -K {HOST_IFACE} tx on tso on"),
+            )?;
+            exec(&topo.gateway, &format!("ethtool -K {HOST_IFACE} tx off"))?;
+            test(stack)
+        })
     }
 }
 
 /// Runs `test` against a fresh stack; a failure keeps the daemons' logs.
 fn with_stack(attach: Attach, test: impl FnOnce(&Stack) -> Result<()>) -> Result<()> {
+    with_stack_args(attach, "", test)
+}
+
+/// As [`with_stack`], with `extra` gateway arguments.
+fn with_stack_args(
+    attach: Attach,
+    extra: &str,
+    test: impl FnOnce(&Stack) -> Result<()>,
+) -> Result<()> {
     require_root()?;
-    let stack = Stack::start(
+    let stack = Stack::start_with(
         &egress_bin()?,
         Path::new(env!("CARGO_BIN_EXE_ipip-peer")),
         attach,
+        extra,
     )?;
     stack.topo.lab.keep_logs_on_err(test(&stack))
 }
