@@ -15,7 +15,7 @@ use aya::{
         lpm_trie::Key,
     },
     programs::{
-        LinkOrder, ProgramError, SchedClassifier, Xdp, XdpMode,
+        LinkOrder, ProgramError, SchedClassifier, Xdp, XdpMode, loaded_programs,
         tc::{TcAttach, TcAttachType},
     },
     sys::SyscallError,
@@ -31,7 +31,7 @@ use ipnet::Ipv4Net;
 
 use crate::{
     clsact::{self, Clsact},
-    inspect, pinning,
+    inspect, netif, pinning,
     settings::{AttachMode, PortRange},
 };
 
@@ -193,6 +193,7 @@ impl Datapath {
         ifindex: u32,
         mode: AttachMode,
     ) -> anyhow::Result<Attached> {
+        self.refuse_another_gateway(iface, ifindex)?;
         // In any mode: a TC filter of a gateway that was killed would run
         // its old program beside (or behind) the new one.
         clsact::remove_leftovers(iface, ifindex, TC_PROGRAM)?;
@@ -215,6 +216,43 @@ impl Datapath {
                 }
             },
         }
+    }
+
+    /// Refuses an interface that another gateway's XDP or TCX program runs
+    /// on: another `egress run`, with a state directory of its own (the
+    /// state lock keeps out one with ours). Attached in front of it, or
+    /// behind, one would take the other's packets, each with its own flows.
+    /// (Those attachments end with their process: none is a leftover.)
+    fn refuse_another_gateway(&mut self, iface: &str, ifindex: u32) -> anyhow::Result<()> {
+        let ours = [self.xdp()?.info()?.id(), self.tc()?.info()?.id()];
+        let mut attached = netif::xdp_programs(ifindex)
+            .with_context(|| format!("cannot list the XDP programs on {iface}"))?;
+        match SchedClassifier::query_tcx(ifindex, TcAttachType::Ingress) {
+            Ok((_, programs)) => attached.extend(programs.iter().map(|p| p.id())),
+            // A kernel without TCX (before 6.6).
+            Err(ProgramError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot list the TCX programs on {iface}"));
+            }
+        }
+        attached.retain(|id| !ours.contains(id));
+        if attached.is_empty() {
+            return Ok(());
+        }
+        for program in loaded_programs() {
+            let program = program.context("cannot list the loaded BPF programs")?;
+            let name = program.name_as_str().unwrap_or_default();
+            if attached.contains(&program.id()) && [XDP_PROGRAM, TC_PROGRAM].contains(&name) {
+                anyhow::bail!(
+                    "another egress gateway runs on {iface} (its program {name}, id {}): \
+                     an `egress run` with another state directory; stop it first \
+                     (systemctl stop egress)",
+                    program.id()
+                );
+            }
+        }
+        Ok(())
     }
 
     fn attach_xdp(&mut self, ifindex: u32, mode: XdpMode) -> anyhow::Result<Attached> {

@@ -4,11 +4,15 @@ use std::{ffi::CString, io, net::Ipv4Addr};
 
 use anyhow::{Context as _, bail};
 
-use crate::netlink::{self, Message, Request, Socket, attr_u32};
+use crate::netlink::{self, Attrs, Message, Request, Socket, attr_u32};
 
 /// `struct ifinfomsg` is 16 bytes: family, pad, type, index, flags, change.
 const IFINFOMSG: usize = 16;
 const IFLA_MTU: u16 = 4;
+const IFLA_XDP: u16 = 43;
+/// In `IFLA_XDP`: the one program attached, or each mode's when several are
+/// (generic, native, offloaded).
+const IFLA_XDP_PROG_IDS: [u16; 4] = [4, 5, 6, 7];
 /// `struct rtmsg` is 12 bytes.
 const RTMSG: usize = 12;
 const RTA_DST: u16 = 1;
@@ -90,14 +94,37 @@ impl Interface {
 
 /// The MTU of interface `index`.
 fn link_mtu(index: u32) -> io::Result<u32> {
-    let mut ifinfomsg = [0u8; IFINFOMSG];
-    ifinfomsg[4..8].copy_from_slice(&(index as i32).to_ne_bytes());
-    Socket::open(libc::NETLINK_ROUTE, 0)?
-        .request(Request::new(libc::RTM_GETLINK, &ifinfomsg))?
+    link(index)?
         .iter()
         .find_map(|m| m.attrs(IFINFOMSG).find(|&(k, _)| k == IFLA_MTU))
         .and_then(|(_, v)| attr_u32(v))
         .ok_or_else(|| io::Error::other("the kernel reported no MTU"))
+}
+
+/// The ids of the XDP programs attached to interface `index`, in any mode
+/// (`ip link` shows them as `prog/xdp id N`).
+pub fn xdp_programs(index: u32) -> io::Result<Vec<u32>> {
+    let link = link(index)?;
+    let Some((_, xdp)) = link
+        .iter()
+        .find_map(|m| m.attrs(IFINFOMSG).find(|&(k, _)| k == IFLA_XDP))
+    else {
+        return Ok(Vec::new());
+    };
+    let mut ids: Vec<u32> = Attrs::nested(xdp)
+        .filter(|(k, _)| IFLA_XDP_PROG_IDS.contains(k))
+        .filter_map(|(_, v)| attr_u32(v))
+        .filter(|&id| id != 0)
+        .collect();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// What the kernel says about interface `index` (`RTM_GETLINK`).
+fn link(index: u32) -> io::Result<Vec<Message>> {
+    let mut ifinfomsg = [0u8; IFINFOMSG];
+    ifinfomsg[4..8].copy_from_slice(&(index as i32).to_ne_bytes());
+    Socket::open(libc::NETLINK_ROUTE, 0)?.request(Request::new(libc::RTM_GETLINK, &ifinfomsg))
 }
 
 /// Where the kernel routes packets to one address.

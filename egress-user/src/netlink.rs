@@ -83,6 +83,13 @@ impl Message {
 /// Type-length-value attributes, in order; a malformed tail ends them.
 pub struct Attrs<'a>(&'a [u8]);
 
+impl<'a> Attrs<'a> {
+    /// The attributes nested in an attribute's `data`.
+    pub fn nested(data: &'a [u8]) -> Self {
+        Self(data)
+    }
+}
+
 impl<'a> Iterator for Attrs<'a> {
     type Item = (u16, &'a [u8]);
 

@@ -1,7 +1,8 @@
 //! The gateway restarted (an upgrade) under an established TCP connection:
 //! the pinned connection state carries it over, in every attach mode. A
 //! gateway killed outright leaves nothing attached that a new one would
-//! run beside, and a second gateway is refused the state of a running one.
+//! run beside, and a second gateway is refused the state, or the
+//! interface, of a running one.
 //! Needs root.
 
 use std::{
@@ -156,13 +157,47 @@ fn a_killed_tc_gateway_leaves_nothing_attached() -> Result<()> {
 /// translating from the same port.
 #[test]
 fn a_second_gateway_is_refused_the_state_of_a_running_one() -> Result<()> {
+    refuses_a_second_gateway(
+        Attach::Native,
+        "--attach generic --reset-state",
+        None,
+        "another `egress run` is using the state in",
+    )
+}
+
+/// A second `egress run` with a state directory of its own on the
+/// interface a gateway runs on is refused before it attaches: native XDP
+/// in front of a TC gateway, or TC behind an XDP one, would take packets
+/// of the running gateway's flows, with flows of its own.
+mod a_second_gateway_is_refused_the_interface_of_a_running_one {
+    use super::*;
+
+    const REFUSAL: &str = "another egress gateway runs on";
+
+    #[test]
+    fn native_in_front_of_tc() -> Result<()> {
+        refuses_a_second_gateway(Attach::Tc, "--attach auto", Some("second"), REFUSAL)
+    }
+
+    #[test]
+    fn tc_behind_native() -> Result<()> {
+        refuses_a_second_gateway(Attach::Native, "--attach tc", Some("second"), REFUSAL)
+    }
+}
+
+/// Starts a gateway in `first` mode with a UDP flow through it, then a
+/// second one with `args` on the state directory `state` (beside the
+/// first's; `None`: the first's), which must fail, saying `refusal`. The
+/// first gateway's flow must go on as it was.
+fn refuses_a_second_gateway(
+    first: Attach,
+    args: &str,
+    state: Option<&str>,
+    refusal: &str,
+) -> Result<()> {
     require_root()?;
     let bin = egress_bin()?;
-    let stack = Stack::start(
-        &bin,
-        Path::new(env!("CARGO_BIN_EXE_ipip-peer")),
-        Attach::Native,
-    )?;
+    let stack = Stack::start(&bin, Path::new(env!("CARGO_BIN_EXE_ipip-peer")), first)?;
     let result = (|| {
         let server = SocketAddr::from((SERVER_IP, UDP_PORT));
         let _udp = udp_server(&stack.topo.server, server)?;
@@ -170,19 +205,25 @@ fn a_second_gateway_is_refused_the_state_of_a_running_one() -> Result<()> {
         let before = client.request(server, b"one")?.seen;
         ensure!(before.ip() == GATEWAY_IP, "server saw {before}");
 
+        let first_state = stack.topo.lab.state_dir()?;
+        let state_dir = match state {
+            Some(name) => first_state.with_file_name(name),
+            None => first_state,
+        };
+        // Stopped should it run: a refusal comes at once.
         let second = exec_output(
             &stack.topo.gateway,
             &format!(
-                "{} run --iface {HOST_IFACE} --peer {CLIENT_UNDERLAY_IP} \
-                 --client-cidr {CLIENT_TUN_IP}/32 --state-dir {} --attach generic --reset-state",
+                "timeout 20 {} run --iface {HOST_IFACE} --peer {CLIENT_UNDERLAY_IP} \
+                 --client-cidr {CLIENT_TUN_IP}/32 --state-dir {} {args}",
                 bin.display(),
-                stack.topo.lab.state_dir()?.display()
+                state_dir.display()
             ),
         )?;
         let stderr = String::from_utf8_lossy(&second.stderr);
         ensure!(!second.status.success(), "the second gateway ran: {stderr}");
         ensure!(
-            stderr.contains("another `egress run` is using the state in"),
+            stderr.contains(refusal),
             "the refusal does not say why: {stderr}"
         );
 
