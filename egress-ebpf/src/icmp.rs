@@ -79,7 +79,7 @@ pub fn to_client<H: Hook>(hook: &mut H, error: Error, reason: Reason) -> Result<
         (
             *pkt.get::<EthHdr>(0)?,
             *pkt.get::<[u8; 4]>(PEER)?,
-            *pkt.get::<u8>(ETH_LEN + IPV4_LEN + IP_PROTO)?,
+            pkt.get::<Ipv4Hdr>(ETH_LEN + IPV4_LEN)?.proto,
         )
     };
     let len = IPV4_LEN + error_len(proto);
@@ -113,8 +113,6 @@ pub fn to_sender<H: Hook>(hook: &mut H, error: Error, reason: Reason) -> Result<
 
 /// Where the outer source (the peer) sits in a frame from a peer.
 const PEER: usize = ETH_LEN + 12;
-/// Where the protocol sits in an IPv4 header.
-const IP_PROTO: usize = 9;
 
 /// How much of a packet of `proto` an error quotes: its IP header and the
 /// transport header the translation reads, 8 bytes (RFC 792) or TCP's 20,

@@ -88,16 +88,19 @@ pub trait Hook {
     fn update_l4_checksum(&mut self, update: &ChecksumUpdate) -> Result<(), Reason>;
     /// Whether a transport checksum may be pending here: left for the
     /// kernel or the NIC to fill in as the packet leaves (an skb's
-    /// `CHECKSUM_PARTIAL`).
+    /// `CHECKSUM_PARTIAL`). Without, there is nothing to settle.
     const PENDING_CHECKSUMS: bool;
     /// Gives the transport checksum field at `at`, which holds `now`, the
     /// value `fixed` if it is pending; a finished field stays as it is.
+    /// Only where [`Hook::PENDING_CHECKSUMS`] (the default does nothing).
     fn settle_pending_checksum(
         &mut self,
-        at: usize,
-        now: [u8; 2],
-        fixed: [u8; 2],
-    ) -> Result<(), Reason>;
+        _at: usize,
+        _now: [u8; 2],
+        _fixed: [u8; 2],
+    ) -> Result<(), Reason> {
+        Ok(())
+    }
     /// The length of the largest IP packet this one of `ip_len` bytes will
     /// leave as, for the MTU check: itself, or one segment of an aggregate
     /// the kernel segments on output (TC's GRO/GSO packets).

@@ -8,8 +8,8 @@ use core::ffi::c_void;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        __sk_buff, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_MARK_MANGLED_0,
-        BPF_F_PSEUDO_HDR, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        __sk_buff, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_MARK_ENFORCE,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     helpers::bpf_redirect,
     macros::classifier,
@@ -141,11 +141,13 @@ impl Hook for Tc {
         // now, a pseudo-header change moves a pending field (a plain sum)
         // up and a finished one (a complemented sum) down; a change of the
         // segment moves only a finished one, up. Both together set a
-        // pending field to `fixed` and leave a finished one as it was.
+        // pending field to `fixed` and bring a finished one back, where
+        // "mangled 0" restores a 0xffff that the sums would leave as 0.
         let [now, fixed] = [now, fixed].map(|v| u64::from(u16::from_ne_bytes(v)));
+        let back = (BPF_F_MARK_MANGLED_0 | BPF_F_MARK_ENFORCE) as u64 | 2;
         self.0
             .l4_csum_replace(at, now, fixed, BPF_F_PSEUDO_HDR as u64 | 2)
-            .and_then(|()| self.0.l4_csum_replace(at, fixed, now, 2))
+            .and_then(|()| self.0.l4_csum_replace(at, fixed, now, back))
             .map_err(|_| Reason::Internal)
     }
 

@@ -64,11 +64,6 @@ impl Hook for Xdp {
     const PENDING_CHECKSUMS: bool = false;
 
     #[inline(always)]
-    fn settle_pending_checksum(&mut self, _: usize, _: [u8; 2], _: [u8; 2]) -> Result<(), Reason> {
-        Ok(())
-    }
-
-    #[inline(always)]
     fn largest_segment(&self, ip_len: u16, _l4_off: usize, _proto: u8) -> u16 {
         // An XDP frame is one packet on the wire.
         ip_len

@@ -15,7 +15,7 @@ use aya::{
         lpm_trie::Key,
     },
     programs::{
-        LinkOrder, ProgramError, SchedClassifier, Xdp, XdpMode, loaded_programs,
+        LinkOrder, ProgramError, ProgramInfo, SchedClassifier, Xdp, XdpMode, loaded_programs,
         tc::{TcAttach, TcAttachType},
     },
     sys::SyscallError,
@@ -225,34 +225,41 @@ impl Datapath {
     /// (Those attachments end with their process: none is a leftover.)
     fn refuse_another_gateway(&mut self, iface: &str, ifindex: u32) -> anyhow::Result<()> {
         let ours = [self.xdp()?.info()?.id(), self.tc()?.info()?.id()];
-        let mut attached = netif::xdp_programs(ifindex)
-            .with_context(|| format!("cannot list the XDP programs on {iface}"))?;
-        match SchedClassifier::query_tcx(ifindex, TcAttachType::Ingress) {
-            Ok((_, programs)) => attached.extend(programs.iter().map(|p| p.id())),
-            // A kernel without TCX (before 6.6).
+        let theirs = |p: &ProgramInfo| {
+            !ours.contains(&p.id())
+                && p.name_as_str()
+                    .is_some_and(|n| [XDP_PROGRAM, TC_PROGRAM].contains(&n))
+        };
+        let mut found = match SchedClassifier::query_tcx(ifindex, TcAttachType::Ingress) {
+            Ok((_, programs)) => programs.into_iter().find(theirs),
+            // A kernel without TCX (before 6.6), or a program that went
+            // while listed.
             Err(ProgramError::SyscallError(SyscallError { io_error, .. }))
-                if io_error.raw_os_error() == Some(libc::EINVAL) => {}
+                if matches!(io_error.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) =>
+            {
+                None
+            }
             Err(e) => {
                 return Err(e).with_context(|| format!("cannot list the TCX programs on {iface}"));
             }
+        };
+        let xdp = netif::xdp_programs(ifindex)
+            .with_context(|| format!("cannot list the XDP programs on {iface}"))?;
+        if found.is_none() && xdp.iter().any(|id| !ours.contains(id)) {
+            // Skipping programs that go while listed.
+            found = loaded_programs()
+                .flatten()
+                .find(|p| xdp.contains(&p.id()) && theirs(p));
         }
-        attached.retain(|id| !ours.contains(id));
-        if attached.is_empty() {
-            return Ok(());
+        match found {
+            Some(p) => anyhow::bail!(
+                "another egress gateway runs on {iface} (its program {}, id {}): an `egress run` \
+                 with another state directory; stop it first (systemctl stop egress)",
+                p.name_as_str().unwrap_or_default(),
+                p.id()
+            ),
+            None => Ok(()),
         }
-        for program in loaded_programs() {
-            let program = program.context("cannot list the loaded BPF programs")?;
-            let name = program.name_as_str().unwrap_or_default();
-            if attached.contains(&program.id()) && [XDP_PROGRAM, TC_PROGRAM].contains(&name) {
-                anyhow::bail!(
-                    "another egress gateway runs on {iface} (its program {name}, id {}): \
-                     an `egress run` with another state directory; stop it first \
-                     (systemctl stop egress)",
-                    program.id()
-                );
-            }
-        }
-        Ok(())
     }
 
     fn attach_xdp(&mut self, ifindex: u32, mode: XdpMode) -> anyhow::Result<Attached> {

@@ -10,9 +10,8 @@ use crate::netlink::{self, Attrs, Message, Request, Socket, attr_u32};
 const IFINFOMSG: usize = 16;
 const IFLA_MTU: u16 = 4;
 const IFLA_XDP: u16 = 43;
-/// In `IFLA_XDP`: the one program attached, or each mode's when several are
-/// (generic, native, offloaded).
-const IFLA_XDP_PROG_IDS: [u16; 4] = [4, 5, 6, 7];
+/// In `IFLA_XDP`: the program of each mode (native, generic, offloaded).
+const IFLA_XDP_MODE_PROG_IDS: [u16; 3] = [5, 6, 7];
 /// `struct rtmsg` is 12 bytes.
 const RTMSG: usize = 12;
 const RTA_DST: u16 = 1;
@@ -111,13 +110,10 @@ pub fn xdp_programs(index: u32) -> io::Result<Vec<u32>> {
     else {
         return Ok(Vec::new());
     };
-    let mut ids: Vec<u32> = Attrs::nested(xdp)
-        .filter(|(k, _)| IFLA_XDP_PROG_IDS.contains(k))
+    Ok(Attrs::nested(xdp)
+        .filter(|(k, _)| IFLA_XDP_MODE_PROG_IDS.contains(k))
         .filter_map(|(_, v)| attr_u32(v))
-        .filter(|&id| id != 0)
-        .collect();
-    ids.dedup();
-    Ok(ids)
+        .collect())
 }
 
 /// What the kernel says about interface `index` (`RTM_GETLINK`).

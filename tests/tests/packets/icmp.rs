@@ -397,31 +397,32 @@ fn outbound_packets_too_big_for_the_route(hook: Hook) {
 
 fn ttl_1_on_the_return_path_is_answered_to_the_sender(hook: Hook) {
     let gw = &mut Gateway::new(hook);
-    let udp = QUERY;
-    let nat_port = outbound(gw, CLIENT, udp, Reason::NewFlow);
-    let reply = ip_packet(
-        Ip {
-            ttl: 1,
-            ..Ip::new(SERVER, GW)
-        },
-        L4::Udp {
+    let nat_port = outbound(gw, CLIENT, QUERY, Reason::NewFlow);
+    let ttl_1 = Ip {
+        ttl: 1,
+        ..Ip::new(SERVER, GW)
+    };
+    let answer = |payload: &[u8]| {
+        let udp = L4::Udp {
             sport: 53,
             dport: nat_port,
-            payload: b"answer",
-        },
-    );
+            payload,
+        };
+        ip_packet(ttl_1, udp)
+    };
+    let reply = answer(b"answer");
     let exceeded = Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit);
     assert_answered_to_sender(gw, &reply, exceeded.clone(), Reason::TtlExceeded);
+    // A UDP checksum of all ones (a sum of zero) is quoted as it is, also
+    // where TC settles quoted checksums that might be pending.
+    let all_ones = (0..=u16::MAX)
+        .map(|w| answer(&w.to_be_bytes()))
+        .find(|p| p[26..28] == [0xff, 0xff])
+        .unwrap();
+    assert_answered_to_sender(gw, &all_ones, exceeded.clone(), Reason::TtlExceeded);
     // A TCP segment gets its whole fixed header quoted.
-    let syn = L4::syn(40000, 443);
-    let nat_port = outbound(gw, CLIENT, syn, Reason::NewFlow);
-    let tcp_reply = ip_packet(
-        Ip {
-            ttl: 1,
-            ..Ip::new(SERVER, GW)
-        },
-        L4::tcp(443, nat_port, b"answer"),
-    );
+    let tcp_port = outbound(gw, CLIENT, L4::syn(40000, 443), Reason::NewFlow);
+    let tcp_reply = ip_packet(ttl_1, L4::tcp(443, tcp_port, b"answer"));
     assert_answered_to_sender(gw, &tcp_reply, exceeded, Reason::TtlExceeded);
     let inbound = gw
         .flows()
