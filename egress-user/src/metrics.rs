@@ -96,27 +96,33 @@ fn counts(c: &Conn) -> Counts {
     [c.out.packets, c.out.bytes, c.inb.packets, c.inb.bytes]
 }
 
-/// Raises the counts of `conns` that the previous scrape exported higher
-/// to what it exported, and returns what these are exported with.
+/// Raises the counts of the first `top` of `conns` (every live flow) that
+/// an earlier scrape exported higher to what it exported, and returns what
+/// each live flow was last exported with.
 ///
 /// A read can miss counts the data path moves from its cache to the table
 /// meanwhile (see `inspect::counted_flows`), and a counter must never go
-/// back: Prometheus would take it for a reset.
+/// back: Prometheus would take it for a reset. A flow that drops out of
+/// the top and comes back is held to what it last showed, too.
 fn never_back(
     before: &FxHashMap<(FlowKey, u64), Counts>,
     conns: &mut [Conn],
+    top: usize,
 ) -> FxHashMap<(FlowKey, u64), Counts> {
-    let mut exported = FxHashMap::default();
-    for c in conns {
-        let id = (c.out.out_key(), c.out.created_ns);
+    let id = |c: &Conn| (c.out.out_key(), c.out.created_ns);
+    let mut exported: FxHashMap<_, _> = conns
+        .iter()
+        .filter_map(|c| Some((id(c), *before.get(&id(c))?)))
+        .collect();
+    for c in conns.iter_mut().take(top) {
         let mut now = counts(c);
-        if let Some(before) = before.get(&id) {
+        if let Some(before) = exported.get(&id(c)) {
             for (n, b) in now.iter_mut().zip(before) {
                 *n = (*n).max(*b);
             }
         }
         [c.out.packets, c.out.bytes, c.inb.packets, c.inb.bytes] = now;
-        exported.insert(id, now);
+        exported.insert(id(c), now);
     }
     exported
 }
@@ -352,11 +358,11 @@ impl Collector {
     /// Packets and bytes of the largest flows, one series each.
     fn top(&self, mut conns: Vec<Conn>, t: &mut Text) {
         conns.sort_unstable_by_key(|c| std::cmp::Reverse(c.bytes()));
-        conns.truncate(self.top_flows);
         {
             let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-            seen.exported = never_back(&seen.exported, &mut conns);
+            seen.exported = never_back(&seen.exported, &mut conns, self.top_flows);
         }
+        conns.truncate(self.top_flows);
         for (name, help, value) in [
             (
                 "egress_flow_packets_total",
@@ -532,19 +538,27 @@ mod tests {
     #[test]
     fn an_exported_count_never_goes_back() {
         let mut first = [conn(1, [5, 500, 4, 400])];
-        let before = never_back(&FxHashMap::default(), &mut first);
+        let before = never_back(&FxHashMap::default(), &mut first, 1);
         assert_eq!(exported(&first), [[5, 500, 4, 400]]);
 
         // A read that missed counts in flight: held at the last export,
         // each count on its own.
         let mut second = [conn(1, [3, 300, 6, 600])];
-        let before = never_back(&before, &mut second);
+        let before = never_back(&before, &mut second, 1);
         assert_eq!(exported(&second), [[5, 500, 6, 600]]);
 
+        // Out of the top one behind a larger flow, then back with a read
+        // that missed counts: held at what it showed two scrapes ago.
+        let mut third = [conn(9, [9, 900, 9, 900]), conn(1, [5, 500, 6, 600])];
+        let before = never_back(&before, &mut third, 1);
+        let mut fourth = [conn(1, [4, 400, 6, 600]), conn(9, [1, 100, 1, 100])];
+        let before = never_back(&before, &mut fourth, 1);
+        assert_eq!(exported(&fourth[..1]), [[5, 500, 6, 600]]);
+
         // A new flow on the same tuple starts from its own counts.
-        let mut third = [conn(2, [1, 100, 0, 0])];
-        never_back(&before, &mut third);
-        assert_eq!(exported(&third), [[1, 100, 0, 0]]);
+        let mut fifth = [conn(2, [1, 100, 0, 0])];
+        never_back(&before, &mut fifth, 1);
+        assert_eq!(exported(&fifth), [[1, 100, 0, 0]]);
     }
 
     #[test]
