@@ -65,7 +65,11 @@ pub fn lookup<H: Hook>(
     let key = RouteKey::new(src, dst, hook.ingress_ifindex(), proto);
     let slot = key.slot();
     let generation = maps::routes_generation();
-    let answer = |slot| ROUTES.get(slot).filter(|r| r.answers(&key, generation, tot_len));
+    let answer = |slot| {
+        ROUTES
+            .get(slot)
+            .filter(|r| r.answers(&key, generation, tot_len))
+    };
     let route = match answer(slot) {
         Some(r) => r,
         None => {
@@ -74,9 +78,7 @@ pub fn lookup<H: Hook>(
                 return Err(Reason::Internal);
             }
             match code as u32 {
-                BPF_FIB_LKUP_RET_SUCCESS => {
-                    answer(slot).ok_or(Reason::Internal)?
-                }
+                BPF_FIB_LKUP_RET_SUCCESS => answer(slot).ok_or(Reason::Internal)?,
                 BPF_FIB_LKUP_RET_NO_NEIGH => return Ok(NextHop::Unresolved),
                 BPF_FIB_LKUP_RET_BLACKHOLE
                 | BPF_FIB_LKUP_RET_UNREACHABLE

@@ -47,7 +47,9 @@ impl Found {
 #[inline(always)]
 fn cache_slot(key: &FlowKey) -> Option<&'static mut CachedFlow> {
     // SAFETY: this CPU's slot; programs do not nest on a CPU.
-    FLOW_CACHE.get_ptr_mut(slot(key)).map(|s| unsafe { &mut *s })
+    FLOW_CACHE
+        .get_ptr_mut(slot(key))
+        .map(|s| unsafe { &mut *s })
 }
 
 /// The flow half stored under `key`, for a packet with TCP `flags` (0 for

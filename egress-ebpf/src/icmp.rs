@@ -136,7 +136,11 @@ fn error_len(proto: u8) -> usize {
 /// push the program past the 512-byte BPF stack. (It returns no more than
 /// fits the one BPF return register.)
 #[inline(never)]
-fn rewrite<H: Hook, const TUNNEL: bool>(hook: &mut H, error: Error, proto: u8) -> Result<(), Reason> {
+fn rewrite<H: Hook, const TUNNEL: bool>(
+    hook: &mut H,
+    error: Error,
+    proto: u8,
+) -> Result<(), Reason> {
     let cfg = maps::config();
     // The quoted packet's IP header before the rewrite, the error's after.
     let quoted = if TUNNEL { ETH_LEN + IPV4_LEN } else { ETH_LEN };
@@ -216,7 +220,12 @@ fn settle_quoted_checksum<H: Hook>(hook: &mut H, at: usize, proto: u8) -> Result
     };
     let pkt = hook.packet();
     // SAFETY: read-only views of the packet.
-    let (now, sum) = unsafe { (*pkt.get::<[u8; 2]>(at + check)?, transport_sum(pkt, at, proto)?) };
+    let (now, sum) = unsafe {
+        (
+            *pkt.get::<[u8; 2]>(at + check)?,
+            transport_sum(pkt, at, proto)?,
+        )
+    };
     // A pending field holds a nonzero sum; zero is UDP's "no checksum".
     if now == [0, 0] {
         return Ok(());

@@ -166,7 +166,11 @@ pub fn encapsulate<H: Hook>(
         // one with DF gets 0, as Linux gives packets no socket owns
         // (RFC 6864: any value will do), which spares a helper call.
         // SAFETY: no preconditions.
-        id: if df { 0 } else { unsafe { bpf_get_prandom_u32() as u16 } },
+        id: if df {
+            0
+        } else {
+            unsafe { bpf_get_prandom_u32() as u16 }
+        },
         df,
         ttl: OUTER_TTL,
         proto: IPPROTO_IPIP,

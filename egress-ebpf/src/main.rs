@@ -5,20 +5,40 @@
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
-/// The modules, compiled for the BPF target only.
-macro_rules! bpf_modules {
-    ($($name:ident),* $(,)?) => {
-        $(
-            #[cfg(target_arch = "bpf")]
-            mod $name;
-        )*
-    };
-}
-
-bpf_modules!(
-    clock, fib, flow_cache, frag, icmp, inbound, l4, maps, mss, nat, outbound, packet, relay,
-    state, tc, xdp,
-);
+// The modules, compiled for the BPF target only (declared one by one, not
+// by a macro, so that rustfmt finds them).
+#[cfg(target_arch = "bpf")]
+mod clock;
+#[cfg(target_arch = "bpf")]
+mod fib;
+#[cfg(target_arch = "bpf")]
+mod flow_cache;
+#[cfg(target_arch = "bpf")]
+mod frag;
+#[cfg(target_arch = "bpf")]
+mod icmp;
+#[cfg(target_arch = "bpf")]
+mod inbound;
+#[cfg(target_arch = "bpf")]
+mod l4;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod mss;
+#[cfg(target_arch = "bpf")]
+mod nat;
+#[cfg(target_arch = "bpf")]
+mod outbound;
+#[cfg(target_arch = "bpf")]
+mod packet;
+#[cfg(target_arch = "bpf")]
+mod relay;
+#[cfg(target_arch = "bpf")]
+mod state;
+#[cfg(target_arch = "bpf")]
+mod tc;
+#[cfg(target_arch = "bpf")]
+mod xdp;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

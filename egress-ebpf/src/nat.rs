@@ -116,12 +116,7 @@ pub fn process<H: Hook>(hook: &mut H) -> Result<Outcome, Outcome> {
 /// neighbour yet, or to be fragmented) keeps the frame's original addresses,
 /// which makes the kernel accept it as addressed to us.
 #[inline(always)]
-pub fn send(
-    pkt: Packet,
-    hop: &NextHop,
-    orig: &EthHdr,
-    reason: Reason,
-) -> Result<Outcome, Outcome> {
+pub fn send(pkt: Packet, hop: &NextHop, orig: &EthHdr, reason: Reason) -> Result<Outcome, Outcome> {
     // SAFETY: the only live reference into the packet.
     let eth: &mut EthHdr = unsafe { pkt.get(0)? };
     eth.ether_type = EtherType::Ipv4 as u16;
