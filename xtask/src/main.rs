@@ -32,7 +32,13 @@ enum Command {
     /// Run the demo from the `tests` crate against the debug gateway (root).
     Run,
     /// Run the `tests` crate's benchmarks in release (root).
-    Bench,
+    Bench {
+        /// Only these parts (comma-separated), written to
+        /// target/bench/partial.json; all of them by default, written to
+        /// target/bench/latest.json.
+        #[arg(long, value_enum, value_delimiter = ',')]
+        only: Vec<bench::Part>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -53,6 +59,6 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Build { release } => build::build(&mut ws, release),
         Command::Test => test::test(&mut ws),
         Command::Run => run::run(&mut ws),
-        Command::Bench => bench::bench(&mut ws),
+        Command::Bench { only } => bench::bench(&mut ws, &only),
     }
 }

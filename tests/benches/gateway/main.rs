@@ -22,10 +22,14 @@ mod traffic;
 use anyhow::{Context, Result};
 use fabric::Fabric;
 use lab::{BenchLab, Kind};
-use report::{EndToEnd, Report};
+use report::{EndToEnd, Gateways, Report};
 use std::path::PathBuf;
 use std::time::Instant;
 use traffic::{RR_ROUNDS, TRIALS};
+
+/// The parts of a run, as `BENCH_PARTS` names them (comma-separated; all
+/// when unset): each is a table and a section of the JSON.
+const PARTS: [&str; 3] = ["in-kernel", "state", "end-to-end"];
 
 fn main() -> Result<()> {
     tests::require_root()?;
@@ -33,21 +37,37 @@ fn main() -> Result<()> {
     let json_path = std::env::var_os("BENCH_JSON")
         .map(PathBuf::from)
         .context("set BENCH_JSON (cargo xtask bench does) to where the JSON goes")?;
+    let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| PARTS.join(","));
+    let parts: Vec<&str> = parts.split(',').collect();
+    if let Some(unknown) = parts.iter().find(|p| !PARTS.contains(p)) {
+        anyhow::bail!(
+            "BENCH_PARTS: no part {unknown:?} (parts: {})",
+            PARTS.join(", ")
+        );
+    }
     let started = Instant::now();
-    eprintln!("bench: in-kernel costs");
-    let in_kernel = in_kernel::measure();
-    eprintln!("bench: connection state at {} flows", state::FLOWS);
-    let state = state::measure();
-    eprintln!("bench: end to end, the eBPF and the kernel gateway in turn");
-    let ebpf_lab = BenchLab::new(Kind::Ebpf, &egress)?;
-    let kernel_lab = BenchLab::new(Kind::Kernel, &egress)?;
-    let labs = [&ebpf_lab, &kernel_lab];
-    let [ebpf, kernel] = keep_logs_on_err(&labs, end_to_end(&labs))?;
+    let in_kernel = parts.contains(&"in-kernel").then(|| {
+        eprintln!("bench: in-kernel costs");
+        in_kernel::measure()
+    });
+    let state = parts.contains(&"state").then(|| {
+        eprintln!("bench: connection state at {} flows", state::FLOWS);
+        state::measure()
+    });
+    let end_to_end = if parts.contains(&"end-to-end") {
+        eprintln!("bench: end to end, the eBPF and the kernel gateway in turn");
+        let ebpf_lab = BenchLab::new(Kind::Ebpf, &egress)?;
+        let kernel_lab = BenchLab::new(Kind::Kernel, &egress)?;
+        let labs = [&ebpf_lab, &kernel_lab];
+        let [ebpf, kernel] = keep_logs_on_err(&labs, end_to_end(&labs))?;
+        Some(Gateways { ebpf, kernel })
+    } else {
+        None
+    };
     let report = Report {
         in_kernel,
         state,
-        ebpf,
-        kernel,
+        end_to_end,
         elapsed: started.elapsed(),
     };
     report.print();

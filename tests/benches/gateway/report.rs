@@ -141,81 +141,188 @@ impl EndToEnd {
 
 const PERCENTILES: [(&str, f64); 3] = [("p50", 0.50), ("p99", 0.99), ("p99_9", 0.999)];
 
+/// A bench run: the parts it measured, each a table and a JSON section.
 pub struct Report {
-    pub in_kernel: InKernel,
-    pub state: StateAtScale,
-    pub ebpf: EndToEnd,
-    pub kernel: EndToEnd,
+    pub in_kernel: Option<InKernel>,
+    pub state: Option<StateAtScale>,
+    pub end_to_end: Option<Gateways>,
     pub elapsed: Duration,
 }
 
 impl Report {
+    pub fn print(&self) {
+        if let Some(k) = &self.in_kernel {
+            println!();
+            k.print();
+        }
+        if let Some(g) = &self.end_to_end {
+            println!();
+            g.print();
+        }
+        if let Some(s) = &self.state {
+            println!();
+            s.print();
+        }
+        println!();
+        println!("Bench run took {:.0} s", self.elapsed.as_secs_f64());
+    }
+
+    pub fn json(&self) -> Value {
+        let mut v = json!({
+            "schema": 4,
+            "machine": { "kernel": kernel_release(), "cpus": cpus() },
+            "bench_seconds": self.elapsed.as_secs_f64(),
+        });
+        if let Some(k) = &self.in_kernel {
+            v["in_kernel"] = k.json();
+        }
+        if let Some(g) = &self.end_to_end {
+            v["end_to_end"] = g.json();
+        }
+        if let Some(s) = &self.state {
+            v["state_at_scale"] = s.json();
+        }
+        v
+    }
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok { "met" } else { "NOT met" }
+}
+
+impl InKernel {
     /// (JSON key, table name, figures, whether `TARGET_IN_KERNEL` applies)
-    fn in_kernel_rows(&self) -> [(&'static str, &'static str, &Series, bool); 7] {
-        let k = &self.in_kernel;
+    fn rows(&self) -> [(&'static str, &'static str, &Series, bool); 7] {
         [
             (
                 "harness",
                 "empty program (timing harness)",
-                &k.harness,
+                &self.harness,
                 false,
             ),
             (
                 "mac_swap_floor",
                 "MAC swap + XDP_TX (floor)",
-                &k.mac_swap_floor,
+                &self.mac_swap_floor,
                 false,
             ),
             (
                 "flow_lookup_floor",
                 "MAC swap + one flow lookup",
-                &k.flow_lookup_floor,
+                &self.flow_lookup_floor,
                 false,
             ),
             (
                 "established_outbound",
                 "established outbound (decap+SNAT+FIB)",
-                &k.outbound,
+                &self.outbound,
                 true,
             ),
             (
                 "established_return",
                 "established return (un-NAT+encap+FIB)",
-                &k.inbound,
+                &self.inbound,
                 true,
             ),
             (
                 "new_flow_outbound",
                 "new flow outbound (creates state)",
-                &k.new_flow,
+                &self.new_flow,
                 false,
             ),
             (
                 "icmp_error_return",
                 "ICMP error relayed (un-NAT quote+encap+FIB)",
-                &k.icmp_error,
+                &self.icmp_error,
                 false,
             ),
         ]
     }
 
     fn floor(&self) -> f64 {
-        self.in_kernel.mac_swap_floor.median()
+        self.mac_swap_floor.median()
     }
 
     /// A series less the harness, run by run.
     fn net(&self, s: &Series) -> f64 {
-        s.median_less(&self.in_kernel.harness)
+        s.median_less(&self.harness)
     }
 
-    /// Whether an established path meets its target.
     /// Whether a path meets the in-kernel target's two parts: at most 2x
     /// the floor, under 100 ns.
-    fn in_kernel_met(&self, s: &Series) -> [bool; 2] {
+    fn met(&self, s: &Series) -> [bool; 2] {
         let ns = s.median();
         [ns <= 2.0 * self.floor(), ns < 100.0]
     }
 
+    fn print(&self) {
+        println!(
+            "In kernel (BPF_PROG_TEST_RUN): median of {RUNS} runs x {PER_RUN} single runs on \
+             fresh frames ({NEW_FLOWS_PER_RUN} new flows), {BLOCK} of a path in a row in turn; a \
+             run's figure is the mean of its middle {:.0}%",
+            CENTRAL_SHARE * 100.0
+        );
+        println!(
+            "{:<44} {:>7} {:>8} {:>7}  {:<36} target",
+            "path", "ns/pkt", "x floor", "net ns", "runs (ns)"
+        );
+        for (_, name, s, targeted) in self.rows() {
+            let runs: Vec<String> = s.0.iter().map(|ns| format!("{ns:.1}")).collect();
+            let target = if targeted {
+                let [floor, ns] = self.met(s);
+                format!("<= 2x floor: {}; < 100 ns: {}", met(floor), met(ns))
+            } else {
+                String::new()
+            };
+            println!(
+                "{name:<44} {:>7.1} {:>8.2} {:>7.1}  {:<36} {target}",
+                s.median(),
+                s.median() / self.floor(),
+                self.net(s),
+                runs.join(" "),
+            );
+        }
+        println!("Harness: {HARNESS_NOTE}");
+        println!("Note: {LOOKUP_FLOOR_NOTE}");
+    }
+
+    fn json(&self) -> Value {
+        let mut v = json!({
+            "method": format!("BPF_PROG_TEST_RUN, median of {RUNS} runs; a run times {PER_RUN} \
+                single runs on fresh frames (kernel-timed) of every series, {BLOCK} in a row in \
+                turn, and its figure is the mean of the middle {:.0}%", CENTRAL_SHARE * 100.0),
+            "runs": RUNS,
+            "packets_per_run": PER_RUN,
+            "new_flows_per_run": NEW_FLOWS_PER_RUN,
+            "target": TARGET_IN_KERNEL,
+            "lookup_floor_note": LOOKUP_FLOOR_NOTE,
+            "harness_note": HARNESS_NOTE,
+        });
+        for (key, _, s, targeted) in self.rows() {
+            v[key] = json!({
+                "ns_per_packet": tenths(s.median()),
+                "net_ns_per_packet": tenths(self.net(s)),
+                "runs_ns": s.0.iter().copied().map(tenths).collect::<Vec<_>>(),
+                "ratio_to_floor": s.median() / self.floor(),
+            });
+            if targeted {
+                let [floor, ns] = self.met(s);
+                v[key]["target_met"] = (floor && ns).into();
+                v[key]["within_2x_floor"] = floor.into();
+                v[key]["under_100_ns"] = ns.into();
+            }
+        }
+        v
+    }
+}
+
+/// The end-to-end figures of both gateways.
+pub struct Gateways {
+    pub ebpf: EndToEnd,
+    pub kernel: EndToEnd,
+}
+
+impl Gateways {
     /// Each fabric with both gateways' UDP rates through it: delivered,
     /// offered.
     fn udp_rates(&self) -> impl Iterator<Item = (Fabric, Paired, Paired)> {
@@ -243,134 +350,7 @@ impl Report {
         self.ebpf.percentile_us(0.99) < self.kernel.percentile_us(0.99)
     }
 
-    pub fn json(&self) -> Value {
-        let mut in_kernel = json!({
-            "method": format!("BPF_PROG_TEST_RUN, median of {RUNS} runs; a run times {PER_RUN} \
-                single runs on fresh frames (kernel-timed) of every series, {BLOCK} in a row in \
-                turn, and its figure is the mean of the middle {:.0}%", CENTRAL_SHARE * 100.0),
-            "runs": RUNS,
-            "packets_per_run": PER_RUN,
-            "new_flows_per_run": NEW_FLOWS_PER_RUN,
-            "target": TARGET_IN_KERNEL,
-            "lookup_floor_note": LOOKUP_FLOOR_NOTE,
-            "harness_note": HARNESS_NOTE,
-        });
-        for (key, _, s, targeted) in self.in_kernel_rows() {
-            in_kernel[key] = json!({
-                "ns_per_packet": tenths(s.median()),
-                "net_ns_per_packet": tenths(self.net(s)),
-                "runs_ns": s.0.iter().copied().map(tenths).collect::<Vec<_>>(),
-                "ratio_to_floor": s.median() / self.floor(),
-            });
-            if targeted {
-                let [floor, ns] = self.in_kernel_met(s);
-                in_kernel[key]["target_met"] = (floor && ns).into();
-                in_kernel[key]["within_2x_floor"] = floor.into();
-                in_kernel[key]["under_100_ns"] = ns.into();
-            }
-        }
-        let latency = |e: &EndToEnd| -> Value {
-            let mut v = json!({ "requests": e.rtts.len(), "lost": e.lost });
-            for (key, q) in PERCENTILES {
-                v[key] = e.percentile_us(q).into();
-            }
-            v
-        };
-        let mut latency_ratio = json!({});
-        for (key, q) in PERCENTILES {
-            latency_ratio[key] = (self.ebpf.percentile_us(q) / self.kernel.percentile_us(q)).into();
-        }
-        let mut udp = json!({
-            "turns": TRIALS,
-            "interval_s": RATE_INTERVAL.as_secs_f64(),
-            "fabric_note": FABRIC_NOTE,
-            "target": TARGET_RATE,
-        });
-        for (fabric, delivered, offered) in self.udp_rates() {
-            let mut v = delivered.json("pps");
-            v["offered"] = offered.json("pps");
-            v["target_met"] = (delivered.ratio() >= RATE_TARGET_RATIO).into();
-            udp[fabric.key()] = v;
-        }
-        let mut tcp = self.tcp().json("bps");
-        tcp["streams"] = 1.into();
-        tcp["turns"] = TRIALS.into();
-        tcp["interval_s"] = TCP_INTERVAL.as_secs_f64().into();
-        json!({
-            "schema": 4,
-            "machine": { "kernel": kernel_release(), "cpus": cpus() },
-            "bench_seconds": self.elapsed.as_secs_f64(),
-            "in_kernel": in_kernel,
-            "end_to_end": {
-                "method": TURNS_NOTE,
-                "generator": GENERATOR,
-                "baseline_note": BASELINE_NOTE,
-                "udp_small_packet_rate": udp,
-                "tcp_throughput": tcp,
-                "rr_latency_us": {
-                    "requests": RR_ROUNDS,
-                    "ebpf": latency(&self.ebpf),
-                    "kernel": latency(&self.kernel),
-                    "ratio_ebpf_to_kernel": latency_ratio,
-                    "target_p99": TARGET_P99,
-                    "target_p99_met": self.p99_lower(),
-                },
-            },
-            "state_at_scale": self.state_json(),
-        })
-    }
-
-    fn state_json(&self) -> Value {
-        let s = &self.state;
-        let mut memory = json!({});
-        for (map, bytes) in s.memory {
-            memory[map] = bytes.into();
-        }
-        json!({
-            "flows": FLOWS,
-            "new_flows_per_s": s.new_flows_per_s(),
-            "new_flows_measured": NEW_FLOWS,
-            "memory_bytes": memory,
-            "gc_sweep_s": {
-                "nothing_expired": s.sweep_nothing_expired.took.as_secs_f64(),
-                "all_expired": s.sweep_all_expired.took.as_secs_f64(),
-            },
-        })
-    }
-
-    pub fn print(&self) {
-        let met = |ok: bool| if ok { "met" } else { "NOT met" };
-        println!();
-        println!(
-            "In kernel (BPF_PROG_TEST_RUN): median of {RUNS} runs x {PER_RUN} single runs on \
-             fresh frames ({NEW_FLOWS_PER_RUN} new flows), {BLOCK} of a path in a row in turn; a \
-             run's figure is the mean of its middle {:.0}%",
-            CENTRAL_SHARE * 100.0
-        );
-        println!(
-            "{:<44} {:>7} {:>8} {:>7}  {:<36} target",
-            "path", "ns/pkt", "x floor", "net ns", "runs (ns)"
-        );
-        for (_, name, s, targeted) in self.in_kernel_rows() {
-            let runs: Vec<String> = s.0.iter().map(|ns| format!("{ns:.1}")).collect();
-            let target = if targeted {
-                let [floor, ns] = self.in_kernel_met(s);
-                format!("<= 2x floor: {}; < 100 ns: {}", met(floor), met(ns))
-            } else {
-                String::new()
-            };
-            println!(
-                "{name:<44} {:>7.1} {:>8.2} {:>7.1}  {:<36} {target}",
-                s.median(),
-                s.median() / self.floor(),
-                self.net(s),
-                runs.join(" "),
-            );
-        }
-        println!("Harness: {HARNESS_NOTE}");
-        println!("Note: {LOOKUP_FLOOR_NOTE}");
-
-        println!();
+    fn print(&self) {
         println!("End to end: client -> router -> gateway -> server, in network namespaces");
         println!("{TURNS_NOTE}");
         println!(
@@ -442,29 +422,71 @@ impl Report {
         println!("Fabrics: {FABRIC_NOTE}");
         println!("Generator: {GENERATOR}");
         println!("Note: {BASELINE_NOTE}");
-        println!();
-        self.print_state();
-        println!();
-        println!("Bench run took {:.0} s", self.elapsed.as_secs_f64());
     }
 
-    fn print_state(&self) {
-        let s = &self.state;
+    fn json(&self) -> Value {
+        let latency = |e: &EndToEnd| -> Value {
+            let mut v = json!({ "requests": e.rtts.len(), "lost": e.lost });
+            for (key, q) in PERCENTILES {
+                v[key] = e.percentile_us(q).into();
+            }
+            v
+        };
+        let mut latency_ratio = json!({});
+        for (key, q) in PERCENTILES {
+            latency_ratio[key] = (self.ebpf.percentile_us(q) / self.kernel.percentile_us(q)).into();
+        }
+        let mut udp = json!({
+            "turns": TRIALS,
+            "interval_s": RATE_INTERVAL.as_secs_f64(),
+            "fabric_note": FABRIC_NOTE,
+            "target": TARGET_RATE,
+        });
+        for (fabric, delivered, offered) in self.udp_rates() {
+            let mut v = delivered.json("pps");
+            v["offered"] = offered.json("pps");
+            v["target_met"] = (delivered.ratio() >= RATE_TARGET_RATIO).into();
+            udp[fabric.key()] = v;
+        }
+        let mut tcp = self.tcp().json("bps");
+        tcp["streams"] = 1.into();
+        tcp["turns"] = TRIALS.into();
+        tcp["interval_s"] = TCP_INTERVAL.as_secs_f64().into();
+        json!({
+            "method": TURNS_NOTE,
+            "generator": GENERATOR,
+            "baseline_note": BASELINE_NOTE,
+            "udp_small_packet_rate": udp,
+            "tcp_throughput": tcp,
+            "rr_latency_us": {
+                "requests": RR_ROUNDS,
+                "ebpf": latency(&self.ebpf),
+                "kernel": latency(&self.kernel),
+                "ratio_ebpf_to_kernel": latency_ratio,
+                "target_p99": TARGET_P99,
+                "target_p99_met": self.p99_lower(),
+            },
+        })
+    }
+}
+
+impl StateAtScale {
+    fn print(&self) {
         println!("Connection state at {FLOWS} flows (UDP, one mapping each)");
         println!(
             "{:<36} {:.0}/s ({} ns each; in-kernel time of BPF_PROG_TEST_RUN, {NEW_FLOWS} flows)",
             "new flows through the data path",
-            s.new_flows_per_s(),
-            s.new_flow.as_nanos()
+            self.new_flows_per_s(),
+            self.new_flow.as_nanos()
         );
-        for (map, bytes) in s.memory {
+        for (map, bytes) in self.memory {
             println!(
                 "{:<36} {:.1} MiB",
                 format!("memory of {map}"),
                 bytes as f64 / f64::from(1 << 20)
             );
         }
-        let (keep, expire) = (&s.sweep_nothing_expired, &s.sweep_all_expired);
+        let (keep, expire) = (&self.sweep_nothing_expired, &self.sweep_all_expired);
         println!(
             "{:<36} {:.2?} ({} live)",
             "GC sweep, nothing expired", keep.took, keep.live
@@ -473,7 +495,27 @@ impl Report {
             "{:<36} {:.2?} ({} flows, {} mappings removed)",
             "GC sweep, all expired", expire.took, expire.expired, expire.mappings_expired
         );
-        println!("  (filling the table from userspace took {:.1?})", s.fill);
+        println!(
+            "  (filling the table from userspace took {:.1?})",
+            self.fill
+        );
+    }
+
+    fn json(&self) -> Value {
+        let mut memory = json!({});
+        for (map, bytes) in self.memory {
+            memory[map] = bytes.into();
+        }
+        json!({
+            "flows": FLOWS,
+            "new_flows_per_s": self.new_flows_per_s(),
+            "new_flows_measured": NEW_FLOWS,
+            "memory_bytes": memory,
+            "gc_sweep_s": {
+                "nothing_expired": self.sweep_nothing_expired.took.as_secs_f64(),
+                "all_expired": self.sweep_all_expired.took.as_secs_f64(),
+            },
+        })
     }
 }
 
