@@ -181,8 +181,8 @@ impl Stop {
 ///
 /// The tables are read and pruned in bulk, heeding `stop` between batches;
 /// within each flow (and mapping) the side that admits new packets or
-/// flows goes first. A sweep stopped or failed part way still takes the
-/// flows it removed off their clients' counts.
+/// flows goes first. A sweep stopped or failed part way still sets its
+/// clients' counts, once it has read the whole flow table.
 pub fn sweep(
     state: &mut State,
     timeouts: &Timeouts,
@@ -191,19 +191,23 @@ pub fn sweep(
     stop: &Stop,
 ) -> anyhow::Result<Sweep> {
     let started = Instant::now();
+    // Before the flows are read: what the data path counts after this, it
+    // counts for flows the read may not see.
+    let counted: FxHashMap<[u8; 4], u64> = read(&state.clients, stop)?.into_iter().collect();
     let mut clients = Clients::default();
     let pruned = prune(state, timeouts, allowed, now_ns, stop, &mut clients);
-    let recounted = recount_clients(&mut state.clients, &clients);
+    let recounted = recount_clients(&mut state.clients, &counted, &clients);
     let mut sweep = pruned?;
     recounted?;
     sweep.took = started.elapsed();
     Ok(sweep)
 }
 
-/// Flows per client address: those a sweep saw live, and those it removed.
+/// Flows (outbound halves) per client address: those a sweep read, once
+/// it has read the whole table, and those it removed.
 #[derive(Default)]
 struct Clients {
-    live: FxHashMap<[u8; 4], u64>,
+    read: Option<FxHashMap<[u8; 4], u64>>,
     removed: FxHashMap<[u8; 4], u64>,
 }
 
@@ -217,6 +221,11 @@ fn prune(
 ) -> anyhow::Result<Sweep> {
     let idle = |last_ns: u64| Duration::from_nanos(now_ns.saturating_sub(last_ns));
     let flows = read(&state.flows, stop)?;
+    let mut read_clients = FxHashMap::default();
+    for (_, out) in flows.iter().filter(|(k, _)| k.dir == DIR_OUT) {
+        *read_clients.entry(out.client_addr).or_default() += 1;
+    }
+    clients.read = Some(read_clients);
     // Taken after the read: the daemon replaces the policy before it loads
     // a data path that makes flows under it, so every flow read is judged
     // by the policy it was made under, or a later one.
@@ -246,7 +255,6 @@ fn prune(
             sweep.disallowed += 1;
         } else if idle(out.last_seen_ns.max(inb.last_seen_ns)) <= timeouts.of(out, inb) {
             sweep.live += 1;
-            *clients.live.entry(out.client_addr).or_default() += 1;
             used.insert(client_key(out));
             continue;
         } else {
@@ -377,19 +385,29 @@ fn client_key(out: &Flow) -> PortKey {
     }
 }
 
-/// Takes the removed flows off each client's count. The data path adds to
-/// the counts concurrently, so a count is read just before it is written,
-/// and never set below the live flows this sweep saw.
+/// Sets each client's count to the flows it has: those the sweep read
+/// and left, plus those the data path counted since `counted` was read (it
+/// counts a flow as it inserts the outbound half; only sweeps take counts
+/// down). Absolute, so a count left too high (a daemon killed between
+/// removing flows and counting them off) is mended. A flow made while the
+/// table was read may be counted twice until the next sweep, never missed:
+/// no client gets past its cap. Until the table is read whole nothing is
+/// removed, and the counts are left alone.
 fn recount_clients(
     counts: &mut HashMap<MapData, [u8; 4], u64>,
+    counted: &FxHashMap<[u8; 4], u64>,
     clients: &Clients,
 ) -> Result<(), MapError> {
-    let known: Vec<[u8; 4]> = counts.keys().collect::<Result<_, _>>()?;
-    for client in known.iter().chain(clients.live.keys()) {
+    let Some(read) = &clients.read else {
+        return Ok(());
+    };
+    let mut all: FxHashSet<[u8; 4]> = counts.keys().collect::<Result<_, _>>()?;
+    all.extend(read.keys().chain(counted.keys()));
+    let of = |m: &FxHashMap<[u8; 4], u64>, client| m.get(client).copied().unwrap_or(0);
+    for client in &all {
         let now = counts.get(client, 0).unwrap_or(0);
-        let want = now
-            .saturating_sub(clients.removed.get(client).copied().unwrap_or(0))
-            .max(clients.live.get(client).copied().unwrap_or(0));
+        let kept = of(read, client).saturating_sub(of(&clients.removed, client));
+        let want = kept + now.saturating_sub(of(counted, client));
         match (want, now) {
             (w, n) if w == n => {}
             (0, _) => counts.remove(client)?,
