@@ -4,25 +4,44 @@
 /// the eBPF loop is small; with a sparsely used range the first try succeeds.
 pub const PORT_TRIES: u32 = 16;
 
+/// Strides for walking a range: primes above 65536, so each is coprime to
+/// every range size (at most 65536) and a walk of fewer steps than the
+/// range has ports never comes back to a port. Spread out, so flows that
+/// start near each other walk apart.
+const STRIDES: [u32; 16] = [
+    76157, 131927, 201359, 251443, 313679, 390307, 437263, 507599, 576161, 620401, 696569, 748441,
+    804059, 867079, 939923, 1000847,
+];
+
 /// The `attempt`-th candidate port for a new flow in `[min, max]`.
 ///
 /// Attempt 0 keeps the client's own port when it lies in the range (port
 /// preservation, as MASQUERADE does); later attempts walk the range from a
-/// random start with an odd stride, so consecutive tries never repeat within
-/// the range's size and collisions do not cluster. A range no larger than
-/// [`PORT_TRIES`] is walked port by port, so every port of it is tried.
+/// random start with a random stride coprime to the range's size, so
+/// [`PORT_TRIES`] tries never repeat a port in a larger range, and
+/// collisions do not cluster. A range no larger than [`PORT_TRIES`] is
+/// walked port by port (from the client's port if it is in the range), so
+/// every port of it is tried.
 #[inline(always)]
 pub fn candidate(client_port: u16, min: u16, max: u16, random: u32, attempt: u32) -> u16 {
     let span = u32::from(max.saturating_sub(min)) + 1;
-    if attempt == 0 && (min..=max).contains(&client_port) {
+    let kept = (min..=max).contains(&client_port);
+    if attempt == 0 && kept {
         return client_port;
     }
-    let stride = if span <= PORT_TRIES {
-        1
+    let (start, stride) = if span <= PORT_TRIES {
+        // Port by port on from the client's own, which was tried first.
+        let start = if kept {
+            u32::from(client_port - min)
+        } else {
+            random % span
+        };
+        (start, 1)
     } else {
-        (random >> 16) | 1
+        (random % span, STRIDES[(random >> 28) as usize] % span)
     };
-    let off = random.wrapping_add(attempt.wrapping_mul(stride)) % span;
+    // No overflow: each term is below 2^16 * PORT_TRIES.
+    let off = (start + attempt % PORT_TRIES * stride) % span;
     min + off as u16
 }
 
@@ -65,9 +84,19 @@ mod tests {
         }
 
         #[test]
-        fn retries_differ_in_a_wide_range(r in 0u32.., cp in 0u16..1000) {
+        fn tries_never_repeat_a_port(r in 0u32.., lo in 0u16.., width in PORT_TRIES as u16.., cp in 0u16..) {
+            // Any range larger than the tries, the wide default and small
+            // ones whose size shares factors with many strides alike.
+            let hi = lo.saturating_add(width);
             let ports: std::collections::HashSet<_> =
-                (1..PORT_TRIES).map(|a| candidate(cp, 1024, 65535, r, a)).collect();
+                (1..PORT_TRIES).map(|a| candidate(cp, lo, hi, r, a)).collect();
+            proptest::prop_assert_eq!(ports.len() as u32, PORT_TRIES - 1);
+        }
+
+        #[test]
+        fn tries_never_repeat_in_small_ranges(r in 0u32.., lo in 0u16..60000, width in PORT_TRIES as u16..200) {
+            let ports: std::collections::HashSet<_> =
+                (1..PORT_TRIES).map(|a| candidate(0, lo, lo + width, r, a)).collect();
             proptest::prop_assert_eq!(ports.len() as u32, PORT_TRIES - 1);
         }
     }

@@ -3,15 +3,11 @@
 //! a pure function ([`judge`]), so the verdicts are unit-tested without a
 //! host to break.
 
-use std::{
-    fmt::Write as _,
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
-};
+use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 
 use crate::{
     netif::{self, Interface, Route},
-    pinning,
+    pinning::{self, Placement},
     settings::{AttachMode, Settings},
     sysctl,
 };
@@ -106,15 +102,6 @@ impl Report {
     }
 }
 
-/// Whether the state directory's parent is a BPF filesystem.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Bpffs {
-    Mounted,
-    /// Not mounted, but where the daemon mounts it itself (/sys/fs/bpf).
-    Mountable,
-    Missing,
-}
-
 /// What the host says, gathered without changing anything.
 #[derive(Debug)]
 pub struct Facts {
@@ -125,7 +112,8 @@ pub struct Facts {
     pub jit: Option<bool>,
     /// The effective capability set.
     pub caps: u64,
-    pub bpffs: Bpffs,
+    /// Where the state directory lies.
+    pub bpffs: Placement,
     /// A previous run's pinned state is in the state directory.
     pub state_present: bool,
     /// `net.ipv4.ip_forward`.
@@ -221,15 +209,9 @@ fn effective_caps() -> u64 {
         .unwrap_or(0)
 }
 
-fn bpffs(state_dir: &Path) -> Bpffs {
-    let Some(parent) = state_dir.parent() else {
-        return Bpffs::Missing;
-    };
-    match pinning::on_bpffs(parent) {
-        Ok(true) => Bpffs::Mounted,
-        _ if parent == Path::new(pinning::BPFFS) => Bpffs::Mountable,
-        _ => Bpffs::Missing,
-    }
+fn bpffs(state_dir: &Path) -> Placement {
+    // Unreadable: judged as a place for no pins, which names the fix.
+    pinning::placement(state_dir).unwrap_or(Placement::Elsewhere)
 }
 
 fn local_addrs() -> Vec<Ipv4Addr> {
@@ -321,30 +303,22 @@ fn privileges(r: &mut Report, facts: &Facts) {
 }
 
 fn state_dir(r: &mut Report, dir: &Path, facts: &Facts) {
-    let parent = dir.parent().map_or_else(PathBuf::new, Path::to_path_buf);
     match facts.bpffs {
-        Bpffs::Mounted => r.ok(format!("BPF filesystem on {}", parent.display())),
-        Bpffs::Mountable if has_cap(facts.caps, CAP_SYS_ADMIN) => r.ok(format!(
+        Placement::OnBpffs => r.ok(format!("state-dir {} on a BPF filesystem", dir.display())),
+        Placement::Mountable if has_cap(facts.caps, CAP_SYS_ADMIN) => r.ok(format!(
             "no BPF filesystem on {} yet: the gateway mounts it at start",
-            parent.display()
+            pinning::BPFFS
         )),
-        Bpffs::Mountable => r.problem(
+        Placement::Mountable => r.problem(
             format!(
                 "no BPF filesystem on {}, and no CAP_SYS_ADMIN to mount it",
-                parent.display()
+                pinning::BPFFS
             ),
-            format!("mount -t bpf bpf {}", parent.display()),
+            format!("mount -t bpf bpf {}", pinning::BPFFS),
         ),
-        Bpffs::Missing => r.problem(
-            format!(
-                "state-dir {}: {} is not a BPF filesystem",
-                dir.display(),
-                parent.display()
-            ),
-            format!(
-                "mount -t bpf bpf {}, or set state-dir under /sys/fs/bpf",
-                parent.display()
-            ),
+        Placement::Elsewhere => r.problem(
+            format!("state-dir {} is not on a BPF filesystem", dir.display()),
+            pinning::elsewhere_fix(dir),
         ),
     }
     if facts.state_present {
@@ -558,7 +532,7 @@ mod tests {
             btf: true,
             jit: Some(true),
             caps: (1 << CAP_BPF) | (1 << CAP_NET_ADMIN) | (1 << CAP_PERFMON) | (1 << CAP_SYS_ADMIN),
-            bpffs: Bpffs::Mounted,
+            bpffs: Placement::OnBpffs,
             state_present: false,
             ip_forward: Some(true),
             rp_filter_all: Some(0),
@@ -632,8 +606,8 @@ mod tests {
                 &["CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON", "root"],
             ),
             (
-                |f| f.bpffs = Bpffs::Missing,
-                &["not a BPF filesystem", "mount -t bpf"],
+                |f| f.bpffs = Placement::Elsewhere,
+                &["not on a BPF filesystem", "mount -t bpf"],
             ),
             (
                 |f| iface(f).iface.up = false,
@@ -671,7 +645,7 @@ mod tests {
     #[test]
     fn bpffs_is_fine_where_the_daemon_can_mount_it() {
         let mut facts = good();
-        facts.bpffs = Bpffs::Mountable;
+        facts.bpffs = Placement::Mountable;
         assert!(at(&judge(&settings(""), &facts), Level::Problem).is_empty());
         facts.caps &= !(1 << CAP_SYS_ADMIN);
         let problems = at(&judge(&settings(""), &facts), Level::Problem);

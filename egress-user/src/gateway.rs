@@ -165,9 +165,18 @@ impl Gateway {
                  old address)"
             );
             // Before the load: no sweep may take a flow made under the new
-            // policy for one the old one left.
-            *self.allowed.write().unwrap_or_else(PoisonError::into_inner) = Allowed::of(&policy);
-            let datapath = Datapath::load(&policy)?;
+            // policy for one the old one left. Should the load fail, the
+            // old programs go on, and so does their policy.
+            let set = |to| {
+                std::mem::replace(
+                    &mut *self.allowed.write().unwrap_or_else(PoisonError::into_inner),
+                    to,
+                )
+            };
+            let old = set(Allowed::of(&policy));
+            let datapath = Datapath::load(&policy).inspect_err(|_| {
+                set(old);
+            })?;
             // The old programs detach here, just before the new ones attach.
             self.datapath = datapath;
             self.policy = policy;

@@ -41,37 +41,72 @@ pub fn claim(dir: &Path) -> anyhow::Result<StateLock> {
     }
 }
 
+/// Where a state directory lies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// On a BPF filesystem, or below a directory that is.
+    OnBpffs,
+    /// Under /sys/fs/bpf, where no BPF filesystem is mounted yet: the
+    /// daemon mounts it, as systemd does at boot.
+    Mountable,
+    /// Elsewhere: no place for pins.
+    Elsewhere,
+}
+
+/// Where `dir` lies, judged by its nearest existing ancestor (itself, if
+/// it exists): the directories below it are made on the same filesystem.
+pub fn placement(dir: &Path) -> anyhow::Result<Placement> {
+    let existing = dir
+        .ancestors()
+        .find(|a| !a.as_os_str().is_empty() && a.exists())
+        .unwrap_or(Path::new("."));
+    Ok(if on_bpffs(existing)? {
+        Placement::OnBpffs
+    } else if dir.starts_with(BPFFS) {
+        Placement::Mountable
+    } else {
+        Placement::Elsewhere
+    })
+}
+
 /// Makes `dir` ready to hold pinned maps: on a BPF filesystem (mounting
-/// one on /sys/fs/bpf, as systemd does at boot, if the host has none) and,
+/// one on /sys/fs/bpf if `dir` is under it and the host has none) and,
 /// with `reset`, emptied of the state a previous run left there (the
 /// directory itself stays: a running daemon holds it, see [`claim`]).
 pub fn prepare(dir: &Path, reset: bool) -> anyhow::Result<()> {
-    let parent = dir
-        .parent()
-        .with_context(|| format!("state directory {} has no parent", dir.display()))?;
-    if !on_bpffs(parent)? {
-        if parent != Path::new(BPFFS) {
-            bail!(
-                "state directory {} is not on a BPF filesystem (mount -t bpf bpf {})",
-                dir.display(),
-                parent.display()
-            );
+    match placement(dir)? {
+        Placement::OnBpffs => {}
+        Placement::Mountable => {
+            nix::mount::mount(
+                Some("bpf"),
+                BPFFS,
+                Some("bpf"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                None::<&str>,
+            )
+            .with_context(|| format!("cannot mount the BPF filesystem on {BPFFS}"))?;
+            tracing::info!("mounted the BPF filesystem on {BPFFS}");
         }
-        nix::mount::mount(
-            Some("bpf"),
-            BPFFS,
-            Some("bpf"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-            None::<&str>,
-        )
-        .with_context(|| format!("cannot mount the BPF filesystem on {BPFFS}"))?;
-        tracing::info!("mounted the BPF filesystem on {BPFFS}");
+        Placement::Elsewhere => bail!(
+            "state directory {} is not on a BPF filesystem: {}",
+            dir.display(),
+            elsewhere_fix(dir)
+        ),
     }
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     if reset {
         remove(dir)?;
     }
     Ok(())
+}
+
+/// What to do about a state directory that is not on a BPF filesystem.
+pub fn elsewhere_fix(dir: &Path) -> String {
+    let dir = dir.display();
+    format!(
+        "set state-dir under {BPFFS}, or mount one on it first \
+         (mkdir -p {dir} && mount -t bpf bpf {dir})"
+    )
 }
 
 /// Removes the pinned state in `dir`.
@@ -101,5 +136,23 @@ pub fn on_bpffs(path: &Path) -> anyhow::Result<bool> {
         Ok(fs) => Ok(fs.filesystem_type() == statfs::BPF_FS_MAGIC),
         Err(nix::Error::ENOENT) => Ok(false),
         Err(e) => Err(e).with_context(|| format!("cannot stat {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_dir_is_judged_by_its_nearest_existing_ancestor() {
+        // Whether or not this host has a BPF filesystem mounted there: the
+        // mount point itself, and a nested directory not made yet, are
+        // where the daemon keeps (or mounts) one, not "elsewhere".
+        let root = placement(Path::new(BPFFS)).unwrap();
+        assert_ne!(root, Placement::Elsewhere);
+        let nested = placement(&Path::new(BPFFS).join("egress/gw1/not-made-yet")).unwrap();
+        assert_eq!(nested, root);
+        let tmp = std::env::temp_dir().join("egress-no-such-dir/state");
+        assert_eq!(placement(&tmp).unwrap(), Placement::Elsewhere);
     }
 }
