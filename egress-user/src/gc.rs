@@ -390,9 +390,10 @@ fn client_key(out: &Flow) -> PortKey {
 /// counts a flow as it inserts the outbound half; only sweeps take counts
 /// down). Absolute, so a count left too high (a daemon killed between
 /// removing flows and counting them off) is mended. A flow made while the
-/// table was read may be counted twice until the next sweep, never missed:
-/// no client gets past its cap. Until the table is read whole nothing is
-/// removed, and the counts are left alone.
+/// table was read may be counted twice until the next sweep; only one the
+/// data path counts between a count's read and its write here goes
+/// uncounted until then. Until the table is read whole nothing is removed,
+/// and the counts are left alone.
 fn recount_clients(
     counts: &mut HashMap<MapData, [u8; 4], u64>,
     counted: &FxHashMap<[u8; 4], u64>,
