@@ -30,6 +30,14 @@ pub const fn is_icmp_error(kind: u8) -> bool {
     )
 }
 
+/// Whether no ICMP error may be sent about a datagram to `dst`: a
+/// multicast (224/4), reserved (240/4) or limited broadcast address (RFC
+/// 1122 3.2.2, RFC 1812 4.3.2.7).
+#[inline(always)]
+pub const fn no_errors_about(dst: [u8; 4]) -> bool {
+    dst[0] >= 224
+}
+
 /// The fields of an IPv4 header without options that vary.
 #[derive(Clone, Copy)]
 pub struct Ipv4 {

@@ -52,6 +52,17 @@ fn cache_slot(key: &FlowKey) -> Option<&'static mut CachedFlow> {
         .map(|s| unsafe { &mut *s })
 }
 
+/// Sends the next packet of the flow half under `key` on this CPU to the
+/// table, if this CPU's cache holds it (its entry just changed).
+#[inline(always)]
+pub fn forget(key: &FlowKey) {
+    if let Some(c) = cache_slot(key)
+        && c.key == *key
+    {
+        c.tick = 0;
+    }
+}
+
 /// The flow half stored under `key`, for a packet with TCP `flags` (0 for
 /// other protocols).
 #[inline(always)]

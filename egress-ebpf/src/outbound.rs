@@ -6,7 +6,7 @@ use egress_common::{
     config::Config,
     flow::{DIR_OUT, FlowKey, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP},
     fragment::{FragKey, Fragment},
-    headers::{ICMP_ADMIN_PROHIBITED, ICMP_DEST_UNREACH, is_icmp_error},
+    headers::{ICMP_ADMIN_PROHIBITED, ICMP_DEST_UNREACH, is_icmp_error, no_errors_about},
     reason::Reason,
     tcp,
 };
@@ -91,6 +91,9 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
     // Only now that the sender is known to be ours: we are a router hop, so
     // traceroute from the client shows the gateway.
     if inner.ttl <= 1 {
+        if no_errors_about(key.dst) {
+            return Err(Reason::TtlExceeded.into());
+        }
         return icmp::to_client(hook, Error::TIME_EXCEEDED, Reason::TtlExceeded);
     }
     // Route before creating state: an unroutable destination leaves none.
@@ -124,6 +127,8 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
             && flow.peer_addr != inner.peer
         {
             state::move_to_peer(flow, inner.peer);
+            // Replies on this CPU follow at once.
+            flow_cache::forget(&flow.in_key());
             reason = Reason::PeerMoved;
         }
     }

@@ -258,6 +258,25 @@ impl Gateway {
         in_netns(&ns, || f(&mut |frame, out| prog.run(frame, ifindex, out))).unwrap()
     }
 
+    /// The frames the program leaves of `frames`, run in order on CPU
+    /// `cpu` (so they meet the same per-CPU flow cache).
+    pub fn outputs_on_cpu(&mut self, cpu: usize, frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        self.with_runs(|run| {
+            let mut one = CpuSet::new();
+            one.set(cpu).unwrap();
+            sched_setaffinity(Pid::from_raw(0), &one).unwrap();
+            frames
+                .iter()
+                .map(|frame| {
+                    let mut out = vec![0u8; 2048];
+                    let r = run(frame, &mut out);
+                    out.truncate(r.data_size_out as usize);
+                    out
+                })
+                .collect()
+        })
+    }
+
     /// Runs the program once on each of `frames`, in order, all on CPU
     /// `cpu` (so they meet the same per-CPU flow cache), and returns how
     /// many packets it counted for each reason.

@@ -14,6 +14,7 @@ use crate::frames::icmp_error;
 
 for_each_hook!(
     ttl_1_from_a_client_is_answered_with_time_exceeded_through_the_tunnel,
+    ttl_1_to_a_multicast_or_broadcast_address_is_dropped_unanswered,
     icmp_errors_about_a_flow_reach_its_client_translated_back,
     icmp_errors_about_no_flow_are_left_to_the_kernel,
     a_relayed_error_does_not_refresh_its_flow,
@@ -208,6 +209,32 @@ fn quotes(what: &str, quoted: usize, mut before: Vec<u8>, mut after: Vec<u8>) ->
         }
         p[..n].to_vec()
     })
+}
+
+/// No ICMP error about a datagram to a group or to everyone (RFC 1122
+/// 3.2.2): mDNS from a client whose default route is the tunnel has TTL 1.
+fn ttl_1_to_a_multicast_or_broadcast_address_is_dropped_unanswered(hook: Hook) {
+    let gw = &mut Gateway::new(hook);
+    for dst in [[224, 0, 0, 251], [239, 1, 2, 3], [255, 255, 255, 255]] {
+        let mdns = ip_packet(
+            Ip {
+                ttl: 1,
+                ..Ip::new(CLIENT, dst)
+            },
+            L4::Udp {
+                sport: 5353,
+                dport: 5353,
+                payload: b"mdns query",
+            },
+        );
+        let (verdict, _, reason) = gw.run(&from_peer(&mdns));
+        assert_eq!(
+            (verdict, reason),
+            (Verdict::Drop, Reason::TtlExceeded),
+            "to {dst:?}"
+        );
+    }
+    assert_eq!(gw.flow_entries(), 0);
 }
 
 fn icmp_errors_about_a_flow_reach_its_client_translated_back(hook: Hook) {

@@ -17,6 +17,7 @@ use crate::icmp::assert_answered_through_tunnel;
 for_each_hook!(
     tcp_state_follows_handshake_and_teardown_in_both_directions,
     a_reset_its_sender_talks_past_does_not_end_the_connection,
+    replies_follow_a_moved_flow_at_once_on_its_cpu,
     unsolicited_inbound_packets_create_no_state,
     mapping_is_endpoint_independent,
     exhausted_ports_refuse_new_flows_and_keep_old_ones,
@@ -453,6 +454,34 @@ fn a_flow_follows_its_client_to_another_peer(hook: Hook) {
     // Past a tick: another CPU's cache may hold the old peer until then.
     std::thread::sleep(std::time::Duration::from_millis(50));
     assert_eq!(tunnelled_to(gw), PEER2);
+}
+
+/// On the CPU that saw the client come through another peer, replies go
+/// there at once, not after the cache's tick.
+fn replies_follow_a_moved_flow_at_once_on_its_cpu(hook: Hook) {
+    let gw = &mut Gateway::with(hook, |p| p.peers.push(PEER2.into()));
+    let port = outbound(gw, CLIENT, udp(21000), Reason::NewFlow);
+    let reply = L4::Udp {
+        sport: 53,
+        dport: port,
+        payload: b"a",
+    };
+    let reply = ethernet(ROUTER_MAC, GW_MAC, &ip_packet(reply_ip(SERVER), reply));
+    let inner = ip_packet(Ip::new(CLIENT, SERVER), udp(21000));
+    let via = |peer| ethernet(ROUTER_MAC, GW_MAC, &encapsulate(Ip::new(peer, GW), &inner));
+    // Each round within a tick or two: a reply cached, the client through
+    // the other peer, a reply.
+    for (from, to) in [(PEER, PEER2), (PEER2, PEER)].repeat(10) {
+        let frames = [reply.clone(), via(to), reply.clone()];
+        let outs = gw.outputs_on_cpu(0, &frames);
+        let tunnelled_to = |out: &[u8]| Ipv4Addr::from([out[30], out[31], out[32], out[33]]);
+        assert_eq!(tunnelled_to(&outs[0]), Ipv4Addr::from(from));
+        assert_eq!(
+            tunnelled_to(&outs[2]),
+            Ipv4Addr::from(to),
+            "a reply went to the old peer"
+        );
+    }
 }
 
 fn a_table_too_large_for_the_kernel_is_refused_with_a_clear_error(hook: Hook) {
