@@ -282,15 +282,7 @@ impl Gateway {
     /// many packets it counted for each reason.
     pub fn on_cpu(&mut self, cpu: usize, frames: &[Vec<u8>]) -> HashMap<Reason, u64> {
         let before = self.stats();
-        self.with_runs(|run| {
-            let mut one = CpuSet::new();
-            one.set(cpu).unwrap();
-            sched_setaffinity(Pid::from_raw(0), &one).unwrap();
-            let mut out = vec![0u8; 2048];
-            for frame in frames {
-                run(frame, &mut out);
-            }
-        });
+        self.outputs_on_cpu(cpu, frames);
         let after = self.stats();
         Reason::ALL
             .into_iter()

@@ -423,19 +423,28 @@ fn a_sweep_removes_the_flows_of_clients_and_peers_no_longer_allowed(hook: Hook) 
     assert_eq!(clients, HashSet::from([CLIENT]), "mappings' clients");
 }
 
-/// A client whose packets come through another allowed peer (its tunnel
-/// failed over): the flow follows, so replies go back that way.
-fn a_flow_follows_its_client_to_another_peer(hook: Hook) {
-    let gw = &mut Gateway::with(hook, |p| p.peers.push(PEER2.into()));
-    let port = outbound(gw, CLIENT, udp(21000), Reason::NewFlow);
+/// A UDP flow of the client through PEER, PEER2 allowed too: the gateway,
+/// a reply to the flow, and the client's IP packet (to tunnel through
+/// either peer).
+fn failover_flow(hook: Hook) -> (Gateway, Vec<u8>, Vec<u8>) {
+    let mut gw = Gateway::with(hook, |p| p.peers.push(PEER2.into()));
+    let port = outbound(&mut gw, CLIENT, udp(21000), Reason::NewFlow);
     let reply = L4::Udp {
         sport: 53,
         dport: port,
         payload: b"a",
     };
     let reply = ethernet(ROUTER_MAC, GW_MAC, &ip_packet(reply_ip(SERVER), reply));
+    let inner = ip_packet(Ip::new(CLIENT, SERVER), udp(21000));
+    (gw, reply, inner)
+}
+
+/// A client whose packets come through another allowed peer (its tunnel
+/// failed over): the flow follows, so replies go back that way.
+fn a_flow_follows_its_client_to_another_peer(hook: Hook) {
+    let (gw, reply, inner) = &mut failover_flow(hook);
     let tunnelled_to = |gw: &mut Gateway| {
-        let (_, out, reason) = gw.run(&reply);
+        let (_, out, reason) = gw.run(reply);
         assert_eq!(reason, Reason::ReverseHit);
         let sliced = etherparse::SlicedPacket::from_ethernet(&out).unwrap();
         match sliced.net {
@@ -445,8 +454,7 @@ fn a_flow_follows_its_client_to_another_peer(hook: Hook) {
     };
     assert_eq!(tunnelled_to(gw), PEER);
 
-    let inner = ip_packet(Ip::new(CLIENT, SERVER), udp(21000));
-    let via_peer2 = ethernet(ROUTER_MAC, GW_MAC, &encapsulate(Ip::new(PEER2, GW), &inner));
+    let via_peer2 = ethernet(ROUTER_MAC, GW_MAC, &encapsulate(Ip::new(PEER2, GW), inner));
     assert_eq!(gw.run(&via_peer2).2, Reason::PeerMoved);
     assert_eq!(gw.run(&via_peer2).2, Reason::Translated, "moved once");
     let (out, inb) = halves(gw);
@@ -459,16 +467,8 @@ fn a_flow_follows_its_client_to_another_peer(hook: Hook) {
 /// On the CPU that saw the client come through another peer, replies go
 /// there at once, not after the cache's tick.
 fn replies_follow_a_moved_flow_at_once_on_its_cpu(hook: Hook) {
-    let gw = &mut Gateway::with(hook, |p| p.peers.push(PEER2.into()));
-    let port = outbound(gw, CLIENT, udp(21000), Reason::NewFlow);
-    let reply = L4::Udp {
-        sport: 53,
-        dport: port,
-        payload: b"a",
-    };
-    let reply = ethernet(ROUTER_MAC, GW_MAC, &ip_packet(reply_ip(SERVER), reply));
-    let inner = ip_packet(Ip::new(CLIENT, SERVER), udp(21000));
-    let via = |peer| ethernet(ROUTER_MAC, GW_MAC, &encapsulate(Ip::new(peer, GW), &inner));
+    let (gw, reply, inner) = &mut failover_flow(hook);
+    let via = |peer| ethernet(ROUTER_MAC, GW_MAC, &encapsulate(Ip::new(peer, GW), inner));
     // Each round within a tick or two: a reply cached, the client through
     // the other peer, a reply.
     for (from, to) in [(PEER, PEER2), (PEER2, PEER)].repeat(10) {
