@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 use tests::ipip::{self, checksum};
-use tests::tiny_bpf::{HashMap, Hook, Program, programs};
+use tests::tiny_bpf::{HashMap, Hook, ProgArray, Program, programs};
 use tests::{Attachments, Lab, exec, require_root};
 
 const XDP_ABORTED: u32 = 0;
@@ -114,6 +114,30 @@ fn decap_leaves_the_inner_packet() {
     let input = frame(&ipip::encapsulate(&inner, REMOTE, LOCAL, 7).unwrap());
     let (verdict, out) = run(Hook::Xdp, &programs::ipip_decap(), &input);
     assert_eq!((verdict, out), (XDP_PASS, frame(&inner)));
+}
+
+#[test]
+fn restore_and_call_redoes_the_work_on_every_repeat() {
+    require_root().unwrap();
+    let inner = udp(CLIENT, 18);
+    let input = frame(&ipip::encapsulate(&inner, REMOTE, LOCAL, 7).unwrap());
+    let swapped = [&input[6..12], &input[..6], &input[12..]].concat();
+    let calls = ProgArray::new().unwrap();
+    let restore = Program::load(Hook::Xdp, &programs::restore_and_call(&input, &calls)).unwrap();
+    let mut out = vec![0; input.len() + 256];
+    let mut twice = || {
+        let r = restore.test_run_repeated(&input, &[], 2, &mut out).unwrap();
+        (r.verdict, out[..r.len].to_vec())
+    };
+    assert_eq!(twice().0, XDP_ABORTED, "nothing to call");
+    // Two swaps of a frame not put back would leave it as it was.
+    let swap = Program::load(Hook::Xdp, &programs::mac_swap()).unwrap();
+    calls.set(swap.fd()).unwrap();
+    assert_eq!(twice(), (XDP_TX, swapped));
+    // The second run finds the head moved by the first.
+    let decap = Program::load(Hook::Xdp, &programs::ipip_decap()).unwrap();
+    calls.set(decap.fd()).unwrap();
+    assert_eq!(twice(), (XDP_PASS, frame(&inner)));
 }
 
 #[test]

@@ -1,13 +1,17 @@
-//! In-kernel cost per packet: single BPF_PROG_TEST_RUN runs on fresh
-//! frames (the programs rewrite packets in place, so the kernel's own
-//! repeat would not redo the work), the kernel's timing of each run.
+//! In-kernel cost per packet, two ways, in the same run:
+//! - cold: single BPF_PROG_TEST_RUN runs on fresh frames, the kernel's
+//!   timing of each run; the caches and TLB are as the syscall left them;
+//! - warm: the kernel's own repeat over one packet, which a restoring
+//!   program (`programs::restore_and_call`) puts back before tail-calling
+//!   the program measured, as a stream of packets meets it at line rate.
 
 use crate::frames::{Ip, L4, encapsulate, ethernet, icmp_error, ip_packet};
 use crate::gateway::*;
 use crate::report::Series;
 use egress_common::flow::Flow;
+use egress_common::reason::Reason;
 use egress_user::settings::PortRange;
-use tests::tiny_bpf::{HashMap, Hook, Program, programs};
+use tests::tiny_bpf::{HashMap, Hook, ProgArray, Program, programs, xdp_md};
 
 /// Runs of `PER_RUN` packets of every series, `BLOCK` of a series in a row
 /// in turn: whatever else the shared machine does hits all series alike,
@@ -27,6 +31,10 @@ const ALL_PORTS: PortRange = PortRange {
     max: 65535,
 };
 const XDP_TX: u32 = 3;
+/// Warm: each run's figure is the mean of `WARM_TURNS` turns of every warm
+/// series in turn, each a test run of `WARM_REPEAT` repeats.
+pub const WARM_TURNS: usize = 4;
+pub const WARM_REPEAT: u32 = 20_000;
 
 /// One figure per run of each series.
 #[derive(Default)]
@@ -39,10 +47,40 @@ pub struct InKernel {
     pub inbound: Series,
     pub icmp_error: Series,
     pub new_flow: Series,
+    pub warm: Warm,
+}
+
+/// Warm figures: the kernel's repeat over one packet. The empty program
+/// and the floor run under it as they are (swapping MAC addresses twice
+/// leaves a frame as it was); every other series through a restoring
+/// program and its tail call, which `restore_floor` times on the floor.
+#[derive(Default)]
+pub struct Warm {
+    pub harness: Series,
+    pub floor: Series,
+    /// Restore + tail call + MAC swap and XDP_TX.
+    pub restore_floor: Series,
+    pub outbound: Series,
+    pub inbound: Series,
+    pub icmp_error: Series,
+}
+
+impl Warm {
+    /// Every series, in the order of their turns.
+    fn all_mut(&mut self) -> [&mut Series; 6] {
+        [
+            &mut self.harness,
+            &mut self.floor,
+            &mut self.restore_floor,
+            &mut self.outbound,
+            &mut self.inbound,
+            &mut self.icmp_error,
+        ]
+    }
 }
 
 impl InKernel {
-    /// Every series, in the order of their turns.
+    /// The single-run series, in the order of their turns.
     fn all_mut(&mut self) -> [&mut Series; 7] {
         [
             &mut self.harness,
@@ -125,6 +163,17 @@ pub fn measure() -> InKernel {
         Program::load(Hook::Xdp, &programs::flow_lookup(&flows)).expect("load flow lookup");
     let harness = Program::load(Hook::Xdp, &programs::transmit()).expect("load empty program");
     let mut out = vec![0u8; 2048];
+    let restoring = warm_programs(&mut gw, &floor, &inbound, [&outbound, &inbound, &error]);
+    let [restore_floor, warm_out, warm_in, warm_icmp] = &restoring.programs;
+    // In the order of `Warm::all_mut`.
+    let warm: [(&[u8], &Program); 6] = [
+        (&inbound, &harness),
+        (&inbound, &floor),
+        (&inbound, restore_floor),
+        (&outbound, warm_out),
+        (&inbound, warm_in),
+        (&error, warm_icmp),
+    ];
 
     let mut figures = InKernel::default();
     for run in 0..RUNS {
@@ -178,6 +227,89 @@ pub fn measure() -> InKernel {
         for (series, times) in figures.all_mut().into_iter().zip(times) {
             series.push(central_mean(times));
         }
+        let mut warm_ns: [Vec<u64>; 6] = Default::default();
+        gw.with_program(|_, ifindex| {
+            for _ in 0..WARM_TURNS {
+                for ((frame, prog), ns) in warm.iter().zip(&mut warm_ns) {
+                    let ctx = xdp_md(frame, ifindex);
+                    let r = prog
+                        .test_run_repeated(frame, &ctx, WARM_REPEAT, &mut out)
+                        .expect("run warm");
+                    ns.push(timed(r.verdict, r.duration));
+                }
+            }
+        });
+        for (series, ns) in figures.warm.all_mut().into_iter().zip(warm_ns) {
+            series.push(ns.iter().sum::<u64>() as f64 / ns.len() as f64);
+        }
     }
     figures
+}
+
+/// The restoring programs of the warm series, and the program arrays their
+/// tail calls go through (closing an array empties it).
+struct Restoring {
+    /// For the floor's frame, then for each of the gateway's.
+    programs: [Program; 4],
+    _calls: [ProgArray; 2],
+}
+
+/// The restoring program for `floor_frame` (calling `floor`), then the
+/// gateway's for each of `frames`.
+fn warm_programs(
+    gw: &mut Gateway,
+    floor: &Program,
+    floor_frame: &[u8],
+    frames: [&[u8]; 3],
+) -> Restoring {
+    let [to_floor, to_gateway] = [(); 2].map(|_| ProgArray::new().expect("program array"));
+    to_floor.set(floor.fd()).expect("call the floor");
+    gw.with_program(|gateway, _| to_gateway.set(gateway))
+        .expect("call the gateway");
+    let mut out = vec![0u8; 2048];
+    let r = floor.test_run(floor_frame, &mut out).expect("run floor");
+    let floor_left = out[..r.len].to_vec();
+    let restore_floor = restoring(gw, floor_frame, &to_floor, &floor_left, None);
+    let [out, inb, icmp] = frames.map(|frame| {
+        let (_, left, reason) = gw.run(frame);
+        restoring(gw, frame, &to_gateway, &left, Some(reason))
+    });
+    Restoring {
+        programs: [restore_floor, out, inb, icmp],
+        _calls: [to_floor, to_gateway],
+    }
+}
+
+/// The restoring program for `frame` calling `next`'s program, checked to
+/// do the work on every repeat: every repeat counts `reason` (the gateway's
+/// for a single run of the frame), and the last leaves the frame as `left`
+/// (a single run's).
+fn restoring(
+    gw: &mut Gateway,
+    frame: &[u8],
+    next: &ProgArray,
+    left: &[u8],
+    reason: Option<Reason>,
+) -> Program {
+    const CHECKED: u32 = 1000;
+    let prog = Program::load(Hook::Xdp, &programs::restore_and_call(frame, next))
+        .expect("load restoring program");
+    let mut out = vec![0u8; 2048];
+    let before = gw.stats();
+    let r = gw
+        .with_program(|_, ifindex| {
+            prog.test_run_repeated(frame, &xdp_md(frame, ifindex), CHECKED, &mut out)
+        })
+        .expect("run restoring program");
+    let after = gw.stats();
+    timed(r.verdict, r.duration);
+    assert_eq!(&out[..r.len], left, "warm repeats: the frame left");
+    let moved: Vec<(Reason, u64)> = Reason::ALL
+        .into_iter()
+        .filter(|r| after[r] != before[r])
+        .map(|r| (r, after[&r] - before[&r]))
+        .collect();
+    let expected = Vec::from_iter(reason.map(|r| (r, u64::from(CHECKED))));
+    assert_eq!(moved, expected, "warm repeats: the reasons counted");
+    prog
 }

@@ -67,6 +67,10 @@ impl Asm {
         self.op(0x0f, dst, src, 0, 0)
     }
 
+    pub fn sub(&mut self, dst: Reg, src: Reg) -> &mut Self {
+        self.op(0x1f, dst, src, 0, 0)
+    }
+
     pub fn and_imm(&mut self, dst: Reg, imm: i32) -> &mut Self {
         self.op(0x57, dst, 0, 0, imm)
     }

@@ -17,7 +17,7 @@ use crate::netns::in_netns;
 use anyhow::{Context, Result};
 use asm::Insn;
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 const BPF_MAP_CREATE: libc::c_long = 0;
@@ -27,6 +27,7 @@ const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_MAP_TYPE_HASH: u32 = 1;
+const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
@@ -140,6 +141,36 @@ fn new_fd(fd: i32) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+fn create_map(
+    map_type: u32,
+    key_size: usize,
+    value_size: usize,
+    max_entries: u32,
+) -> Result<OwnedFd> {
+    let mut attr = MapCreate {
+        map_type,
+        key_size: key_size as u32,
+        value_size: value_size as u32,
+        max_entries,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_MAP_CREATE, &mut attr).context("BPF_MAP_CREATE")?;
+    Ok(new_fd(fd))
+}
+
+/// Sets `key` to `value` in map `fd`; the caller checks their sizes.
+fn update_elem(fd: &OwnedFd, key: &[u8], value: &[u8]) -> Result<()> {
+    let mut attr = MapUpdate {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key: key.as_ptr() as u64,
+        value: value.as_ptr() as u64,
+        flags: 0,
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).context("BPF_MAP_UPDATE_ELEM")?;
+    Ok(())
+}
+
 /// A BPF hash map for programs to look keys up in (`Asm::load_map`).
 pub struct HashMap {
     fd: OwnedFd,
@@ -149,16 +180,8 @@ pub struct HashMap {
 
 impl HashMap {
     pub fn new(key_size: usize, value_size: usize, max_entries: u32) -> Result<Self> {
-        let mut attr = MapCreate {
-            map_type: BPF_MAP_TYPE_HASH,
-            key_size: key_size as u32,
-            value_size: value_size as u32,
-            max_entries,
-            ..Default::default()
-        };
-        let fd = bpf(BPF_MAP_CREATE, &mut attr).context("BPF_MAP_CREATE")?;
         Ok(Self {
-            fd: new_fd(fd),
+            fd: create_map(BPF_MAP_TYPE_HASH, key_size, value_size, max_entries)?,
             key_size,
             value_size,
         })
@@ -173,15 +196,7 @@ impl HashMap {
             self.key_size,
             self.value_size
         );
-        let mut attr = MapUpdate {
-            map_fd: self.fd.as_raw_fd() as u32,
-            _pad: 0,
-            key: key.as_ptr() as u64,
-            value: value.as_ptr() as u64,
-            flags: 0,
-        };
-        bpf(BPF_MAP_UPDATE_ELEM, &mut attr).context("BPF_MAP_UPDATE_ELEM")?;
-        Ok(())
+        update_elem(&self.fd, key, value)
     }
 
     /// For `Asm::load_map`; the kernel takes its own reference at load.
@@ -190,8 +205,31 @@ impl HashMap {
     }
 }
 
+/// A one-slot BPF program array: the program a tail call in another
+/// program goes on to.
+pub struct ProgArray(OwnedFd);
+
+impl ProgArray {
+    pub fn new() -> Result<Self> {
+        Ok(Self(create_map(BPF_MAP_TYPE_PROG_ARRAY, 4, 4, 1)?))
+    }
+
+    /// Makes `prog` the program tail calls go to. It must be of the type
+    /// (and XDP frags support) of the programs that call it.
+    pub fn set(&self, prog: BorrowedFd) -> Result<()> {
+        let fd = prog.as_raw_fd() as u32;
+        update_elem(&self.0, &0u32.to_ne_bytes(), &fd.to_ne_bytes())
+            .context("put a program in a program array")
+    }
+
+    /// For `Asm::load_map`; the kernel takes its own reference at load.
+    pub fn fd(&self) -> i32 {
+        self.0.as_raw_fd()
+    }
+}
+
 pub struct TestRunResult {
-    /// The kernel's timing of the run.
+    /// The kernel's timing of a run (the mean, over repeats).
     pub duration: Duration,
     /// The program's return value.
     pub verdict: u32,
@@ -268,13 +306,32 @@ impl Program {
 
     /// One BPF_PROG_TEST_RUN of `frame`; `out` receives the frame as left.
     pub fn test_run(&self, frame: &[u8], out: &mut [u8]) -> Result<TestRunResult> {
+        self.test_run_repeated(frame, &[], 1, out)
+    }
+
+    /// BPF_PROG_TEST_RUN of `frame` with context `ctx` (none if empty),
+    /// the program run `repeat` times over the same packet; `out` receives
+    /// the frame as the last run left it.
+    pub fn test_run_repeated(
+        &self,
+        frame: &[u8],
+        ctx: &[u8],
+        repeat: u32,
+        out: &mut [u8],
+    ) -> Result<TestRunResult> {
         let mut attr = TestRun {
             prog_fd: self.fd.as_raw_fd() as u32,
             data_size_in: frame.len() as u32,
             data_size_out: out.len() as u32,
             data_in: frame.as_ptr() as u64,
             data_out: out.as_mut_ptr() as u64,
-            repeat: 1,
+            repeat,
+            ctx_size_in: ctx.len() as u32,
+            ctx_in: if ctx.is_empty() {
+                0
+            } else {
+                ctx.as_ptr() as u64
+            },
             ..Default::default()
         };
         bpf(BPF_PROG_TEST_RUN, &mut attr).context("BPF_PROG_TEST_RUN")?;
@@ -283,6 +340,11 @@ impl Program {
             verdict: attr.retval,
             len: attr.data_size_out as usize,
         })
+    }
+
+    /// For [`ProgArray::set`].
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 
     /// Runs the program `repeat` times on copies of `frame` as if received

@@ -1,16 +1,18 @@
 //! The programs themselves. Each loads with `Program::load` on its hook.
 
-use super::HashMap;
 use super::asm::{Asm, Insn, R0, R1, R2, R3, R4, R5, R6, R7, R10, Reg, Size};
+use super::{HashMap, ProgArray};
 use crate::ipip;
 use std::net::Ipv4Addr;
 
+const XDP_ABORTED: i32 = 0;
 const XDP_DROP: i32 = 1;
 const XDP_PASS: i32 = 2;
 const XDP_TX: i32 = 3;
 const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
 const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
+const BPF_FUNC_TAIL_CALL: i32 = 12;
 const BPF_FUNC_REDIRECT: i32 = 23;
 const BPF_FUNC_XDP_ADJUST_HEAD: i32 = 44;
 const BPF_FUNC_SKB_ADJUST_ROOM: i32 = 50;
@@ -103,6 +105,40 @@ pub fn flow_lookup_key(frame: &[u8]) -> [u8; 16] {
     key[8..12].copy_from_slice(&frame[l4..l4 + 4]);
     key[12] = frame[IP_PROTO as usize];
     key
+}
+
+/// XDP, for BPF_PROG_TEST_RUN's repeat over one packet: puts the packet
+/// back as `frame` (its length first, by moving its head) and tail-calls
+/// `next`'s program. So every repeat of a program that rewrites packets in
+/// place, or moves their head (decapsulation, encapsulation), redoes the
+/// work on the frame. `XDP_ABORTED` if the packet cannot be put back or
+/// the tail call fails; `XDP_DROP` for a packet shorter than `frame`.
+pub fn restore_and_call(frame: &[u8], next: &ProgArray) -> Vec<Insn> {
+    let mut a = Asm::default();
+    a.mov(R6, R1)
+        .mov_imm(R0, XDP_ABORTED)
+        .load(Size::W, R2, R6, XDP_DATA)
+        .load(Size::W, R3, R6, XDP_DATA_END)
+        // The head moves by the packet's length less the frame's.
+        .sub(R3, R2)
+        .add_imm(R3, -(frame.len() as i32))
+        .mov(R1, R6)
+        .mov(R2, R3)
+        .call(BPF_FUNC_XDP_ADJUST_HEAD)
+        .mov(R7, R0)
+        .mov_imm(R0, XDP_ABORTED)
+        .exit_if_nonzero(R7)
+        .mov_imm(R0, XDP_DROP)
+        .load(Size::W, R2, R6, XDP_DATA)
+        .load(Size::W, R3, R6, XDP_DATA_END)
+        .exit_if_shorter(R2, R3, frame.len() as i32, R4)
+        .store_bytes(R2, 0, frame)
+        .mov(R1, R6)
+        .load_map(R2, next.fd())
+        .mov_imm(R3, 0)
+        .call(BPF_FUNC_TAIL_CALL)
+        .mov_imm(R0, XDP_ABORTED);
+    a.finish()
 }
 
 /// Swaps the Ethernet addresses of the frame at `data` (14 bytes checked)

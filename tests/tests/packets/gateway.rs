@@ -2,7 +2,11 @@
 //! BPF_PROG_TEST_RUN inside a namespace that gives `bpf_fib_lookup` a route
 //! and a resolved neighbour.
 
-use std::{collections::HashMap, sync::RwLock};
+use std::{
+    collections::HashMap,
+    os::fd::{AsFd, BorrowedFd},
+    sync::RwLock,
+};
 
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, TestRunResult, Xdp};
 use egress_common::{
@@ -258,6 +262,20 @@ impl Gateway {
         in_netns(&ns, || f(&mut |frame, out| prog.run(frame, ifindex, out))).unwrap()
     }
 
+    /// Calls `f` from a thread inside the namespace with the program and
+    /// the index of eth0, which frames arrive on: for harnesses that reach
+    /// the program from programs of their own (tail calls).
+    #[allow(dead_code, reason = "the benchmark's warm runs")]
+    pub fn with_program<T: Send>(&mut self, f: impl FnOnce(BorrowedFd, u32) -> T + Send) -> T {
+        let (ifindex, ns) = (self.ifindex, self.ns.clone());
+        let fd = match self.program() {
+            Program::Xdp(p) => p.fd(),
+            Program::Tc(p) => p.fd(),
+        };
+        let fd = fd.expect("a loaded program").as_fd();
+        in_netns(&ns, || f(fd, ifindex)).unwrap()
+    }
+
     /// The frames the program leaves of `frames`, run in order on CPU
     /// `cpu` (so they meet the same per-CPU flow cache).
     pub fn outputs_on_cpu(&mut self, cpu: usize, frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
@@ -320,7 +338,8 @@ impl Gateway {
         }
     }
 
-    fn stats(&self) -> HashMap<Reason, u64> {
+    /// Packets per reason so far.
+    pub fn stats(&self) -> HashMap<Reason, u64> {
         self.datapath.stats().unwrap().into_iter().collect()
     }
 
