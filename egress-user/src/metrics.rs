@@ -30,6 +30,12 @@ const RTT_BUCKETS: [f64; 12] = [
 /// dropped: only scrapers talk to this port.
 const MAX_REQUEST: usize = 8192;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// A response the client has not taken within this is abandoned.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections answered at once; one more is closed unanswered. Scrapers
+/// are few: this bounds what a flood of connections can hold (a task each,
+/// and a copy of the metrics each while they are sent).
+const MAX_CONNECTIONS: usize = 16;
 
 /// Reads the state and keeps what must persist between scrapes.
 pub struct Collector {
@@ -444,6 +450,22 @@ pub async fn serve(
     // One render at a time: each reads the whole flow table, so scrapes
     // arriving together queue rather than multiply that work.
     let render = Arc::new(Semaphore::new(1));
+    answer_each(listener, MAX_CONNECTIONS, move |stream| {
+        let (collector, render) = (collector.clone(), render.clone());
+        async move { respond(stream, collector, &render).await }
+    })
+    .await
+}
+
+/// Accepts connections on `listener` and answers each with `answer` on a
+/// task of its own, at most `limit` at a time: a connection past the limit
+/// is closed unanswered.
+async fn answer_each<F, A>(listener: TcpListener, limit: usize, answer: F) -> anyhow::Result<()>
+where
+    F: Fn(TcpStream) -> A,
+    A: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let open = Arc::new(Semaphore::new(limit));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -452,11 +474,16 @@ pub async fn serve(
                 continue;
             }
         };
-        let (collector, render) = (collector.clone(), render.clone());
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "metrics: {limit} connections open, closing one more");
+            continue;
+        };
+        let answering = answer(stream);
         tokio::spawn(async move {
-            if let Err(e) = respond(stream, collector, &render).await {
+            if let Err(e) = answering.await {
                 tracing::debug!(%peer, "metrics request failed: {e:#}");
             }
+            drop(permit);
         });
     }
 }
@@ -506,14 +533,58 @@ async fn respond(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await?;
+    tokio::time::timeout(RESPONSE_TIMEOUT, async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await
+    .context("response not taken in time")??;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection answered by a task that waits for a byte from the
+    /// client, then sends "ok": the connection stays open until then.
+    async fn ok_after_a_byte(mut stream: TcpStream) -> anyhow::Result<()> {
+        stream.read_exact(&mut [0u8]).await?;
+        stream.write_all(b"ok").await?;
+        Ok(())
+    }
+
+    /// What the server sends on `stream` after `byte` (none: nothing).
+    async fn answer(stream: &mut TcpStream, byte: Option<u8>) -> Vec<u8> {
+        if let Some(b) = byte {
+            stream.write_all(&[b]).await.unwrap();
+        }
+        let mut got = Vec::new();
+        let read = stream.read_to_end(&mut got);
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .expect("the server answers or closes")
+            .unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_limit_are_closed_unanswered() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(answer_each(listener, 2, ok_after_a_byte));
+        let mut open = Vec::new();
+        for _ in 0..2 {
+            open.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(answer(&mut third, None).await, b"");
+        // Answered connections make room again.
+        assert_eq!(answer(&mut open[0], Some(1)).await, b"ok");
+        let mut fourth = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(answer(&mut fourth, Some(1)).await, b"ok");
+        assert_eq!(answer(&mut open[1], Some(1)).await, b"ok");
+    }
     use egress_common::flow::Flow;
 
     fn conn(created_ns: u64, counts: Counts) -> Conn {

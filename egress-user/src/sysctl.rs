@@ -23,8 +23,10 @@ pub struct Sysctls {
 }
 
 impl Sysctls {
+    /// Sets what [`NEEDED`] lists on `iface`. On an error, what was set
+    /// already is restored (as the returned value is on drop).
     pub fn apply(iface: &str) -> anyhow::Result<Self> {
-        let mut saved = Vec::new();
+        let mut applied = Self { saved: Vec::new() };
         for (key, value) in NEEDED {
             let path = conf_dir(iface).join(key);
             let old = std::fs::read_to_string(&path)
@@ -34,10 +36,10 @@ impl Sysctls {
                 std::fs::write(&path, value)
                     .with_context(|| format!("cannot set {} to {value}", path.display()))?;
                 tracing::info!("set net.ipv4.conf.{iface}.{key}={value} (was {old})");
-                saved.push((path, old));
+                applied.saved.push((path, old));
             }
         }
-        Ok(Self { saved })
+        Ok(applied)
     }
 }
 
