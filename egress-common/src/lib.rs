@@ -13,6 +13,7 @@ pub mod flow_cache;
 pub mod fragment;
 pub mod headers;
 pub mod mss;
+pub mod peers;
 pub mod ports;
 pub mod reason;
 pub mod rewrite;

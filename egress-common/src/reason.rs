@@ -27,7 +27,8 @@ pub enum Reason {
     Truncated,
     /// IP-in-IP from an address not configured as a peer.
     PeerNotAllowed,
-    /// Inner source outside every client CIDR (no open proxy).
+    /// Inner source outside every client CIDR (no open proxy), or outside
+    /// the sending peer's own ranges (`peer-clients`).
     ClientNotAllowed,
     /// Inner source is one of the gateway's own addresses (tunnel loop).
     Loop,

@@ -10,6 +10,7 @@ use egress_common::{
     flow::{Flow, FlowKey, Mapping, PortKey},
     flow_cache::{CACHE_SLOTS, CachedFlow},
     fragment::{FragEntry, FragKey},
+    peers::PeerSet,
     reason::Reason,
     route::{ROUTE_SLOTS, Route},
 };
@@ -63,13 +64,15 @@ pub static ROUTES: PerCpuArray<Route> = PerCpuArray::with_max_entries(ROUTE_SLOT
 #[map]
 pub static ROUTES_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
 
-/// Outer source addresses allowed to tunnel to us (value unused).
+/// Outer source addresses allowed to tunnel to us, each with its index in
+/// the [`CLIENTS`] peer sets.
 #[map]
 pub static PEERS: HashMap<[u8; 4], u8> = HashMap::with_max_entries(MAX_PEERS, 0);
 
-/// Inner source ranges that may be translated (value unused).
+/// Inner source ranges that may be translated, each with the peers that may
+/// send for the addresses it is the longest match of.
 #[map]
-pub static CLIENTS: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_CLIENT_RANGES, 0);
+pub static CLIENTS: LpmTrie<[u8; 4], PeerSet> = LpmTrie::with_max_entries(MAX_CLIENT_RANGES, 0);
 
 /// Packets per [`Reason`].
 #[map]
@@ -92,15 +95,20 @@ pub fn routes_generation() -> u64 {
     ROUTES_GENERATION.get(0).copied().unwrap_or(0)
 }
 
+/// The index of the peer at `addr`, if it is one.
 #[inline(always)]
-pub fn is_peer(addr: [u8; 4]) -> bool {
-    // SAFETY: only presence is checked; the value is never read.
-    unsafe { PEERS.get(&addr).is_some() }
+pub fn peer_index(addr: [u8; 4]) -> Option<u8> {
+    // SAFETY: the value is copied out at once; userspace never changes it
+    // while the program is loaded.
+    unsafe { PEERS.get(&addr).copied() }
 }
 
+/// Whether the peer of index `peer` may send for the client at `addr`.
 #[inline(always)]
-pub fn is_client(addr: [u8; 4]) -> bool {
-    CLIENTS.get(&Key::new(32, addr)).is_some()
+pub fn may_send_for(peer: u8, addr: [u8; 4]) -> bool {
+    CLIENTS
+        .get(&Key::new(32, addr))
+        .is_some_and(|peers| peers.contains(peer))
 }
 
 #[inline(always)]

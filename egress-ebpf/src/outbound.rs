@@ -152,16 +152,16 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
 }
 
 /// Whether the peer may tunnel to us and the inner source may be translated
-/// (no open proxy).
+/// (no open proxy) for that peer (no peer speaks for another's clients).
 #[inline(always)]
 fn allowed(inner: &Inner, cfg: &Config) -> Result<(), Reason> {
-    if !maps::is_peer(inner.peer) {
+    let Some(peer) = maps::peer_index(inner.peer) else {
         return Err(Reason::PeerNotAllowed);
-    }
+    };
     if inner.key.src == cfg.tunnel_local || cfg.is_snat(inner.key.src) {
         return Err(Reason::Loop);
     }
-    if !maps::is_client(inner.key.src) {
+    if !maps::may_send_for(peer, inner.key.src) {
         return Err(Reason::ClientNotAllowed);
     }
     Ok(())

@@ -183,6 +183,7 @@ impl Facts {
             names: netif::names(),
             local_addrs: local_addrs(),
             peer_routes: settings
+                .admission
                 .peers
                 .iter()
                 .map(|&p| (p, netif::route_to(p).ok().flatten()))

@@ -25,11 +25,12 @@ use egress_common::{
     flow::{Flow, FlowKey, Mapping, PortKey},
     flow_cache::CachedFlow,
     fragment::{FragEntry, FragKey},
+    peers::PeerSet,
     reason::Reason,
 };
-use ipnet::Ipv4Net;
 
 use crate::{
+    admission::Admission,
     clsact::{self, Clsact},
     inspect, netif, pinning,
     settings::{AttachMode, PortRange},
@@ -71,8 +72,7 @@ pub struct Policy {
     pub tunnel_local: Ipv4Addr,
     pub snat: Vec<Ipv4Addr>,
     pub ports: PortRange,
-    pub peers: Vec<Ipv4Addr>,
-    pub client_cidrs: Vec<Ipv4Net>,
+    pub admission: Admission,
     pub max_flows: u32,
     /// Most flows per client address; 0 for no limit.
     pub max_client_flows: u32,
@@ -160,16 +160,17 @@ impl Datapath {
         }
 
         let mut peers: HashMap<_, [u8; 4], u8> = HashMap::try_from(map(&mut ebpf, "PEERS")?)?;
-        for p in &policy.peers {
+        for (p, index) in policy.admission.peer_indices() {
             peers
-                .insert(&p.octets(), &1, 0)
+                .insert(&p.octets(), &index, 0)
                 .with_context(|| format!("cannot add peer {p}"))?;
         }
-        let mut clients: LpmTrie<_, [u8; 4], u8> = LpmTrie::try_from(map(&mut ebpf, "CLIENTS")?)?;
-        for c in &policy.client_cidrs {
+        let mut clients: LpmTrie<_, [u8; 4], PeerSet> =
+            LpmTrie::try_from(map(&mut ebpf, "CLIENTS")?)?;
+        for (c, allowed) in policy.admission.client_ranges() {
             let key = Key::new(u32::from(c.prefix_len()), c.network().octets());
             clients
-                .insert(&key, &1, 0)
+                .insert(&key, &allowed, 0)
                 .with_context(|| format!("cannot add client range {c}"))?;
         }
 

@@ -1,7 +1,7 @@
 //! The gateway's settings as command-line flags, shared by `egress run`,
 //! `egress check` and `egress config`.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, str::FromStr};
 
 use ipnet::Ipv4Net;
 
@@ -22,6 +22,10 @@ pub struct GatewayArgs {
     /// Inner source range that may be translated (repeatable).
     #[arg(long = "client-cidr")]
     pub client_cidrs: Vec<Ipv4Net>,
+    /// Binds a peer to some client ranges: it may send only for those
+    /// (repeatable) [default: every peer may send for every client range].
+    #[arg(long = "peer-clients", value_name = "PEER=CIDR[,CIDR...]")]
+    pub peer_clients: Vec<PeerClients>,
     /// Translation address (repeatable) [default: the interface's address].
     #[arg(long)]
     pub snat: Vec<Ipv4Addr>,
@@ -77,6 +81,7 @@ impl GatewayArgs {
             iface: self.iface,
             peer: Some(self.peers),
             client_cidr: Some(self.client_cidrs),
+            peer_clients: Some(bindings(self.peer_clients)),
             snat: Some(self.snat),
             tunnel_local: self.tunnel_local,
             ports: self.ports,
@@ -90,5 +95,76 @@ impl GatewayArgs {
             timeouts,
         };
         Settings::merge(cli, file)
+    }
+}
+
+/// One `--peer-clients` flag: a peer and client ranges it may send for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerClients {
+    peer: Ipv4Addr,
+    ranges: Vec<Ipv4Net>,
+}
+
+impl FromStr for PeerClients {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (peer, ranges) = s.split_once('=').ok_or_else(|| {
+            format!("{s:?} is not PEER=CIDR[,CIDR...], e.g. 10.0.1.11=10.0.7.0/24")
+        })?;
+        let peer = peer
+            .trim()
+            .parse()
+            .map_err(|_| format!("{peer:?} is not an IPv4 address"))?;
+        let ranges = ranges
+            .split(',')
+            .map(|r| {
+                r.trim()
+                    .parse()
+                    .map_err(|_| format!("{r:?} is not a CIDR range like 10.0.7.0/24"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { peer, ranges })
+    }
+}
+
+/// The flags as one binding per peer: a peer given twice has the ranges of
+/// both.
+fn bindings(flags: Vec<PeerClients>) -> BTreeMap<Ipv4Addr, Vec<Ipv4Net>> {
+    let mut map = BTreeMap::<_, Vec<_>>::new();
+    for f in flags {
+        map.entry(f.peer).or_default().extend(f.ranges);
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_clients_flags_parse_and_add_up() {
+        let flags = [
+            "10.0.1.11=10.0.7.0/24, 10.0.8.0/24",
+            "10.0.1.12=10.0.9.0/24",
+            "10.0.1.11=10.0.10.0/24",
+        ]
+        .map(|f| f.parse::<PeerClients>().unwrap());
+        let map = bindings(flags.into());
+        let net = |s: &str| s.parse::<Ipv4Net>().unwrap();
+        assert_eq!(
+            map[&Ipv4Addr::new(10, 0, 1, 11)],
+            [net("10.0.7.0/24"), net("10.0.8.0/24"), net("10.0.10.0/24")]
+        );
+        assert_eq!(map[&Ipv4Addr::new(10, 0, 1, 12)], [net("10.0.9.0/24")]);
+        for (bad, says) in [
+            ("10.0.1.11", "PEER=CIDR"),
+            ("10.0.1.300=10.0.7.0/24", "not an IPv4 address"),
+            ("10.0.1.11=10.0.7.0/33", "not a CIDR range"),
+            ("10.0.1.11=", "not a CIDR range"),
+        ] {
+            let e = bad.parse::<PeerClients>().unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 }

@@ -93,8 +93,9 @@ impl Gateway {
             tunnel_local = %policy.tunnel_local,
             snat = ?policy.snat,
             ports = %policy.ports,
-            peers = ?policy.peers,
-            client_cidrs = ?policy.client_cidrs,
+            peers = ?policy.admission.peers,
+            client_cidrs = ?policy.admission.client_cidrs,
+            peer_clients = ?policy.admission.peer_clients,
             max_flows = policy.max_flows,
             max_client_flows = policy.max_client_flows,
             mss = policy.mss,
@@ -194,7 +195,7 @@ impl Gateway {
         let Some(ifindex) = self.attached.as_ref().map(|a| a.ifindex) else {
             return;
         };
-        let hops = match neighbours::next_hops(ifindex, &self.policy.peers) {
+        let hops = match neighbours::next_hops(ifindex, &self.policy.admission.peers) {
             Ok(hops) => hops,
             Err(e) => {
                 tracing::warn!("cannot list the next hops: {e}");
@@ -289,8 +290,7 @@ pub fn policy_for(settings: &Settings, iface: &Interface) -> anyhow::Result<Poli
         tunnel_local: settings.tunnel_local.map_or_else(needs_address, Ok)?,
         snat,
         ports: settings.ports,
-        peers: settings.peers.clone(),
-        client_cidrs: settings.client_cidrs.clone(),
+        admission: settings.admission.clone(),
         max_flows: settings.max_flows,
         max_client_flows: settings.max_client_flows,
         mss,

@@ -20,10 +20,10 @@ use egress_common::{
     flow::{DIR_IN, DIR_OUT, Flow, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, Mapping, PortKey},
     tcp::TcpState,
 };
-use ipnet::Ipv4Net;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::{
+    admission::Admission,
     batch,
     datapath::{Policy, State},
 };
@@ -83,29 +83,22 @@ impl Timeouts {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Allowed {
     pub snat: Vec<Ipv4Addr>,
-    pub peers: Vec<Ipv4Addr>,
-    pub clients: Vec<Ipv4Net>,
+    pub admission: Admission,
 }
 
 impl Allowed {
     pub fn of(policy: &Policy) -> Self {
         Self {
             snat: policy.snat.clone(),
-            peers: policy.peers.clone(),
-            clients: policy.client_cidrs.clone(),
+            admission: policy.admission.clone(),
         }
-    }
-
-    fn client(&self, addr: [u8; 4]) -> bool {
-        self.clients
-            .iter()
-            .any(|net| net.contains(&Ipv4Addr::from(addr)))
     }
 
     fn flow(&self, out: &Flow) -> bool {
         self.snat.contains(&out.nat_addr.into())
-            && self.peers.contains(&out.peer_addr.into())
-            && self.client(out.client_addr)
+            && self
+                .admission
+                .allows(out.peer_addr.into(), out.client_addr.into())
     }
 
     /// Whether the mapping entry `key` → `m` (either side) is allowed.
@@ -114,7 +107,7 @@ impl Allowed {
             DIR_OUT => (key.addr, m.addr),
             _ => (m.addr, key.addr),
         };
-        self.snat.contains(&nat.into()) && self.client(client)
+        self.snat.contains(&nat.into()) && self.admission.is_client(client.into())
     }
 }
 

@@ -1,6 +1,7 @@
 //! The gateway's userspace: settings, loading and attaching the data path,
 //! and connection-state upkeep. `main.rs` is the `egress` command over it.
 
+pub mod admission;
 pub mod batch;
 pub mod check;
 pub mod clsact;

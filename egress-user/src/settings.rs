@@ -2,6 +2,7 @@
 //! once, with errors that name the offending key.
 
 use std::{
+    collections::BTreeMap,
     fmt,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -10,11 +11,11 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use egress_common::config::{MAX_CLIENT_RANGES, MAX_PEERS, MAX_SNAT_ADDRS};
+use egress_common::config::MAX_SNAT_ADDRS;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::{gc::Timeouts, pinning::DEFAULT_STATE_DIR};
+use crate::{admission::Admission, gc::Timeouts, pinning::DEFAULT_STATE_DIR};
 
 /// Default translation ports: below Linux's default ephemeral range
 /// (32768-60999), so the gateway host's own connections never collide
@@ -126,6 +127,7 @@ pub struct FileSettings {
     pub state_dir: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
     pub metrics_top_flows: Option<usize>,
+    pub peer_clients: Option<BTreeMap<Ipv4Addr, Vec<Ipv4Net>>>,
     #[serde(default)]
     pub timeouts: FileTimeouts,
 }
@@ -232,8 +234,7 @@ impl FileSettings {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
     pub iface: String,
-    pub peers: Vec<Ipv4Addr>,
-    pub client_cidrs: Vec<Ipv4Net>,
+    pub admission: Admission,
     pub snat: Vec<Ipv4Addr>,
     pub tunnel_local: Option<Ipv4Addr>,
     pub ports: PortRange,
@@ -259,10 +260,17 @@ impl Settings {
                 .iface
                 .or(file.iface)
                 .context("no interface: give --iface (or `iface` in the config file)")?,
-            peers: non_empty(cli.peer).or(file.peer).unwrap_or_default(),
-            client_cidrs: non_empty(cli.client_cidr)
-                .or(file.client_cidr)
-                .unwrap_or_default(),
+            admission: Admission {
+                peers: non_empty(cli.peer).or(file.peer).unwrap_or_default(),
+                client_cidrs: non_empty(cli.client_cidr)
+                    .or(file.client_cidr)
+                    .unwrap_or_default(),
+                peer_clients: cli
+                    .peer_clients
+                    .filter(|m| !m.is_empty())
+                    .or(file.peer_clients)
+                    .unwrap_or_default(),
+            },
             snat: non_empty(cli.snat).or(file.snat).unwrap_or_default(),
             tunnel_local: cli.tunnel_local.or(file.tunnel_local),
             ports: cli.ports.or(file.ports).unwrap_or(DEFAULT_PORTS),
@@ -292,24 +300,9 @@ impl Settings {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        if self.peers.is_empty() {
-            bail!(
-                "no tunnel peers: give --peer (or `peer` in the config file); without one nothing may tunnel to this host"
-            );
-        }
-        if self.client_cidrs.is_empty() {
-            bail!(
-                "no client ranges: give --client-cidr (or `client-cidr`); without one nothing is translated"
-            );
-        }
+        self.admission.validate()?;
         if self.snat.len() > MAX_SNAT_ADDRS {
             bail!("snat: at most {MAX_SNAT_ADDRS} translation addresses");
-        }
-        if self.peers.len() > MAX_PEERS as usize {
-            bail!("peer: at most {MAX_PEERS} tunnel peers");
-        }
-        if self.client_cidrs.len() > MAX_CLIENT_RANGES as usize {
-            bail!("client-cidr: at most {MAX_CLIENT_RANGES} client ranges");
         }
         if self.max_flows == 0 || self.max_flows > (u32::MAX / 2) {
             bail!("max-flows: must be between 1 and {}", u32::MAX / 2);
@@ -362,8 +355,8 @@ impl Settings {
         let t = &self.timeouts;
         FileSettings {
             iface: Some(self.iface.clone()),
-            peer: Some(self.peers.clone()),
-            client_cidr: Some(self.client_cidrs.clone()),
+            peer: Some(self.admission.peers.clone()),
+            client_cidr: Some(self.admission.client_cidrs.clone()),
             snat: non_empty(Some(self.snat.clone())),
             tunnel_local: self.tunnel_local,
             ports: Some(self.ports),
@@ -374,6 +367,7 @@ impl Settings {
             state_dir: Some(self.state_dir.clone()),
             metrics: self.metrics,
             metrics_top_flows: Some(self.metrics_top_flows),
+            peer_clients: Some(self.admission.peer_clients.clone()).filter(|m| !m.is_empty()),
             timeouts: FileTimeouts {
                 tcp_established: Some(t.tcp_established),
                 tcp_transitory: Some(t.tcp_transitory),
@@ -422,6 +416,8 @@ fn non_empty<T>(v: Option<Vec<T>>) -> Option<Vec<T>> {
 
 #[cfg(test)]
 mod tests {
+    use egress_common::config::{MAX_CLIENT_RANGES, MAX_PEERS};
+
     use super::*;
 
     fn cli() -> FileSettings {
@@ -456,7 +452,7 @@ mod tests {
         .unwrap();
         let s = Settings::merge(cli(), file).unwrap();
         assert_eq!(s.iface, "eth0");
-        assert_eq!(s.peers, vec![Ipv4Addr::new(10, 0, 1, 10)]);
+        assert_eq!(s.admission.peers, vec![Ipv4Addr::new(10, 0, 1, 10)]);
         assert_eq!(
             s.ports,
             PortRange {
@@ -465,6 +461,39 @@ mod tests {
             }
         );
         assert_eq!(s.max_flows, DEFAULT_MAX_FLOWS);
+    }
+
+    #[test]
+    fn peer_clients_from_file_or_flags_are_checked() {
+        let file = |extra: &str| {
+            FileSettings::parse(&format!(
+                "iface = \"eth0\"\npeer = [\"10.0.1.10\", \"10.0.1.11\"]\nclient-cidr = [\"10.0.0.0/16\"]\n{extra}"
+            ))
+            .unwrap()
+        };
+        let bound = "[peer-clients]\n\"10.0.1.11\" = [\"10.0.7.0/24\"]\n";
+        let s = Settings::merge(FileSettings::default(), file(bound)).unwrap();
+        let (free, peer) = (Ipv4Addr::new(10, 0, 1, 10), Ipv4Addr::new(10, 0, 1, 11));
+        let other_client = Ipv4Addr::new(10, 0, 8, 1);
+        assert!(s.admission.allows(free, other_client));
+        assert!(!s.admission.allows(peer, other_client));
+        // A flag's binding replaces the file's.
+        let flags = FileSettings {
+            peer_clients: Some([(peer, vec!["10.0.8.0/24".parse().unwrap()])].into()),
+            ..FileSettings::default()
+        };
+        let s = Settings::merge(flags, file(bound)).unwrap();
+        assert!(s.admission.allows(peer, other_client));
+        let e = Settings::merge(
+            FileSettings::default(),
+            file("[peer-clients]\n\"10.0.1.11\" = [\"10.1.0.0/24\"]\n"),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("not inside any `client-cidr`"),
+            "{e}"
+        );
+        rejected("[peer-clients]\n\"10.0.1\" = []", "peer-clients");
     }
 
     #[test]
@@ -593,6 +622,13 @@ mod tests {
             Ipv4Addr::new(10, 1, 1, 10),
             Ipv4Addr::new(10, 1, 1, 11),
         ]);
+        c.peer_clients = Some(
+            [(
+                Ipv4Addr::new(10, 0, 1, 10),
+                vec!["10.0.7.0/24".parse().unwrap()],
+            )]
+            .into(),
+        );
         for settings in [
             Settings::merge(cli(), FileSettings::default()).unwrap(),
             Settings::merge(c, FileSettings::default()).unwrap(),
@@ -617,19 +653,28 @@ mod tests {
         full.tunnel_local = Some(Ipv4Addr::new(10, 1, 1, 10));
         full.metrics = Some("127.0.0.1:9464".parse().unwrap());
         full.mss = Some(1440);
+        full.peer_clients = Some(
+            [(
+                Ipv4Addr::new(10, 0, 1, 10),
+                vec!["10.0.0.0/24".parse().unwrap()],
+            )]
+            .into(),
+        );
         let table: toml::Table = toml::from_str(&toml::to_string(&full).unwrap()).unwrap();
         let mut keys: Vec<String> = Vec::new();
         for (key, value) in &table {
+            // The timeouts' keys are settings; peer-clients' are peers.
             match value.as_table() {
-                Some(inner) => keys.extend(inner.keys().cloned()),
-                None => keys.push(key.clone()),
+                Some(inner) if key == "timeouts" => keys.extend(inner.keys().cloned()),
+                _ => keys.push(key.clone()),
             }
         }
         for key in keys {
             let documented = SAMPLE.lines().any(|l| {
                 let l = l.trim_start_matches(['#', ' ']);
-                l.strip_prefix(key.as_str())
-                    .is_some_and(|rest| rest.starts_with(" ="))
+                l == format!("[{key}]")
+                    || l.strip_prefix(key.as_str())
+                        .is_some_and(|rest| rest.starts_with(" ="))
             });
             assert!(
                 documented,

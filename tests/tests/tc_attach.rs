@@ -9,6 +9,7 @@
 use anyhow::{Result, ensure};
 use aya::programs::tc::{NlOptions, TcAttach, TcAttachType};
 use egress_user::{
+    admission::Admission,
     clsact,
     datapath::{Attached, Datapath, Policy, TC_PROGRAM},
     settings::{AttachMode, PortRange},
@@ -51,8 +52,11 @@ impl Host {
                 min: 20000,
                 max: 29999,
             },
-            peers: vec![[10, 0, 1, 10].into()],
-            client_cidrs: vec!["192.168.250.0/30".parse()?],
+            admission: Admission {
+                peers: vec![[10, 0, 1, 10].into()],
+                client_cidrs: vec!["192.168.250.0/30".parse()?],
+                peer_clients: Default::default(),
+            },
             max_flows: 1024,
             max_client_flows: 0,
             mss: 1440,

@@ -180,7 +180,7 @@ fn later_fragments_follow_their_first_only_for_the_reassembly_time(hook: Hook) {
 }
 
 fn a_later_fragment_from_another_peer_is_unmatched(hook: Hook) {
-    let gw = &mut Gateway::with(hook, |p| p.peers.push(PEER2.into()));
+    let gw = &mut Gateway::with(hook, |p| p.admission.peers.push(PEER2.into()));
     let data = [0x33; 2000];
     let l4 = L4::Udp {
         sport: 21000,

@@ -14,6 +14,7 @@ use egress_common::{
     reason::Reason,
 };
 use egress_user::{
+    admission::Admission,
     datapath::{Datapath, Policy, State},
     gc,
     settings::PortRange,
@@ -137,11 +138,14 @@ impl Gateway {
             tunnel_local: GW.into(),
             snat: vec![GW.into()],
             ports: PORTS,
-            peers: vec![PEER.into()],
-            client_cidrs: vec![
-                "192.168.250.0/30".parse().unwrap(),
-                "10.0.0.0/16".parse().unwrap(),
-            ],
+            admission: Admission {
+                peers: vec![PEER.into()],
+                client_cidrs: vec![
+                    "192.168.250.0/30".parse().unwrap(),
+                    "10.0.0.0/16".parse().unwrap(),
+                ],
+                peer_clients: Default::default(),
+            },
             max_flows: 1024,
             max_client_flows: 0,
             mss: MSS,

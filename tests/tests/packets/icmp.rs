@@ -532,7 +532,7 @@ fn icmp_errors_from_a_client_reach_the_remote_translated(hook: Hook) {
 }
 
 fn icmp_errors_from_a_client_about_no_flow_are_dropped(hook: Hook) {
-    let gw = &mut Gateway::with(hook, |p| p.peers.push(PEER2.into()));
+    let gw = &mut Gateway::with(hook, |p| p.admission.peers.push(PEER2.into()));
     outbound(gw, CLIENT, QUERY, Reason::NewFlow);
     let reply = query_reply();
     let edited = |at: usize, bytes: &[u8]| {

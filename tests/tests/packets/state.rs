@@ -30,6 +30,7 @@ for_each_hook!(
     a_sweep_removes_the_flows_of_an_address_no_longer_ours,
     a_sweep_removes_the_flows_of_clients_and_peers_no_longer_allowed,
     a_flow_follows_its_client_to_another_peer,
+    a_peer_bound_to_other_clients_can_neither_use_nor_take_their_flows,
     a_table_too_large_for_the_kernel_is_refused_with_a_clear_error,
     a_return_tuple_held_by_another_clients_flow_is_never_shared,
     restart_keeps_flows_and_reset_clears_them,
@@ -392,7 +393,7 @@ fn a_sweep_removes_the_flows_of_an_address_no_longer_ours(hook: Hook) {
 /// A client range or a peer the gateway no longer allows: their flows and
 /// the mappings of those clients go at the next sweep, the rest stay.
 fn a_sweep_removes_the_flows_of_clients_and_peers_no_longer_allowed(hook: Hook) {
-    let mut gw = Gateway::with(hook, |p| p.peers.push(PEER2.into()));
+    let mut gw = Gateway::with(hook, |p| p.admission.peers.push(PEER2.into()));
     outbound(&mut gw, CLIENT, udp(21000), Reason::NewFlow);
     outbound(&mut gw, CLIENT2, udp(21000), Reason::NewFlow);
     let inner = ip_packet(Ip::new(CLIENT, SERVER), udp(21001));
@@ -400,8 +401,9 @@ fn a_sweep_removes_the_flows_of_clients_and_peers_no_longer_allowed(hook: Hook) 
     assert_eq!(gw.run(&via_peer2).2, Reason::NewFlow);
     // CLIENT2 is in 10.0.0.0/16, CLIENT in the other range.
     gw.reconfigure(|p| {
-        p.peers = vec![PEER.into()];
-        p.client_cidrs
+        p.admission.peers = vec![PEER.into()];
+        p.admission
+            .client_cidrs
             .retain(|net| !net.contains(&Ipv4Addr::from(CLIENT2)));
     });
 
@@ -427,7 +429,7 @@ fn a_sweep_removes_the_flows_of_clients_and_peers_no_longer_allowed(hook: Hook) 
 /// a reply to the flow, and the client's IP packet (to tunnel through
 /// either peer).
 fn failover_flow(hook: Hook) -> (Gateway, Vec<u8>, Vec<u8>) {
-    let mut gw = Gateway::with(hook, |p| p.peers.push(PEER2.into()));
+    let mut gw = Gateway::with(hook, |p| p.admission.peers.push(PEER2.into()));
     let port = outbound(&mut gw, CLIENT, udp(21000), Reason::NewFlow);
     let reply = L4::Udp {
         sport: 53,
@@ -462,6 +464,45 @@ fn a_flow_follows_its_client_to_another_peer(hook: Hook) {
     // Past a tick: another CPU's cache may hold the old peer until then.
     std::thread::sleep(std::time::Duration::from_millis(50));
     assert_eq!(tunnelled_to(gw), PEER2);
+}
+
+/// PEER2 bound to CLIENT2's range: a packet of CLIENT's through it (a
+/// hostile or misrouted peer) is dropped, whether it would start a flow or
+/// take over CLIENT's flow through PEER, whose replies still go to PEER.
+/// Binding PEER to that range too retires CLIENT's flow at the next sweep.
+fn a_peer_bound_to_other_clients_can_neither_use_nor_take_their_flows(hook: Hook) {
+    let (gw, reply, inner) = &mut failover_flow(hook);
+    gw.reconfigure(|p| {
+        p.admission.peer_clients = [(PEER2.into(), vec!["10.0.0.0/16".parse().unwrap()])].into();
+    });
+    let via_peer2 =
+        |inner: &[u8]| ethernet(ROUTER_MAC, GW_MAC, &encapsulate(Ip::new(PEER2, GW), inner));
+    let (verdict, _, reason) = gw.run(&via_peer2(inner));
+    assert_eq!((verdict, reason), (Verdict::Drop, Reason::ClientNotAllowed));
+    let another = ip_packet(Ip::new(CLIENT, SERVER), udp(21001));
+    assert_eq!(gw.run(&via_peer2(&another)).2, Reason::ClientNotAllowed);
+    let (out, inb) = halves(gw);
+    assert_eq!((out.peer_addr, inb.peer_addr), (PEER, PEER));
+    assert_eq!(gw.outbound_flows().len(), 1);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let (_, out, reason) = gw.run(reply);
+    assert_eq!(reason, Reason::ReverseHit);
+    assert_eq!(
+        Ipv4Addr::from([out[30], out[31], out[32], out[33]]),
+        Ipv4Addr::from(PEER)
+    );
+    // Its own clients it serves.
+    let own = ip_packet(Ip::new(CLIENT2, SERVER), udp(21000));
+    assert_eq!(gw.run(&via_peer2(&own)).2, Reason::NewFlow);
+
+    gw.reconfigure(|p| {
+        p.admission
+            .peer_clients
+            .insert(PEER.into(), vec!["10.0.0.0/16".parse().unwrap()]);
+    });
+    let sweep = gw.sweep(gc::monotonic_ns());
+    assert_eq!((sweep.disallowed, sweep.live), (1, 1));
+    assert_eq!(gw.outbound_flows()[0].client_addr, CLIENT2);
 }
 
 /// On the CPU that saw the client come through another peer, replies go
