@@ -291,7 +291,9 @@ impl Collector {
             );
         }
 
-        self.clients(&conns, &mut t);
+        Self::per_address(&conns, &mut t, "client", |c| c.out.client_addr);
+        // Which peer carries which flows: after a failover, the flows move.
+        Self::per_address(&conns, &mut t, "peer", |c| c.out.peer_addr);
         self.top(conns, &mut t);
         Ok(t.0)
     }
@@ -326,37 +328,30 @@ impl Collector {
         }
     }
 
-    /// Flows and bytes of live flows per client address.
-    fn clients(&self, conns: &[Conn], t: &mut Text) {
-        let mut clients: FxHashMap<[u8; 4], (u64, u64, u64)> = FxHashMap::default();
+    /// Flows and bytes of live flows per address on one side: `label`
+    /// (`client` or `peer`, which also names the families) and `addr`, the
+    /// flow's address there.
+    fn per_address(conns: &[Conn], t: &mut Text, label: &str, addr: fn(&Conn) -> [u8; 4]) {
+        let mut sums: FxHashMap<[u8; 4], (u64, u64, u64)> = FxHashMap::default();
         for c in conns {
-            let e = clients.entry(c.out.client_addr).or_default();
+            let e = sums.entry(addr(c)).or_default();
             *e = (e.0 + 1, e.1 + c.out.bytes, e.2 + c.inb.bytes);
         }
-        let mut clients: Vec<_> = clients.into_iter().collect();
-        clients.sort_unstable();
-        t.family(
-            "egress_client_flows",
-            "gauge",
-            "Live flows per client address.",
-        );
-        for (addr, (flows, _, _)) in &clients {
-            let client = std::net::Ipv4Addr::from(*addr).to_string();
-            t.sample("egress_client_flows", &[("client", &client)], flows);
+        let mut sums: Vec<_> = sums.into_iter().collect();
+        sums.sort_unstable();
+        let flows = format!("egress_{label}_flows");
+        t.family(&flows, "gauge", &format!("Live flows per {label} address."));
+        for (a, (n, _, _)) in &sums {
+            let a = std::net::Ipv4Addr::from(*a).to_string();
+            t.sample(&flows, &[(label, &a)], n);
         }
-        t.family(
-            "egress_client_flow_bytes",
-            "gauge",
-            "Bytes (IP length) carried by each client's live flows, by direction.",
-        );
-        for (addr, (_, out, back)) in &clients {
-            let client = std::net::Ipv4Addr::from(*addr).to_string();
-            for (direction, bytes) in [("out", out), ("in", back)] {
-                t.sample(
-                    "egress_client_flow_bytes",
-                    &[("client", &client), ("direction", direction)],
-                    bytes,
-                );
+        let bytes = format!("egress_{label}_flow_bytes");
+        let help = format!("Bytes (IP length) carried by each {label}'s live flows, by direction.");
+        t.family(&bytes, "gauge", &help);
+        for (a, (_, out, back)) in &sums {
+            let a = std::net::Ipv4Addr::from(*a).to_string();
+            for (direction, n) in [("out", out), ("in", back)] {
+                t.sample(&bytes, &[(label, &a), ("direction", direction)], n);
             }
         }
     }

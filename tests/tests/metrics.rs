@@ -6,7 +6,7 @@
 use anyhow::{Context as _, Result, ensure};
 use std::net::SocketAddr;
 use std::path::Path;
-use tests::addrs::{CLIENT_TUN_IP, SERVER_IP};
+use tests::addrs::{CLIENT_TUN_IP, CLIENT_UNDERLAY_IP, SERVER_IP};
 use tests::echo::{tcp_request, tcp_server, udp_request, udp_server};
 use tests::topology::Attach;
 use tests::{Stack, egress_bin, exec, require_root};
@@ -178,6 +178,21 @@ fn metrics_and_flows_match_the_traffic() -> Result<()> {
             client_bytes == value("egress_flow_bytes_total"),
             "client bytes {client_bytes}"
         );
+        // All of them through the one peer.
+        let peer = CLIENT_UNDERLAY_IP.to_string();
+        for (name, total) in [
+            ("egress_peer_flows", "egress_flows_active"),
+            ("egress_peer_flow_bytes", "egress_flow_bytes_total"),
+        ] {
+            ensure!(
+                samples(&families, name).all(|s| s.label("peer") == peer)
+                    && value(name) == value(total),
+                "{name}: {:?}",
+                samples(&families, name)
+                    .map(|s| (&s.labels, s.value))
+                    .collect::<Vec<_>>()
+            );
+        }
 
         for leg in ["tunnel", "internet"] {
             let count = samples(&families, "egress_tcp_handshake_rtt_seconds_count")
