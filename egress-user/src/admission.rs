@@ -55,15 +55,7 @@ impl Admission {
     /// theirs inside it is an entry of its own, which such addresses match
     /// first.
     pub fn client_ranges(&self) -> Vec<(Ipv4Net, PeerSet)> {
-        let mut ranges: Vec<Ipv4Net> = self
-            .client_cidrs
-            .iter()
-            .chain(self.peer_clients.values().flatten())
-            .map(Ipv4Net::trunc)
-            .collect();
-        ranges.sort_unstable();
-        ranges.dedup();
-        ranges
+        self.named_ranges()
             .into_iter()
             .map(|range| {
                 let mut peers = PeerSet::default();
@@ -75,6 +67,19 @@ impl Admission {
                 (range, peers)
             })
             .collect()
+    }
+
+    /// Every range named anywhere, once.
+    fn named_ranges(&self) -> Vec<Ipv4Net> {
+        let mut ranges: Vec<Ipv4Net> = self
+            .client_cidrs
+            .iter()
+            .chain(self.peer_clients.values().flatten())
+            .map(Ipv4Net::trunc)
+            .collect();
+        ranges.sort_unstable();
+        ranges.dedup();
+        ranges
     }
 
     /// Errors name the setting to fix.
@@ -105,7 +110,7 @@ impl Admission {
                 bail!("peer-clients: {r} of {peer} is not inside any `client-cidr` range");
             }
         }
-        if self.client_ranges().len() > MAX_CLIENT_RANGES as usize {
+        if self.named_ranges().len() > MAX_CLIENT_RANGES as usize {
             bail!(
                 "client-cidr: at most {MAX_CLIENT_RANGES} client ranges, counting those only in peer-clients"
             );

@@ -112,6 +112,8 @@ impl Datapath {
     /// pinned by an earlier run unless told to reset it, and fills the
     /// policy maps.
     pub fn load(policy: &Policy) -> anyhow::Result<Self> {
+        // Settings are checked before; a policy made in code is checked here.
+        policy.admission.validate()?;
         pinning::prepare(&policy.state_dir, policy.reset_state)?;
         let resumed = pinning::has_state(&policy.state_dir);
         let config = policy.config();

@@ -265,11 +265,14 @@ impl Settings {
                 client_cidrs: non_empty(cli.client_cidr)
                     .or(file.client_cidr)
                     .unwrap_or_default(),
-                peer_clients: cli
+                // Per peer: a flag binds its peer anew and leaves the
+                // file's other bindings as they are.
+                peer_clients: file
                     .peer_clients
-                    .filter(|m| !m.is_empty())
-                    .or(file.peer_clients)
-                    .unwrap_or_default(),
+                    .unwrap_or_default()
+                    .into_iter()
+                    .chain(cli.peer_clients.unwrap_or_default())
+                    .collect(),
             },
             snat: non_empty(cli.snat).or(file.snat).unwrap_or_default(),
             tunnel_local: cli.tunnel_local.or(file.tunnel_local),
@@ -477,13 +480,19 @@ mod tests {
         let other_client = Ipv4Addr::new(10, 0, 8, 1);
         assert!(s.admission.allows(free, other_client));
         assert!(!s.admission.allows(peer, other_client));
-        // A flag's binding replaces the file's.
+        // A flag binds its own peer anew; the file's other bindings stay.
         let flags = FileSettings {
             peer_clients: Some([(peer, vec!["10.0.8.0/24".parse().unwrap()])].into()),
             ..FileSettings::default()
         };
-        let s = Settings::merge(flags, file(bound)).unwrap();
+        let both = "[peer-clients]\n\"10.0.1.11\" = [\"10.0.7.0/24\"]\n\"10.0.1.10\" = [\"10.0.9.0/24\"]\n";
+        let s = Settings::merge(flags, file(both)).unwrap();
         assert!(s.admission.allows(peer, other_client));
+        assert!(!s.admission.allows(peer, Ipv4Addr::new(10, 0, 7, 1)));
+        assert!(
+            !s.admission.allows(free, other_client),
+            "the file's binding of the other peer went"
+        );
         let e = Settings::merge(
             FileSettings::default(),
             file("[peer-clients]\n\"10.0.1.11\" = [\"10.1.0.0/24\"]\n"),

@@ -466,14 +466,15 @@ fn a_flow_follows_its_client_to_another_peer(hook: Hook) {
     assert_eq!(tunnelled_to(gw), PEER2);
 }
 
-/// PEER2 bound to CLIENT2's range: a packet of CLIENT's through it (a
+/// PEER2 bound to a /24 of CLIENT2's /16: a packet of CLIENT's through it (a
 /// hostile or misrouted peer) is dropped, whether it would start a flow or
-/// take over CLIENT's flow through PEER, whose replies still go to PEER.
-/// Binding PEER to that range too retires CLIENT's flow at the next sweep.
+/// take over CLIENT's flow through PEER, whose replies still go to PEER;
+/// so is one from the /16 outside the /24. Binding PEER to the /24 too
+/// retires CLIENT's flow at the next sweep.
 fn a_peer_bound_to_other_clients_can_neither_use_nor_take_their_flows(hook: Hook) {
     let (gw, reply, inner) = &mut failover_flow(hook);
     gw.reconfigure(|p| {
-        p.admission.peer_clients = [(PEER2.into(), vec!["10.0.0.0/16".parse().unwrap()])].into();
+        p.admission.peer_clients = [(PEER2.into(), vec!["10.0.2.0/24".parse().unwrap()])].into();
     });
     let via_peer2 =
         |inner: &[u8]| ethernet(ROUTER_MAC, GW_MAC, &encapsulate(Ip::new(PEER2, GW), inner));
@@ -491,6 +492,8 @@ fn a_peer_bound_to_other_clients_can_neither_use_nor_take_their_flows(hook: Hook
         Ipv4Addr::from([out[30], out[31], out[32], out[33]]),
         Ipv4Addr::from(PEER)
     );
+    let beside = ip_packet(Ip::new([10, 0, 3, 3], SERVER), udp(21000));
+    assert_eq!(gw.run(&via_peer2(&beside)).2, Reason::ClientNotAllowed);
     // Its own clients it serves.
     let own = ip_packet(Ip::new(CLIENT2, SERVER), udp(21000));
     assert_eq!(gw.run(&via_peer2(&own)).2, Reason::NewFlow);
@@ -498,7 +501,7 @@ fn a_peer_bound_to_other_clients_can_neither_use_nor_take_their_flows(hook: Hook
     gw.reconfigure(|p| {
         p.admission
             .peer_clients
-            .insert(PEER.into(), vec!["10.0.0.0/16".parse().unwrap()]);
+            .insert(PEER.into(), vec!["10.0.2.0/24".parse().unwrap()]);
     });
     let sweep = gw.sweep(gc::monotonic_ns());
     assert_eq!((sweep.disallowed, sweep.live), (1, 1));
