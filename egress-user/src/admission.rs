@@ -43,6 +43,16 @@ impl Admission {
         self.client_cidrs.iter().any(|r| r.contains(&client))
     }
 
+    /// Peers left unbound where others are bound: those can still take
+    /// over the bound peers' clients' flows, which binding them meant to
+    /// prevent.
+    pub fn unbound_beside_bound(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.peers
+            .iter()
+            .copied()
+            .filter(|p| !self.peer_clients.is_empty() && !self.peer_clients.contains_key(p))
+    }
+
     /// The data path's PEERS map: every peer and its index.
     pub fn peer_indices(&self) -> impl Iterator<Item = (Ipv4Addr, u8)> + '_ {
         // `validate` keeps the peers within the indices.

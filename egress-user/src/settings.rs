@@ -347,6 +347,11 @@ impl Settings {
                 humantime::format_duration(min)
             )
         })
+        .chain(self.admission.unbound_beside_bound().map(|peer| {
+            format!(
+                "peer {peer} is not in peer-clients: it may still send for every client range, and take over the flows of the bound peers' clients"
+            )
+        }))
         .collect()
     }
 }
@@ -480,6 +485,11 @@ mod tests {
         let other_client = Ipv4Addr::new(10, 0, 8, 1);
         assert!(s.admission.allows(free, other_client));
         assert!(!s.admission.allows(peer, other_client));
+        let warnings = s.warnings();
+        assert!(
+            warnings.len() == 1 && warnings[0].contains("peer 10.0.1.10 is not in peer-clients"),
+            "{warnings:?}"
+        );
         // A flag binds its own peer anew; the file's other bindings stay.
         let flags = FileSettings {
             peer_clients: Some([(peer, vec!["10.0.8.0/24".parse().unwrap()])].into()),
@@ -493,6 +503,7 @@ mod tests {
             !s.admission.allows(free, other_client),
             "the file's binding of the other peer went"
         );
+        assert!(s.warnings().is_empty(), "every peer bound");
         let e = Settings::merge(
             FileSettings::default(),
             file("[peer-clients]\n\"10.0.1.11\" = [\"10.1.0.0/24\"]\n"),
