@@ -579,7 +579,10 @@ fn icmp_errors_from_a_client_about_no_flow_are_dropped(hook: Hook) {
 }
 
 fn icmp_errors_from_outside_the_policy_are_refused(hook: Hook) {
-    let gw = &mut Gateway::new(hook);
+    let gw = &mut Gateway::with(hook, |p| {
+        p.admission.peers.push(PEER2.into());
+        p.admission.peer_clients = [(PEER2.into(), vec!["10.0.0.0/16".parse().unwrap()])].into();
+    });
     outbound(gw, CLIENT, QUERY, Reason::NewFlow);
     let kind = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
     let error = |from| client_error(from, SERVER, kind.clone(), &query_reply());
@@ -603,6 +606,15 @@ fn icmp_errors_from_outside_the_policy_are_refused(hook: Hook) {
             "sent by the gateway's own address",
             from_peer(&error(GW)),
             Reason::Loop,
+        ),
+        drop(
+            "tunnelled by a peer bound to other clients",
+            ethernet(
+                ROUTER_MAC,
+                GW_MAC,
+                &encapsulate(Ip::new(PEER2, GW), &error(CLIENT)),
+            ),
+            Reason::ClientNotAllowed,
         ),
     ];
     assert_cases(gw, cases);
