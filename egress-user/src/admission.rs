@@ -47,10 +47,11 @@ impl Admission {
     /// over the bound peers' clients' flows, which binding them meant to
     /// prevent.
     pub fn unbound_beside_bound(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        let any_bound = !self.peer_clients.is_empty();
         self.peers
             .iter()
             .copied()
-            .filter(|p| !self.peer_clients.is_empty() && !self.peer_clients.contains_key(p))
+            .filter(move |p| any_bound && !self.peer_clients.contains_key(p))
     }
 
     /// The data path's PEERS map: every peer and its index.

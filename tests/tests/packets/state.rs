@@ -441,6 +441,15 @@ fn failover_flow(hook: Hook) -> (Gateway, Vec<u8>, Vec<u8>) {
     (gw, reply, inner)
 }
 
+/// Where the (encapsulated) frame `out` is tunnelled to: its outer
+/// destination, as an independent parser reads it.
+fn outer_destination(out: &[u8]) -> [u8; 4] {
+    match etherparse::SlicedPacket::from_ethernet(out).unwrap().net {
+        Some(etherparse::NetSlice::Ipv4(ip)) => ip.header().destination(),
+        net => panic!("{net:?}"),
+    }
+}
+
 /// A client whose packets come through another allowed peer (its tunnel
 /// failed over): the flow follows, so replies go back that way.
 fn a_flow_follows_its_client_to_another_peer(hook: Hook) {
@@ -448,11 +457,7 @@ fn a_flow_follows_its_client_to_another_peer(hook: Hook) {
     let tunnelled_to = |gw: &mut Gateway| {
         let (_, out, reason) = gw.run(reply);
         assert_eq!(reason, Reason::ReverseHit);
-        let sliced = etherparse::SlicedPacket::from_ethernet(&out).unwrap();
-        match sliced.net {
-            Some(etherparse::NetSlice::Ipv4(ip)) => ip.header().destination(),
-            net => panic!("{net:?}"),
-        }
+        outer_destination(&out)
     };
     assert_eq!(tunnelled_to(gw), PEER);
 
@@ -488,10 +493,7 @@ fn a_peer_bound_to_other_clients_can_neither_use_nor_take_their_flows(hook: Hook
     std::thread::sleep(std::time::Duration::from_millis(50));
     let (_, out, reason) = gw.run(reply);
     assert_eq!(reason, Reason::ReverseHit);
-    assert_eq!(
-        Ipv4Addr::from([out[30], out[31], out[32], out[33]]),
-        Ipv4Addr::from(PEER)
-    );
+    assert_eq!(outer_destination(&out), PEER);
     let beside = ip_packet(Ip::new([10, 0, 3, 3], SERVER), udp(21000));
     assert_eq!(gw.run(&via_peer2(&beside)).2, Reason::ClientNotAllowed);
     // Its own clients it serves.
@@ -518,10 +520,12 @@ fn replies_follow_a_moved_flow_at_once_on_its_cpu(hook: Hook) {
     for (from, to) in [(PEER, PEER2), (PEER2, PEER)].repeat(10) {
         let frames = [reply.clone(), via(to), reply.clone()];
         let outs = gw.outputs_on_cpu(0, &frames);
-        let tunnelled_to = |out: &[u8]| Ipv4Addr::from([out[30], out[31], out[32], out[33]]);
-        assert_eq!(tunnelled_to(&outs[0]), Ipv4Addr::from(from));
         assert_eq!(
-            tunnelled_to(&outs[2]),
+            Ipv4Addr::from(outer_destination(&outs[0])),
+            Ipv4Addr::from(from)
+        );
+        assert_eq!(
+            Ipv4Addr::from(outer_destination(&outs[2])),
             Ipv4Addr::from(to),
             "a reply went to the old peer"
         );
