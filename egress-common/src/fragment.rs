@@ -77,6 +77,24 @@ impl FragEntry {
     }
 }
 
+/// The largest returning later fragment the data path copies for the
+/// daemon (IP bytes): what a 1500-byte path delivers, as the Internet does.
+pub const HELD_MAX: usize = 1500;
+
+/// A copy of a returning later fragment that came before its datagram's
+/// first fragment, for the daemon, which sends it on to its client once
+/// the first fragment has passed (RFC 4787 REQ-14: out of order).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct HeldFragment {
+    /// The outer source the fragment is to be encapsulated from.
+    pub tunnel_local: [u8; 4],
+    /// The fragment's IP length; `packet` holds that many bytes.
+    pub len: u16,
+    pub _pad: [u8; 2],
+    pub packet: [u8; HELD_MAX],
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: `repr(C)` structs of integers and byte arrays without
@@ -84,6 +102,8 @@ mod pod {
     unsafe impl aya::Pod for super::FragKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FragEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::HeldFragment {}
 }
 
 #[cfg(test)]
@@ -117,5 +137,6 @@ mod tests {
     fn layout_has_no_padding() {
         assert_eq!(core::mem::size_of::<FragKey>(), 12);
         assert_eq!(core::mem::size_of::<FragEntry>(), 24);
+        assert_eq!(core::mem::size_of::<HeldFragment>(), 8 + HELD_MAX);
     }
 }

@@ -1,7 +1,7 @@
 //! Headers the data path writes from scratch: the outer IP-in-IP header and
 //! the ICMP errors it returns to clients.
 
-use crate::checksum::fold;
+use crate::{checksum::fold, config::OUTER_TTL, flow::IPPROTO_IPIP};
 
 pub const IPV4_LEN: usize = 20;
 pub const ICMP_LEN: usize = 8;
@@ -53,6 +53,30 @@ pub struct Ipv4 {
 }
 
 impl Ipv4 {
+    /// The RFC 2003 outer header from `src` to `dst` for an inner IPv4
+    /// packet of `inner_len` bytes: TOS and DF copied from the inner header
+    /// (`inner_tos`, `inner_df`), our TTL, and the caller's `id`.
+    #[inline(always)]
+    pub fn tunnel(
+        inner_tos: u8,
+        inner_len: u16,
+        inner_df: bool,
+        id: u16,
+        src: [u8; 4],
+        dst: [u8; 4],
+    ) -> Self {
+        Self {
+            tos: inner_tos,
+            tot_len: inner_len.wrapping_add(IPV4_LEN as u16),
+            id,
+            df: inner_df,
+            ttl: OUTER_TTL,
+            proto: IPPROTO_IPIP,
+            src,
+            dst,
+        }
+    }
+
     /// Writes the header, checksum included, to `h` (in place, so the eBPF
     /// side needs no copy on its small stack): its ten 16-bit words as they
     /// lie in memory, summed for the checksum as they are (RFC 1071 byte

@@ -43,9 +43,12 @@ pub enum Reason {
     InnerNotIpv4,
     /// Inner header carries IP options.
     InnerOptions,
-    /// Outbound: a later (non-first) inner fragment whose datagram's first
-    /// fragment was not seen or is too old; it carries no ports to find its
-    /// flow by. (This slot counted every inner fragment before fragments
+    /// Return: a later (non-first) fragment whose datagram's first
+    /// fragment has not been seen (it is still on the way, or the datagram
+    /// is the host's own): passed to the kernel, with a copy for the daemon,
+    /// which sends it to its client once the first fragment has passed.
+    /// (This slot counted outbound later fragments without their first
+    /// while those were dropped, and every inner fragment before fragments
     /// were translated.)
     FragmentUnmatched,
     /// Inner protocol or ICMP type the gateway does not translate.
@@ -91,10 +94,15 @@ pub enum Reason {
     /// Outbound: as `Translated`, through another peer than the flow's
     /// (its tunnel failed over): the flow and its replies move to it.
     PeerMoved,
+    /// Outbound: a later fragment whose datagram's first fragment the
+    /// gateway has not seen (it is still on the way, came through another
+    /// peer, or its flow has gone): translated by address alone, as every
+    /// client has one translation address, and counted in no flow.
+    FragmentAhead,
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::PeerMoved as u32 + 1;
+    pub const COUNT: u32 = Reason::FragmentAhead as u32 + 1;
 
     /// Size of the pinned counter array: room for reasons added later, so
     /// an upgrade keeps its counters. New reasons are appended, never
@@ -133,6 +141,7 @@ impl Reason {
         Reason::BadHeader,
         Reason::IcmpErrorNoFlow,
         Reason::PeerMoved,
+        Reason::FragmentAhead,
     ];
 
     /// Stable snake_case name, used in logs and metric labels.
@@ -169,6 +178,7 @@ impl Reason {
             Reason::BadHeader => "bad_header",
             Reason::IcmpErrorNoFlow => "icmp_error_no_flow",
             Reason::PeerMoved => "peer_moved",
+            Reason::FragmentAhead => "fragment_ahead",
         }
     }
 
@@ -179,10 +189,13 @@ impl Reason {
             | Reason::NewFlow
             | Reason::ReverseHit
             | Reason::IcmpErrorRelayed
-            | Reason::PeerMoved => Verdict::Forwarded,
-            Reason::NoNeighbour | Reason::NotIpv4 | Reason::NotOurs | Reason::KernelFragments => {
-                Verdict::Passed
-            }
+            | Reason::PeerMoved
+            | Reason::FragmentAhead => Verdict::Forwarded,
+            Reason::NoNeighbour
+            | Reason::NotIpv4
+            | Reason::NotOurs
+            | Reason::KernelFragments
+            | Reason::FragmentUnmatched => Verdict::Passed,
             _ => Verdict::Dropped,
         }
     }

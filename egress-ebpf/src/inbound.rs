@@ -4,7 +4,7 @@
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use egress_common::{
-    config::{Config, OUTER_TTL},
+    config::Config,
     flow::{DIR_IN, FlowKey, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP},
     fragment::{FragKey, Fragment},
     headers::{Ipv4, is_icmp_error},
@@ -60,9 +60,13 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
         0
     };
     let (found, key) = if later {
-        // Without its first fragment's entry a later fragment may well be
-        // the host's own: the kernel reassembles (or expires) it.
-        let flow = frag::find(&datagram).ok_or(Reason::NotOurs)?;
+        let Some(flow) = frag::find(&datagram) else {
+            // Its first fragment is still to come, or it is the host's own:
+            // the kernel reassembles (or expires) it, and a copy waits in
+            // the daemon for a first fragment to translate it after.
+            frag::hold(hook, cfg, len);
+            return Err(Reason::FragmentUnmatched.into());
+        };
         let key = flow.in_key();
         (Found::Table(flow, None), key)
     } else {
@@ -157,26 +161,17 @@ pub fn encapsulate<H: Hook>(
     // SAFETY: copies out of the packet.
     let (orig, inner) = unsafe { (*pkt.get::<EthHdr>(0)?, *pkt.get::<Ipv4Hdr>(ETH_LEN)?) };
     let df = has_df(&inner);
-    let outer = Ipv4 {
-        // RFC 2003: TOS and DF copied from the inner header, our TTL.
-        tos: inner.tos,
-        // No overflow: checked by `route_to_peer`.
-        tot_len: inner.tot_len().wrapping_add(IP_LEN as u16),
-        // Only a datagram that may be fragmented needs an ID of its own;
-        // one with DF gets 0, as Linux gives packets no socket owns
-        // (RFC 6864: any value will do), which spares a helper call.
-        // SAFETY: no preconditions.
-        id: if df {
-            0
-        } else {
-            unsafe { bpf_get_prandom_u32() as u16 }
-        },
-        df,
-        ttl: OUTER_TTL,
-        proto: IPPROTO_IPIP,
-        src: cfg.tunnel_local,
-        dst: peer,
+    // Only a datagram that may be fragmented needs an ID of its own; one
+    // with DF gets 0, as Linux gives packets no socket owns (RFC 6864: any
+    // value will do), which spares a helper call.
+    // SAFETY: no preconditions.
+    let id = if df {
+        0
+    } else {
+        unsafe { bpf_get_prandom_u32() as u16 }
     };
+    // No overflow of the length: checked by `route_to_peer`.
+    let outer = Ipv4::tunnel(inner.tos, inner.tot_len(), df, id, cfg.tunnel_local, peer);
     hook.adjust_head(-(IP_LEN as i32))?;
     let pkt = hook.packet();
     // SAFETY: the only live reference into the packet.

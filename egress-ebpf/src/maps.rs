@@ -3,7 +3,7 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 use egress_common::{
     config::{Config, MAX_CLIENT_RANGES, MAX_PEERS},
@@ -48,10 +48,16 @@ pub static CLIENT_FLOWS: HashMap<[u8; 4], u64> = HashMap::pinned(1024, BPF_F_NO_
 /// datagram (as a lost fragment would), and a flood of fragments only
 /// evicts other fragments' entries, never flows. Entries older than the
 /// reassembly time are ignored where they are read, so nothing sweeps
-/// them: the LRU reuses them. Not pinned: a restart loses only datagrams
-/// in flight.
+/// them: the LRU reuses them. Pinned, so that a reload of the programs
+/// writes where the daemon reads (`egress_user::reorder`).
 #[map]
-pub static FRAGMENTS: LruHashMap<FragKey, FragEntry> = LruHashMap::with_max_entries(16384, 0);
+pub static FRAGMENTS: LruHashMap<FragKey, FragEntry> = LruHashMap::pinned(16384, 0);
+
+/// Returning later fragments that came before their first, for the
+/// daemon (see `frag::hold`): about 170 of them. Pinned, so that a reload
+/// of the programs writes where the daemon reads.
+#[map]
+pub static HELD_FRAGMENTS: RingBuf = RingBuf::pinned(256 * 1024, 0);
 
 /// Remembered FIB answers, a direct-mapped cache per CPU (see
 /// `egress_common::route`). Not pinned: a new program starts with none.

@@ -72,10 +72,11 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
     };
 
     let existing = if later {
-        // Only through its first fragment's flow, from the same peer: a
-        // later fragment never creates state.
-        let flow = frag::find(&inner.datagram()).filter(|f| f.peer_addr == inner.peer);
-        Some(Found::Table(flow.ok_or(Reason::FragmentUnmatched)?, None))
+        // Through its first fragment's flow, from the same peer; without
+        // one it is translated by address alone (below).
+        frag::find(&inner.datagram())
+            .filter(|f| f.peer_addr == inner.peer)
+            .map(|f| Found::Table(f, None))
     } else {
         flow_cache::find(&key, flags)
     };
@@ -104,6 +105,11 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
     }
     let (mut found, mut reason) = match existing {
         Some(f) => (f, Reason::Translated),
+        // Its first fragment is still on the way (reordered), came through
+        // another peer, or its flow is gone: a later fragment has no ports,
+        // and its client has one translation address (RFC 4787 REQ-14:
+        // fragments out of order are translated, without creating state).
+        None if later => return forward(hook, &hop, nat_addr, None, Reason::FragmentAhead),
         None => match state::create(&key, inner.peer, cfg, clock::now()) {
             Ok(()) => (
                 Found::created(&key).ok_or(Reason::Internal)?,
@@ -141,14 +147,27 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
         mss::clamp(hook, L4, usize::from(inner.len) - IP_LEN, cfg.mss)?;
     }
 
+    let port = if later { None } else { Some(nat_port) };
+    forward(hook, &hop, nat_addr, port, reason)
+}
+
+/// Translates the inner packet's source to `nat_addr` (and `port`, unless
+/// it is a later fragment), decapsulates it and sends it toward `hop`.
+#[inline(always)]
+fn forward<H: Hook>(
+    hook: &mut H,
+    hop: &NextHop,
+    nat_addr: [u8; 4],
+    port: Option<[u8; 2]>,
+    reason: Reason,
+) -> Result<Outcome, Outcome> {
     // SAFETY: a copy, taken while the packet view is valid.
     let orig: EthHdr = unsafe { *hook.packet().get::<EthHdr>(0)? };
     // The kernel's forwarding path decrements the TTL itself.
     let dec_ttl = matches!(hop, NextHop::Resolved { .. });
-    let port = if later { None } else { Some(nat_port) };
     l4::translate(hook, INNER, Side::Src, nat_addr, port, dec_ttl)?;
     hook.adjust_head(IP_LEN as i32)?;
-    send(hook.packet(), &hop, &orig, reason)
+    send(hook.packet(), hop, &orig, reason)
 }
 
 /// Whether the peer may tunnel to us and the inner source may be translated

@@ -80,6 +80,12 @@ pub trait Hook {
     /// Removes (`delta > 0`) or adds (`delta < 0`) bytes right after the
     /// Ethernet header; the caller then rewrites the Ethernet header.
     fn adjust_head(&mut self, delta: i32) -> Result<(), Reason>;
+    /// Copies `len` bytes of the packet from `offset` to `to`, wherever
+    /// they lie (an skb's fragments too).
+    ///
+    /// # Safety
+    /// `to` must be valid for `len` bytes of writes.
+    unsafe fn load_bytes(&self, offset: usize, to: *mut u8, len: usize) -> Result<(), Reason>;
     /// Cuts the packet to `len` bytes (never longer than it is).
     fn truncate(&mut self, len: usize) -> Result<(), Reason>;
     /// Updates a TCP or UDP checksum after a rewrite of 2 bytes of the

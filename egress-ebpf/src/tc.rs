@@ -12,7 +12,7 @@ use aya_ebpf::{
         BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, TC_ACT_UNSPEC,
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
-    helpers::bpf_redirect,
+    helpers::{bpf_redirect, bpf_skb_load_bytes},
     macros::classifier,
     programs::TcContext,
 };
@@ -85,6 +85,15 @@ impl Hook for Tc {
         self.0
             .adjust_room(-delta, BPF_ADJ_ROOM_MAC, flags)
             .map_err(|_| Reason::Internal)
+    }
+
+    #[inline(always)]
+    unsafe fn load_bytes(&self, offset: usize, to: *mut u8, len: usize) -> Result<(), Reason> {
+        // SAFETY: the caller's `to` takes `len` bytes.
+        match unsafe { bpf_skb_load_bytes(self.0.as_ptr(), offset as u32, to.cast(), len as u32) } {
+            0 => Ok(()),
+            _ => Err(Reason::Internal),
+        }
     }
 
     #[inline(always)]

@@ -5,7 +5,7 @@ use core::ffi::c_void;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::xdp_action,
-    helpers::{bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    helpers::{bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes},
     macros::xdp,
     programs::XdpContext,
 };
@@ -39,6 +39,15 @@ impl Hook for Xdp {
     fn adjust_head(&mut self, delta: i32) -> Result<(), Reason> {
         // SAFETY: the caller re-reads the packet afterwards.
         match unsafe { bpf_xdp_adjust_head(self.0.ctx, delta) } {
+            0 => Ok(()),
+            _ => Err(Reason::Internal),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn load_bytes(&self, offset: usize, to: *mut u8, len: usize) -> Result<(), Reason> {
+        // SAFETY: the caller's `to` takes `len` bytes.
+        match unsafe { bpf_xdp_load_bytes(self.0.ctx, offset as u32, to.cast(), len as u32) } {
             0 => Ok(()),
             _ => Err(Reason::Internal),
         }

@@ -31,6 +31,7 @@ const INTERNET: Ipv4Addr = Ipv4Addr::new(1, 1, 1, 1);
 
 /// Capability bits (linux/capability.h).
 const CAP_NET_ADMIN: u32 = 12;
+const CAP_NET_RAW: u32 = 13;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
@@ -288,6 +289,7 @@ fn privileges(r: &mut Report, facts: &Facts) {
     let missing: Vec<&str> = [
         (CAP_BPF, "CAP_BPF"),
         (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+        (CAP_NET_RAW, "CAP_NET_RAW"),
         (CAP_PERFMON, "CAP_PERFMON"),
     ]
     .into_iter()
@@ -295,7 +297,7 @@ fn privileges(r: &mut Report, facts: &Facts) {
     .map(|(_, name)| name)
     .collect();
     match missing.is_empty() {
-        true => r.ok("privileges: CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON"),
+        true => r.ok("privileges: CAP_BPF, CAP_NET_ADMIN, CAP_NET_RAW, CAP_PERFMON"),
         false => r.problem(
             format!("missing capabilities: {}", missing.join(", ")),
             "run as root, or under packaging/egress.service, which grants exactly what is needed",
@@ -532,7 +534,11 @@ mod tests {
             kernel: "6.18.44-generic".into(),
             btf: true,
             jit: Some(true),
-            caps: (1 << CAP_BPF) | (1 << CAP_NET_ADMIN) | (1 << CAP_PERFMON) | (1 << CAP_SYS_ADMIN),
+            caps: (1 << CAP_BPF)
+                | (1 << CAP_NET_ADMIN)
+                | (1 << CAP_NET_RAW)
+                | (1 << CAP_PERFMON)
+                | (1 << CAP_SYS_ADMIN),
             bpffs: Placement::OnBpffs,
             state_present: false,
             ip_forward: Some(true),
@@ -604,7 +610,7 @@ mod tests {
             (|f| f.btf = false, &["BTF", "CONFIG_DEBUG_INFO_BTF"]),
             (
                 |f| f.caps = 1 << CAP_SYS_ADMIN,
-                &["CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON", "root"],
+                &["CAP_BPF, CAP_NET_ADMIN, CAP_NET_RAW, CAP_PERFMON", "root"],
             ),
             (
                 |f| f.bpffs = Placement::Elsewhere,

@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{
-        Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray,
+        Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf,
         lpm_trie::Key,
     },
     programs::{
@@ -32,7 +32,7 @@ use egress_common::{
 use crate::{
     admission::Admission,
     clsact::{self, Clsact},
-    inspect, netif, pinning,
+    inspect, netif, pinning, reorder,
     settings::{AttachMode, PortRange},
 };
 
@@ -150,7 +150,7 @@ impl Datapath {
                 {
                     anyhow::Error::new(e).context(
                         "cannot load the eBPF programs: needs root or CAP_BPF + CAP_PERFMON + \
-                         CAP_NET_ADMIN",
+                         CAP_NET_ADMIN + CAP_NET_RAW",
                     )
                 }
                 e => anyhow::Error::new(e).context(
@@ -378,14 +378,29 @@ impl Datapath {
         })
     }
 
+    /// What the daemon reads to send on returning fragments that came
+    /// before their first, on handles of their own (pinned maps: valid
+    /// across reloads).
+    pub fn reorder_maps(&self) -> anyhow::Result<reorder::Maps> {
+        Ok(reorder::Maps {
+            ring: RingBuf::try_from(self.own("HELD_FRAGMENTS")?)?,
+            fragments: HashMap::try_from(self.own("FRAGMENTS")?)?,
+            flows: HashMap::try_from(self.own("FLOWS")?)?,
+        })
+    }
+
     /// A handle of its own on the map `name`.
     fn own(&self, name: &str) -> anyhow::Result<Map> {
         let map = self
             .ebpf
             .map(name)
             .with_context(|| format!("{name} map missing from the eBPF object"))?;
-        let (Map::HashMap(data) | Map::PerCpuArray(data)) = map else {
-            anyhow::bail!("{name} is neither a hash map nor a per-CPU array");
+        let (Map::HashMap(data)
+        | Map::LruHashMap(data)
+        | Map::PerCpuArray(data)
+        | Map::RingBuf(data)) = map
+        else {
+            anyhow::bail!("{name} is not a map the daemon reads on a handle of its own");
         };
         let fd = data.fd().as_fd().try_clone_to_owned()?;
         Ok(Map::from_map_data(MapData::from_fd(fd)?)?)

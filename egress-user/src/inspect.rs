@@ -50,7 +50,7 @@ impl Pinned {
                 .and_then(Map::from_map_data)
                 .with_context(|| format!("cannot open {} (needs root or CAP_BPF)", path.display()))
         };
-        let [flows, mappings, clients, stats, cache] = pinning::PINNED_MAPS;
+        let [flows, mappings, clients, stats, cache, ..] = pinning::PINNED_MAPS;
         let format = |name: &str| format!("{name} in {} has another format", dir.display());
         Ok(Self {
             flows: HashMap::try_from(open(flows)?).with_context(|| format(flows))?,

@@ -17,6 +17,7 @@ pub mod netif;
 pub mod netlink;
 pub mod notify;
 pub mod pinning;
+pub mod reorder;
 pub mod settings;
 pub mod sweeper;
 pub mod sysctl;

@@ -14,6 +14,7 @@ use egress_user::{
     metrics::{self, Collector},
     netlink::HostEvents,
     notify::{self, Notifier},
+    reorder::Reorder,
     settings::Settings,
     sweeper::Sweeper,
 };
@@ -211,6 +212,8 @@ async fn serve(
         tokio::spawn(metrics::serve(listener, collector.clone()));
         collector
     });
+    let reorder = Reorder::new(gateway.datapath().reorder_maps()?, collector.clone())?;
+    tokio::spawn(reorder.run());
     // Stopped when dropped, on the way out.
     let _sweeper = Sweeper::start(
         gateway.datapath().state()?,

@@ -20,6 +20,7 @@ use tokio::{
 use crate::{
     gc::Sweep,
     inspect::{Conn, Pinned},
+    reorder,
 };
 
 /// Upper bounds of the RTT histogram buckets, in seconds.
@@ -46,6 +47,8 @@ pub struct Collector {
     port_capacity: u64,
     seen: Mutex<Seen>,
     gc: Mutex<GcTotals>,
+    /// Held fragments by [`reorder::Outcome`], in the order of its `ALL`.
+    held: Mutex<[u64; reorder::Outcome::ALL.len()]>,
 }
 
 /// What earlier scrapes observed, so each flow is counted once.
@@ -180,6 +183,7 @@ impl Collector {
             port_capacity,
             seen: Mutex::new(seen),
             gc: Mutex::default(),
+            held: Mutex::default(),
         }
     }
 
@@ -190,6 +194,12 @@ impl Collector {
         gc.last = sweep.took;
         gc.flows_expired += sweep.expired as u64;
         gc.mappings_expired += sweep.mappings_expired as u64;
+    }
+
+    /// Records what became of a held fragment.
+    pub fn record_held(&self, outcome: reorder::Outcome) {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        held[outcome as usize] += 1;
     }
 
     /// The metrics in Prometheus text format (0.0.4).
@@ -244,6 +254,20 @@ impl Collector {
                 "gauge",
                 "How long the last sweep took.",
                 gc.last.as_secs_f64(),
+            );
+        }
+        t.family(
+            "egress_held_fragments_total",
+            "counter",
+            "Returning later fragments that came before their first, held by the daemon, \
+             by what became of them.",
+        );
+        let held = *self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        for (outcome, n) in reorder::Outcome::ALL.into_iter().zip(held) {
+            t.sample(
+                "egress_held_fragments_total",
+                &[("outcome", outcome.as_str())],
+                n,
             );
         }
 

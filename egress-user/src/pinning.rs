@@ -15,7 +15,15 @@ pub const DEFAULT_STATE_DIR: &str = "/sys/fs/bpf/egress";
 /// Where the BPF filesystem lives when the host has one.
 pub const BPFFS: &str = "/sys/fs/bpf";
 /// The maps the data path pins (the `#[map]`s declared `pinned`).
-pub const PINNED_MAPS: [&str; 5] = ["FLOWS", "MAPPINGS", "CLIENT_FLOWS", "STATS", "FLOW_CACHE"];
+pub const PINNED_MAPS: [&str; 7] = [
+    "FLOWS",
+    "MAPPINGS",
+    "CLIENT_FLOWS",
+    "STATS",
+    "FLOW_CACHE",
+    "FRAGMENTS",
+    "HELD_FRAGMENTS",
+];
 
 /// A daemon's sole use of a state directory: an exclusive `flock` on it,
 /// which the kernel releases when the process ends, however it ends. Two

@@ -16,6 +16,10 @@ use tests::echo::{Reply, UdpClient, tcp_request, tcp_server, udp_request, udp_se
 use tests::topology::large_page;
 use tests::{Attach, Daemon, Stack, egress_bin, exec, in_netns, require_root};
 
+#[path = "packets/frames.rs"]
+#[allow(dead_code)]
+mod frames;
+
 const ECHO_PORT: u16 = 9000;
 const CONNECTIONS: usize = 50;
 
@@ -50,6 +54,7 @@ in_every_mode!(
     ping_with_df_fits_the_tunnel_mtu_exactly,
     large_replies_arrive_or_teach_the_server_the_tunnel_mtu,
     fragmented_udp_crosses_both_ways,
+    reply_fragments_arriving_last_first_reach_the_client,
     syn_mss_is_clamped_to_fit_the_tunnel,
     udp_to_a_closed_client_port_is_refused_by_the_translation,
 );
@@ -407,6 +412,58 @@ fn fragmented_udp_crosses_both_ways(stack: &Stack) -> Result<()> {
     ensure!(
         (packets("out"), packets("in")) == (Some(3), Some(3)),
         "fragments counted: {row}"
+    );
+    Ok(())
+}
+
+/// A reply datagram whose fragments reach the gateway last first, as
+/// reordering on the way may deliver them: the later fragments find no
+/// first fragment to follow, so the data path hands the daemon a copy of
+/// each, and the daemon sends them on once the first has passed. The
+/// client must get the datagram whole.
+fn reply_fragments_arriving_last_first_reach_the_client(stack: &Stack) -> Result<()> {
+    let server_at = SocketAddr::from((SERVER_IP, ECHO_PORT));
+    let (server, raw) = in_netns(&stack.topo.server, || -> std::io::Result<_> {
+        let raw = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
+        )?;
+        Ok((UdpSocket::bind(server_at)?, raw))
+    })??;
+    let client = in_netns(&stack.topo.client, || UdpSocket::bind((CLIENT_TUN_IP, 0)))??;
+    for sock in [&server, &client] {
+        sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+    }
+    // The client's datagram creates the flow; the server learns its
+    // translation.
+    client.send_to(b"hello", server_at)?;
+    let mut buf = vec![0; 65536];
+    let (_, SocketAddr::V4(seen)) = server.recv_from(&mut buf)? else {
+        anyhow::bail!("the server saw an IPv6 source");
+    };
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i % 249) as u8).collect();
+    let reply = frames::L4::Udp {
+        sport: ECHO_PORT,
+        dport: seen.port(),
+        payload: &payload,
+    };
+    let ip = frames::Ip {
+        df: false,
+        ..frames::Ip::new(SERVER_IP.octets(), seen.ip().octets())
+    };
+    // Pieces that fit the tunnel, sent by hand, last first.
+    let pieces = frames::fragment(&frames::ip_packet(ip, reply), &[1200, 2400]);
+    for piece in pieces.iter().rev() {
+        raw.send_to(piece, &std::net::SocketAddrV4::new(*seen.ip(), 0).into())?;
+    }
+    let (n, from) = client
+        .recv_from(&mut buf)
+        .context("the reordered reply did not arrive")?;
+    ensure!(from == server_at, "reply from {from}");
+    ensure!(
+        buf[..n] == payload[..],
+        "the reply arrived altered ({n} bytes)"
     );
     Ok(())
 }

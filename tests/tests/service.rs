@@ -29,6 +29,7 @@ fn directive(key: &str) -> Result<&'static str> {
 fn cap_bit(name: &str) -> Result<u32> {
     Ok(match name {
         "CAP_NET_ADMIN" => 12,
+        "CAP_NET_RAW" => 13,
         "CAP_SYS_ADMIN" => 21,
         "CAP_PERFMON" => 38,
         "CAP_BPF" => 39,

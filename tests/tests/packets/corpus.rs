@@ -391,7 +391,7 @@ fn random_and_mutated_frames_get_defined_verdicts_and_well_formed_output(hook: H
         Reason::BadLength,
         Reason::BadHeader,
         Reason::Truncated,
-        Reason::FragmentUnmatched,
+        Reason::FragmentAhead,
         Reason::NestedTunnel,
     ] {
         assert!(

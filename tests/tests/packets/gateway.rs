@@ -414,6 +414,19 @@ impl Gateway {
         }
     }
 
+    /// The copies of returning later fragments the data path handed the
+    /// daemon since the last call: the tunnel address and the IP packet,
+    /// read by the record's layout (`HeldFragment`).
+    pub fn held_fragments(&mut self) -> Vec<([u8; 4], Vec<u8>)> {
+        let mut ring = self.datapath.reorder_maps().unwrap().ring;
+        let mut held = Vec::new();
+        while let Some(record) = ring.next() {
+            let len = usize::from(u16::from_ne_bytes([record[4], record[5]]));
+            held.push((record[..4].try_into().unwrap(), record[8..8 + len].to_vec()));
+        }
+        held
+    }
+
     /// The per-client flow count the data path enforces its cap with.
     pub fn client_flows(&mut self, client: [u8; 4]) -> u64 {
         self.state().clients.get(&client, 0).unwrap_or(0)

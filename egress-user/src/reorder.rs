@@ -1,0 +1,352 @@
+//! Returning later fragments that arrive before their datagram's first
+//! fragment (RFC 4787 REQ-14: a NAT handles fragments out of order).
+//!
+//! Only the first fragment carries the ports that name a flow, and XDP can
+//! neither queue a packet nor send two for one, so the data path passes
+//! such a fragment to the kernel (it may be the host's own: the kernel
+//! reassembles or expires it) and copies it into a ring for this task
+//! (`frag::hold` in the eBPF crate). The task holds the copies; once the
+//! first fragment has passed and left its entry naming the flow, it sends
+//! each on as the data path would have: destination translated back to the
+//! client, our hop on its TTL, encapsulated to the flow's peer, through a
+//! raw socket, routed by the kernel. Copies whose first fragment does not
+//! come within [`HOLD_FOR`] are dropped (the kernel's copy stays).
+
+use std::{
+    collections::VecDeque,
+    net::SocketAddrV4,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use aya::maps::{HashMap, MapData, RingBuf};
+use egress_common::{
+    flow::{DIR_IN, Flow, FlowKey},
+    fragment::{FragEntry, FragKey, HELD_MAX},
+    headers::{IP_DF, IPV4_LEN, Ipv4},
+    rewrite::{self, Side},
+};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{Interest, unix::AsyncFd};
+
+use crate::{gc, metrics::Collector};
+
+/// How long a copy waits for its first fragment: reordering on the way
+/// delays a packet by milliseconds; a first fragment much later than this
+/// would be of little use to the client.
+pub const HOLD_FOR: Duration = Duration::from_secs(2);
+/// Copies held at most (1.5 KiB each); the oldest give way to new ones.
+const MAX_HELD: usize = 1024;
+/// How often held copies look for their first fragment.
+const RECHECK: Duration = Duration::from_millis(1);
+
+/// What became of a held copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Sent on to its client.
+    Sent,
+    /// No first fragment came in time.
+    Expired,
+    /// Given way to newer copies.
+    Overflow,
+    /// Its TTL would run out at this hop, or the kernel refused to send it.
+    Failed,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Sent,
+        Outcome::Expired,
+        Outcome::Overflow,
+        Outcome::Failed,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Sent => "sent",
+            Outcome::Expired => "expired",
+            Outcome::Overflow => "overflow",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// The data path's maps the task reads: the ring of copies, the first
+/// fragments' entries and the flows.
+pub struct Maps {
+    pub ring: RingBuf<MapData>,
+    pub fragments: HashMap<MapData, FragKey, FragEntry>,
+    pub flows: HashMap<MapData, FlowKey, Flow>,
+}
+
+/// A copy waiting for its first fragment.
+struct Held {
+    key: FragKey,
+    since: Instant,
+    tunnel_local: [u8; 4],
+    packet: Vec<u8>,
+}
+
+pub struct Reorder {
+    ring: AsyncFd<RingBuf<MapData>>,
+    fragments: HashMap<MapData, FragKey, FragEntry>,
+    flows: HashMap<MapData, FlowKey, Flow>,
+    socket: Socket,
+    held: VecDeque<Held>,
+    metrics: Option<Arc<Collector>>,
+}
+
+impl Reorder {
+    pub fn new(maps: Maps, metrics: Option<Arc<Collector>>) -> anyhow::Result<Self> {
+        // IPPROTO_RAW: we write the IP header ourselves (IP_HDRINCL); the
+        // kernel fills in nothing but a zero ID.
+        let socket = Socket::new(
+            Domain::IPV4,
+            Type::RAW,
+            Some(Protocol::from(libc::IPPROTO_RAW)),
+        )
+        .context("cannot open a raw socket to send reordered fragments (needs CAP_NET_RAW)")?;
+        Ok(Self {
+            // SAFETY: the ring owns its descriptor (and the memory mapped
+            // from it) and keeps both for as long as the `AsyncFd` holds it.
+            ring: unsafe { AsyncFd::register_with_interest(maps.ring, Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)
+                .context("cannot poll the held fragments' ring")?,
+            fragments: maps.fragments,
+            flows: maps.flows,
+            socket,
+            held: VecDeque::new(),
+            metrics,
+        })
+    }
+
+    /// Takes copies from the ring and sends them on as their first
+    /// fragments pass, until the ring fails.
+    pub async fn run(mut self) {
+        loop {
+            let waiting = !self.held.is_empty();
+            tokio::select! {
+                ready = self.ring.readable_mut() => match ready {
+                    Ok(mut guard) => {
+                        guard.clear_ready();
+                        self.take_new();
+                    }
+                    Err(e) => {
+                        tracing::error!("cannot poll the held fragments' ring: {e}; reordered fragments are no longer sent on");
+                        return;
+                    }
+                },
+                _ = tokio::time::sleep(RECHECK), if waiting => {}
+            }
+            self.send_completed(Instant::now());
+        }
+    }
+
+    fn take_new(&mut self) {
+        let since = Instant::now();
+        let (ring, held) = (self.ring.get_mut(), &mut self.held);
+        let mut overflow = 0;
+        while let Some(record) = ring.next() {
+            let Some(copy) = parse(&record, since) else {
+                continue;
+            };
+            if held.len() == MAX_HELD {
+                held.pop_front();
+                overflow += 1;
+            }
+            held.push_back(copy);
+        }
+        for _ in 0..overflow {
+            self.count(Outcome::Overflow);
+        }
+    }
+
+    /// Sends on the copies whose first fragment has passed; drops those
+    /// that waited [`HOLD_FOR`].
+    fn send_completed(&mut self, now: Instant) {
+        let now_ns = gc::monotonic_ns();
+        let mut outcomes = Vec::new();
+        self.held.retain(|h| {
+            let flow = self
+                .fragments
+                .get(&h.key, 0)
+                .ok()
+                .filter(|e| e.is_fresh(now_ns))
+                .and_then(|e| self.flows.get(&e.flow, 0).ok());
+            let outcome = match flow {
+                Some(flow) => send(&self.socket, h, &flow),
+                None if now.duration_since(h.since) >= HOLD_FOR => Outcome::Expired,
+                None => return true,
+            };
+            outcomes.push(outcome);
+            false
+        });
+        for outcome in outcomes {
+            self.count(outcome);
+        }
+    }
+
+    fn count(&self, outcome: Outcome) {
+        if let Some(m) = &self.metrics {
+            m.record_held(outcome);
+        }
+    }
+}
+
+/// A ring record (`HeldFragment`): the tunnel address, the IP length, and
+/// the fragment.
+fn parse(record: &[u8], since: Instant) -> Option<Held> {
+    let tunnel_local = record.get(..4)?.try_into().ok()?;
+    let len = usize::from(u16::from_ne_bytes(record.get(4..6)?.try_into().ok()?));
+    let packet = record.get(8..8 + len.min(HELD_MAX))?.to_vec();
+    let h = packet.get(..IPV4_LEN)?;
+    let key = FragKey {
+        src: h[12..16].try_into().ok()?,
+        dst: h[16..20].try_into().ok()?,
+        id: [h[4], h[5]],
+        proto: h[9],
+        dir: DIR_IN,
+    };
+    Some(Held {
+        key,
+        since,
+        tunnel_local,
+        packet,
+    })
+}
+
+fn send(socket: &Socket, held: &Held, flow: &Flow) -> Outcome {
+    let Some(packet) = encapsulated(
+        &held.packet,
+        flow.client_addr,
+        flow.peer_addr,
+        held.tunnel_local,
+    ) else {
+        return Outcome::Failed;
+    };
+    let to = SocketAddrV4::new(flow.peer_addr.into(), 0);
+    match socket.send_to(&packet, &to.into()) {
+        Ok(_) => Outcome::Sent,
+        Err(e) => {
+            tracing::debug!("cannot send a reordered fragment to {to}: {e}");
+            Outcome::Failed
+        }
+    }
+}
+
+/// The later fragment `packet` (a plain 20-byte header, checked by the data
+/// path) as the data path sends one that follows its first: the
+/// destination translated back to `client`, our hop on the TTL, and an RFC
+/// 2003 outer header from `tunnel_local` to `peer` (its ID left for the
+/// kernel). `None` if the TTL would run out here.
+pub fn encapsulated(
+    packet: &[u8],
+    client: [u8; 4],
+    peer: [u8; 4],
+    tunnel_local: [u8; 4],
+) -> Option<Vec<u8>> {
+    let mut inner = packet.to_vec();
+    let header: &mut [u8; IPV4_LEN] = inner.get_mut(..IPV4_LEN)?.try_into().ok()?;
+    if header[8] <= 1 {
+        return None;
+    }
+    let (tos, df) = (
+        header[1],
+        u16::from_be_bytes([header[6], header[7]]) & IP_DF != 0,
+    );
+    rewrite::ipv4(header, Side::Dst, client, true);
+    let mut outer = [0u16; IPV4_LEN / 2];
+    let len = u16::try_from(packet.len()).ok()?;
+    Ipv4::tunnel(tos, len, df, 0, tunnel_local, peer).write(&mut outer);
+    let mut out: Vec<u8> = outer.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    out.extend_from_slice(&inner);
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::{IpFragOffset, IpNumber, Ipv4Header};
+
+    const SERVER: [u8; 4] = [203, 0, 113, 10];
+    const NAT: [u8; 4] = [172, 31, 0, 5];
+    const CLIENT: [u8; 4] = [10, 0, 1, 2];
+    const PEER: [u8; 4] = [172, 16, 0, 2];
+    const GW: [u8; 4] = [172, 16, 0, 1];
+
+    /// A later fragment from the server to the translation address.
+    fn later_fragment(ttl: u8, df: bool) -> Vec<u8> {
+        let payload: Vec<u8> = (0..600u32).map(|i| (i % 253) as u8).collect();
+        let mut h = Ipv4Header::new(payload.len() as u16, ttl, IpNumber::UDP, SERVER, NAT).unwrap();
+        h.identification = 0x1234;
+        h.dont_fragment = df;
+        h.dscp = etherparse::IpDscp::try_new(10).unwrap();
+        h.fragment_offset = IpFragOffset::try_new(185).unwrap();
+        h.header_checksum = h.calc_header_checksum();
+        let mut out = h.to_bytes().to_vec();
+        out.extend_from_slice(&payload);
+        out
+    }
+
+    #[test]
+    fn a_held_fragment_leaves_as_the_data_path_sends_a_later_fragment() {
+        for df in [false, true] {
+            let packet = later_fragment(50, df);
+            let out = encapsulated(&packet, CLIENT, PEER, GW).unwrap();
+            let (outer, rest) = Ipv4Header::from_slice(&out).unwrap();
+            assert_eq!((outer.source, outer.destination), (GW, PEER));
+            assert_eq!(outer.protocol, IpNumber::IPV4);
+            assert_eq!(outer.time_to_live, 64);
+            assert_eq!(outer.dont_fragment, df, "DF copied");
+            assert_eq!(outer.dscp.value(), 10, "TOS copied");
+            assert_eq!(usize::from(outer.total_len), out.len());
+            assert_eq!(outer.header_checksum, outer.calc_header_checksum());
+            let (inner, payload) = Ipv4Header::from_slice(rest).unwrap();
+            let (sent, sent_payload) = Ipv4Header::from_slice(&packet).unwrap();
+            let want = Ipv4Header {
+                destination: CLIENT,
+                time_to_live: 49,
+                ..sent.clone()
+            };
+            assert_eq!(
+                Ipv4Header {
+                    header_checksum: 0,
+                    ..inner.clone()
+                },
+                Ipv4Header {
+                    header_checksum: 0,
+                    ..want
+                }
+            );
+            assert_eq!(inner.header_checksum, inner.calc_header_checksum());
+            assert_eq!(payload, sent_payload);
+        }
+    }
+
+    #[test]
+    fn a_held_fragment_whose_ttl_runs_out_here_is_not_sent() {
+        assert!(encapsulated(&later_fragment(1, false), CLIENT, PEER, GW).is_none());
+        assert!(encapsulated(&later_fragment(2, false), CLIENT, PEER, GW).is_some());
+    }
+
+    #[test]
+    fn a_ring_record_gives_the_datagram_the_fragment_belongs_to() {
+        let packet = later_fragment(50, false);
+        let mut record = vec![0; 8 + HELD_MAX];
+        record[..4].copy_from_slice(&GW);
+        record[4..6].copy_from_slice(&(packet.len() as u16).to_ne_bytes());
+        record[8..8 + packet.len()].copy_from_slice(&packet);
+        let held = parse(&record, Instant::now()).unwrap();
+        assert_eq!(held.packet, packet);
+        assert_eq!(held.tunnel_local, GW);
+        let key = FragKey {
+            src: SERVER,
+            dst: NAT,
+            id: [0x12, 0x34],
+            proto: 17,
+            dir: DIR_IN,
+        };
+        assert_eq!(held.key, key);
+    }
+}
