@@ -38,8 +38,12 @@ use crate::{gc, metrics::Collector};
 pub const HOLD_FOR: Duration = Duration::from_secs(2);
 /// Copies held at most (1.5 KiB each); the oldest give way to new ones.
 const MAX_HELD: usize = 1024;
-/// How often held copies look for their first fragment.
-const RECHECK: Duration = Duration::from_millis(1);
+/// A copy looks for its first fragment as it comes, then after waits that
+/// double from the first to the longest: a first fragment close behind
+/// is found within about a millisecond, and a flood of copies whose first
+/// never comes costs a dozen map lookups each, not one every millisecond.
+const FIRST_WAIT: Duration = Duration::from_millis(1);
+const LONGEST_WAIT: Duration = Duration::from_millis(256);
 
 /// What became of a held copy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +90,10 @@ struct Held {
     since: Instant,
     tunnel_local: [u8; 4],
     packet: Vec<u8>,
+    /// When it next looks for its first fragment, and how long it waited
+    /// before that.
+    next_look: Instant,
+    wait: Duration,
 }
 
 pub struct Reorder {
@@ -125,7 +133,7 @@ impl Reorder {
     /// fragments pass, until the ring fails.
     pub async fn run(mut self) {
         loop {
-            let waiting = !self.held.is_empty();
+            let next_look = self.held.iter().map(|h| h.next_look).min();
             tokio::select! {
                 ready = self.ring.readable_mut() => match ready {
                     Ok(mut guard) => {
@@ -137,7 +145,8 @@ impl Reorder {
                         return;
                     }
                 },
-                _ = tokio::time::sleep(RECHECK), if waiting => {}
+                _ = tokio::time::sleep_until(next_look.unwrap_or_else(Instant::now).into()),
+                    if next_look.is_some() => {}
             }
             self.send_completed(Instant::now());
         }
@@ -162,12 +171,15 @@ impl Reorder {
         }
     }
 
-    /// Sends on the copies whose first fragment has passed; drops those
-    /// that waited [`HOLD_FOR`].
+    /// Sends on the copies whose first fragment has passed, of those due to
+    /// look; drops those that waited [`HOLD_FOR`].
     fn send_completed(&mut self, now: Instant) {
         let now_ns = gc::monotonic_ns();
         let mut outcomes = Vec::new();
-        self.held.retain(|h| {
+        self.held.retain_mut(|h| {
+            if now < h.next_look {
+                return true;
+            }
             let flow = self
                 .fragments
                 .get(&h.key, 0)
@@ -177,7 +189,11 @@ impl Reorder {
             let outcome = match flow {
                 Some(flow) => send(&self.socket, h, &flow),
                 None if now.duration_since(h.since) >= HOLD_FOR => Outcome::Expired,
-                None => return true,
+                None => {
+                    h.wait = (h.wait * 2).clamp(FIRST_WAIT, LONGEST_WAIT);
+                    h.next_look = now + h.wait;
+                    return true;
+                }
             };
             outcomes.push(outcome);
             false
@@ -213,6 +229,8 @@ fn parse(record: &[u8], since: Instant) -> Option<Held> {
         since,
         tunnel_local,
         packet,
+        next_look: since,
+        wait: Duration::ZERO,
     })
 }
 
