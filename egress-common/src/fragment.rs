@@ -63,7 +63,8 @@ pub struct FragKey {
 pub struct FragEntry {
     /// The flow half the first fragment went through: its translation (and
     /// for the return direction its peer) applies to the later fragments,
-    /// which are counted in it too.
+    /// which the data path counts in it too (the daemon's held copies it
+    /// does not).
     pub flow: FlowKey,
     /// When the first fragment passed (`bpf_ktime_get_coarse_ns`).
     pub first_ns: u64,
@@ -93,6 +94,19 @@ pub struct HeldFragment {
     pub len: u16,
     pub _pad: [u8; 2],
     pub packet: [u8; HELD_MAX],
+}
+
+impl HeldFragment {
+    /// The tunnel address and the IP packet of a ring record laid out as
+    /// this struct, if it is one.
+    pub fn read(record: &[u8]) -> Option<([u8; 4], &[u8])> {
+        use core::mem::offset_of;
+        let field = |at: usize, len: usize| record.get(at..at.checked_add(len)?);
+        let tunnel_local = field(offset_of!(Self, tunnel_local), 4)?.try_into().ok()?;
+        let len = u16::from_ne_bytes(field(offset_of!(Self, len), 2)?.try_into().ok()?);
+        let packet = field(offset_of!(Self, packet), usize::from(len).min(HELD_MAX))?;
+        Some((tunnel_local, packet))
+    }
 }
 
 #[cfg(feature = "user")]
@@ -131,6 +145,29 @@ mod tests {
         assert!(e.is_fresh(1_000 + FRAGMENT_TIMEOUT_NS - 1));
         assert!(!e.is_fresh(1_000 + FRAGMENT_TIMEOUT_NS));
         assert!(e.is_fresh(0), "a clock read before the entry is no age");
+    }
+
+    #[test]
+    fn a_held_fragment_reads_back_from_its_bytes() {
+        let mut held = HeldFragment {
+            tunnel_local: [10, 1, 1, 10],
+            len: 3,
+            _pad: [0; 2],
+            packet: [0; HELD_MAX],
+        };
+        held.packet[..4].copy_from_slice(&[1, 2, 3, 4]);
+        // SAFETY: a `repr(C)` struct of bytes and a u16, without padding.
+        let bytes = unsafe {
+            core::slice::from_raw_parts(
+                (&raw const held).cast::<u8>(),
+                core::mem::size_of::<HeldFragment>(),
+            )
+        };
+        assert_eq!(
+            HeldFragment::read(bytes),
+            Some(([10, 1, 1, 10], &[1, 2, 3][..]))
+        );
+        assert_eq!(HeldFragment::read(&bytes[..8 + 2]), None, "cut short");
     }
 
     #[test]

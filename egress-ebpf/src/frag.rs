@@ -16,7 +16,7 @@ use crate::{
 
 /// Records that the datagram `key`, whose first fragment this is, belongs
 /// to the flow half `flow`. Best effort: without the entry its later
-/// fragments are dropped as unmatched, like fragments lost on the way.
+/// fragments are treated as ahead of their first (`outbound`, `inbound`).
 #[inline(always)]
 pub fn remember(key: &FragKey, flow: &FlowKey, now: u64) {
     let entry = FragEntry {

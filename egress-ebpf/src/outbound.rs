@@ -71,14 +71,15 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
         0
     };
 
-    let existing = if later {
-        // Through its first fragment's flow, from the same peer; without
-        // one it is translated by address alone (below).
-        frag::find(&inner.datagram())
-            .filter(|f| f.peer_addr == inner.peer)
-            .map(|f| Found::Table(f, None))
+    // A later fragment takes its first fragment's translation, and its
+    // flow from the same peer; without one, its address alone (below).
+    let (existing, first_nat) = if later {
+        let flow = frag::find(&inner.datagram());
+        let nat = flow.as_ref().map(|f| f.nat_addr);
+        let own = flow.filter(|f| f.peer_addr == inner.peer);
+        (own.map(|f| Found::Table(f, None)), nat)
     } else {
-        flow_cache::find(&key, flags)
+        (flow_cache::find(&key, flags), None)
     };
     // Policy was checked when the flow was created; a packet of a known flow
     // from the flow's own peer skips the peer and client map lookups.
@@ -86,7 +87,9 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
         Some(f) if f.flow().peer_addr == inner.peer => f.flow().nat_addr,
         _ => {
             allowed(&inner, cfg)?;
-            cfg.snat_for(key.src)
+            // Every mapping of a client has its address, but for a pool
+            // changed under it (until the sweep retires it).
+            first_nat.unwrap_or_else(|| cfg.snat_for(key.src))
         }
     };
     // Only now that the sender is known to be ours: we are a router hop, so

@@ -289,19 +289,24 @@ fn privileges(r: &mut Report, facts: &Facts) {
     let missing: Vec<&str> = [
         (CAP_BPF, "CAP_BPF"),
         (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
-        (CAP_NET_RAW, "CAP_NET_RAW"),
         (CAP_PERFMON, "CAP_PERFMON"),
     ]
     .into_iter()
     .filter(|&(cap, _)| !has_cap(facts.caps, cap))
     .map(|(_, name)| name)
     .collect();
-    match missing.is_empty() {
-        true => r.ok("privileges: CAP_BPF, CAP_NET_ADMIN, CAP_NET_RAW, CAP_PERFMON"),
-        false => r.problem(
-            format!("missing capabilities: {}", missing.join(", ")),
-            "run as root, or under packaging/egress.service, which grants exactly what is needed",
-        ),
+    const FIX: &str =
+        "run as root, or under packaging/egress.service, which grants exactly what is needed";
+    if !missing.is_empty() {
+        r.problem(format!("missing capabilities: {}", missing.join(", ")), FIX);
+    } else if !has_cap(facts.caps, CAP_NET_RAW) {
+        r.warn(
+            "missing CAP_NET_RAW: returning fragments that come before their first would not \
+             be sent on to their client",
+            FIX,
+        );
+    } else {
+        r.ok("privileges: CAP_BPF, CAP_NET_ADMIN, CAP_NET_RAW, CAP_PERFMON");
     }
 }
 
@@ -610,7 +615,7 @@ mod tests {
             (|f| f.btf = false, &["BTF", "CONFIG_DEBUG_INFO_BTF"]),
             (
                 |f| f.caps = 1 << CAP_SYS_ADMIN,
-                &["CAP_BPF, CAP_NET_ADMIN, CAP_NET_RAW, CAP_PERFMON", "root"],
+                &["CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON", "root"],
             ),
             (
                 |f| f.bpffs = Placement::Elsewhere,
@@ -743,6 +748,17 @@ mod tests {
             "{warnings:?}"
         );
         assert!(warnings[0].contains("/etc/sysctl.d/"), "{warnings:?}");
+    }
+
+    #[test]
+    fn missing_cap_net_raw_is_a_warning() {
+        let mut facts = good();
+        facts.caps &= !(1 << CAP_NET_RAW);
+        let report = judge(&settings(""), &facts);
+        assert!(at(&report, Level::Problem).is_empty());
+        let warnings = at(&report, Level::Warning);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("CAP_NET_RAW"), "{warnings:?}");
     }
 
     #[test]

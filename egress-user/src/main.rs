@@ -212,8 +212,15 @@ async fn serve(
         tokio::spawn(metrics::serve(listener, collector.clone()));
         collector
     });
-    let reorder = Reorder::new(gateway.datapath().reorder_maps()?, collector.clone())?;
-    tokio::spawn(reorder.run());
+    // Without it the gateway still serves; only returning fragments that
+    // come before their first no longer reach their client.
+    match Reorder::new(gateway.datapath().reorder_maps()?, collector.clone()) {
+        Ok(reorder) => drop(tokio::spawn(reorder.run())),
+        Err(e) => tracing::warn!(
+            "{e:#}: returning fragments that come before their first are not sent on to \
+             their client"
+        ),
+    }
     // Stopped when dropped, on the way out.
     let _sweeper = Sweeper::start(
         gateway.datapath().state()?,

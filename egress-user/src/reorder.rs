@@ -11,6 +11,12 @@
 //! client, our hop on its TTL, encapsulated to the flow's peer, through a
 //! raw socket, routed by the kernel. Copies whose first fragment does not
 //! come within [`HOLD_FOR`] are dropped (the kernel's copy stays).
+//!
+//! The kernel does not fragment what a raw socket sends whole: a copy too
+//! big for the route once encapsulated is cut in two as a router would cut
+//! it (the data path leaves such packets to the kernel's forwarding path,
+//! which fragments the outer packet instead; either way the client gets
+//! the datagram).
 
 use std::{
     collections::VecDeque,
@@ -22,8 +28,9 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{HashMap, MapData, RingBuf};
 use egress_common::{
+    checksum::Incremental,
     flow::{DIR_IN, Flow, FlowKey},
-    fragment::{FragEntry, FragKey, HELD_MAX},
+    fragment::{FragEntry, FragKey, HeldFragment, IP_MF, IP_OFFSET},
     headers::{IP_DF, IPV4_LEN, Ipv4},
     rewrite::{self, Side},
 };
@@ -38,6 +45,9 @@ use crate::{gc, metrics::Collector};
 pub const HOLD_FOR: Duration = Duration::from_secs(2);
 /// Copies held at most (1.5 KiB each); the oldest give way to new ones.
 const MAX_HELD: usize = 1024;
+/// How many times a copy too big for the route may be cut in two: a
+/// 1500-byte fragment fits any route of 600 bytes or more.
+const MAX_CUTS: u32 = 2;
 /// A copy looks for its first fragment as it comes, then after waits that
 /// double from the first to the longest: a first fragment close behind
 /// is found within about a millisecond, and a flood of copies whose first
@@ -54,7 +64,8 @@ pub enum Outcome {
     Expired,
     /// Given way to newer copies.
     Overflow,
-    /// Its TTL would run out at this hop, or the kernel refused to send it.
+    /// Its TTL would run out at this hop, or the kernel refused to send it
+    /// (too big with DF set, say).
     Failed,
 }
 
@@ -84,6 +95,17 @@ pub struct Maps {
     pub flows: HashMap<MapData, FlowKey, Flow>,
 }
 
+/// What a held copy does next.
+#[derive(Debug, PartialEq, Eq)]
+enum Look {
+    /// Its first fragment has passed: send it on.
+    Send,
+    /// No first fragment came in time.
+    Expire,
+    /// Not yet: wait.
+    Wait,
+}
+
 /// A copy waiting for its first fragment.
 struct Held {
     key: FragKey,
@@ -108,13 +130,15 @@ pub struct Reorder {
 impl Reorder {
     pub fn new(maps: Maps, metrics: Option<Arc<Collector>>) -> anyhow::Result<Self> {
         // IPPROTO_RAW: we write the IP header ourselves (IP_HDRINCL); the
-        // kernel fills in nothing but a zero ID.
+        // kernel fills in a zero ID, the checksum and the total length.
         let socket = Socket::new(
             Domain::IPV4,
             Type::RAW,
             Some(Protocol::from(libc::IPPROTO_RAW)),
         )
-        .context("cannot open a raw socket to send reordered fragments (needs CAP_NET_RAW)")?;
+        .context("cannot open a raw socket (needs CAP_NET_RAW)")?;
+        // A full socket buffer costs the copy, never the event loop.
+        socket.set_nonblocking(true)?;
         Ok(Self {
             // SAFETY: the ring owns its descriptor (and the memory mapped
             // from it) and keeps both for as long as the `AsyncFd` holds it.
@@ -157,7 +181,7 @@ impl Reorder {
         let (ring, held) = (self.ring.get_mut(), &mut self.held);
         let mut overflow = 0;
         while let Some(record) = ring.next() {
-            let Some(copy) = parse(&record, since) else {
+            let Some(copy) = Held::new(&record, since) else {
                 continue;
             };
             if held.len() == MAX_HELD {
@@ -186,14 +210,10 @@ impl Reorder {
                 .ok()
                 .filter(|e| e.is_fresh(now_ns))
                 .and_then(|e| self.flows.get(&e.flow, 0).ok());
-            let outcome = match flow {
-                Some(flow) => send(&self.socket, h, &flow),
-                None if now.duration_since(h.since) >= HOLD_FOR => Outcome::Expired,
-                None => {
-                    h.wait = (h.wait * 2).clamp(FIRST_WAIT, LONGEST_WAIT);
-                    h.next_look = now + h.wait;
-                    return true;
-                }
+            let outcome = match (h.look(now, flow.is_some()), flow) {
+                (Look::Send, Some(flow)) => send(&self.socket, h, &flow),
+                (Look::Expire, _) => Outcome::Expired,
+                _ => return true,
             };
             outcomes.push(outcome);
             false
@@ -210,47 +230,113 @@ impl Reorder {
     }
 }
 
-/// A ring record (`HeldFragment`): the tunnel address, the IP length, and
-/// the fragment.
-fn parse(record: &[u8], since: Instant) -> Option<Held> {
-    let tunnel_local = record.get(..4)?.try_into().ok()?;
-    let len = usize::from(u16::from_ne_bytes(record.get(4..6)?.try_into().ok()?));
-    let packet = record.get(8..8 + len.min(HELD_MAX))?.to_vec();
-    let h = packet.get(..IPV4_LEN)?;
-    let key = FragKey {
-        src: h[12..16].try_into().ok()?,
-        dst: h[16..20].try_into().ok()?,
-        id: [h[4], h[5]],
-        proto: h[9],
-        dir: DIR_IN,
-    };
-    Some(Held {
-        key,
-        since,
-        tunnel_local,
-        packet,
-        next_look: since,
-        wait: Duration::ZERO,
-    })
+impl Held {
+    /// The copy in a ring record (a `HeldFragment`), taken at `since`.
+    fn new(record: &[u8], since: Instant) -> Option<Self> {
+        let (tunnel_local, packet) = HeldFragment::read(record)?;
+        let h = packet.get(..IPV4_LEN)?;
+        let key = FragKey {
+            src: h[12..16].try_into().ok()?,
+            dst: h[16..20].try_into().ok()?,
+            id: [h[4], h[5]],
+            proto: h[9],
+            dir: DIR_IN,
+        };
+        Some(Self {
+            key,
+            since,
+            tunnel_local,
+            packet: packet.to_vec(),
+            next_look: since,
+            wait: Duration::ZERO,
+        })
+    }
+
+    /// What to do, looking at `now` (due), whether its first fragment has
+    /// passed; a copy that waits on is due again after a longer wait.
+    fn look(&mut self, now: Instant, first_passed: bool) -> Look {
+        if first_passed {
+            return Look::Send;
+        }
+        if now.duration_since(self.since) >= HOLD_FOR {
+            return Look::Expire;
+        }
+        self.wait = (self.wait * 2).clamp(FIRST_WAIT, LONGEST_WAIT);
+        self.next_look = now + self.wait;
+        Look::Wait
+    }
 }
 
 fn send(socket: &Socket, held: &Held, flow: &Flow) -> Outcome {
-    let Some(packet) = encapsulated(
-        &held.packet,
-        flow.client_addr,
-        flow.peer_addr,
-        held.tunnel_local,
-    ) else {
-        return Outcome::Failed;
-    };
     let to = SocketAddrV4::new(flow.peer_addr.into(), 0);
-    match socket.send_to(&packet, &to.into()) {
-        Ok(_) => Outcome::Sent,
+    match send_fragment(socket, &held.packet, held.tunnel_local, flow, MAX_CUTS) {
+        Ok(()) => Outcome::Sent,
         Err(e) => {
             tracing::debug!("cannot send a reordered fragment to {to}: {e}");
             Outcome::Failed
         }
     }
+}
+
+/// Sends the later fragment `packet` of `flow`, encapsulated from
+/// `tunnel_local`; too big for the route, cut in two (at most `cuts` times
+/// over) unless it has DF set.
+fn send_fragment(
+    socket: &Socket,
+    packet: &[u8],
+    tunnel_local: [u8; 4],
+    flow: &Flow,
+    cuts: u32,
+) -> std::io::Result<()> {
+    let to = SocketAddrV4::new(flow.peer_addr.into(), 0);
+    let out = encapsulated(packet, flow.client_addr, flow.peer_addr, tunnel_local)
+        .ok_or_else(|| std::io::Error::other("its TTL runs out here"))?;
+    match socket.send_to(&out, &to.into()) {
+        Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) && cuts > 0 => {
+            let Some(halves) = split(packet) else {
+                return Err(e);
+            };
+            for half in halves {
+                send_fragment(socket, &half, tunnel_local, flow, cuts - 1)?;
+            }
+            Ok(())
+        }
+        sent => sent.map(drop),
+    }
+}
+
+/// The fragment `packet` (a plain 20-byte header) cut in two fragments of
+/// the same datagram, as a router on the way may cut it (RFC 791): the
+/// first half's data a multiple of 8 bytes, the second keeping the
+/// original's "more fragments". `None` if it has DF set or too little data.
+pub fn split(packet: &[u8]) -> Option<[Vec<u8>; 2]> {
+    let (header, data) = packet.split_at_checked(IPV4_LEN)?;
+    let frags = u16::from_be_bytes([header[6], header[7]]);
+    let half = data.len() / 16 * 8;
+    if frags & IP_DF != 0 || half == 0 {
+        return None;
+    }
+    let offset = frags & IP_OFFSET;
+    let piece = |data: &[u8], frags: u16| {
+        let mut out = header.to_vec();
+        let old = [[out[2], out[3]], [out[6], out[7]]];
+        let len = ((IPV4_LEN + data.len()) as u16).to_be_bytes();
+        let frags = frags.to_be_bytes();
+        out[2..4].copy_from_slice(&len);
+        out[6..8].copy_from_slice(&frags);
+        let check = Incremental::new([out[10], out[11]])
+            .replace2(old[0], len)
+            .replace2(old[1], frags)
+            .finish();
+        out[10..12].copy_from_slice(&check);
+        out.extend_from_slice(data);
+        out
+    };
+    let second = (offset + (half / 8) as u16) | (frags & IP_MF);
+    Some([
+        piece(&data[..half], offset | IP_MF),
+        piece(&data[half..], second),
+    ])
 }
 
 /// The later fragment `packet` (a plain 20-byte header, checked by the data
@@ -351,11 +437,11 @@ mod tests {
     #[test]
     fn a_ring_record_gives_the_datagram_the_fragment_belongs_to() {
         let packet = later_fragment(50, false);
-        let mut record = vec![0; 8 + HELD_MAX];
+        let mut record = vec![0; size_of::<HeldFragment>()];
         record[..4].copy_from_slice(&GW);
         record[4..6].copy_from_slice(&(packet.len() as u16).to_ne_bytes());
         record[8..8 + packet.len()].copy_from_slice(&packet);
-        let held = parse(&record, Instant::now()).unwrap();
+        let held = Held::new(&record, Instant::now()).unwrap();
         assert_eq!(held.packet, packet);
         assert_eq!(held.tunnel_local, GW);
         let key = FragKey {
@@ -366,5 +452,74 @@ mod tests {
             dir: DIR_IN,
         };
         assert_eq!(held.key, key);
+    }
+
+    #[test]
+    fn a_copy_looks_at_once_then_after_doubling_waits_until_it_expires() {
+        let since = Instant::now();
+        let record = {
+            let packet = later_fragment(50, false);
+            let mut r = vec![0; size_of::<HeldFragment>()];
+            r[4..6].copy_from_slice(&(packet.len() as u16).to_ne_bytes());
+            r[8..8 + packet.len()].copy_from_slice(&packet);
+            r
+        };
+        let mut held = Held::new(&record, since).unwrap();
+        assert_eq!(held.next_look, since, "looks as it comes");
+        let mut waits = Vec::new();
+        let mut now = since;
+        while held.look(now, false) == Look::Wait {
+            waits.push(held.wait.as_millis());
+            now = held.next_look;
+        }
+        assert_eq!(&waits[..10], [1, 2, 4, 8, 16, 32, 64, 128, 256, 256]);
+        assert!(now.duration_since(since) >= HOLD_FOR);
+        assert!(now.duration_since(since) < HOLD_FOR + LONGEST_WAIT);
+        assert_eq!(
+            held.look(now, true),
+            Look::Send,
+            "sent whenever its first passed"
+        );
+    }
+
+    #[test]
+    fn a_fragment_too_big_is_cut_in_two_pieces_of_the_same_datagram() {
+        for more in [false, true] {
+            let mut packet = later_fragment(50, false);
+            if more {
+                packet[6] |= 0x20;
+                let (h, _) = Ipv4Header::from_slice(&packet).unwrap();
+                packet[10..12].copy_from_slice(&h.calc_header_checksum().to_be_bytes());
+            }
+            let [a, b] = split(&packet).unwrap();
+            let (sent, data) = Ipv4Header::from_slice(&packet).unwrap();
+            let (ha, da) = Ipv4Header::from_slice(&a).unwrap();
+            let (hb, db) = Ipv4Header::from_slice(&b).unwrap();
+            for (h, bytes) in [(&ha, &a), (&hb, &b)] {
+                assert_eq!(h.header_checksum, h.calc_header_checksum());
+                assert_eq!(usize::from(h.total_len), bytes.len());
+                assert_eq!(
+                    (h.source, h.destination, h.identification, h.protocol),
+                    (
+                        sent.source,
+                        sent.destination,
+                        sent.identification,
+                        sent.protocol
+                    )
+                );
+            }
+            assert_eq!(da.len() % 8, 0);
+            assert_eq!([da, db].concat(), data);
+            assert_eq!(ha.fragment_offset, sent.fragment_offset);
+            assert!(ha.more_fragments);
+            let after = sent.fragment_offset.value() + (da.len() / 8) as u16;
+            assert_eq!(hb.fragment_offset.value(), after);
+            assert_eq!(hb.more_fragments, more, "the second keeps the original's");
+        }
+        assert!(split(&later_fragment(50, true)).is_none(), "DF set");
+        assert!(
+            split(&later_fragment(50, false)[..IPV4_LEN + 15]).is_none(),
+            "too little data"
+        );
     }
 }

@@ -442,7 +442,7 @@ fn reply_fragments_arriving_last_first_reach_the_client(stack: &Stack) -> Result
     let (_, SocketAddr::V4(seen)) = server.recv_from(&mut buf)? else {
         anyhow::bail!("the server saw an IPv6 source");
     };
-    let payload: Vec<u8> = (0..3000u32).map(|i| (i % 249) as u8).collect();
+    let payload: Vec<u8> = (0..3500u32).map(|i| (i % 249) as u8).collect();
     let reply = frames::L4::Udp {
         sport: ECHO_PORT,
         dport: seen.port(),
@@ -452,8 +452,10 @@ fn reply_fragments_arriving_last_first_reach_the_client(stack: &Stack) -> Result
         df: false,
         ..frames::Ip::new(SERVER_IP.octets(), seen.ip().octets())
     };
-    // Pieces that fit the tunnel, sent by hand, last first.
-    let pieces = frames::fragment(&frames::ip_packet(ip, reply), &[1200, 2400]);
+    // Cut by the server's 1500-byte link, sent by hand, last first: the
+    // middle piece, 1500 bytes, no longer fits once encapsulated, so the
+    // daemon cuts it in two.
+    let pieces = frames::fragment(&frames::ip_packet(ip, reply), &[1480, 2960]);
     for piece in pieces.iter().rev() {
         raw.send_to(piece, &std::net::SocketAddrV4::new(*seen.ip(), 0).into())?;
     }

@@ -11,6 +11,7 @@ use std::{
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, TestRunResult, Xdp};
 use egress_common::{
     flow::{DIR_OUT, Flow, FlowKey, Mapping, PortKey},
+    fragment::HeldFragment,
     reason::Reason,
 };
 use egress_user::{
@@ -415,14 +416,13 @@ impl Gateway {
     }
 
     /// The copies of returning later fragments the data path handed the
-    /// daemon since the last call: the tunnel address and the IP packet,
-    /// read by the record's layout (`HeldFragment`).
+    /// daemon since the last call: the tunnel address and the IP packet.
     pub fn held_fragments(&mut self) -> Vec<([u8; 4], Vec<u8>)> {
         let mut ring = self.datapath.reorder_maps().unwrap().ring;
         let mut held = Vec::new();
         while let Some(record) = ring.next() {
-            let len = usize::from(u16::from_ne_bytes([record[4], record[5]]));
-            held.push((record[..4].try_into().unwrap(), record[8..8 + len].to_vec()));
+            let (tunnel_local, packet) = HeldFragment::read(&record).unwrap();
+            held.push((tunnel_local, packet.to_vec()));
         }
         held
     }
