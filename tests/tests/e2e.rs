@@ -21,6 +21,8 @@ use tests::{Attach, Daemon, Stack, egress_bin, exec, in_netns, require_root};
 mod frames;
 
 const ECHO_PORT: u16 = 9000;
+/// Where every scenario's gateway serves its metrics (in its namespace).
+const METRICS: &str = "127.0.0.1:9464";
 const CONNECTIONS: usize = 50;
 
 /// One `#[test]` per attach mode for each scenario, in modules named after
@@ -127,9 +129,10 @@ mod tc_offloaded {
     }
 }
 
-/// Runs `test` against a fresh stack; a failure keeps the daemons' logs.
+/// Runs `test` against a fresh stack, its gateway serving metrics on
+/// [`METRICS`]; a failure keeps the daemons' logs.
 fn with_stack(attach: Attach, test: impl FnOnce(&Stack) -> Result<()>) -> Result<()> {
-    with_stack_args(attach, "", test)
+    with_stack_args(attach, &format!("--metrics {METRICS}"), test)
 }
 
 /// As [`with_stack`], with `extra` gateway arguments.
@@ -467,6 +470,13 @@ fn reply_fragments_arriving_last_first_reach_the_client(stack: &Stack) -> Result
         buf[..n] == payload[..],
         "the reply arrived altered ({n} bytes)"
     );
+    // Two copies held and sent on (the middle one in two pieces).
+    let metrics = exec(
+        &stack.topo.gateway,
+        &format!("curl -sS --max-time 10 http://{METRICS}/metrics"),
+    )?;
+    let sent = "egress_held_fragments_total{outcome=\"sent\"} 2\n";
+    ensure!(metrics.contains(sent), "no {sent:?} in\n{metrics}");
     Ok(())
 }
 
