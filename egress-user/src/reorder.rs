@@ -268,11 +268,11 @@ impl Held {
 }
 
 fn send(socket: &Socket, held: &Held, flow: &Flow) -> Outcome {
-    let to = SocketAddrV4::new(flow.peer_addr.into(), 0);
     match send_fragment(socket, &held.packet, held.tunnel_local, flow, MAX_CUTS) {
         Ok(()) => Outcome::Sent,
         Err(e) => {
-            tracing::debug!("cannot send a reordered fragment to {to}: {e}");
+            let peer = std::net::Ipv4Addr::from(flow.peer_addr);
+            tracing::debug!("cannot send a reordered fragment to {peer}: {e}");
             Outcome::Failed
         }
     }
@@ -393,6 +393,16 @@ mod tests {
         out
     }
 
+    /// A ring record of `packet` held with tunnel address `GW`, laid out by
+    /// hand as `HeldFragment`.
+    fn record(packet: &[u8]) -> Vec<u8> {
+        let mut r = vec![0; size_of::<HeldFragment>()];
+        r[..4].copy_from_slice(&GW);
+        r[4..6].copy_from_slice(&(packet.len() as u16).to_ne_bytes());
+        r[8..8 + packet.len()].copy_from_slice(packet);
+        r
+    }
+
     #[test]
     fn a_held_fragment_leaves_as_the_data_path_sends_a_later_fragment() {
         for df in [false, true] {
@@ -437,11 +447,7 @@ mod tests {
     #[test]
     fn a_ring_record_gives_the_datagram_the_fragment_belongs_to() {
         let packet = later_fragment(50, false);
-        let mut record = vec![0; size_of::<HeldFragment>()];
-        record[..4].copy_from_slice(&GW);
-        record[4..6].copy_from_slice(&(packet.len() as u16).to_ne_bytes());
-        record[8..8 + packet.len()].copy_from_slice(&packet);
-        let held = Held::new(&record, Instant::now()).unwrap();
+        let held = Held::new(&record(&packet), Instant::now()).unwrap();
         assert_eq!(held.packet, packet);
         assert_eq!(held.tunnel_local, GW);
         let key = FragKey {
@@ -457,14 +463,7 @@ mod tests {
     #[test]
     fn a_copy_looks_at_once_then_after_doubling_waits_until_it_expires() {
         let since = Instant::now();
-        let record = {
-            let packet = later_fragment(50, false);
-            let mut r = vec![0; size_of::<HeldFragment>()];
-            r[4..6].copy_from_slice(&(packet.len() as u16).to_ne_bytes());
-            r[8..8 + packet.len()].copy_from_slice(&packet);
-            r
-        };
-        let mut held = Held::new(&record, since).unwrap();
+        let mut held = Held::new(&record(&later_fragment(50, false)), since).unwrap();
         assert_eq!(held.next_look, since, "looks as it comes");
         let mut waits = Vec::new();
         let mut now = since;
