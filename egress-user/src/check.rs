@@ -302,7 +302,8 @@ fn privileges(r: &mut Report, facts: &Facts) {
     } else if !has_cap(facts.caps, CAP_NET_RAW) {
         r.warn(
             "missing CAP_NET_RAW: returning fragments that come before their first would not \
-             be sent on to their client",
+             be sent on to their client, and the path MTU toward the peers not learned (TCP \
+             through a narrower link on the way would stall)",
             FIX,
         );
     } else {

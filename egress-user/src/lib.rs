@@ -16,6 +16,7 @@ pub mod neighbours;
 pub mod netif;
 pub mod netlink;
 pub mod notify;
+pub mod path_mtu;
 pub mod pinning;
 pub mod reorder;
 pub mod settings;

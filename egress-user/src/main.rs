@@ -14,6 +14,7 @@ use egress_user::{
     metrics::{self, Collector},
     netlink::HostEvents,
     notify::{self, Notifier},
+    path_mtu::{self, PathMtu},
     reorder::Reorder,
     settings::Settings,
     sweeper::Sweeper,
@@ -221,13 +222,16 @@ async fn serve(
              their client"
         ),
     }
+    let mut path_mtu = PathMtu::open()
+        .inspect_err(|e| tracing::warn!("{e}: {}", path_mtu::WITHOUT))
+        .ok();
     // Stopped when dropped, on the way out.
     let _sweeper = Sweeper::start(
         gateway.datapath().state()?,
         *timeouts,
         gateway.allowed(),
         GC_INTERVAL,
-        collector,
+        collector.clone(),
     )
     .context("cannot start the garbage collector's thread")?;
     let mut tick = tokio::time::interval(REPORT_INTERVAL);
@@ -255,6 +259,26 @@ async fn serve(
                     tracing::warn!("cannot retire the data path's remembered routes: {e:#}");
                 }
             }
+            reports = mtu_reports(&mut path_mtu) => {
+                let reports = match reports {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!("{e}: closed the path MTU socket: {}", path_mtu::WITHOUT);
+                        path_mtu = None;
+                        continue;
+                    }
+                };
+                path_mtu::tell(&reports);
+                if let Some(c) = &collector {
+                    c.record_tunnel_mtu_errors(reports.len() as u64);
+                }
+                // Remembered routes would answer with the old MTU.
+                if !reports.is_empty()
+                    && let Err(e) = gateway.datapath().routes_changed()
+                {
+                    tracing::warn!("cannot retire the data path's remembered routes: {e:#}");
+                }
+            }
             _ = tick.tick() => match gateway.datapath().stats() {
                 Ok(stats) => refused.report(&stats),
                 Err(e) => tracing::warn!("cannot read the packet counters: {e:#}"),
@@ -263,6 +287,14 @@ async fn serve(
     }
     tracing::info!("signal received, shutting down");
     Ok(())
+}
+
+/// The next path MTU reports, or never without the socket.
+async fn mtu_reports(path_mtu: &mut Option<PathMtu>) -> std::io::Result<Vec<path_mtu::Report>> {
+    match path_mtu {
+        Some(p) => p.reports().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// SIGINT and SIGTERM, each a request to shut down.

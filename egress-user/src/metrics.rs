@@ -4,7 +4,10 @@
 
 use std::{
     fmt::{Display, Write as _},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -49,6 +52,8 @@ pub struct Collector {
     gc: Mutex<GcTotals>,
     /// Held fragments by [`reorder::Outcome`], in the order of its `ALL`.
     held: Mutex<[u64; reorder::Outcome::ALL.len()]>,
+    /// "Fragmentation needed" errors about our tunnel packets.
+    tunnel_mtu_errors: AtomicU64,
 }
 
 /// What earlier scrapes observed, so each flow is counted once.
@@ -184,6 +189,7 @@ impl Collector {
             seen: Mutex::new(seen),
             gc: Mutex::default(),
             held: Mutex::default(),
+            tunnel_mtu_errors: AtomicU64::default(),
         }
     }
 
@@ -200,6 +206,11 @@ impl Collector {
     pub fn record_held(&self, outcome: reorder::Outcome) {
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
         held[outcome as usize] += 1;
+    }
+
+    /// Records `n` "fragmentation needed" about our tunnel packets.
+    pub fn record_tunnel_mtu_errors(&self, n: u64) {
+        self.tunnel_mtu_errors.fetch_add(n, Ordering::Relaxed);
     }
 
     /// The metrics in Prometheus text format (0.0.4).
@@ -270,6 +281,14 @@ impl Collector {
                 n,
             );
         }
+
+        t.single(
+            "egress_tunnel_mtu_errors_total",
+            "counter",
+            "\"Fragmentation needed\" errors from routers on the way to a peer, about our \
+             tunnel packets: each lowers the path MTU toward that peer for 10 minutes.",
+            self.tunnel_mtu_errors.load(Ordering::Relaxed),
+        );
 
         let occupancy = self.pinned.occupancy(flow_entries)?;
         t.family(

@@ -4,13 +4,18 @@
 //! its own topology. Needs root.
 
 use anyhow::{Context as _, Result, ensure};
+use nix::{
+    sched::{CpuSet, sched_setaffinity},
+    unistd::Pid,
+};
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::Path;
 use std::time::Duration;
 use tests::addrs::{
-    CLIENT_EXTRA_IPS, CLIENT_TUN_IP, GATEWAY_IP, HOST_IFACE, HTTP_PORT, INTERNET_CIDR,
-    ROUTER_GATEWAY_IFACE, ROUTER_GATEWAY_IP, SERVER_IP, TUN_IFACE, TUN_MTU,
+    CLIENT_EXTRA_IPS, CLIENT_TUN_IP, CLIENT_UNDERLAY_IP, GATEWAY_IP, HOST_IFACE, HTTP_PORT,
+    INTERNET_CIDR, ROUTER_CLIENT_IFACE, ROUTER_GATEWAY_IFACE, ROUTER_GATEWAY_IP, SERVER_IP,
+    TUN_IFACE, TUN_MTU,
 };
 use tests::echo::{Reply, UdpClient, tcp_request, tcp_server, udp_request, udp_server};
 use tests::topology::large_page;
@@ -55,6 +60,7 @@ in_every_mode!(
     tracepath_shows_the_gateway_hop_and_the_tunnel_mtu,
     ping_with_df_fits_the_tunnel_mtu_exactly,
     large_replies_arrive_or_teach_the_server_the_tunnel_mtu,
+    a_narrower_link_on_the_way_to_the_peer_lowers_the_tunnel_mtu,
     fragmented_udp_crosses_both_ways,
     reply_fragments_arriving_last_first_reach_the_client,
     syn_mss_is_clamped_to_fit_the_tunnel,
@@ -419,6 +425,96 @@ fn fragmented_udp_crosses_both_ways(stack: &Stack) -> Result<()> {
     Ok(())
 }
 
+/// The link between the router and the peer narrowed to 1400 bytes: the
+/// router drops tunnel packets too big for it (DF, copied from the reply)
+/// and answers "fragmentation needed" to the gateway, which must learn the
+/// path MTU toward the peer from it, as the kernel's ipip tunnel does, and
+/// pass it on as 1380 (less our outer header) to the server. Without that,
+/// downloads stall: the server resends segments no one can forward.
+fn a_narrower_link_on_the_way_to_the_peer_lowers_the_tunnel_mtu(stack: &Stack) -> Result<()> {
+    const NARROW: u32 = 1400;
+    let fits = NARROW - 20;
+    let topo = &stack.topo;
+    exec(
+        &topo.router,
+        &format!("ip link set {ROUTER_CLIENT_IFACE} mtu {NARROW}"),
+    )?;
+    exec(
+        &topo.client,
+        &format!("ip link set {HOST_IFACE} mtu {NARROW}"),
+    )?;
+    let client = in_netns(&topo.client, || UdpSocket::bind((CLIENT_TUN_IP, 0)))??;
+    let server = in_netns(&topo.server, || UdpSocket::bind((SERVER_IP, ECHO_PORT)))??;
+    for sock in [&client, &server] {
+        sock.set_read_timeout(Some(Duration::from_secs(3)))?;
+    }
+    client.send_to(b"hello", (SERVER_IP, ECHO_PORT))?;
+    let mut buf = vec![0; 2048];
+    let (_, translated) = server.recv_from(&mut buf)?;
+    server.connect(translated)?;
+    set_pmtu_discovery(&server, libc::IP_PMTUDISC_DO)?;
+    let reply = |ip_len: u32| -> Vec<u8> { (0..ip_len - 28).map(|i| (i % 251) as u8).collect() };
+    // The replies leave from one CPU, and so meet one CPU's remembered
+    // routes at the gateway (the data path remembers routes per CPU). For
+    // the rest of the test: it runs on a thread of its own.
+    let mut one = CpuSet::new();
+    one.set(0)?;
+    sched_setaffinity(Pid::from_raw(0), &one)?;
+
+    // Fits the gateway's link, not the narrow one: lost there, and the
+    // router's error teaches the gateway. The daemon retires the routes
+    // the data path remembers as it counts the error.
+    server.send(&reply(NARROW))?;
+    let counted = "egress_tunnel_mtu_errors_total 1\n";
+    let mut seen = String::new();
+    for _ in 0..50 {
+        seen = metrics(stack)?;
+        if seen.contains(counted) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(seen.contains(counted), "no {counted:?} in\n{seen}");
+    let route = exec(&topo.gateway, &format!("ip route get {CLIENT_UNDERLAY_IP}"))?;
+    ensure!(route.contains(&format!("mtu {NARROW}")), "{route}");
+
+    // The same again: the gateway answers it itself, and the server learns
+    // what fits; a datagram of exactly that size crosses.
+    server.send(&reply(NARROW))?;
+    let mut mtu = 0;
+    for _ in 0..50 {
+        mtu = path_mtu(&server)?;
+        if mtu == fits {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(mtu == fits, "server's path MTU to {translated}: {mtu}");
+    // The error also left EMSGSIZE pending on the socket.
+    server.take_error()?;
+    server.send(&reply(fits))?;
+    let n = client.recv(&mut buf)?;
+    ensure!(buf[..n] == reply(fits)[..], "got {n} bytes");
+
+    // A download, its segments clamped to fit 1500-byte tunnel packets.
+    let page = large_page();
+    let (_http, got) = http_get(stack, page.as_bytes())?;
+    ensure!(
+        got == page.as_bytes(),
+        "download differs ({} bytes)",
+        got.len()
+    );
+    Ok(())
+}
+
+/// The gateway's metrics.
+fn metrics(stack: &Stack) -> Result<String> {
+    exec(
+        &stack.topo.gateway,
+        &format!("curl -sS --max-time 10 http://{METRICS}/metrics"),
+    )
+}
+
 /// A reply datagram whose fragments reach the gateway last first, as
 /// reordering on the way may deliver them: the later fragments find no
 /// first fragment to follow, so the data path hands the daemon a copy of
@@ -471,10 +567,7 @@ fn reply_fragments_arriving_last_first_reach_the_client(stack: &Stack) -> Result
         "the reply arrived altered ({n} bytes)"
     );
     // Two copies held and sent on (the middle one in two pieces).
-    let metrics = exec(
-        &stack.topo.gateway,
-        &format!("curl -sS --max-time 10 http://{METRICS}/metrics"),
-    )?;
+    let metrics = metrics(stack)?;
     let sent = "egress_held_fragments_total{outcome=\"sent\"} 2\n";
     ensure!(metrics.contains(sent), "no {sent:?} in\n{metrics}");
     Ok(())
