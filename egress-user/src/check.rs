@@ -121,6 +121,8 @@ pub struct Facts {
     pub ip_forward: Option<bool>,
     /// `net.ipv4.conf.all.rp_filter`.
     pub rp_filter_all: Option<u32>,
+    /// `net.ipv4.ip_no_pmtu_disc`.
+    pub no_pmtu_disc: Option<u32>,
     /// The gateway's interface, when it exists.
     pub iface: Option<IfaceFacts>,
     /// Every interface's name, to suggest one.
@@ -179,6 +181,8 @@ impl Facts {
             state_present: pinning::has_state(&settings.state_dir),
             ip_forward: read_trimmed(Path::new("/proc/sys/net/ipv4/ip_forward")).map(|v| v != "0"),
             rp_filter_all: read_trimmed(&sysctl::conf_dir("all").join("rp_filter"))
+                .and_then(|v| v.parse().ok()),
+            no_pmtu_disc: read_trimmed(Path::new("/proc/sys/net/ipv4/ip_no_pmtu_disc"))
                 .and_then(|v| v.parse().ok()),
             iface,
             names: netif::names(),
@@ -486,6 +490,16 @@ fn sysctls(r: &mut Report, s: &Settings, facts: &Facts) {
             "echo net.ipv4.ip_forward=1 > /etc/sysctl.d/90-egress.conf && sysctl --system",
         );
     }
+    if let Some(mode) = facts.no_pmtu_disc.filter(|&m| m != 0) {
+        r.warn(
+            format!(
+                "net.ipv4.ip_no_pmtu_disc={mode}: the kernel {} the MTU routers on the way to a \
+                 peer report, so returning packets too big for a narrower link there are lost",
+                if mode == 1 { "takes 552 bytes for" } else { "ignores" }
+            ),
+            "echo net.ipv4.ip_no_pmtu_disc=0 > /etc/sysctl.d/90-egress-pmtu.conf && sysctl --system",
+        );
+    }
 }
 
 fn routes(r: &mut Report, s: &Settings, facts: &Facts) {
@@ -549,6 +563,7 @@ mod tests {
             state_present: false,
             ip_forward: Some(true),
             rp_filter_all: Some(0),
+            no_pmtu_disc: Some(0),
             iface: Some(IfaceFacts {
                 iface: Interface {
                     name: "eth0".into(),
@@ -760,6 +775,20 @@ mod tests {
         let warnings = at(&report, Level::Warning);
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(warnings[0].contains("CAP_NET_RAW"), "{warnings:?}");
+    }
+
+    #[test]
+    fn path_mtu_discovery_off_is_a_warning() {
+        for (mode, says) in [(1, "takes 552"), (2, "ignores"), (3, "ignores")] {
+            let mut facts = good();
+            facts.no_pmtu_disc = Some(mode);
+            let report = judge(&settings(""), &facts);
+            assert!(at(&report, Level::Problem).is_empty());
+            let warnings = at(&report, Level::Warning);
+            assert_eq!(warnings.len(), 1, "{warnings:?}");
+            assert!(warnings[0].contains(says), "{warnings:?}");
+            assert!(warnings[0].contains("ip_no_pmtu_disc=0"), "{warnings:?}");
+        }
     }
 
     #[test]

@@ -223,7 +223,12 @@ async fn serve(
         ),
     }
     let mut path_mtu = PathMtu::open()
-        .inspect_err(|e| tracing::warn!("{e}: {}", path_mtu::WITHOUT))
+        .inspect_err(|e| {
+            tracing::warn!(
+                "cannot open a raw socket for IP protocol 4 (needs CAP_NET_RAW): {e}: {}",
+                path_mtu::WITHOUT
+            )
+        })
         .ok();
     // Stopped when dropped, on the way out.
     let _sweeper = Sweeper::start(
@@ -268,9 +273,15 @@ async fn serve(
                         continue;
                     }
                 };
-                path_mtu::tell(&reports);
+                // Only errors about packets to a peer are about the tunnel.
+                let peers = &gateway.policy().admission.peers;
+                let reports: Vec<_> =
+                    reports.into_iter().filter(|r| peers.contains(&r.peer)).collect();
+                if let Some(p) = path_mtu.as_mut() {
+                    reports.iter().for_each(|r| p.tell(r));
+                }
                 if let Some(c) = &collector {
-                    c.record_tunnel_mtu_errors(reports.len() as u64);
+                    c.record_tunnel_mtu_reports(reports.len() as u64);
                 }
                 // Remembered routes would answer with the old MTU.
                 if !reports.is_empty()

@@ -52,8 +52,8 @@ pub struct Collector {
     gc: Mutex<GcTotals>,
     /// Held fragments by [`reorder::Outcome`], in the order of its `ALL`.
     held: Mutex<[u64; reorder::Outcome::ALL.len()]>,
-    /// "Fragmentation needed" errors about our tunnel packets.
-    tunnel_mtu_errors: AtomicU64,
+    /// "Fragmentation needed" about our tunnel packets to peers.
+    tunnel_mtu_reports: AtomicU64,
 }
 
 /// What earlier scrapes observed, so each flow is counted once.
@@ -189,7 +189,7 @@ impl Collector {
             seen: Mutex::new(seen),
             gc: Mutex::default(),
             held: Mutex::default(),
-            tunnel_mtu_errors: AtomicU64::default(),
+            tunnel_mtu_reports: AtomicU64::default(),
         }
     }
 
@@ -208,9 +208,9 @@ impl Collector {
         held[outcome as usize] += 1;
     }
 
-    /// Records `n` "fragmentation needed" about our tunnel packets.
-    pub fn record_tunnel_mtu_errors(&self, n: u64) {
-        self.tunnel_mtu_errors.fetch_add(n, Ordering::Relaxed);
+    /// Records `n` "fragmentation needed" about our tunnel packets to peers.
+    pub fn record_tunnel_mtu_reports(&self, n: u64) {
+        self.tunnel_mtu_reports.fetch_add(n, Ordering::Relaxed);
     }
 
     /// The metrics in Prometheus text format (0.0.4).
@@ -283,11 +283,12 @@ impl Collector {
         }
 
         t.single(
-            "egress_tunnel_mtu_errors_total",
+            "egress_tunnel_mtu_reports_total",
             "counter",
-            "\"Fragmentation needed\" errors from routers on the way to a peer, about our \
-             tunnel packets: each lowers the path MTU toward that peer for 10 minutes.",
-            self.tunnel_mtu_errors.load(Ordering::Relaxed),
+            "\"Fragmentation needed\" received from routers on the way to a peer about our \
+             tunnel packets: the kernel lowers its path MTU toward the peer from them (`ip \
+             route get PEER` shows the MTU in force).",
+            self.tunnel_mtu_reports.load(Ordering::Relaxed),
         );
 
         let occupancy = self.pinned.occupancy(flow_entries)?;

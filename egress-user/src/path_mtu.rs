@@ -9,8 +9,9 @@
 //! and every flow with replies that big would stall (a PMTU black hole).
 //!
 //! This raw socket for protocol 4 is that handler. The kernel records the
-//! MTU as a route exception toward the peer (for 10 minutes; `ip route get
-//! PEER` shows it), `bpf_fib_lookup` reports it, and the data path answers
+//! MTU as a route exception toward the peer (within its own limits, for
+//! `net.ipv4.route.mtu_expires`; `ip route get PEER` shows it),
+//! `bpf_fib_lookup` reports it, and the data path answers
 //! "fragmentation needed" with that MTU less our header to the Internet host
 //! whose packet was too big, as the kernel's ipip tunnel does. The socket
 //! takes no packets (a filter refuses them all); with `IP_RECVERR` it takes
@@ -18,7 +19,9 @@
 //! routes (they would go on answering with the old MTU) and to tell.
 
 use std::{
+    collections::HashMap,
     io::{self, IoSliceMut},
+    mem::MaybeUninit,
     net::Ipv4Addr,
     os::fd::AsRawFd as _,
     time::Duration,
@@ -44,14 +47,19 @@ const REFUSE_ALL: SockFilter = SockFilter::new(0x06, 0, 0, 0);
 /// Reports are taken at most this often: each retires every remembered
 /// route, and a flood of forged errors must not keep them retired.
 const PACE: Duration = Duration::from_millis(250);
+/// Errors taken off the queue per round: a flood must not hold the
+/// daemon's one thread (the rest wait for the next round).
+const MAX_DRAIN: usize = 256;
+/// How often the same path MTU toward a peer is logged again.
+const RETELL: Duration = Duration::from_secs(60);
 
 /// A router's "fragmentation needed" about one of our tunnel packets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Report {
     /// The quoted packet's destination: the peer.
     pub peer: Ipv4Addr,
-    /// The router's next-hop MTU (0 from a router older than RFC 1191: the
-    /// kernel then guesses one).
+    /// The router's next-hop MTU as it said it (0 from a router older than
+    /// RFC 1191): the kernel takes no less than `net.ipv4.route.min_pmtu`.
     pub mtu: u32,
     /// Who said so.
     pub router: Option<Ipv4Addr>,
@@ -79,6 +87,8 @@ impl Report {
 pub struct PathMtu {
     socket: AsyncFd<Socket>,
     last: Option<Instant>,
+    /// What was last logged for each peer, and when.
+    told: HashMap<Ipv4Addr, (u32, Instant)>,
 }
 
 impl PathMtu {
@@ -92,12 +102,18 @@ impl PathMtu {
         socket.attach_filter(&[REFUSE_ALL])?;
         socket.set_nonblocking(true)?;
         setsockopt(&socket, Ipv4RecvErr, &true)?;
+        // Packets queued before the filter was attached would sit there.
+        while socket.recv(&mut [MaybeUninit::uninit(); 1]).is_ok() {}
         // SAFETY: the socket is owned here and closed only with the AsyncFd.
         let socket = unsafe { AsyncFd::register_with_interest(socket, Interest::ERROR)? };
-        Ok(Self { socket, last: None })
+        Ok(Self {
+            socket,
+            last: None,
+            told: HashMap::new(),
+        })
     }
 
-    /// Waits for errors about our tunnel packets; returns the "fragmentation
+    /// Waits for errors about tunnel packets; returns the "fragmentation
     /// needed" among them (perhaps none: other errors are only drained).
     pub async fn reports(&mut self) -> io::Result<Vec<Report>> {
         if let Some(last) = self.last {
@@ -105,45 +121,55 @@ impl PathMtu {
         }
         let mut guard = self.socket.ready(Interest::ERROR).await?;
         let mut reports = Vec::new();
-        while let Some(report) = queued(guard.get_inner())? {
-            reports.extend(report);
+        for _ in 0..MAX_DRAIN {
+            match queued(guard.get_inner())? {
+                Queued::Report(r) => reports.push(r),
+                Queued::Other => {}
+                Queued::Empty => {
+                    guard.clear_ready();
+                    break;
+                }
+            }
         }
-        guard.clear_ready();
         self.last = Some(Instant::now());
         Ok(reports)
     }
-}
 
-/// Logs what `reports` teach, each path MTU once: a flood of (forged)
-/// errors must not flood the log.
-pub fn tell(reports: &[Report]) {
-    const MAX_TOLD: usize = 8;
-    let mut told: Vec<(Ipv4Addr, u32)> = Vec::new();
-    for r in reports {
-        if told.contains(&(r.peer, r.mtu)) {
-            continue;
+    /// Logs `r`, a report about a peer, unless its MTU was logged for that
+    /// peer within [`RETELL`]: errors come for every packet too big in
+    /// flight, and forged ones as fast as they are sent.
+    pub fn tell(&mut self, r: &Report) {
+        let now = Instant::now();
+        if let Some(&(mtu, at)) = self.told.get(&r.peer)
+            && mtu == r.mtu
+            && now < at + RETELL
+        {
+            return;
         }
-        if told.len() == MAX_TOLD {
-            tracing::warn!("more path MTUs toward peers reported at once than are logged");
-            break;
-        }
-        told.push((r.peer, r.mtu));
-        let router = r.router.map_or_else(|| "?".to_string(), |a| a.to_string());
+        self.told.insert(r.peer, (r.mtu, now));
         tracing::info!(
             peer = %r.peer,
             mtu = r.mtu,
-            %router,
-            "a router on the way to the peer cannot forward tunnel packets over {} bytes: for \
-             10 minutes, returning packets that would not fit once encapsulated are answered \
-             with \"fragmentation needed\"",
-            r.mtu
+            router = ?r.router,
+            "a router reports tunnel packets to the peer must fit {} bytes: while the kernel \
+             keeps that path MTU (`ip route get {}` shows it), returning packets that would \
+             not fit once encapsulated get \"fragmentation needed\"",
+            r.mtu,
+            r.peer
         );
     }
 }
 
-/// Takes the next queued error: `None` once there is none; `Some(None)` for
-/// one that is no "fragmentation needed".
-fn queued(socket: &Socket) -> io::Result<Option<Option<Report>>> {
+/// One error taken off the queue.
+enum Queued {
+    Report(Report),
+    /// Not a "fragmentation needed".
+    Other,
+    /// None left.
+    Empty,
+}
+
+fn queued(socket: &Socket) -> io::Result<Queued> {
     // The quoted packet's first bytes come along; they are not needed.
     let mut buf = [0u8; 64];
     let mut iov = [IoSliceMut::new(&mut buf)];
@@ -151,7 +177,7 @@ fn queued(socket: &Socket) -> io::Result<Option<Option<Report>>> {
     let flags = MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT;
     let msg = match recvmsg::<SockaddrIn>(socket.as_raw_fd(), &mut iov, Some(&mut space), flags) {
         Ok(msg) => msg,
-        Err(nix::Error::EAGAIN) => return Ok(None),
+        Err(nix::Error::EAGAIN) => return Ok(Queued::Empty),
         Err(e) => return Err(e.into()),
     };
     let peer = msg.address.map(|a| a.ip());
@@ -162,7 +188,7 @@ fn queued(socket: &Socket) -> io::Result<Option<Option<Report>>> {
         }
         _ => None,
     });
-    Ok(Some(report))
+    Ok(report.map_or(Queued::Other, Queued::Report))
 }
 
 #[cfg(test)]

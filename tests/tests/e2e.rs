@@ -5,7 +5,7 @@
 
 use anyhow::{Context as _, Result, ensure};
 use nix::{
-    sched::{CpuSet, sched_setaffinity},
+    sched::{CpuSet, sched_getaffinity, sched_setaffinity},
     unistd::Pid,
 };
 use std::collections::HashSet;
@@ -457,15 +457,17 @@ fn a_narrower_link_on_the_way_to_the_peer_lowers_the_tunnel_mtu(stack: &Stack) -
     // The replies leave from one CPU, and so meet one CPU's remembered
     // routes at the gateway (the data path remembers routes per CPU). For
     // the rest of the test: it runs on a thread of its own.
+    let allowed = sched_getaffinity(Pid::from_raw(0))?;
+    let first = (0..CpuSet::count()).find(|&c| allowed.is_set(c).unwrap_or(false));
     let mut one = CpuSet::new();
-    one.set(0)?;
+    one.set(first.context("no CPU to run on")?)?;
     sched_setaffinity(Pid::from_raw(0), &one)?;
 
     // Fits the gateway's link, not the narrow one: lost there, and the
     // router's error teaches the gateway. The daemon retires the routes
     // the data path remembers as it counts the error.
     server.send(&reply(NARROW))?;
-    let counted = "egress_tunnel_mtu_errors_total 1\n";
+    let counted = "egress_tunnel_mtu_reports_total 1\n";
     let mut seen = String::new();
     for _ in 0..50 {
         seen = metrics(stack)?;
@@ -496,7 +498,12 @@ fn a_narrower_link_on_the_way_to_the_peer_lowers_the_tunnel_mtu(stack: &Stack) -
     let n = client.recv(&mut buf)?;
     ensure!(buf[..n] == reply(fits)[..], "got {n} bytes");
 
-    // A download, its segments clamped to fit 1500-byte tunnel packets.
+    // A download, once the server has forgotten: its segments, sized by
+    // the clamp to fill 1500-byte tunnel packets, meet the narrow link, and
+    // the gateway must tell the server again.
+    exec(&topo.server, "ip route flush cache")?;
+    let route = exec(&topo.server, &format!("ip route get {GATEWAY_IP}"))?;
+    ensure!(!route.contains("mtu"), "the server still knows: {route}");
     let page = large_page();
     let (_http, got) = http_get(stack, page.as_bytes())?;
     ensure!(
