@@ -359,16 +359,8 @@ fn ping_with_df_fits_the_tunnel_mtu_exactly(stack: &Stack) -> Result<()> {
 /// whole; with DF the gateway answers "fragmentation needed", and the
 /// server's kernel learns the tunnel's MTU for the translation address.
 fn large_replies_arrive_or_teach_the_server_the_tunnel_mtu(stack: &Stack) -> Result<()> {
-    let topo = &stack.topo;
-    let client = in_netns(&topo.client, || UdpSocket::bind((CLIENT_TUN_IP, 0)))??;
-    client.set_read_timeout(Some(Duration::from_secs(3)))?;
-    let server = in_netns(&topo.server, || UdpSocket::bind((SERVER_IP, ECHO_PORT)))??;
-    server.set_read_timeout(Some(Duration::from_secs(3)))?;
-    client.send_to(b"hello", (SERVER_IP, ECHO_PORT))?;
+    let (client, server) = udp_pair(stack)?;
     let mut buf = vec![0; 2048];
-    let (_, translated) = server.recv_from(&mut buf)?;
-    server.connect(translated)?;
-
     let reply: Vec<u8> = (0..1472u32).map(|i| (i % 251) as u8).collect();
     set_pmtu_discovery(&server, libc::IP_PMTUDISC_DONT)?;
     server.send(&reply)?;
@@ -377,17 +369,37 @@ fn large_replies_arrive_or_teach_the_server_the_tunnel_mtu(stack: &Stack) -> Res
 
     set_pmtu_discovery(&server, libc::IP_PMTUDISC_DO)?;
     server.send(&reply)?;
-    // The error comes back asynchronously.
+    learns_path_mtu(&server, TUN_MTU)
+}
+
+/// A UDP socket on the client and one on the server, connected to the
+/// client's translation, which its first datagram created.
+fn udp_pair(stack: &Stack) -> Result<(UdpSocket, UdpSocket)> {
+    let topo = &stack.topo;
+    let client = in_netns(&topo.client, || UdpSocket::bind((CLIENT_TUN_IP, 0)))??;
+    let server = in_netns(&topo.server, || UdpSocket::bind((SERVER_IP, ECHO_PORT)))??;
+    for sock in [&client, &server] {
+        sock.set_read_timeout(Some(Duration::from_secs(3)))?;
+    }
+    client.send_to(b"hello", (SERVER_IP, ECHO_PORT))?;
+    let (_, translated) = server.recv_from(&mut [0; 16])?;
+    server.connect(translated)?;
+    Ok((client, server))
+}
+
+/// Waits for the connected `sock`'s path MTU to become `want` (an error
+/// comes back asynchronously), and takes the error it left pending.
+fn learns_path_mtu(sock: &UdpSocket, want: u32) -> Result<()> {
     let mut mtu = 0;
     for _ in 0..50 {
-        mtu = path_mtu(&server)?;
-        if mtu == TUN_MTU {
-            break;
+        mtu = path_mtu(sock)?;
+        if mtu == want {
+            sock.take_error()?;
+            return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    ensure!(mtu == TUN_MTU, "server's path MTU to {translated}: {mtu}");
-    Ok(())
+    anyhow::bail!("path MTU to {}: {mtu}, not {want}", sock.peer_addr()?)
 }
 
 /// A datagram larger than the tunnel MTU each way: the client's kernel
@@ -443,15 +455,7 @@ fn a_narrower_link_on_the_way_to_the_peer_lowers_the_tunnel_mtu(stack: &Stack) -
         &topo.client,
         &format!("ip link set {HOST_IFACE} mtu {NARROW}"),
     )?;
-    let client = in_netns(&topo.client, || UdpSocket::bind((CLIENT_TUN_IP, 0)))??;
-    let server = in_netns(&topo.server, || UdpSocket::bind((SERVER_IP, ECHO_PORT)))??;
-    for sock in [&client, &server] {
-        sock.set_read_timeout(Some(Duration::from_secs(3)))?;
-    }
-    client.send_to(b"hello", (SERVER_IP, ECHO_PORT))?;
-    let mut buf = vec![0; 2048];
-    let (_, translated) = server.recv_from(&mut buf)?;
-    server.connect(translated)?;
+    let (client, server) = udp_pair(stack)?;
     set_pmtu_discovery(&server, libc::IP_PMTUDISC_DO)?;
     let reply = |ip_len: u32| -> Vec<u8> { (0..ip_len - 28).map(|i| (i % 251) as u8).collect() };
     // The replies leave from one CPU, and so meet one CPU's remembered
@@ -483,18 +487,9 @@ fn a_narrower_link_on_the_way_to_the_peer_lowers_the_tunnel_mtu(stack: &Stack) -
     // The same again: the gateway answers it itself, and the server learns
     // what fits; a datagram of exactly that size crosses.
     server.send(&reply(NARROW))?;
-    let mut mtu = 0;
-    for _ in 0..50 {
-        mtu = path_mtu(&server)?;
-        if mtu == fits {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    ensure!(mtu == fits, "server's path MTU to {translated}: {mtu}");
-    // The error also left EMSGSIZE pending on the socket.
-    server.take_error()?;
+    learns_path_mtu(&server, fits)?;
     server.send(&reply(fits))?;
+    let mut buf = vec![0; 2048];
     let n = client.recv(&mut buf)?;
     ensure!(buf[..n] == reply(fits)[..], "got {n} bytes");
 
