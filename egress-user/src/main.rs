@@ -159,6 +159,7 @@ fn run(settings: Settings, reset_state: bool) -> anyhow::Result<()> {
                 Pinned::open(&policy.state_dir)?,
                 top_flows,
                 u64::from(policy.ports.max - policy.ports.min) + 1,
+                &policy.admission.peers,
             ));
             tracing::info!(addr = %listener.local_addr()?, "serving metrics on /metrics");
             Some((listener, collector))

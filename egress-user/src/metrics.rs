@@ -4,6 +4,7 @@
 
 use std::{
     fmt::{Display, Write as _},
+    net::Ipv4Addr,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
@@ -48,6 +49,9 @@ pub struct Collector {
     top_flows: usize,
     /// Translation ports per address and protocol.
     port_capacity: u64,
+    /// The configured peers: each has its series, with flows or without
+    /// (an idle peer shows 0, not a gap).
+    peers: Vec<[u8; 4]>,
     seen: Mutex<Seen>,
     gc: Mutex<GcTotals>,
     /// Held fragments by [`reorder::Outcome`], in the order of its `ALL`.
@@ -174,7 +178,7 @@ impl Histogram {
 }
 
 impl Collector {
-    pub fn new(pinned: Pinned, top_flows: usize, port_capacity: u64) -> Self {
+    pub fn new(pinned: Pinned, top_flows: usize, port_capacity: u64, peers: &[Ipv4Addr]) -> Self {
         // The flows a restarted daemon finds were counted (and their round
         // trips observed) by the daemon before it.
         let mut seen = Seen::default();
@@ -186,6 +190,7 @@ impl Collector {
             pinned,
             top_flows,
             port_capacity,
+            peers: peers.iter().map(|p| p.octets()).collect(),
             seen: Mutex::new(seen),
             gc: Mutex::default(),
             held: Mutex::default(),
@@ -335,9 +340,9 @@ impl Collector {
             );
         }
 
-        Self::per_address(&conns, &mut t, "client", |c| c.out.client_addr);
+        Self::per_address(&conns, &mut t, "client", |c| c.out.client_addr, &[]);
         // Which peer carries which flows: after a failover, the flows move.
-        Self::per_address(&conns, &mut t, "peer", |c| c.out.peer_addr);
+        Self::per_address(&conns, &mut t, "peer", |c| c.out.peer_addr, &self.peers);
         self.top(conns, &mut t);
         Ok(t.0)
     }
@@ -374,9 +379,17 @@ impl Collector {
 
     /// Flows and bytes of live flows per address on one side: `label`
     /// (`client` or `peer`, which also names the families) and `addr`, the
-    /// flow's address there.
-    fn per_address(conns: &[Conn], t: &mut Text, label: &str, addr: fn(&Conn) -> [u8; 4]) {
-        let mut sums: FxHashMap<[u8; 4], (u64, u64, u64)> = FxHashMap::default();
+    /// flow's address there; every one of `always` has series, 0 without
+    /// flows.
+    fn per_address(
+        conns: &[Conn],
+        t: &mut Text,
+        label: &str,
+        addr: fn(&Conn) -> [u8; 4],
+        always: &[[u8; 4]],
+    ) {
+        let mut sums: FxHashMap<[u8; 4], (u64, u64, u64)> =
+            always.iter().map(|a| (*a, (0, 0, 0))).collect();
         for c in conns {
             let e = sums.entry(addr(c)).or_default();
             *e = (e.0 + 1, e.1 + c.out.bytes, e.2 + c.inb.bytes);
@@ -386,14 +399,14 @@ impl Collector {
         let flows = format!("egress_{label}_flows");
         t.family(&flows, "gauge", &format!("Live flows per {label} address."));
         for (a, (n, _, _)) in &sums {
-            let a = std::net::Ipv4Addr::from(*a).to_string();
+            let a = Ipv4Addr::from(*a).to_string();
             t.sample(&flows, &[(label, &a)], n);
         }
         let bytes = format!("egress_{label}_flow_bytes");
         let help = format!("Bytes (IP length) carried by each {label}'s live flows, by direction.");
         t.family(&bytes, "gauge", &help);
         for (a, (_, out, back)) in &sums {
-            let a = std::net::Ipv4Addr::from(*a).to_string();
+            let a = Ipv4Addr::from(*a).to_string();
             for (direction, n) in [("out", out), ("in", back)] {
                 t.sample(&bytes, &[(label, &a), ("direction", direction)], n);
             }

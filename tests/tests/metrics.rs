@@ -17,6 +17,8 @@ const TCP_PORT: u16 = 9001;
 /// UDP request payloads: one flow each.
 const UDP_SIZES: [usize; 3] = [100, 400, 1000];
 const IP_UDP_HEADERS: u64 = 28;
+/// A second configured peer that sends nothing.
+const IDLE_PEER: &str = "10.0.1.99";
 
 /// Prints the families of a Prometheus text exposition on stdin as JSON:
 /// `[{"name", "type", "samples": [{"name", "labels", "value"}]}]`.
@@ -122,7 +124,7 @@ fn metrics_and_flows_match_the_traffic() -> Result<()> {
         &egress,
         Path::new(env!("CARGO_BIN_EXE_ipip-peer")),
         Attach::Native,
-        &format!("--metrics {METRICS}"),
+        &format!("--metrics {METRICS} --peer {IDLE_PEER}"),
     )?;
     stack.topo.lab.keep_logs_on_err((|| {
         let udp = traffic(&stack)?;
@@ -178,15 +180,24 @@ fn metrics_and_flows_match_the_traffic() -> Result<()> {
             client_bytes == value("egress_flow_bytes_total"),
             "client bytes {client_bytes}"
         );
-        // All of them through the one peer.
+        // All of them through the one peer; the idle one shows 0, each
+        // direction of its bytes too.
         let peer = CLIENT_UNDERLAY_IP.to_string();
-        for (name, total) in [
-            ("egress_peer_flows", "egress_flows_active"),
-            ("egress_peer_flow_bytes", "egress_flow_bytes_total"),
+        let idle = IDLE_PEER.to_string();
+        for (name, total, series) in [
+            ("egress_peer_flows", "egress_flows_active", 1),
+            ("egress_peer_flow_bytes", "egress_flow_bytes_total", 2),
         ] {
+            let of = |p: &str| -> Vec<f64> {
+                samples(&families, name)
+                    .filter(|s| s.label("peer") == p)
+                    .map(|s| s.value)
+                    .collect()
+            };
             ensure!(
-                samples(&families, name).all(|s| s.label("peer") == peer)
-                    && value(name) == value(total),
+                of(&peer).iter().sum::<f64>() == value(total)
+                    && of(&idle) == vec![0.0; series]
+                    && samples(&families, name).count() == 2 * series,
                 "{name}: {:?}",
                 samples(&families, name)
                     .map(|s| (&s.labels, s.value))
