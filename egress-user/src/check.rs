@@ -306,8 +306,9 @@ fn privileges(r: &mut Report, facts: &Facts) {
     } else if !has_cap(facts.caps, CAP_NET_RAW) {
         r.warn(
             "missing CAP_NET_RAW: returning fragments that come before their first would not \
-             be sent on to their client, and the path MTU toward the peers not learned (TCP \
-             through a narrower link on the way would stall)",
+             be sent on to their client, the path MTU toward the peers not learned (TCP \
+             through a narrower link on the way would stall), and routers' errors about the \
+             tunnel not reported",
             FIX,
         );
     } else {

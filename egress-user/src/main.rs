@@ -14,10 +14,10 @@ use egress_user::{
     metrics::{self, Collector},
     netlink::HostEvents,
     notify::{self, Notifier},
-    path_mtu::{self, PathMtu},
     reorder::Reorder,
     settings::Settings,
     sweeper::Sweeper,
+    tunnel_errors::{self, Kind, TunnelErrors},
 };
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
@@ -223,11 +223,11 @@ async fn serve(
              their client"
         ),
     }
-    let mut path_mtu = PathMtu::open()
+    let mut tunnel_errors = TunnelErrors::open()
         .inspect_err(|e| {
             tracing::warn!(
                 "cannot open a raw socket for IP protocol 4 (needs CAP_NET_RAW): {e}: {}",
-                path_mtu::WITHOUT
+                tunnel_errors::WITHOUT
             )
         })
         .ok();
@@ -265,27 +265,32 @@ async fn serve(
                     tracing::warn!("cannot retire the data path's remembered routes: {e:#}");
                 }
             }
-            reports = mtu_reports(&mut path_mtu) => {
-                let reports = match reports {
-                    Ok(r) => r,
+            errors = next_tunnel_errors(&mut tunnel_errors) => {
+                let errors = match errors {
+                    Ok(e) => e,
                     Err(e) => {
-                        tracing::warn!("{e}: closed the path MTU socket: {}", path_mtu::WITHOUT);
-                        path_mtu = None;
+                        tracing::warn!(
+                            "{e}: closed the tunnel errors socket: {}",
+                            tunnel_errors::WITHOUT
+                        );
+                        tunnel_errors = None;
                         continue;
                     }
                 };
                 // Only errors about packets to a peer are about the tunnel.
                 let peers = &gateway.policy().admission.peers;
-                let reports: Vec<_> =
-                    reports.into_iter().filter(|r| peers.contains(&r.peer)).collect();
-                if let Some(p) = path_mtu.as_mut() {
-                    reports.iter().for_each(|r| p.tell(r));
-                }
-                if let Some(c) = &collector {
-                    c.record_tunnel_mtu_reports(reports.len() as u64);
+                let errors: Vec<_> =
+                    errors.into_iter().filter(|e| peers.contains(&e.peer)).collect();
+                for e in &errors {
+                    if let Some(t) = tunnel_errors.as_mut() {
+                        t.tell(e);
+                    }
+                    if let Some(c) = &collector {
+                        c.record_tunnel_error(e.kind);
+                    }
                 }
                 // Remembered routes would answer with the old MTU.
-                if !reports.is_empty()
+                if errors.iter().any(|e| matches!(e.kind, Kind::TooBig { .. }))
                     && let Err(e) = gateway.datapath().routes_changed()
                 {
                     tracing::warn!("cannot retire the data path's remembered routes: {e:#}");
@@ -301,10 +306,13 @@ async fn serve(
     Ok(())
 }
 
-/// The next path MTU reports, or never without the socket.
-async fn mtu_reports(path_mtu: &mut Option<PathMtu>) -> std::io::Result<Vec<path_mtu::Report>> {
-    match path_mtu {
-        Some(p) => p.reports().await,
+/// The next routers' errors about tunnel packets, or never without the
+/// socket.
+async fn next_tunnel_errors(
+    socket: &mut Option<TunnelErrors>,
+) -> std::io::Result<Vec<tunnel_errors::TunnelError>> {
+    match socket {
+        Some(s) => s.next().await,
         None => std::future::pending().await,
     }
 }

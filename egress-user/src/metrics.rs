@@ -25,6 +25,7 @@ use crate::{
     gc::Sweep,
     inspect::{Conn, Pinned},
     reorder,
+    tunnel_errors::Kind,
 };
 
 /// Upper bounds of the RTT histogram buckets, in seconds.
@@ -56,8 +57,9 @@ pub struct Collector {
     gc: Mutex<GcTotals>,
     /// Held fragments by [`reorder::Outcome`], in the order of its `ALL`.
     held: Mutex<[u64; reorder::Outcome::ALL.len()]>,
-    /// "Fragmentation needed" about our tunnel packets to peers.
-    tunnel_mtu_reports: AtomicU64,
+    /// Routers' errors about our tunnel packets to peers, by
+    /// [`Kind::index`].
+    tunnel_errors: [AtomicU64; Kind::NAMES.len()],
 }
 
 /// What earlier scrapes observed, so each flow is counted once.
@@ -194,7 +196,7 @@ impl Collector {
             seen: Mutex::new(seen),
             gc: Mutex::default(),
             held: Mutex::default(),
-            tunnel_mtu_reports: AtomicU64::default(),
+            tunnel_errors: Default::default(),
         }
     }
 
@@ -213,9 +215,9 @@ impl Collector {
         held[outcome as usize] += 1;
     }
 
-    /// Records `n` "fragmentation needed" about our tunnel packets to peers.
-    pub fn record_tunnel_mtu_reports(&self, n: u64) {
-        self.tunnel_mtu_reports.fetch_add(n, Ordering::Relaxed);
+    /// Records a router's error about our tunnel packets to a peer.
+    pub fn record_tunnel_error(&self, kind: Kind) {
+        self.tunnel_errors[kind.index()].fetch_add(1, Ordering::Relaxed);
     }
 
     /// The metrics in Prometheus text format (0.0.4).
@@ -287,14 +289,18 @@ impl Collector {
             );
         }
 
-        t.single(
-            "egress_tunnel_mtu_reports_total",
+        let name = "egress_tunnel_errors_total";
+        t.family(
+            name,
             "counter",
-            "\"Fragmentation needed\" received from routers on the way to a peer about our \
-             tunnel packets: the kernel lowers its path MTU toward the peer from them (`ip \
-             route get PEER` shows the MTU in force).",
-            self.tunnel_mtu_reports.load(Ordering::Relaxed),
+            "ICMP errors from routers on the way to a peer about our tunnel packets, by \
+             error: from \"fragmentation needed\" the kernel lowers its path MTU toward the \
+             peer (`ip route get PEER` shows it); the others mean returning packets to the \
+             peer are lost (the log says which peer and why).",
         );
+        for (error, n) in Kind::NAMES.iter().zip(&self.tunnel_errors) {
+            t.sample(name, &[("error", error)], n.load(Ordering::Relaxed));
+        }
 
         let occupancy = self.pinned.occupancy(flow_entries)?;
         t.family(

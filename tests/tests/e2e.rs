@@ -61,6 +61,7 @@ in_every_mode!(
     ping_with_df_fits_the_tunnel_mtu_exactly,
     large_replies_arrive_or_teach_the_server_the_tunnel_mtu,
     a_narrower_link_on_the_way_to_the_peer_lowers_the_tunnel_mtu,
+    a_peer_a_router_cannot_reach_is_reported,
     fragmented_udp_crosses_both_ways,
     reply_fragments_arriving_last_first_reach_the_client,
     syn_mss_is_clamped_to_fit_the_tunnel,
@@ -471,16 +472,7 @@ fn a_narrower_link_on_the_way_to_the_peer_lowers_the_tunnel_mtu(stack: &Stack) -
     // router's error teaches the gateway. The daemon retires the routes
     // the data path remembers as it counts the error.
     server.send(&reply(NARROW))?;
-    let counted = "egress_tunnel_mtu_reports_total 1\n";
-    let mut seen = String::new();
-    for _ in 0..50 {
-        seen = metrics(stack)?;
-        if seen.contains(counted) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    ensure!(seen.contains(counted), "no {counted:?} in\n{seen}");
+    counts_tunnel_error(stack, "fragmentation_needed")?;
     let route = exec(&topo.gateway, &format!("ip route get {CLIENT_UNDERLAY_IP}"))?;
     ensure!(route.contains(&format!("mtu {NARROW}")), "{route}");
 
@@ -506,6 +498,54 @@ fn a_narrower_link_on_the_way_to_the_peer_lowers_the_tunnel_mtu(stack: &Stack) -
         "download differs ({} bytes)",
         got.len()
     );
+    Ok(())
+}
+
+/// Waits for the gateway to count one tunnel error of kind `error`, and
+/// none of another kind.
+fn counts_tunnel_error(stack: &Stack, error: &str) -> Result<()> {
+    let counted = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with("egress_tunnel_errors_total{") && !l.ends_with(" 0"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let want = vec![format!("egress_tunnel_errors_total{{error=\"{error}\"}} 1")];
+    let mut seen = Vec::new();
+    for _ in 0..50 {
+        seen = counted(&metrics(stack)?);
+        if !seen.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(seen == want, "counted {seen:?}, not {want:?}");
+    Ok(())
+}
+
+/// A router on the way to the peer has no route to it: the reply tunnelled
+/// back is lost there, and the router's "host unreachable" about our
+/// tunnel packet must reach the operator (counted and logged, naming the
+/// peer). Once the route is back, the flow carries on.
+fn a_peer_a_router_cannot_reach_is_reported(stack: &Stack) -> Result<()> {
+    let topo = &stack.topo;
+    let (client, server) = udp_pair(stack)?;
+    let cut = format!("route add unreachable {CLIENT_UNDERLAY_IP}/32");
+    exec(&topo.router, &format!("ip {cut}"))?;
+    server.send(b"lost")?;
+    counts_tunnel_error(stack, "unreachable")?;
+    let log = stack.gateway.log();
+    ensure!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("reports the peer unreachable (host unreachable")
+            && l.contains(&format!("peer={CLIENT_UNDERLAY_IP}"))),
+        "no warning naming the peer in\n{log}"
+    );
+    exec(&topo.router, &format!("ip {}", cut.replace("add", "del")))?;
+    server.send(b"back")?;
+    let mut buf = [0; 16];
+    let n = client.recv(&mut buf)?;
+    ensure!(&buf[..n] == b"back", "got {:?}", &buf[..n]);
     Ok(())
 }
 

@@ -1,0 +1,317 @@
+//! ICMP errors about our own tunnel packets: the path MTU toward the peers
+//! (RFC 2003 section 5.1, RFC 1191), and peers a router cannot reach.
+//!
+//! A router between the gateway and a peer that cannot forward an
+//! encapsulated return packet (DF set, copied from the inner header) drops
+//! it and answers "fragmentation needed" to the gateway, quoting our outer
+//! header. The kernel learns a path MTU from such an error only for an IP
+//! protocol with a handler or a raw socket, and a gateway that replaces a
+//! kernel ipip tunnel has neither for protocol 4: the error would be lost,
+//! and every flow with replies that big would stall (a PMTU black hole).
+//!
+//! This raw socket for protocol 4 is that handler. The kernel records the
+//! MTU as a route exception toward the peer (within its own limits, for
+//! `net.ipv4.route.mtu_expires`; `ip route get PEER` shows it),
+//! `bpf_fib_lookup` reports it, and the data path answers
+//! "fragmentation needed" with that MTU less our header to the Internet host
+//! whose packet was too big, as the kernel's ipip tunnel does. The socket
+//! takes no packets (a filter refuses them all); with `IP_RECVERR` it takes
+//! the errors, which the daemon reads to retire the data path's remembered
+//! routes (they would go on answering with the old MTU) and to tell.
+//!
+//! The other errors about tunnel packets (a peer unreachable, its tunnel
+//! down, a routing loop on the way) change nothing, but are what an
+//! operator needs to hear of: returning packets to that peer are lost.
+
+use std::{
+    collections::HashMap,
+    io::{self, IoSliceMut},
+    mem::MaybeUninit,
+    net::Ipv4Addr,
+    os::fd::AsRawFd as _,
+    time::Duration,
+};
+
+use nix::sys::socket::{
+    ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg, setsockopt, sockopt::Ipv4RecvErr,
+};
+use socket2::{Domain, Protocol, SockFilter, Socket, Type};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    time::Instant,
+};
+
+/// What the gateway lacks without the socket.
+pub const WITHOUT: &str = "\"fragmentation needed\" from a router on the way to a peer is \
+    lost, and returning packets too big for that path are lost with it (TCP stalls); \
+    routers' errors about the tunnel are not reported";
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETERPROB: u8 = 12;
+const ICMP_FRAG_NEEDED: u8 = 4;
+/// Classic BPF `ret #0`: every packet is refused.
+const REFUSE_ALL: SockFilter = SockFilter::new(0x06, 0, 0, 0);
+/// Errors are taken at most this often: each "fragmentation needed"
+/// retires every remembered route, and a flood of forged errors must not
+/// keep them retired.
+const PACE: Duration = Duration::from_millis(250);
+/// Errors taken off the queue per round: a flood must not hold the
+/// daemon's one thread (the rest wait for the next round).
+const MAX_DRAIN: usize = 256;
+/// How often the same error about a peer is logged again.
+const RETELL: Duration = Duration::from_secs(60);
+
+/// What a router said about one of our tunnel packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// "Fragmentation needed", with the router's next-hop MTU as it said it
+    /// (0 from a router older than RFC 1191): the kernel takes no less than
+    /// `net.ipv4.route.min_pmtu`.
+    TooBig { mtu: u32 },
+    /// "Destination unreachable" with another code: net, host, protocol
+    /// (the peer itself, its tunnel down), administratively prohibited.
+    Unreachable { code: u8 },
+    /// TTL run out on the way: a routing loop, or a path too long.
+    TimeExceeded,
+    /// Our header refused as malformed.
+    ParameterProblem,
+}
+
+impl Kind {
+    /// Every kind's name, in the order of [`Kind::index`].
+    pub const NAMES: [&str; 4] = [
+        "fragmentation_needed",
+        "unreachable",
+        "time_exceeded",
+        "parameter_problem",
+    ];
+
+    pub fn index(self) -> usize {
+        match self {
+            Self::TooBig { .. } => 0,
+            Self::Unreachable { .. } => 1,
+            Self::TimeExceeded => 2,
+            Self::ParameterProblem => 3,
+        }
+    }
+
+    fn of(err: &libc::sock_extended_err) -> Option<Self> {
+        if err.ee_origin != libc::SO_EE_ORIGIN_ICMP {
+            return None;
+        }
+        Some(match (err.ee_type, err.ee_code) {
+            (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED) => Self::TooBig { mtu: err.ee_info },
+            (ICMP_DEST_UNREACH, code) => Self::Unreachable { code },
+            (ICMP_TIME_EXCEEDED, _) => Self::TimeExceeded,
+            (ICMP_PARAMETERPROB, _) => Self::ParameterProblem,
+            _ => return None,
+        })
+    }
+}
+
+/// A router's error about one of our tunnel packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TunnelError {
+    /// The quoted packet's destination: the peer.
+    pub peer: Ipv4Addr,
+    pub kind: Kind,
+    /// Who said so.
+    pub router: Option<Ipv4Addr>,
+}
+
+/// The socket through which the kernel learns the path MTU toward the
+/// peers, and the daemon hears of routers' errors about the tunnel.
+pub struct TunnelErrors {
+    socket: AsyncFd<Socket>,
+    last: Option<Instant>,
+    /// When each error about each peer was last logged.
+    told: HashMap<(Ipv4Addr, Kind), Instant>,
+}
+
+impl TunnelErrors {
+    /// Opens the socket (needs `CAP_NET_RAW`).
+    pub fn open() -> io::Result<Self> {
+        let socket = Socket::new(
+            Domain::IPV4,
+            Type::RAW,
+            Some(Protocol::from(libc::IPPROTO_IPIP)),
+        )?;
+        socket.attach_filter(&[REFUSE_ALL])?;
+        socket.set_nonblocking(true)?;
+        setsockopt(&socket, Ipv4RecvErr, &true)?;
+        // Packets queued before the filter was attached would sit there.
+        while socket.recv(&mut [MaybeUninit::uninit(); 1]).is_ok() {}
+        // SAFETY: the socket is owned here and closed only with the AsyncFd.
+        let socket = unsafe { AsyncFd::register_with_interest(socket, Interest::ERROR)? };
+        Ok(Self {
+            socket,
+            last: None,
+            told: HashMap::new(),
+        })
+    }
+
+    /// Waits for errors about tunnel packets; returns those from routers
+    /// (perhaps none: other queued errors are only drained).
+    pub async fn next(&mut self) -> io::Result<Vec<TunnelError>> {
+        if let Some(last) = self.last {
+            tokio::time::sleep_until(last + PACE).await;
+        }
+        let mut guard = self.socket.ready(Interest::ERROR).await?;
+        let mut errors = Vec::new();
+        for _ in 0..MAX_DRAIN {
+            match queued(guard.get_inner())? {
+                Queued::Router(e) => errors.push(e),
+                Queued::Other => {}
+                Queued::Empty => {
+                    guard.clear_ready();
+                    break;
+                }
+            }
+        }
+        self.last = Some(Instant::now());
+        Ok(errors)
+    }
+
+    /// Logs `e`, an error about a peer, unless the same was logged for that
+    /// peer within [`RETELL`]: errors come for every packet in flight, and
+    /// forged ones as fast as they are sent.
+    pub fn tell(&mut self, e: &TunnelError) {
+        let now = Instant::now();
+        if let Some(&at) = self.told.get(&(e.peer, e.kind))
+            && now < at + RETELL
+        {
+            return;
+        }
+        self.told.insert((e.peer, e.kind), now);
+        let (peer, router) = (e.peer, e.router);
+        let lost = "returning packets to the peer are lost";
+        match e.kind {
+            Kind::TooBig { mtu } => tracing::info!(
+                %peer,
+                mtu,
+                ?router,
+                "a router reports tunnel packets to the peer must fit {mtu} bytes: while the \
+                 kernel keeps that path MTU (`ip route get {peer}` shows it), returning packets \
+                 that would not fit once encapsulated get \"fragmentation needed\""
+            ),
+            Kind::Unreachable { code } => tracing::warn!(
+                %peer,
+                code,
+                ?router,
+                "{} reports the peer unreachable ({}): {lost}",
+                by(router),
+                unreachable(code, peer)
+            ),
+            Kind::TimeExceeded => tracing::warn!(
+                %peer,
+                ?router,
+                "{} reports tunnel packets to the peer ran out of TTL on the way (a routing \
+                 loop?): {lost}",
+                by(router)
+            ),
+            Kind::ParameterProblem => tracing::warn!(
+                %peer,
+                ?router,
+                "{} refused tunnel packets to the peer as malformed (parameter problem): {lost}",
+                by(router)
+            ),
+        }
+    }
+}
+
+/// Who sent an error.
+fn by(router: Option<Ipv4Addr>) -> String {
+    router.map_or_else(|| "a router".to_owned(), |r| r.to_string())
+}
+
+/// What an unreachable `code` about tunnel packets to `peer` means.
+fn unreachable(code: u8, peer: Ipv4Addr) -> String {
+    match code {
+        0 => "network unreachable: a router has no route to it".to_owned(),
+        1 => "host unreachable: a router has no route to it or it does not answer ARP".to_owned(),
+        2 => format!(
+            "protocol unreachable: its IP-in-IP tunnel is down, or it takes no IP-in-IP from \
+             this gateway's address (its tunnel's remote must be this gateway's tunnel-local; \
+             check `ip tunnel show` on {peer})"
+        ),
+        9 | 10 | 13 => "administratively prohibited: a firewall on the way refuses it".to_owned(),
+        _ => format!("code {code}"),
+    }
+}
+
+/// One error taken off the queue.
+enum Queued {
+    Router(TunnelError),
+    /// Not from ICMP, of another type, or naming no destination.
+    Other,
+    /// None left.
+    Empty,
+}
+
+fn queued(socket: &Socket) -> io::Result<Queued> {
+    // The quoted packet's first bytes come along; they are not needed.
+    let mut buf = [0u8; 64];
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!(libc::sock_extended_err, libc::sockaddr_in);
+    let flags = MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT;
+    let msg = match recvmsg::<SockaddrIn>(socket.as_raw_fd(), &mut iov, Some(&mut space), flags) {
+        Ok(msg) => msg,
+        Err(nix::Error::EAGAIN) => return Ok(Queued::Empty),
+        Err(e) => return Err(e.into()),
+    };
+    let peer = msg.address.map(|a| a.ip());
+    let error = msg.cmsgs()?.find_map(|c| match c {
+        ControlMessageOwned::Ipv4RecvErr(err, offender) => {
+            let router = offender.map(|o| Ipv4Addr::from(u32::from_be(o.sin_addr.s_addr)));
+            Some(TunnelError {
+                peer: peer?,
+                kind: Kind::of(&err)?,
+                router,
+            })
+        }
+        _ => None,
+    });
+    Ok(error.map_or(Queued::Other, Queued::Router))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(origin: u8, kind: u8, code: u8, info: u32) -> libc::sock_extended_err {
+        libc::sock_extended_err {
+            ee_errno: libc::EMSGSIZE as u32,
+            ee_origin: origin,
+            ee_type: kind,
+            ee_code: code,
+            ee_pad: 0,
+            ee_info: info,
+            ee_data: 0,
+        }
+    }
+
+    #[test]
+    fn routers_errors_are_told_apart() {
+        let icmp = libc::SO_EE_ORIGIN_ICMP;
+        let kind = |t, c, info| Kind::of(&error(icmp, t, c, info));
+        assert_eq!(kind(3, 4, 1400), Some(Kind::TooBig { mtu: 1400 }));
+        assert_eq!(kind(3, 1, 0), Some(Kind::Unreachable { code: 1 }));
+        assert_eq!(kind(3, 2, 0), Some(Kind::Unreachable { code: 2 }));
+        assert_eq!(kind(11, 0, 0), Some(Kind::TimeExceeded));
+        assert_eq!(kind(12, 0, 0), Some(Kind::ParameterProblem));
+        // Another type (the kernel queues none), a local error.
+        assert_eq!(kind(5, 0, 0), None);
+        let local = libc::SO_EE_ORIGIN_LOCAL;
+        assert_eq!(Kind::of(&error(local, 3, 4, 1400)), None);
+        // One metric label each.
+        let indices = [
+            Kind::TooBig { mtu: 0 },
+            Kind::Unreachable { code: 0 },
+            Kind::TimeExceeded,
+            Kind::ParameterProblem,
+        ]
+        .map(Kind::index);
+        assert_eq!(indices, [0, 1, 2, 3]);
+    }
+}
