@@ -66,13 +66,16 @@ const RETELL: Duration = Duration::from_secs(60);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kind {
     /// "Fragmentation needed", with the router's next-hop MTU as it said it
-    /// (0 from a router older than RFC 1191): the kernel takes no less than
+    /// (0 from a router older than RFC 1191, or always with
+    /// `net.ipv4.ip_no_pmtu_disc=1`): the kernel takes no less than
     /// `net.ipv4.route.min_pmtu`.
     TooBig { mtu: u32 },
-    /// "Destination unreachable" with another code: net, host, protocol
-    /// (the peer itself, its tunnel down), administratively prohibited.
+    /// "Destination unreachable" with another code (0 to 15, the kernel
+    /// drops others): net, host, protocol or port (from the peer itself,
+    /// which takes no IP-in-IP from us), administratively prohibited.
     Unreachable { code: u8 },
-    /// TTL run out on the way: a routing loop, or a path too long.
+    /// TTL run out on the way (code 0; the kernel drops reassembly
+    /// timeouts): a routing loop, or a path too long.
     TimeExceeded,
     /// Our header refused as malformed.
     ParameterProblem,
@@ -125,8 +128,7 @@ pub struct TunnelError {
 pub struct TunnelErrors {
     socket: AsyncFd<Socket>,
     last: Option<Instant>,
-    /// When each error about each peer was last logged.
-    told: HashMap<(Ipv4Addr, Kind), Instant>,
+    told: Told,
 }
 
 impl TunnelErrors {
@@ -147,7 +149,7 @@ impl TunnelErrors {
         Ok(Self {
             socket,
             last: None,
-            told: HashMap::new(),
+            told: Told::default(),
         })
     }
 
@@ -173,68 +175,92 @@ impl TunnelErrors {
         Ok(errors)
     }
 
-    /// Logs `e`, an error about a peer, unless the same was logged for that
-    /// peer within [`RETELL`]: errors come for every packet in flight, and
-    /// forged ones as fast as they are sent.
+    /// Logs `e`, an error about a peer, unless an error of its kind about
+    /// that peer was logged within [`RETELL`]: errors come for every packet
+    /// in flight, and forged ones as fast as they are sent (with any MTU or
+    /// code: the kind alone bounds what is remembered, and the log).
     pub fn tell(&mut self, e: &TunnelError) {
-        let now = Instant::now();
-        if let Some(&at) = self.told.get(&(e.peer, e.kind))
-            && now < at + RETELL
-        {
+        if !self.told.due(e, Instant::now()) {
             return;
         }
-        self.told.insert((e.peer, e.kind), now);
-        let (peer, router) = (e.peer, e.router);
+        let peer = e.peer;
+        let from = match e.router {
+            Some(r) if r == peer => "the peer".to_owned(),
+            Some(r) => r.to_string(),
+            None => "a router".to_owned(),
+        };
         let lost = "returning packets to the peer are lost";
         match e.kind {
+            Kind::TooBig { mtu: 0 } => tracing::info!(
+                %peer,
+                %from,
+                "{from} reports tunnel packets to the peer are too big, naming no MTU (an old \
+                 router, or net.ipv4.ip_no_pmtu_disc=1 here): the kernel takes \
+                 net.ipv4.route.min_pmtu (`ip route get {peer}` shows it)"
+            ),
             Kind::TooBig { mtu } => tracing::info!(
                 %peer,
                 mtu,
-                ?router,
-                "a router reports tunnel packets to the peer must fit {mtu} bytes: while the \
-                 kernel keeps that path MTU (`ip route get {peer}` shows it), returning packets \
-                 that would not fit once encapsulated get \"fragmentation needed\""
+                %from,
+                "{from} reports tunnel packets to the peer must fit {mtu} bytes: while the \
+                 kernel keeps that path MTU (`ip route get {peer}` shows the MTU in force), \
+                 returning packets that would not fit once encapsulated get \"fragmentation \
+                 needed\""
             ),
             Kind::Unreachable { code } => tracing::warn!(
                 %peer,
                 code,
-                ?router,
-                "{} reports the peer unreachable ({}): {lost}",
-                by(router),
-                unreachable(code, peer)
+                %from,
+                "{from} reports the peer unreachable ({}): {lost}",
+                unreachable(code)
             ),
             Kind::TimeExceeded => tracing::warn!(
                 %peer,
-                ?router,
-                "{} reports tunnel packets to the peer ran out of TTL on the way (a routing \
-                 loop?): {lost}",
-                by(router)
+                %from,
+                "{from} reports tunnel packets to the peer ran out of TTL on the way (a \
+                 routing loop?): {lost}"
             ),
             Kind::ParameterProblem => tracing::warn!(
                 %peer,
-                ?router,
-                "{} refused tunnel packets to the peer as malformed (parameter problem): {lost}",
-                by(router)
+                %from,
+                "{from} refused tunnel packets to the peer as malformed (parameter problem): \
+                 {lost}"
             ),
         }
     }
 }
 
-/// Who sent an error.
-fn by(router: Option<Ipv4Addr>) -> String {
-    router.map_or_else(|| "a router".to_owned(), |r| r.to_string())
+/// When an error of each kind ([`Kind::index`]) about each peer was last
+/// logged: at most four entries per peer.
+#[derive(Default)]
+struct Told(HashMap<(Ipv4Addr, usize), Instant>);
+
+impl Told {
+    /// Whether `e` is to be logged `now`, and if so, notes it.
+    fn due(&mut self, e: &TunnelError, now: Instant) -> bool {
+        let told = (e.peer, e.kind.index());
+        if self.0.get(&told).is_some_and(|&at| now < at + RETELL) {
+            return false;
+        }
+        self.0.insert(told, now);
+        true
+    }
 }
 
-/// What an unreachable `code` about tunnel packets to `peer` means.
-fn unreachable(code: u8, peer: Ipv4Addr) -> String {
+/// What an unreachable `code` about a tunnel packet means (RFC 792, 1122,
+/// 1812), and for the codes a peer sends itself, what to look at there.
+fn unreachable(code: u8) -> String {
     match code {
-        0 => "network unreachable: a router has no route to it".to_owned(),
-        1 => "host unreachable: a router has no route to it or it does not answer ARP".to_owned(),
-        2 => format!(
-            "protocol unreachable: its IP-in-IP tunnel is down, or it takes no IP-in-IP from \
-             this gateway's address (its tunnel's remote must be this gateway's tunnel-local; \
-             check `ip tunnel show` on {peer})"
-        ),
+        0 | 6 | 11 => "network unreachable: a router has no route to it".to_owned(),
+        1 | 7 | 12 => {
+            "host unreachable: a router has no route to it, or it does not answer ARP".to_owned()
+        }
+        2 => "protocol unreachable: the peer takes no IP-in-IP at all (on Linux, the ipip \
+              module is not loaded)"
+            .to_owned(),
+        3 => "port unreachable: the peer takes IP-in-IP, but has no tunnel up whose remote is \
+              this gateway's tunnel-local, or a firewall there rejects it"
+            .to_owned(),
         9 | 10 | 13 => "administratively prohibited: a firewall on the way refuses it".to_owned(),
         _ => format!("code {code}"),
     }
@@ -279,6 +305,9 @@ fn queued(socket: &Socket) -> io::Result<Queued> {
 mod tests {
     use super::*;
 
+    const PEER: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 10);
+    const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 1);
+
     fn error(origin: u8, kind: u8, code: u8, info: u32) -> libc::sock_extended_err {
         libc::sock_extended_err {
             ee_errno: libc::EMSGSIZE as u32,
@@ -313,5 +342,31 @@ mod tests {
         ]
         .map(Kind::index);
         assert_eq!(indices, [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn each_kind_of_error_about_a_peer_is_logged_once_a_minute() {
+        let other = Ipv4Addr::new(10, 0, 2, 10);
+        let error = |peer, kind| TunnelError {
+            peer,
+            kind,
+            router: Some(ROUTER),
+        };
+        let mut told = Told::default();
+        let start = Instant::now();
+        assert!(told.due(&error(PEER, Kind::TooBig { mtu: 1400 }), start));
+        // Forged errors with every MTU and code: none logged, none kept.
+        for n in 0..=u16::MAX {
+            let at = start + Duration::from_micros(u64::from(n));
+            assert!(!told.due(&error(PEER, Kind::TooBig { mtu: n.into() }), at));
+        }
+        assert!(told.due(&error(PEER, Kind::Unreachable { code: 1 }), start));
+        assert!(!told.due(&error(PEER, Kind::Unreachable { code: 3 }), start));
+        assert!(told.due(&error(other, Kind::Unreachable { code: 1 }), start));
+        assert_eq!(told.0.len(), 3);
+        // A minute on, each is logged again.
+        let later = start + RETELL;
+        assert!(told.due(&error(PEER, Kind::TooBig { mtu: 1300 }), later));
+        assert!(told.due(&error(PEER, Kind::Unreachable { code: 1 }), later));
     }
 }

@@ -530,18 +530,19 @@ fn counts_tunnel_error(stack: &Stack, error: &str) -> Result<()> {
 fn a_peer_a_router_cannot_reach_is_reported(stack: &Stack) -> Result<()> {
     let topo = &stack.topo;
     let (client, server) = udp_pair(stack)?;
-    let cut = format!("route add unreachable {CLIENT_UNDERLAY_IP}/32");
-    exec(&topo.router, &format!("ip {cut}"))?;
+    let route = format!("unreachable {CLIENT_UNDERLAY_IP}/32");
+    exec(&topo.router, &format!("ip route add {route}"))?;
     server.send(b"lost")?;
     counts_tunnel_error(stack, "unreachable")?;
     let log = stack.gateway.log();
     ensure!(
         log.lines().any(|l| l.contains("WARN")
             && l.contains("reports the peer unreachable (host unreachable")
-            && l.contains(&format!("peer={CLIENT_UNDERLAY_IP}"))),
-        "no warning naming the peer in\n{log}"
+            && l.contains(&format!("peer={CLIENT_UNDERLAY_IP}"))
+            && l.contains(&format!("from={ROUTER_GATEWAY_IP}"))),
+        "no warning naming the peer and the router in\n{log}"
     );
-    exec(&topo.router, &format!("ip {}", cut.replace("add", "del")))?;
+    exec(&topo.router, &format!("ip route del {route}"))?;
     server.send(b"back")?;
     let mut buf = [0; 16];
     let n = client.recv(&mut buf)?;
