@@ -99,10 +99,12 @@ impl Pinned {
     }
 
     /// Translation ports (or echo identifiers) reserved per translation
-    /// address and protocol.
-    pub fn ports_in_use(&self) -> anyhow::Result<Vec<(Ipv4Addr, &'static str, u64)>> {
+    /// address and protocol, and the entries of the mapping table they were
+    /// counted in.
+    pub fn ports_in_use(&self) -> anyhow::Result<(Vec<PortsInUse>, u64)> {
+        let mappings = batch::dump(&self.mappings).context("cannot read MAPPINGS")?;
         let mut used: FxHashMap<([u8; 4], u8), u64> = FxHashMap::default();
-        for (key, _) in batch::dump(&self.mappings).context("cannot read MAPPINGS")? {
+        for (key, _) in &mappings {
             if key.dir == DIR_IN {
                 *used.entry((key.addr, key.proto)).or_default() += 1;
             }
@@ -112,12 +114,18 @@ impl Pinned {
             .map(|((addr, proto), n)| (Ipv4Addr::from(addr), proto_name(proto), n))
             .collect();
         used.sort_unstable();
-        Ok(used)
+        Ok((used, mappings.len() as u64))
     }
 
-    /// Entries and capacity of each state map, given the flow table's
-    /// entries (counted by [`Pinned::flows`]).
-    pub fn occupancy(&self, flow_entries: u64) -> anyhow::Result<[Occupancy; 3]> {
+    /// Entries and capacity of each state map, given the entries of the
+    /// flow and mapping tables (counted by [`Pinned::flows`] and
+    /// [`Pinned::ports_in_use`]: each a whole-table read, seconds at a
+    /// million flows, not to be done twice).
+    pub fn occupancy(
+        &self,
+        flow_entries: u64,
+        mapping_entries: u64,
+    ) -> anyhow::Result<[Occupancy; 3]> {
         let occupancy = |map: &'static str, data: &MapData, entries: usize| -> anyhow::Result<_> {
             Ok(Occupancy {
                 map,
@@ -130,11 +138,10 @@ impl Pinned {
                 entries: flow_entries,
                 ..occupancy("flows", self.flows.map(), 0)?
             },
-            occupancy(
-                "mappings",
-                self.mappings.map(),
-                batch::dump(&self.mappings)?.len(),
-            )?,
+            Occupancy {
+                entries: mapping_entries,
+                ..occupancy("mappings", self.mappings.map(), 0)?
+            },
             occupancy(
                 "client_flows",
                 self.clients.map(),
@@ -143,6 +150,9 @@ impl Pinned {
         ])
     }
 }
+
+/// Translation ports reserved on an address for a protocol.
+pub type PortsInUse = (Ipv4Addr, &'static str, u64);
 
 /// Every entry of the flow table `flows`, with the packets the data path
 /// counted in its per-CPU flow cache `cache` added (see

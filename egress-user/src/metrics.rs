@@ -302,7 +302,8 @@ impl Collector {
             t.sample(name, &[("error", error)], n.load(Ordering::Relaxed));
         }
 
-        let occupancy = self.pinned.occupancy(flow_entries)?;
+        let (ports, mapping_entries) = self.pinned.ports_in_use()?;
+        let occupancy = self.pinned.occupancy(flow_entries, mapping_entries)?;
         t.family(
             "egress_table_entries",
             "gauge",
@@ -320,7 +321,6 @@ impl Collector {
             t.sample("egress_table_entries_limit", &[("map", o.map)], o.capacity);
         }
 
-        let ports = self.pinned.ports_in_use()?;
         t.family(
             "egress_nat_ports",
             "gauge",

@@ -205,6 +205,23 @@ fn metrics_and_flows_match_the_traffic() -> Result<()> {
             );
         }
 
+        // Two entries per flow, and per mapping (one per client socket);
+        // one client address; the mappings' ports, by protocol.
+        let labelled = |name: &str, label: &str, value: &str| {
+            samples(&families, name)
+                .filter(|s| s.label(label) == value)
+                .map(|s| s.value)
+                .collect::<Vec<_>>()
+        };
+        for (map, entries) in [("flows", 8.0), ("mappings", 8.0), ("client_flows", 1.0)] {
+            let got = labelled("egress_table_entries", "map", map);
+            ensure!(got == [entries], "{map} entries {got:?}, not {entries}");
+        }
+        for (proto, ports) in [("udp", 3.0), ("tcp", 1.0), ("icmp", 0.0)] {
+            let got: f64 = labelled("egress_nat_ports", "proto", proto).iter().sum();
+            ensure!(got == ports, "{proto} ports in use {got}, not {ports}");
+        }
+
         for leg in ["tunnel", "internet"] {
             let count = samples(&families, "egress_tcp_handshake_rtt_seconds_count")
                 .find(|s| s.label("leg") == leg)
