@@ -76,6 +76,9 @@ pub struct FlowsArgs {
     /// Only flows to this remote address.
     #[arg(long)]
     remote: Option<Ipv4Addr>,
+    /// Only flows whose replies go to this tunnel peer.
+    #[arg(long)]
+    peer: Option<Ipv4Addr>,
     /// Only flows of this protocol.
     #[arg(long, value_enum)]
     proto: Option<Proto>,
@@ -101,6 +104,7 @@ pub fn flows(args: &FlowsArgs) -> anyhow::Result<()> {
         .map(|c| c.row(now))
         .filter(|r| args.client.is_none_or(|a| *r.client.ip() == a))
         .filter(|r| args.remote.is_none_or(|a| *r.remote.ip() == a))
+        .filter(|r| args.peer.is_none_or(|a| r.peer == a))
         .filter(|r| proto.is_none_or(|p| r.proto == p))
         .collect();
     let key = |r: &FlowRow| match args.sort {

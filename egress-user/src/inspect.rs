@@ -238,6 +238,7 @@ impl Conn {
         let last_seen = self.out.last_seen_ns.max(self.inb.last_seen_ns);
         FlowRow {
             client: self.client(),
+            peer: Ipv4Addr::from(self.out.peer_addr),
             translation: self.translation(),
             remote: self.remote(),
             proto: self.proto(),
@@ -256,6 +257,9 @@ impl Conn {
 #[derive(Clone, Debug, Serialize)]
 pub struct FlowRow {
     pub client: SocketAddrV4,
+    /// The tunnel peer the flow's replies go to (the one its client's
+    /// packets last came through).
+    pub peer: Ipv4Addr,
     pub translation: SocketAddrV4,
     pub remote: SocketAddrV4,
     pub proto: &'static str,
@@ -290,16 +294,17 @@ impl Traffic {
 
 impl FlowRow {
     /// Header of [`FlowRow::line`]'s columns.
-    pub const HEADER: &str = "PROTO STATE        CLIENT                TRANSLATION           REMOTE                   AGE  PKTS OUT   BYTES OUT    PKTS IN    BYTES IN  RTT TUN  RTT NET";
+    pub const HEADER: &str = "PROTO STATE        CLIENT                PEER            TRANSLATION           REMOTE                   AGE  PKTS OUT   BYTES OUT    PKTS IN    BYTES IN  RTT TUN  RTT NET";
 
     /// One line of the `egress flows` table.
     pub fn line(&self) -> String {
         let rtt = |s: Option<f64>| s.map_or("-".to_owned(), |s| format!("{:.1}ms", s * 1e3));
         format!(
-            "{:<5} {:<12} {:<21} {:<21} {:<21} {:>7.0}s {:>9} {:>11} {:>10} {:>11} {:>8} {:>8}",
+            "{:<5} {:<12} {:<21} {:<15} {:<21} {:<21} {:>7.0}s {:>9} {:>11} {:>10} {:>11} {:>8} {:>8}",
             self.proto,
             self.state.unwrap_or("-"),
             self.client,
+            self.peer,
             self.translation,
             self.remote,
             self.age_seconds,

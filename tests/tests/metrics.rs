@@ -283,6 +283,30 @@ fn flows_json(stack: &Stack, egress: &Path, udp: &[(u64, u64)]) -> Result<()> {
     let filtered = stack.egress_cli(egress, "flows --json --proto tcp")?;
     let filtered: Vec<serde_json::Value> = serde_json::from_str(&filtered)?;
     ensure!(filtered.len() == 1, "--proto tcp listed {}", filtered.len());
+    // Every flow's replies go to the one peer that carried it, none to the
+    // idle one; the table says so too.
+    let peer = CLIENT_UNDERLAY_IP.to_string();
+    ensure!(
+        rows.iter().all(|r| r["peer"] == peer.as_str()),
+        "peers listed:\n{out}"
+    );
+    for (filter, want) in [(&peer, 4), (&IDLE_PEER.to_owned(), 0)] {
+        let listed = stack.egress_cli(egress, &format!("flows --json --peer {filter}"))?;
+        let listed: Vec<serde_json::Value> = serde_json::from_str(&listed)?;
+        ensure!(
+            listed.len() == want,
+            "--peer {filter} listed {}",
+            listed.len()
+        );
+    }
+    let table = stack.egress_cli(egress, "flows")?;
+    let column = |line: &str| line.split_whitespace().nth(3).map(str::to_owned);
+    let mut lines = table.lines();
+    ensure!(
+        lines.next().and_then(column).as_deref() == Some("PEER")
+            && lines.all(|l| column(l).as_deref() == Some(peer.as_str())),
+        "flows table:\n{table}"
+    );
 
     // A daemon from before the flow cache pins none: its flows are listed
     // from the table alone, which counted every packet then.
