@@ -24,6 +24,7 @@
 //! operator needs to hear of: returning packets to that peer are lost.
 
 use std::{
+    borrow::Cow,
     collections::HashMap,
     io::{self, IoSliceMut},
     mem::MaybeUninit,
@@ -59,7 +60,7 @@ const PACE: Duration = Duration::from_millis(250);
 /// Errors taken off the queue per round: a flood must not hold the
 /// daemon's one thread (the rest wait for the next round).
 const MAX_DRAIN: usize = 256;
-/// How often the same error about a peer is logged again.
+/// How often an error of one kind about a peer is logged again.
 const RETELL: Duration = Duration::from_secs(60);
 
 /// What a router said about one of our tunnel packets.
@@ -249,21 +250,21 @@ impl Told {
 
 /// What an unreachable `code` about a tunnel packet means (RFC 792, 1122,
 /// 1812), and for the codes a peer sends itself, what to look at there.
-fn unreachable(code: u8) -> String {
-    match code {
-        0 | 6 | 11 => "network unreachable: a router has no route to it".to_owned(),
-        1 | 7 | 12 => {
-            "host unreachable: a router has no route to it, or it does not answer ARP".to_owned()
+fn unreachable(code: u8) -> Cow<'static, str> {
+    Cow::Borrowed(match code {
+        0 | 6 | 11 => "network unreachable: a router has no route to it",
+        1 | 7 | 12 => "host unreachable: a router has no route to it, or it does not answer ARP",
+        2 => {
+            "protocol unreachable: the peer takes no IP-in-IP at all (on Linux, the ipip module \
+             is not loaded)"
         }
-        2 => "protocol unreachable: the peer takes no IP-in-IP at all (on Linux, the ipip \
-              module is not loaded)"
-            .to_owned(),
-        3 => "port unreachable: the peer takes IP-in-IP, but has no tunnel up whose remote is \
-              this gateway's tunnel-local, or a firewall there rejects it"
-            .to_owned(),
-        9 | 10 | 13 => "administratively prohibited: a firewall on the way refuses it".to_owned(),
-        _ => format!("code {code}"),
-    }
+        3 => {
+            "port unreachable: the peer takes IP-in-IP, but has no tunnel up whose remote is \
+             this gateway's tunnel-local, or a firewall there rejects it"
+        }
+        9 | 10 | 13 => "administratively prohibited: a firewall on the way refuses it",
+        _ => return Cow::Owned(format!("code {code}")),
+    })
 }
 
 /// One error taken off the queue.

@@ -290,7 +290,7 @@ fn flows_json(stack: &Stack, egress: &Path, udp: &[(u64, u64)]) -> Result<()> {
         rows.iter().all(|r| r["peer"] == peer.as_str()),
         "peers listed:\n{out}"
     );
-    for (filter, want) in [(&peer, 4), (&IDLE_PEER.to_owned(), 0)] {
+    for (filter, want) in [(peer.as_str(), 4), (IDLE_PEER, 0)] {
         let listed = stack.egress_cli(egress, &format!("flows --json --peer {filter}"))?;
         let listed: Vec<serde_json::Value> = serde_json::from_str(&listed)?;
         ensure!(
