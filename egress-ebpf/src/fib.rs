@@ -16,7 +16,7 @@ use aya_ebpf::helpers::bpf_fib_lookup as bpf_fib_lookup_helper;
 use core::{ffi::c_void, mem::size_of};
 use egress_common::{
     reason::Reason,
-    route::{Route, RouteKey},
+    route::{ROUTE_SLOTS, Route, RouteKey},
 };
 
 use crate::{
@@ -63,7 +63,7 @@ pub fn lookup<H: Hook>(
     tot_len: u16,
 ) -> Result<NextHop, Reason> {
     let key = RouteKey::new(src, dst, hook.ingress_ifindex(), proto);
-    let slot = key.slot();
+    let slot = maps::this_cpus(key.slot(), ROUTE_SLOTS);
     let generation = maps::routes_generation();
     let answer = |slot| {
         ROUTES
@@ -141,7 +141,8 @@ fn ask_kernel(ctx: *mut c_void, key: &RouteKey, slot: u32, tot_len: u16, generat
                 _pad: [0; 2],
                 generation,
             };
-            // This CPU's own slot: no other reader or writer.
+            // This CPU's own slot: no other reader or writer (and no
+            // torn read).
             if let Some(entry) = ROUTES.get_ptr_mut(slot) {
                 // SAFETY: a valid, aligned map value of this CPU.
                 unsafe { *entry = route };

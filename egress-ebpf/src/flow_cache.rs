@@ -3,10 +3,14 @@
 
 use egress_common::{
     flow::{DIR_OUT, Flow, FlowKey},
-    flow_cache::{CachedFlow, slot},
+    flow_cache::{CACHE_SLOTS, CachedFlow, slot},
 };
 
-use crate::{clock, maps::FLOW_CACHE, state};
+use crate::{
+    clock,
+    maps::{self, FLOW_CACHE},
+    state,
+};
 
 /// A packet's flow half.
 pub enum Found {
@@ -48,7 +52,7 @@ impl Found {
 fn cache_slot(key: &FlowKey) -> Option<&'static mut CachedFlow> {
     // SAFETY: this CPU's slot; programs do not nest on a CPU.
     FLOW_CACHE
-        .get_ptr_mut(slot(key))
+        .get_ptr_mut(maps::this_cpus(slot(key), CACHE_SLOTS))
         .map(|s| unsafe { &mut *s })
 }
 

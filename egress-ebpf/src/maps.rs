@@ -2,6 +2,7 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
+    helpers::bpf_get_smp_processor_id,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
 };
@@ -30,10 +31,11 @@ pub static FLOWS: HashMap<FlowKey, Flow> = HashMap::pinned(1024, 0);
 pub static MAPPINGS: HashMap<PortKey, Mapping> = HashMap::pinned(1024, 0);
 
 /// Recent flow halves, a direct-mapped cache per CPU in front of [`FLOWS`]
-/// (see `egress_common::flow_cache`). Pinned: its slots hold packet counts
-/// not yet in [`FLOWS`].
+/// (see `egress_common::flow_cache`), [`CACHE_SLOTS`] per CPU (see
+/// [`this_cpus`]). Pinned: its slots hold packet counts not yet in
+/// [`FLOWS`].
 #[map]
-pub static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::pinned(CACHE_SLOTS, 0);
+pub static FLOW_CACHE: Array<CachedFlow> = Array::pinned(CACHE_SLOTS, 0);
 
 /// Live flows per client address, for the per-client cap. Incremented
 /// here, recounted by the daemon's sweeps. Allocated as clients appear: one
@@ -60,9 +62,10 @@ pub static FRAGMENTS: LruHashMap<FragKey, FragEntry> = LruHashMap::pinned(16384,
 pub static HELD_FRAGMENTS: RingBuf = RingBuf::pinned(256 * 1024, 0);
 
 /// Remembered FIB answers, a direct-mapped cache per CPU (see
-/// `egress_common::route`). Not pinned: a new program starts with none.
+/// `egress_common::route`), [`ROUTE_SLOTS`] per CPU (see [`this_cpus`]).
+/// Not pinned: a new program starts with none.
 #[map]
-pub static ROUTES: PerCpuArray<Route> = PerCpuArray::with_max_entries(ROUTE_SLOTS, 0);
+pub static ROUTES: Array<Route> = Array::with_max_entries(ROUTE_SLOTS, 0);
 
 /// The routing generation, bumped by the daemon whenever routes,
 /// neighbours, links or addresses change: [`ROUTES`] entries of an older
@@ -94,6 +97,22 @@ pub fn config() -> &'static Config {
     // placeholder value into the code: the loader patches it at load time.
     // SAFETY: reads a valid pointer to a static.
     unsafe { &*core::ptr::read_volatile(&(&raw const CONFIG)) }
+}
+
+/// The index of this CPU's `slot` in a per-CPU cache laid out as one
+/// array, a block of `slots` per CPU (the loader sizes it for every
+/// possible CPU).
+///
+/// Not a per-CPU array: its lookup first loads the slot's address from a
+/// table of them, a dependent load that a packet after a cold spell waits
+/// for; here the address is arithmetic on the CPU number, which the
+/// verifier inlines as a load from this CPU's own hot data. Measured:
+/// about 5 ns off an established packet in single runs.
+#[inline(always)]
+pub fn this_cpus(slot: u32, slots: u32) -> u32 {
+    // SAFETY: no preconditions.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    cpu * slots + slot
 }
 
 #[inline(always)]

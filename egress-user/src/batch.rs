@@ -13,7 +13,7 @@ use std::{
 
 use aya::{
     Pod,
-    maps::{HashMap, IterableMap as _, MapData, PerCpuArray},
+    maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray},
     util::nr_cpus,
 };
 
@@ -78,6 +78,16 @@ pub fn batches<T: Borrow<MapData>, K: Pod, V: Pod>(
         let (keys, values) = batch?;
         Ok(keys.into_iter().zip(values).collect())
     })
+}
+
+/// Every value of the array `map`, in index order.
+pub fn values<T: Borrow<MapData>, V: Pod>(map: &Array<T, V>) -> io::Result<Vec<V>> {
+    let mut values = Vec::new();
+    // The whole array in one call.
+    for batch in lookups::<u32, V>(map.map(), map.len() as usize, 1) {
+        values.extend(batch?.1);
+    }
+    Ok(values)
 }
 
 /// Every value of the per-CPU array `map`, each index's value on each

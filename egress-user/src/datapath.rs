@@ -23,10 +23,11 @@ use aya::{
 use egress_common::{
     config::Config,
     flow::{Flow, FlowKey, Mapping, PortKey},
-    flow_cache::CachedFlow,
+    flow_cache::{CACHE_SLOTS, CachedFlow},
     fragment::{FragEntry, FragKey},
     peers::PeerSet,
     reason::Reason,
+    route::ROUTE_SLOTS,
 };
 
 use crate::{
@@ -34,6 +35,7 @@ use crate::{
     clsact::{self, Clsact},
     inspect, netif, pinning, reorder,
     settings::{AttachMode, PortRange},
+    upgrade,
 };
 
 /// The compiled eBPF object, built by build.rs.
@@ -116,16 +118,24 @@ impl Datapath {
         policy.admission.validate()?;
         pinning::prepare(&policy.state_dir, policy.reset_state)?;
         let resumed = pinning::has_state(&policy.state_dir);
+        if resumed {
+            upgrade::flow_cache(&policy.state_dir)?;
+        }
         let config = policy.config();
         // Two entries per flow (outbound and return half), and at most one
         // mapping (two entries) per flow.
         let entries = policy.max_flows.saturating_mul(2);
+        let cpus = cpu_numbers()?;
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
             .default_map_pin_directory(&policy.state_dir)
             .map_max_entries("FLOWS", entries)
             .map_max_entries("MAPPINGS", entries)
             .map_max_entries("CLIENT_FLOWS", policy.max_flows)
+            // The caches the data path keeps per CPU, a block of slots for
+            // each CPU number (see the data path's `maps::this_cpus`).
+            .map_max_entries("FLOW_CACHE", CACHE_SLOTS * cpus)
+            .map_max_entries("ROUTES", ROUTE_SLOTS * cpus)
             .load(OBJECT)
             .map_err(|e| match e {
                 EbpfError::MapError(e @ MapError::IncompatiblePinnedMap { .. }) => anyhow::anyhow!(
@@ -374,7 +384,7 @@ impl Datapath {
             flows: HashMap::try_from(self.own("FLOWS")?)?,
             mappings: HashMap::try_from(self.own("MAPPINGS")?)?,
             clients: HashMap::try_from(self.own("CLIENT_FLOWS")?)?,
-            cache: PerCpuArray::try_from(self.own("FLOW_CACHE")?)?,
+            cache: Array::try_from(self.own("FLOW_CACHE")?)?,
         })
     }
 
@@ -395,10 +405,8 @@ impl Datapath {
             .ebpf
             .map(name)
             .with_context(|| format!("{name} map missing from the eBPF object"))?;
-        let (Map::HashMap(data)
-        | Map::LruHashMap(data)
-        | Map::PerCpuArray(data)
-        | Map::RingBuf(data)) = map
+        let (Map::HashMap(data) | Map::LruHashMap(data) | Map::Array(data) | Map::RingBuf(data)) =
+            map
         else {
             anyhow::bail!("{name} is not a map the daemon reads on a handle of its own");
         };
@@ -428,8 +436,9 @@ pub struct State {
     pub mappings: HashMap<MapData, PortKey, Mapping>,
     /// Live flows per client address.
     pub clients: HashMap<MapData, [u8; 4], u64>,
-    /// Recent flows per CPU, with packets not yet counted in `flows`.
-    pub cache: PerCpuArray<MapData, CachedFlow>,
+    /// Recent flows, a block per CPU, with packets not yet counted in
+    /// `flows`.
+    pub cache: Array<MapData, CachedFlow>,
 }
 
 impl State {
@@ -448,6 +457,19 @@ impl State {
             ("flow_cache", memlock(self.cache.map())?),
         ])
     }
+}
+
+/// How many CPU numbers the host may use: the highest possible CPU's,
+/// plus one (CPU numbers are below it; the kernel lists ranges in order).
+fn cpu_numbers() -> anyhow::Result<u32> {
+    const POSSIBLE: &str = "/sys/devices/system/cpu/possible";
+    let list =
+        std::fs::read_to_string(POSSIBLE).with_context(|| format!("cannot read {POSSIBLE}"))?;
+    let highest = list.trim().rsplit([',', '-']).next().unwrap_or_default();
+    let highest: u32 = highest
+        .parse()
+        .with_context(|| format!("{POSSIBLE}: no CPU list: {list:?}"))?;
+    Ok(highest + 1)
 }
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {

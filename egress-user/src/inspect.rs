@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use aya::maps::{HashMap, IterableMap as _, Map, MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData, PerCpuArray, PerCpuValues};
 use egress_common::{
     flow::{
         DIR_IN, DIR_OUT, Flow, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Mapping, PortKey,
@@ -32,7 +32,7 @@ pub struct Pinned {
     stats: PerCpuArray<MapData, u64>,
     /// None under a daemon of a version before the flow cache, whose table
     /// counts every packet.
-    cache: Option<PerCpuArray<MapData, CachedFlow>>,
+    cache: Option<Array<MapData, CachedFlow>>,
 }
 
 impl Pinned {
@@ -58,7 +58,7 @@ impl Pinned {
             clients: HashMap::try_from(open(clients)?).with_context(|| format(clients))?,
             stats: PerCpuArray::try_from(open(stats)?).with_context(|| format(stats))?,
             cache: if dir.join(cache).exists() {
-                Some(PerCpuArray::try_from(open(cache)?).with_context(|| format(cache))?)
+                Some(Array::try_from(open(cache)?).with_context(|| format(cache))?)
             } else {
                 None
             },
@@ -155,7 +155,7 @@ impl Pinned {
 pub type PortsInUse = (Ipv4Addr, &'static str, u64);
 
 /// Every entry of the flow table `flows`, with the packets the data path
-/// counted in its per-CPU flow cache `cache` added (see
+/// counted in its flow cache `cache` (a block per CPU) added (see
 /// `egress_common::flow_cache`).
 ///
 /// The cache is read after the table: counts a slot hands to the table in
@@ -163,7 +163,7 @@ pub type PortsInUse = (Ipv4Addr, &'static str, u64);
 /// above the true count, and a later read may be lower only by such counts.
 pub fn counted_flows<T: Borrow<MapData>>(
     flows: &HashMap<T, FlowKey, Flow>,
-    cache: Option<&PerCpuArray<T, CachedFlow>>,
+    cache: Option<&Array<T, CachedFlow>>,
 ) -> anyhow::Result<Vec<(FlowKey, Flow)>> {
     let mut entries = batch::dump(flows).context("cannot read FLOWS")?;
     if let Some(cache) = cache {
@@ -173,11 +173,11 @@ pub fn counted_flows<T: Borrow<MapData>>(
 }
 
 fn credit_cached<T: Borrow<MapData>>(
-    cache: &PerCpuArray<T, CachedFlow>,
+    cache: &Array<T, CachedFlow>,
     entries: &mut [(FlowKey, Flow)],
 ) -> anyhow::Result<()> {
     let mut slots: FxHashMap<FlowKey, Vec<CachedFlow>> = FxHashMap::default();
-    for cached in batch::per_cpu_values(cache)? {
+    for cached in batch::values(cache)? {
         if cached.packets > 0 {
             slots.entry(cached.key).or_default().push(cached);
         }

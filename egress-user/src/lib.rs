@@ -22,3 +22,4 @@ pub mod settings;
 pub mod sweeper;
 pub mod sysctl;
 pub mod tunnel_errors;
+pub mod upgrade;

@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use aya::{
     Pod,
-    maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray},
+    maps::{Array, HashMap as BpfHashMap, Map, MapData},
 };
 use egress_common::flow::Flow;
 use egress_user::{batch, datapath::State, gc};
@@ -131,7 +131,7 @@ fn pinned(dir: &Path) -> Result<State> {
         flows: BpfHashMap::try_from(open("FLOWS")?)?,
         mappings: BpfHashMap::try_from(open("MAPPINGS")?)?,
         clients: BpfHashMap::try_from(open("CLIENT_FLOWS")?)?,
-        cache: PerCpuArray::try_from(open("FLOW_CACHE")?)?,
+        cache: Array::try_from(open("FLOW_CACHE")?)?,
     })
 }
 

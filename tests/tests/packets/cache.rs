@@ -1,13 +1,18 @@
 //! The per-CPU flow cache in front of the flow table: every packet counted
 //! wherever it was counted, a segment that changes the flow's record never
 //! served from it, a flow the daemon removes not served from it once a
-//! tick has passed.
+//! tick has passed, the counts of an earlier version's cache kept by an
+//! upgrade.
 
 use std::{collections::HashMap, time::Duration};
 
+use aya::{
+    maps::{MapData, PerCpuArray, PerCpuValues},
+    util::nr_cpus,
+};
 use egress_common::{
     flow::{DIR_OUT, FlowKey, IPPROTO_UDP},
-    flow_cache::slot,
+    flow_cache::{CACHE_SLOTS, CachedFlow, slot},
     reason::Reason,
     tcp::{ACK, FIN, RST, SYN, TcpState},
 };
@@ -21,6 +26,7 @@ for_each_hook!(
     flows_that_share_a_slot_keep_their_counts,
     a_segment_that_changes_the_record_is_never_served_from_the_cache,
     a_flow_removed_from_the_table_is_not_served_once_a_tick_passed,
+    an_upgrade_keeps_the_counts_of_an_earlier_per_cpu_cache,
 );
 
 /// IP length of every datagram below.
@@ -154,4 +160,53 @@ fn a_flow_removed_from_the_table_is_not_served_once_a_tick_passed(hook: Hook) {
         gw.on_cpu(0, &[reply(port), query(21000)]),
         HashMap::from([(Reason::NotOurs, 1), (Reason::NewFlow, 1)])
     );
+}
+
+fn an_upgrade_keeps_the_counts_of_an_earlier_per_cpu_cache(hook: Hook) {
+    let gw = &mut Gateway::new(hook);
+    let port = outbound(gw, CLIENT, udp(21000, 53), Reason::NewFlow);
+    let (out, inb) = halves(gw);
+    assert_eq!((out.packets, inb.packets), (1, 0));
+    // The state as a version before 2026-11-22 leaves it: the cache a
+    // per-CPU array whose slots hold packets of both halves, on every CPU,
+    // that the table has not counted, and a slot of a flow the table no
+    // longer has.
+    let cpus = nr_cpus().unwrap().get() as u64;
+    let gone = FlowKey {
+        sport: 21001u16.to_be_bytes(),
+        ..out.out_key()
+    };
+    let mut old = PerCpuArray::<MapData, CachedFlow>::create(CACHE_SLOTS, 0).unwrap();
+    for (flow, key, packets) in [
+        (out, out.out_key(), 7),
+        (inb, inb.in_key(), 3),
+        (out, gone, 100),
+    ] {
+        let cached = CachedFlow {
+            flow,
+            key,
+            tick: 0,
+            packets,
+            bytes: packets * LEN,
+        };
+        let on_each = PerCpuValues::try_from(vec![cached; cpus as usize]).unwrap();
+        old.set(slot(&key), on_each, 0).unwrap();
+    }
+    let pin = gw.state_dir().join("FLOW_CACHE");
+    std::fs::remove_file(&pin).unwrap();
+    old.pin(&pin).unwrap();
+
+    gw.restart(false);
+    let (out, inb) = halves(gw);
+    let out_packets = 1 + 7 * cpus;
+    assert_eq!((out.packets, out.bytes), (out_packets, out_packets * LEN));
+    assert_eq!((inb.packets, inb.bytes), (3 * cpus, 3 * cpus * LEN));
+    // The new cache serves and counts the flow.
+    let frames: Vec<_> = (0..5).flat_map(|_| [query(21000), reply(port)]).collect();
+    assert_eq!(
+        gw.on_cpu(0, &frames),
+        HashMap::from([(Reason::Translated, 5), (Reason::ReverseHit, 5)])
+    );
+    let (out, inb) = halves(gw);
+    assert_eq!((out.packets, inb.packets), (out_packets + 5, 3 * cpus + 5));
 }

@@ -372,6 +372,11 @@ impl Gateway {
         self.datapath.state().unwrap()
     }
 
+    /// Where the connection state is pinned.
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.policy.state_dir
+    }
+
     /// Number of map entries in the flow table (two per flow).
     pub fn flow_entries(&mut self) -> usize {
         self.state().flows.keys().count()

@@ -1,0 +1,60 @@
+//! Connection state pinned by an earlier version, brought to this
+//! version's format before the data path loads, so that an upgrade keeps
+//! every flow and its counts.
+
+use std::{fs, path::Path};
+
+use anyhow::Context as _;
+use aya::maps::{HashMap, Map, MapData, MapType, PerCpuArray};
+use egress_common::{
+    flow::{Flow, FlowKey},
+    flow_cache::CachedFlow,
+};
+
+use crate::batch;
+
+/// `BPF_EXIST`: update only an entry that is there.
+const BPF_EXIST: u64 = 2;
+
+/// A flow cache pinned as a per-CPU array (versions before 2026-11-22; now
+/// one array, a block per CPU): the packets its slots counted go to their
+/// flows' entries in `FLOWS`, and its pin goes, so that the data path makes
+/// its cache anew. The daemon that pinned it has exited (it held the
+/// state's lock), so no program counts in it any more.
+pub fn flow_cache(dir: &Path) -> anyhow::Result<()> {
+    let path = dir.join("FLOW_CACHE");
+    if !path.exists() {
+        return Ok(());
+    }
+    let context = || format!("cannot bring {} to this version", path.display());
+    let data = MapData::from_pin(&path).with_context(context)?;
+    if data.info()?.map_type()? != MapType::PerCpuArray {
+        return Ok(());
+    }
+    let old: PerCpuArray<_, CachedFlow> =
+        PerCpuArray::try_from(Map::from_map_data(data)?).with_context(context)?;
+    let flows = MapData::from_pin(dir.join("FLOWS")).with_context(context)?;
+    let mut flows: HashMap<_, FlowKey, Flow> = HashMap::try_from(Map::from_map_data(flows)?)?;
+    let mut credited = 0u64;
+    let slots = batch::per_cpu_values(&old).with_context(context)?;
+    for slot in slots.iter().filter(|s| s.packets > 0) {
+        // A flow the table no longer has has no counts to keep.
+        let Ok(mut flow) = flows.get(&slot.key, 0) else {
+            continue;
+        };
+        let before = flow.packets;
+        slot.credit(&slot.key, &mut flow);
+        if flow.packets != before {
+            flows
+                .insert(&slot.key, &flow, BPF_EXIST)
+                .with_context(context)?;
+            credited += flow.packets - before;
+        }
+    }
+    fs::remove_file(&path).with_context(context)?;
+    tracing::info!(
+        packets = credited,
+        "moved the counts of an earlier version's flow cache to the flow table"
+    );
+    Ok(())
+}
