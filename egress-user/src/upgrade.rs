@@ -21,6 +21,10 @@ const BPF_EXIST: u64 = 2;
 /// flows' entries in `FLOWS`, and its pin goes, so that the data path makes
 /// its cache anew. The daemon that pinned it has exited (it held the
 /// state's lock), so no program counts in it any more.
+///
+/// The pin goes before the counts move: should this fail or the daemon die
+/// part way, the next start finds no old cache and the counts not yet moved
+/// are lost, rather than the ones moved counted twice.
 pub fn flow_cache(dir: &Path) -> anyhow::Result<()> {
     let path = dir.join("FLOW_CACHE");
     if !path.exists() {
@@ -28,15 +32,17 @@ pub fn flow_cache(dir: &Path) -> anyhow::Result<()> {
     }
     let context = || format!("cannot bring {} to this version", path.display());
     let data = MapData::from_pin(&path).with_context(context)?;
-    if data.info()?.map_type()? != MapType::PerCpuArray {
+    let map_type = data.info().and_then(|i| i.map_type());
+    if map_type.with_context(context)? != MapType::PerCpuArray {
         return Ok(());
     }
     let old: PerCpuArray<_, CachedFlow> =
         PerCpuArray::try_from(Map::from_map_data(data)?).with_context(context)?;
     let flows = MapData::from_pin(dir.join("FLOWS")).with_context(context)?;
     let mut flows: HashMap<_, FlowKey, Flow> = HashMap::try_from(Map::from_map_data(flows)?)?;
-    let mut credited = 0u64;
     let slots = batch::per_cpu_values(&old).with_context(context)?;
+    fs::remove_file(&path).with_context(context)?;
+    let mut credited = 0u64;
     for slot in slots.iter().filter(|s| s.packets > 0) {
         // A flow the table no longer has has no counts to keep.
         let Ok(mut flow) = flows.get(&slot.key, 0) else {
@@ -51,7 +57,6 @@ pub fn flow_cache(dir: &Path) -> anyhow::Result<()> {
             credited += flow.packets - before;
         }
     }
-    fs::remove_file(&path).with_context(context)?;
     tracing::info!(
         packets = credited,
         "moved the counts of an earlier version's flow cache to the flow table"
