@@ -9,6 +9,7 @@ use crate::frames::{Ip, L4, encapsulate, ethernet, icmp_error, ip_packet};
 use crate::gateway::*;
 use crate::report::Series;
 use egress_common::flow::Flow;
+use egress_common::flow_cache::CACHE_SLOTS;
 use egress_common::reason::Reason;
 use egress_user::settings::PortRange;
 use tests::tiny_bpf::{HashMap, Hook, ProgArray, Program, programs, xdp_md};
@@ -23,6 +24,12 @@ pub const BLOCK: usize = 100;
 /// Every new flow takes a translation port of its own, so half a block
 /// per turn: all runs' flows fit one address's port range.
 pub const NEW_FLOWS_PER_RUN: usize = PER_RUN / 2;
+/// Established flows the many-flows series sends a packet of in turn, each
+/// to a server of its own: four times the slots of a CPU's flow cache, so
+/// that by a flow's next packet others have taken its slot, and every
+/// packet takes the flow table (as under more busy flows than the cache
+/// holds).
+pub const MANY_FLOWS: usize = 4 * CACHE_SLOTS as usize;
 /// The share of each run's packets its figure is the mean of: the middle,
 /// without the fastest and slowest tenth.
 pub const CENTRAL_SHARE: f64 = 0.8;
@@ -44,6 +51,8 @@ pub struct InKernel {
     pub mac_swap_floor: Series,
     pub flow_lookup_floor: Series,
     pub outbound: Series,
+    /// Established outbound, [`MANY_FLOWS`] flows in turn.
+    pub outbound_many: Series,
     pub inbound: Series,
     pub icmp_error: Series,
     pub new_flow: Series,
@@ -81,12 +90,13 @@ impl Warm {
 
 impl InKernel {
     /// The single-run series, in the order of their turns.
-    fn all_mut(&mut self) -> [&mut Series; 7] {
+    fn all_mut(&mut self) -> [&mut Series; 8] {
         [
             &mut self.harness,
             &mut self.mac_swap_floor,
             &mut self.flow_lookup_floor,
             &mut self.outbound,
+            &mut self.outbound_many,
             &mut self.inbound,
             &mut self.icmp_error,
             &mut self.new_flow,
@@ -124,6 +134,14 @@ fn new_flow_frame(n: usize) -> Vec<u8> {
     from_peer(SERVER, L4::syn(30_000 + n as u16, 443))
 }
 
+/// Flow `n` of the many-flows series: a client port and a server of its
+/// own (198.19.0.0/16, for benchmarks, routed by default like the server),
+/// beside every other series' flows.
+fn many_flows_frame(n: usize, payload: &[u8]) -> Vec<u8> {
+    let server = [198, 19, (n >> 8) as u8, n as u8];
+    from_peer(server, L4::tcp(16_000 + n as u16, 443, payload))
+}
+
 pub fn measure() -> InKernel {
     // Room for every new flow of every run: the tables never fill.
     let max_flows = (RUNS * NEW_FLOWS_PER_RUN).next_power_of_two() as u32;
@@ -139,8 +157,15 @@ pub fn measure() -> InKernel {
         GW_MAC,
         &ip_packet(Ip::new(SERVER, GW), L4::tcp(443, 23456, &payload)),
     );
-    // Create the flow; the established series then reuse it.
+    // Create the flows; the established series then reuse them.
     gw.run(&outbound);
+    let many: Vec<Vec<u8>> = (0..MANY_FLOWS)
+        .map(|n| many_flows_frame(n, &payload))
+        .collect();
+    for frame in &many {
+        assert_eq!(gw.run(frame).2, Reason::NewFlow, "many flows: a new flow");
+    }
+    let mut many = many.iter().cycle();
     // Port unreachable from the server about the flow's translated segment
     // (the client's port is free, so it is kept).
     let sent = ip_packet(Ip::new(GW, SERVER), L4::tcp(23456, 443, &payload));
@@ -181,12 +206,13 @@ pub fn measure() -> InKernel {
             .map(new_flow_frame)
             .collect();
         // In the order of `InKernel::all_mut`.
-        let mut times: [Vec<u64>; 7] = Default::default();
+        let mut times: [Vec<u64>; 8] = Default::default();
         let [
             harness_ns,
             floor_ns,
             lookup_ns,
             out_ns,
+            many_ns,
             in_ns,
             icmp_ns,
             new_ns,
@@ -218,6 +244,9 @@ pub fn measure() -> InKernel {
                     for _ in 0..BLOCK {
                         run(frame, ns);
                     }
+                }
+                for frame in many.by_ref().take(BLOCK) {
+                    run(frame, many_ns);
                 }
                 for frame in new_flows {
                     run(frame, new_ns);
