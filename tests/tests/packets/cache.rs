@@ -1,8 +1,8 @@
 //! The per-CPU flow cache in front of the flow table: every packet counted
 //! wherever it was counted, a segment that changes the flow's record never
 //! served from it, a flow the daemon removes not served from it once a
-//! tick has passed, the counts of an earlier version's cache kept by an
-//! upgrade.
+//! tick has passed, the counts held in the cache kept by a restart and
+//! those of an earlier version's cache by an upgrade.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -26,6 +26,7 @@ for_each_hook!(
     flows_that_share_a_slot_keep_their_counts,
     a_segment_that_changes_the_record_is_never_served_from_the_cache,
     a_flow_removed_from_the_table_is_not_served_once_a_tick_passed,
+    a_restart_keeps_the_counts_held_in_the_cache,
     an_upgrade_keeps_the_counts_of_an_earlier_per_cpu_cache,
 );
 
@@ -160,6 +161,24 @@ fn a_flow_removed_from_the_table_is_not_served_once_a_tick_passed(hook: Hook) {
         gw.on_cpu(0, &[reply(port), query(21000)]),
         HashMap::from([(Reason::NotOurs, 1), (Reason::NewFlow, 1)])
     );
+}
+
+fn a_restart_keeps_the_counts_held_in_the_cache(hook: Hook) {
+    let gw = &mut Gateway::new(hook);
+    let port = outbound(gw, CLIENT, udp(21000, 53), Reason::NewFlow);
+    let mut frames = vec![query(21000); 20];
+    frames.extend(vec![reply(port); 10]);
+    gw.on_cpu(0, &frames);
+    // Some of them counted in the cache alone (see above).
+    let (out, _) = halves(gw);
+    let table = gw.state().flows.get(&out.out_key(), 0).unwrap();
+    assert!(table.packets < 21, "{} packets in the table", table.packets);
+
+    // The restarted data path takes this version's cache over as it is.
+    gw.restart(false);
+    let (out, inb) = halves(gw);
+    assert_eq!((out.packets, out.bytes), (21, 21 * LEN));
+    assert_eq!((inb.packets, inb.bytes), (10, 10 * LEN));
 }
 
 fn an_upgrade_keeps_the_counts_of_an_earlier_per_cpu_cache(hook: Hook) {
