@@ -106,8 +106,9 @@ pub fn config() -> &'static Config {
 /// Not a per-CPU array: its lookup first loads the slot's address from a
 /// table of them, a dependent load that a packet after a cold spell waits
 /// for; here the address is arithmetic on the CPU number, which the
-/// verifier inlines as a load from this CPU's own hot data. Measured:
-/// about 5 ns off an established packet in single runs.
+/// verifier (Linux 6.10+) inlines as a load from this CPU's own hot data.
+/// Measured: outbound single runs 2.14x -> 2.01x the floor, and over many
+/// flows 15-25% less.
 #[inline(always)]
 pub fn this_cpus(slot: u32, slots: u32) -> u32 {
     // SAFETY: no preconditions.

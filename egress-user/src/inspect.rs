@@ -31,7 +31,8 @@ pub struct Pinned {
     clients: HashMap<MapData, [u8; 4], u64>,
     stats: PerCpuArray<MapData, u64>,
     /// None under a daemon of a version before the flow cache, whose table
-    /// counts every packet.
+    /// counts every packet, or of one whose cache was a per-CPU array (see
+    /// [`crate::upgrade`]), whose cached counts are then left out.
     cache: Option<Array<MapData, CachedFlow>>,
 }
 
@@ -57,10 +58,14 @@ impl Pinned {
             mappings: HashMap::try_from(open(mappings)?).with_context(|| format(mappings))?,
             clients: HashMap::try_from(open(clients)?).with_context(|| format(clients))?,
             stats: PerCpuArray::try_from(open(stats)?).with_context(|| format(stats))?,
-            cache: if dir.join(cache).exists() {
-                Some(Array::try_from(open(cache)?).with_context(|| format(cache))?)
-            } else {
-                None
+            cache: match dir.join(cache).exists() {
+                true => match open(cache)? {
+                    // An earlier version's per-CPU cache, until its daemon
+                    // restarts and upgrades it: its counts are not added.
+                    Map::PerCpuArray(_) => None,
+                    map => Some(Array::try_from(map).with_context(|| format(cache))?),
+                },
+                false => None,
             },
         })
     }

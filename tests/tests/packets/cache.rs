@@ -16,6 +16,7 @@ use egress_common::{
     reason::Reason,
     tcp::{ACK, FIN, RST, SYN, TcpState},
 };
+use egress_user::inspect::Pinned;
 
 use super::*;
 use crate::state::{halves, tcp_state};
@@ -186,7 +187,7 @@ fn an_upgrade_keeps_the_counts_of_an_earlier_per_cpu_cache(hook: Hook) {
     let port = outbound(gw, CLIENT, udp(21000, 53), Reason::NewFlow);
     let (out, inb) = halves(gw);
     assert_eq!((out.packets, inb.packets), (1, 0));
-    // The state as a version before 2026-11-22 leaves it: the cache a
+    // The state as a version before e1cadbb leaves it: the cache a
     // per-CPU array whose slots hold packets of both halves, on every CPU,
     // that the table has not counted, and a slot of a flow the table no
     // longer has.
@@ -214,6 +215,14 @@ fn an_upgrade_keeps_the_counts_of_an_earlier_per_cpu_cache(hook: Hook) {
     let pin = gw.state_dir().join("FLOW_CACHE");
     std::fs::remove_file(&pin).unwrap();
     old.pin(&pin).unwrap();
+    // The new binary's `egress flows` before the daemon restarts: the
+    // table's counts, without the old cache's.
+    let (conns, _) = Pinned::open(gw.state_dir()).unwrap().flows().unwrap();
+    let listed: Vec<_> = conns
+        .iter()
+        .map(|c| (c.out.packets, c.inb.packets))
+        .collect();
+    assert_eq!(listed, [(1, 0)]);
 
     gw.restart(false);
     let (out, inb) = halves(gw);
