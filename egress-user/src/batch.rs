@@ -82,12 +82,7 @@ pub fn batches<T: Borrow<MapData>, K: Pod, V: Pod>(
 
 /// Every value of the array `map`, in index order.
 pub fn values<T: Borrow<MapData>, V: Pod>(map: &Array<T, V>) -> io::Result<Vec<V>> {
-    let mut values = Vec::new();
-    // The whole array in one call.
-    for batch in lookups::<u32, V>(map.map(), map.len() as usize, 1) {
-        values.extend(batch?.1);
-    }
-    Ok(values)
+    whole_array(map.map(), map.len(), 1)
 }
 
 /// Every value of the per-CPU array `map`, each index's value on each
@@ -97,9 +92,14 @@ pub fn per_cpu_values<T: Borrow<MapData>, V: Pod>(map: &PerCpuArray<T, V>) -> io
     // size that is a multiple of 8, a `V` buffer matches that layout.
     const { assert!(size_of::<V>().is_multiple_of(8)) };
     let cpus = nr_cpus().map_err(|(_, e)| e)?;
+    whole_array(map.map(), map.len(), cpus.get() as usize)
+}
+
+/// The values of the `len` indices of the array `map`, `per_key` each, in
+/// one call.
+fn whole_array<V: Pod>(map: &MapData, len: u32, per_key: usize) -> io::Result<Vec<V>> {
     let mut values = Vec::new();
-    // The whole array in one call.
-    for batch in lookups::<u32, V>(map.map(), map.len() as usize, cpus.get() as usize) {
+    for batch in lookups::<u32, V>(map, len as usize, per_key) {
         values.extend(batch?.1);
     }
     Ok(values)

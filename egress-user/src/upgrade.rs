@@ -18,9 +18,8 @@ const BPF_EXIST: u64 = 2;
 
 /// A flow cache pinned as a per-CPU array (the versions from the flow
 /// cache's introduction, 4621da5, up to e1cadbb; now one array, a block per
-/// CPU): the packets its slots counted go to their
-/// flows' entries in `FLOWS`, and its pin goes, so that the data path makes
-/// its cache anew. The daemon that pinned it has exited (it held the
+/// CPU): the packets its slots counted go to their flows' entries in
+/// `FLOWS`, and its pin goes, so that the data path makes its cache anew. The daemon that pinned it has exited (it held the
 /// state's lock), so no program counts in it any more.
 ///
 /// The pin goes before the counts move: should this fail or the daemon die
