@@ -4,7 +4,7 @@
 use std::{
     net::Ipv4Addr,
     os::fd::{AsFd as _, AsRawFd as _},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use anyhow::Context as _;
@@ -15,8 +15,11 @@ use aya::{
         lpm_trie::Key,
     },
     programs::{
-        LinkOrder, ProgramError, ProgramInfo, SchedClassifier, Xdp, XdpMode, loaded_programs,
-        tc::{TcAttach, TcAttachType},
+        LinkOrder, ProgramError, ProgramInfo, SchedClassifier, Xdp, XdpMode,
+        links::FdLink,
+        loaded_programs,
+        tc::{SchedClassifierLink, SchedClassifierLinkId, TcAttach, TcAttachType},
+        xdp::{XdpLink, XdpLinkId},
     },
     sys::SyscallError,
 };
@@ -33,6 +36,7 @@ use egress_common::{
 use crate::{
     admission::Admission,
     clsact::{self, Clsact},
+    handover::{self, HandedLink},
     inspect, netif, pinning, reorder,
     settings::{AttachMode, PortRange},
     upgrade,
@@ -65,6 +69,26 @@ impl Attached {
             Self::Tcx => "TC (TCX ingress)",
             Self::Clsact => "TC (clsact ingress)",
         }
+    }
+
+    /// A name for file names.
+    pub fn slug(self) -> &'static str {
+        match self {
+            Self::NativeXdp => "native",
+            Self::GenericXdp => "generic",
+            Self::Tcx => "tcx",
+            Self::Clsact => "clsact",
+        }
+    }
+
+    /// Whether `mode` may give this hook.
+    fn fits(self, mode: AttachMode) -> bool {
+        matches!(
+            (mode, self),
+            (AttachMode::Native | AttachMode::Auto, Self::NativeXdp)
+                | (AttachMode::Generic, Self::GenericXdp)
+                | (AttachMode::Tc | AttachMode::Auto, Self::Tcx)
+        )
     }
 }
 
@@ -107,6 +131,13 @@ pub struct Datapath {
     // may hang from goes.
     ebpf: Ebpf,
     clsact: Option<Clsact>,
+    /// The attachment, if it is a link (one a successor can take over).
+    link: Option<LinkId>,
+}
+
+enum LinkId {
+    Xdp(XdpLinkId),
+    Tc(SchedClassifierLinkId),
 }
 
 impl Datapath {
@@ -186,7 +217,11 @@ impl Datapath {
                 .with_context(|| format!("cannot add client range {c}"))?;
         }
 
-        let mut datapath = Self { ebpf, clsact: None };
+        let mut datapath = Self {
+            ebpf,
+            clsact: None,
+            link: None,
+        };
         datapath
             .xdp()?
             .load()
@@ -199,17 +234,43 @@ impl Datapath {
     }
 
     /// Attaches to `iface` (index `ifindex`) as `mode` asks; returns the
-    /// hook it got.
+    /// hook it got. A link a previous image of the daemon handed over in
+    /// `state_dir` (see `handover`) is taken over: this program replaces
+    /// its program atomically.
     pub fn attach(
         &mut self,
         iface: &str,
         ifindex: u32,
         mode: AttachMode,
+        state_dir: &Path,
     ) -> anyhow::Result<Attached> {
-        self.refuse_another_gateway(iface, ifindex)?;
-        // In any mode: a TC filter of a gateway that was killed would run
-        // its old program beside (or behind) the new one.
+        let mut handed = None;
+        for h in handover::take_links(state_dir)? {
+            if handed.is_none() && h.ifindex == ifindex && h.hook.fits(mode) {
+                handed = Some(h);
+            } else {
+                // Another interface, or another hook than asked for now:
+                // it goes before this attach (one XDP program at a time).
+                tracing::info!(
+                    "detached the {} program the previous run handed over on interface {}: \
+                     this run attaches {mode:?} to {iface}",
+                    h.hook.as_str(),
+                    h.ifindex
+                );
+            }
+        }
+        let handed_id = match &handed {
+            Some(h) => Some(h.link.info()?.program_id()),
+            None => None,
+        };
+        self.refuse_another_gateway(iface, ifindex, handed_id)?;
+        // In any mode: a TC filter of a gateway that was killed (or
+        // reloaded, on a kernel without TCX) would run its old program
+        // beside (or behind) the new one.
         clsact::remove_leftovers(iface, ifindex, TC_PROGRAM)?;
+        if let Some(h) = handed {
+            return self.take_over(h);
+        }
         match mode {
             AttachMode::Native => self.attach_xdp(ifindex, XdpMode::Driver),
             AttachMode::Generic => self.attach_xdp(ifindex, XdpMode::Skb),
@@ -236,8 +297,18 @@ impl Datapath {
     /// state lock keeps out one with ours). Attached in front of it, or
     /// behind, one would take the other's packets, each with its own flows.
     /// (Those attachments end with their process: none is a leftover.)
-    fn refuse_another_gateway(&mut self, iface: &str, ifindex: u32) -> anyhow::Result<()> {
-        let ours = [self.xdp()?.info()?.id(), self.tc()?.info()?.id()];
+    fn refuse_another_gateway(
+        &mut self,
+        iface: &str,
+        ifindex: u32,
+        handed_over: Option<u32>,
+    ) -> anyhow::Result<()> {
+        let ours = [
+            Some(self.xdp()?.info()?.id()),
+            Some(self.tc()?.info()?.id()),
+            handed_over,
+        ];
+        let ours: Vec<u32> = ours.into_iter().flatten().collect();
         let theirs = |p: &ProgramInfo| {
             !ours.contains(&p.id())
                 && p.name_as_str()
@@ -280,10 +351,52 @@ impl Datapath {
             XdpMode::Driver => (Attached::NativeXdp, "native"),
             _ => (Attached::GenericXdp, "generic"),
         };
-        self.xdp()?
+        let id = self
+            .xdp()?
             .attach(ifindex, mode)
             .with_context(|| format!("{name} XDP attach failed"))?;
+        self.link = Some(LinkId::Xdp(id));
         Ok(hook)
+    }
+
+    /// Swaps this program into the link a previous image handed over.
+    fn take_over(&mut self, handed: HandedLink) -> anyhow::Result<Attached> {
+        let context = || format!("cannot take over the {} link", handed.hook.as_str());
+        let HandedLink { hook, link, .. } = handed;
+        self.link = Some(if hook == Attached::Tcx {
+            let link = SchedClassifierLink::try_from(link).with_context(context)?;
+            LinkId::Tc(self.tc()?.attach_to_link(link).with_context(context)?)
+        } else {
+            let link = XdpLink::try_from(link).with_context(context)?;
+            LinkId::Xdp(self.xdp()?.attach_to_link(link).with_context(context)?)
+        });
+        tracing::info!(
+            "took over the {} link the previous run handed over: its program replaced \
+             atomically, no packet went to the host's stack",
+            hook.as_str()
+        );
+        Ok(hook)
+    }
+
+    /// Pins the link attached (`hook` on interface `ifindex`) in
+    /// `state_dir` for a successor to take over, and lets go of it: the
+    /// program stays attached after this process. False if the attachment
+    /// is no link (a clsact filter, which stays attached anyway).
+    pub fn hand_over(
+        &mut self,
+        state_dir: &Path,
+        hook: Attached,
+        ifindex: u32,
+    ) -> anyhow::Result<bool> {
+        let link: FdLink = match self.link.take() {
+            Some(LinkId::Xdp(id)) => self.xdp()?.take_link(id)?.try_into()?,
+            Some(LinkId::Tc(id)) => self.tc()?.take_link(id)?.try_into()?,
+            None => return Ok(false),
+        };
+        let path = handover::pin_path(state_dir, hook, ifindex);
+        link.pin(&path)
+            .with_context(|| format!("cannot pin the link at {}", path.display()))?;
+        Ok(true)
     }
 
     /// Through a TCX link where the kernel has TCX (6.6+): like the XDP
@@ -296,7 +409,8 @@ impl Datapath {
             order: LinkOrder::default(),
         };
         match self.tc()?.attach(ifindex, tcx) {
-            Ok(_) => {
+            Ok(id) => {
+                self.link = Some(LinkId::Tc(id));
                 tracing::info!(
                     "attach tc: TCX link on {iface} ingress (the kernel has TCX; the attachment ends with this process)"
                 );

@@ -17,6 +17,7 @@ use anyhow::{Context as _, bail};
 use crate::{
     datapath::{Attached, Datapath, Policy},
     gc::{Allowed, SharedAllowed},
+    handover::Handover,
     neighbours,
     netif::Interface,
     pinning::{self, StateLock},
@@ -34,6 +35,9 @@ pub struct Gateway {
     /// whether this daemon marked their entries managed (to be removed on
     /// the way out) or found them static.
     next_hops: Vec<(u32, Ipv4Addr, bool)>,
+    /// The sysctls a previous image of the daemon set, to restore with
+    /// ours: adopted at the first attach.
+    handed_sysctls: Option<Sysctls>,
     // Dropped before `attached`: the programs detach before the interface
     // settings they rely on are restored.
     datapath: Datapath,
@@ -64,8 +68,13 @@ enum Change {
 }
 
 impl Gateway {
-    /// Loads the data path for `settings` and attaches it.
-    pub fn start(settings: Settings, reset_state: bool) -> anyhow::Result<Self> {
+    /// Loads the data path for `settings` and attaches it, taking over from
+    /// the previous image of the daemon if it handed over.
+    pub fn start(
+        settings: Settings,
+        reset_state: bool,
+        handover: Option<&mut Handover>,
+    ) -> anyhow::Result<Self> {
         // Before anything is loaded, reset or attached.
         let state_lock = pinning::claim(&settings.state_dir)?;
         let iface = Interface::find(&settings.iface)?;
@@ -75,11 +84,16 @@ impl Gateway {
         // Later loads pick up the state this one made.
         policy.reset_state = false;
         let allowed = SharedAllowed::new(RwLock::new(Allowed::of(&policy)));
+        let (next_hops, handed_sysctls) = match handover {
+            Some(h) => (std::mem::take(&mut h.next_hops), Some(h.take_sysctls())),
+            None => (Vec::new(), None),
+        };
         let mut gateway = Self {
             settings,
             policy,
             allowed,
-            next_hops: Vec::new(),
+            next_hops,
+            handed_sysctls,
             datapath,
             attached: None,
             _state_lock: state_lock,
@@ -232,11 +246,22 @@ impl Gateway {
     fn attach(&mut self, iface: &Interface) -> anyhow::Result<Attached> {
         let sysctls = match self.attached.take() {
             Some(a) => a.sysctls,
-            None => Sysctls::apply(&iface.name)?,
+            None => {
+                let mut sysctls = Sysctls::apply(&iface.name)?;
+                if let Some(earlier) = self.handed_sysctls.take() {
+                    sysctls.adopt(earlier);
+                }
+                sysctls
+            }
         };
         let hook = self
             .datapath
-            .attach(&iface.name, iface.index, self.settings.attach)
+            .attach(
+                &iface.name,
+                iface.index,
+                self.settings.attach,
+                &self.policy.state_dir,
+            )
             .with_context(|| format!("cannot attach to {}", iface.name))?;
         self.attached = Some(Attachment {
             ifindex: iface.index,
@@ -244,6 +269,34 @@ impl Gateway {
             sysctls,
         });
         Ok(hook)
+    }
+
+    /// Hands the data path over to a successor (see `handover`): pins its
+    /// link, and gives up what this daemon would undo on its way out. The
+    /// programs stay attached after this process.
+    pub fn hand_over(&mut self) -> anyhow::Result<Handover> {
+        let dir = &self.policy.state_dir;
+        let mut sysctls = self
+            .handed_sysctls
+            .take()
+            .map(Sysctls::forget)
+            .unwrap_or_default();
+        if let Some(a) = self.attached.as_mut() {
+            if !self.datapath.hand_over(dir, a.hook, a.ifindex)? {
+                tracing::warn!(
+                    "the {} attachment is no link a successor can take over: it detaches for a \
+                     moment",
+                    a.hook.as_str()
+                );
+            }
+            let ours = std::mem::replace(&mut a.sysctls, Sysctls::saved(Vec::new()));
+            sysctls.extend(ours.forget());
+        }
+        Ok(Handover {
+            state_dir: dir.clone(),
+            sysctls,
+            next_hops: std::mem::take(&mut self.next_hops),
+        })
     }
 
     /// Drops the attachment to an interface that no longer exists: there

@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod flags;
 pub mod gateway;
 pub mod gc;
+pub mod handover;
 pub mod inspect;
 pub mod metrics;
 pub mod neighbours;

@@ -1,6 +1,8 @@
 //! `egress`: the IP-in-IP egress NAT gateway daemon.
 
-use std::{process::ExitCode, sync::Arc, time::Duration};
+use std::{
+    os::unix::process::CommandExt as _, path::PathBuf, process::ExitCode, sync::Arc, time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -10,6 +12,7 @@ use egress_user::{
     flags::GatewayArgs,
     gateway::Gateway,
     gc,
+    handover::{self, Handover},
     inspect::Pinned,
     metrics::{self, Collector},
     netlink::HostEvents,
@@ -19,6 +22,7 @@ use egress_user::{
     sweeper::Sweeper,
     tunnel_errors::{self, Kind, TunnelErrors},
 };
+use nix::sys::signal::{SigSet, SigmaskHow, Signal as SignalNumber, sigprocmask};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// How long the garbage collector rests between sweeps.
@@ -35,7 +39,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Attach the gateway to an interface and run until SIGINT/SIGTERM.
+    /// Attach the gateway to an interface and run until SIGINT/SIGTERM;
+    /// SIGHUP reloads (settings and binary) without detaching.
     Run(Box<RunArgs>),
     /// Check the settings and this host (kernel, interface, bpffs, sysctls,
     /// routes, MTU); print a fix for each problem, exit non-zero if any.
@@ -127,10 +132,26 @@ fn config(args: ConfigArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(settings: Settings, reset_state: bool) -> anyhow::Result<()> {
+/// The settings `egress run` was started with, read again for a reload.
+fn reread_settings() -> anyhow::Result<Settings> {
+    match Cli::try_parse_from(std::env::args_os())?.command {
+        Command::Run(args) => args.gateway.settings(),
+        _ => anyhow::bail!("not started as `egress run`"),
+    }
+}
+
+fn run(settings: Settings, mut reset_state: bool) -> anyhow::Result<()> {
     for warning in settings.warnings() {
         tracing::warn!("{warning}");
     }
+    // Before the runtime's threads: this reads and clears the environment.
+    let mut handover = Handover::receive();
+    if handover.is_some() && reset_state {
+        tracing::warn!("--reset-state ignored on a reload: the connection state is kept");
+        reset_state = false;
+    }
+    // The binary at this path on a reload: a new one after an upgrade.
+    let exe = std::env::current_exe().context("cannot find this program's path")?;
     let notifier = Notifier::from_env().context("cannot reach systemd's NOTIFY_SOCKET")?;
     // Bound before attaching, so a taken address fails the start cleanly.
     let metrics_listener = settings
@@ -148,10 +169,17 @@ fn run(settings: Settings, reset_state: bool) -> anyhow::Result<()> {
     // Caught from here on, so a stop requested while the gateway starts
     // (or just after it reports ready) still detaches it.
     let mut shutdown = Shutdown::catch()?;
+    // A previous image blocked them for the handover; any that came in
+    // the meantime are delivered now.
+    sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&handled_signals()), None)
+        .context("cannot unblock signals")?;
     // Subscribed before attaching, so no change in between goes unseen.
     let events = HostEvents::subscribe().context("cannot follow the interface over netlink")?;
     let (timeouts, top_flows) = (settings.timeouts, settings.metrics_top_flows);
-    let mut gateway = Gateway::start(settings, reset_state)?;
+    let state_dir = settings.state_dir.clone();
+    let mut gateway = Gateway::start(settings, reset_state, handover.as_mut())?;
+    // Taken over: nothing of the previous image's is left to undo.
+    drop(handover);
     let collector = match metrics_listener {
         Some(listener) => {
             let policy = gateway.policy();
@@ -175,14 +203,24 @@ fn run(settings: Settings, reset_state: bool) -> anyhow::Result<()> {
     };
     notify(&notify::ready(&gateway.status()));
 
-    runtime.block_on(serve(
+    let exit = runtime.block_on(serve(
         &mut gateway,
         events,
         &timeouts,
         collector,
         &notify,
         &mut shutdown,
+        &state_dir,
     ))?;
+    if exit == Exit::Reload {
+        notify(&notify::reloading());
+        // Returns only if the new image could not be started.
+        let e = reload(&mut gateway, &exe);
+        tracing::error!("reload failed: {e:#}; stopping");
+        notify(notify::STOPPING);
+        drop(gateway);
+        return Err(e);
+    }
     notify(notify::STOPPING);
 
     for (reason, packets) in gateway.datapath().stats()? {
@@ -200,8 +238,47 @@ fn run(settings: Settings, reset_state: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Hands the data path over to a new image of this program (see
+/// `handover`), started with the same arguments; returns only if that
+/// fails, having undone the handover.
+fn reload(gateway: &mut Gateway, exe: &PathBuf) -> anyhow::Error {
+    let handover = match gateway.hand_over() {
+        Ok(h) => h,
+        Err(e) => return e.context("cannot hand the data path over"),
+    };
+    // Held until the new image can handle them (the mask and pending
+    // signals survive exec): a SIGTERM now must stop it, not kill it
+    // half-way.
+    if let Err(e) = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&handled_signals()), None) {
+        return anyhow::Error::new(e).context("cannot block signals for the handover");
+    }
+    let mut args = std::env::args_os();
+    let mut command = std::process::Command::new(exe);
+    if let Some(arg0) = args.next() {
+        command.arg0(arg0);
+    }
+    tracing::info!(exe = %exe.display(), "handing the data path over to a new image");
+    let e = command
+        .args(args)
+        .env(handover::ENV, handover.to_env())
+        .exec();
+    // Undone: the link unpinned (it detaches with this process's
+    // programs), the sysctls and neighbour entries left to restore.
+    drop(handover);
+    let _ = sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&handled_signals()), None);
+    anyhow::Error::new(e).context(format!("cannot run {}", exe.display()))
+}
+
+/// Why `serve` returned.
+#[derive(PartialEq, Eq)]
+enum Exit {
+    Stop,
+    Reload,
+}
+
 /// Sweeps idle state (on a thread of its own), reports refused flows and
-/// follows the interface until SIGINT or SIGTERM.
+/// follows the interface until SIGINT or SIGTERM, or SIGHUP with valid
+/// settings (for a reload).
 async fn serve(
     gateway: &mut Gateway,
     mut events: HostEvents,
@@ -209,7 +286,8 @@ async fn serve(
     metrics: Option<(std::net::TcpListener, Arc<Collector>)>,
     notify: &dyn Fn(&str),
     shutdown: &mut Shutdown,
-) -> anyhow::Result<()> {
+    state_dir: &std::path::Path,
+) -> anyhow::Result<Exit> {
     let collector = metrics.map(|(listener, collector)| {
         tokio::spawn(metrics::serve(listener, collector.clone()));
         collector
@@ -242,9 +320,24 @@ async fn serve(
     .context("cannot start the garbage collector's thread")?;
     let mut tick = tokio::time::interval(REPORT_INTERVAL);
     let mut refused = Refusals::default();
-    loop {
+    let exit = loop {
         tokio::select! {
-            _ = shutdown.requested() => break,
+            request = shutdown.requested() => match request {
+                Exit::Stop => break Exit::Stop,
+                Exit::Reload => match reread_settings() {
+                    Ok(s) if s.state_dir != state_dir => tracing::error!(
+                        "SIGHUP: not reloading: state-dir changed ({} -> {}); a reload keeps \
+                         the state where it is, a restart moves it (and breaks connections)",
+                        state_dir.display(),
+                        s.state_dir.display()
+                    ),
+                    Ok(_) => break Exit::Reload,
+                    Err(e) => tracing::error!(
+                        "SIGHUP: not reloading: {e:#}; still running with the settings it \
+                         started with"
+                    ),
+                },
+            },
             changed = events.changed() => {
                 let changed = changed.context("netlink notifications failed")?;
                 if changed.interface {
@@ -301,9 +394,11 @@ async fn serve(
                 Err(e) => tracing::warn!("cannot read the packet counters: {e:#}"),
             },
         }
+    };
+    if exit == Exit::Stop {
+        tracing::info!("signal received, shutting down");
     }
-    tracing::info!("signal received, shutting down");
-    Ok(())
+    Ok(exit)
 }
 
 /// The next routers' errors about tunnel packets, or never without the
@@ -317,10 +412,24 @@ async fn next_tunnel_errors(
     }
 }
 
-/// SIGINT and SIGTERM, each a request to shut down.
+/// SIGINT and SIGTERM, each a request to shut down; SIGHUP, to reload.
 struct Shutdown {
     sigint: Signal,
     sigterm: Signal,
+    sighup: Signal,
+}
+
+/// The signals [`Shutdown`] handles.
+fn handled_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in [
+        SignalNumber::SIGINT,
+        SignalNumber::SIGTERM,
+        SignalNumber::SIGHUP,
+    ] {
+        set.add(s);
+    }
+    set
 }
 
 impl Shutdown {
@@ -328,13 +437,15 @@ impl Shutdown {
         Ok(Self {
             sigint: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
             sigterm: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            sighup: signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
         })
     }
 
-    async fn requested(&mut self) {
+    async fn requested(&mut self) -> Exit {
         tokio::select! {
-            _ = self.sigint.recv() => {}
-            _ = self.sigterm.recv() => {}
+            _ = self.sigint.recv() => Exit::Stop,
+            _ = self.sigterm.recv() => Exit::Stop,
+            _ = self.sighup.recv() => Exit::Reload,
         }
     }
 }

@@ -44,10 +44,22 @@ impl Sysctls {
 }
 
 impl Sysctls {
+    /// Values to restore on drop: `(file, value)`.
+    pub fn saved(saved: Vec<(PathBuf, String)>) -> Self {
+        Self { saved }
+    }
+
+    /// Restores `earlier`'s values on drop too (set by a daemon before this
+    /// one, which found them set already).
+    pub fn adopt(&mut self, mut earlier: Self) {
+        earlier.saved.append(&mut self.saved);
+        self.saved = std::mem::take(&mut earlier.saved);
+    }
+
     /// Gives up the saved values without restoring them: the interface
-    /// they belong to is gone.
-    pub fn forget(mut self) {
-        self.saved.clear();
+    /// they belong to is gone, or they go to a successor.
+    pub fn forget(mut self) -> Vec<(PathBuf, String)> {
+        std::mem::take(&mut self.saved)
     }
 }
 

@@ -1,5 +1,6 @@
 //! The gateway restarted (an upgrade) under an established TCP connection:
-//! the pinned connection state carries it over, in every attach mode. A
+//! the pinned connection state carries it over, in every attach mode; a
+//! reload (SIGHUP) does so with no pause in the connection's traffic. A
 //! gateway killed outright leaves nothing attached that a new one would
 //! run beside, and a second gateway is refused the state, or the
 //! interface, of a running one.
@@ -9,15 +10,23 @@ use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
-use anyhow::{Result, ensure};
+use anyhow::{Context as _, Result, ensure};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
 use tests::{
     Attach, Attachments, Stack,
     addrs::{CLIENT_TUN_IP, CLIENT_UNDERLAY_IP, GATEWAY_IP, HOST_IFACE, SERVER_IP},
     echo::{udp_request, udp_server},
-    egress_bin, exec_output, in_netns, require_root,
+    egress_bin, exec, exec_output, in_netns, require_root,
 };
 
 const PORT: u16 = 9100;
@@ -94,6 +103,157 @@ fn survives_restart(attach: Attach) -> Result<()> {
         for _ in 0..3 {
             round(&mut client, &mut server, &data)?;
         }
+        Ok(())
+    })();
+    stack.topo.lab.keep_logs_on_err(result)
+}
+
+mod a_busy_tcp_connection_survives_a_reload {
+    use super::*;
+
+    #[test]
+    fn native() -> Result<()> {
+        survives_reload(Attach::Native)
+    }
+
+    #[test]
+    fn generic() -> Result<()> {
+        survives_reload(Attach::Generic)
+    }
+
+    #[test]
+    fn tc() -> Result<()> {
+        survives_reload(Attach::Tc)
+    }
+}
+
+/// The interface sysctls the gateway sets.
+const SYSCTLS: [&str; 2] = ["forwarding", "accept_local"];
+
+/// The values of [`SYSCTLS`] on the gateway's interface.
+fn gateway_sysctls(stack: &Stack) -> Result<Vec<String>> {
+    SYSCTLS
+        .iter()
+        .map(|key| {
+            let value = exec(
+                &stack.topo.gateway,
+                &format!("sysctl -n net.ipv4.conf.{HOST_IFACE}.{key}"),
+            )?;
+            Ok(value.trim().to_owned())
+        })
+        .collect()
+}
+
+/// The values of [`SYSCTLS`] before the gateway set them, from its log
+/// (one it found set already is not logged).
+fn sysctls_before(log: &str) -> Vec<String> {
+    SYSCTLS
+        .iter()
+        .map(|key| {
+            let set = format!("set net.ipv4.conf.{HOST_IFACE}.{key}=1 (was ");
+            log.split_once(&set)
+                .and_then(|(_, rest)| rest.split_once(')'))
+                .map_or("1", |(was, _)| was)
+                .to_owned()
+        })
+        .collect()
+}
+
+/// SIGHUP (`systemctl reload egress`) while the client and server echo
+/// rounds without pause: the new image of the daemon takes the data path
+/// over without detaching it, so no segment meets the gateway host's own
+/// stack, which would answer with a reset (as it does in a restart's gap).
+/// Then the new image runs the programs (another XDP program id), and its
+/// stop leaves the interface's sysctls as the first image found them.
+fn survives_reload(attach: Attach) -> Result<()> {
+    require_root()?;
+    let bin = egress_bin()?;
+    let xdp_of = |stack: &Stack| -> Result<Option<String>> {
+        Ok(Attachments::of(&stack.topo.gateway, HOST_IFACE)?.xdp)
+    };
+    let mut stack = Stack::start(&bin, Path::new(env!("CARGO_BIN_EXE_ipip-peer")), attach)?;
+    let result = (|| {
+        let addr = SocketAddr::from((SERVER_IP, PORT));
+        let listener = in_netns(&stack.topo.server, || TcpListener::bind(addr))??;
+        let mut client = in_netns(&stack.topo.client, || {
+            TcpStream::connect_timeout(&addr, WAIT)
+        })??;
+        let (mut server, seen) = listener.accept()?;
+        for s in [&client, &server] {
+            s.set_read_timeout(Some(WAIT))?;
+        }
+        ensure!(seen.ip() == GATEWAY_IP, "server saw {seen}");
+        let before = xdp_of(&stack)?;
+        let found = sysctls_before(&stack.gateway.log());
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let rounds = Arc::new(AtomicUsize::new(0));
+        let echo = {
+            let (stop, rounds) = (stop.clone(), rounds.clone());
+            std::thread::spawn(move || -> Result<()> {
+                let data: Vec<u8> = (0..1024).map(|i| (i % 251) as u8).collect();
+                while !stop.load(Ordering::Relaxed) {
+                    round(&mut client, &mut server, &data)?;
+                    rounds.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+        };
+        let rounds_now = || rounds.load(Ordering::Relaxed);
+        let echoing = |since: usize| -> Result<()> {
+            for _ in 0..200 {
+                if rounds_now() > since + 50 || echo.is_finished() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            ensure!(rounds_now() > since + 50, "the connection is not echoing");
+            Ok(())
+        };
+        let outcome = (|| {
+            echoing(0)?;
+            kill(Pid::from_raw(stack.gateway.pid() as i32), Signal::SIGHUP)?;
+            let at_signal = rounds_now();
+            // The new image's readiness (same process, same log).
+            for _ in 0..WAIT.as_millis() / 10 {
+                if stack.gateway.log().matches("gateway ready").count() == 2 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            echoing(rounds_now())?;
+            ensure!(rounds_now() > at_signal, "no round during the reload");
+            Ok(())
+        })();
+        stop.store(true, Ordering::Relaxed);
+        let echoed = echo.join().expect("the echo thread panicked");
+        // The echo's own error says more than that it stopped.
+        echoed.context("the connection broke during the reload")?;
+        outcome?;
+        let log = stack.gateway.log();
+        ensure!(
+            log.matches("gateway ready").count() == 2
+                && log.matches("resuming the connection state").count() == 1
+                && log.contains("took over the"),
+            "the new image did not take over the pinned state and link:\n{log}"
+        );
+        if attach != Attach::Tc {
+            let after = xdp_of(&stack)?;
+            ensure!(
+                after.is_some() && after != before,
+                "expected another XDP program after the reload: {before:?}, then {after:?}"
+            );
+        }
+
+        // Whatever the first image set, the last restores.
+        stack.gateway.terminate(WAIT)?;
+        let left = Attachments::of(&stack.topo.gateway, HOST_IFACE)?;
+        ensure!(left.is_empty(), "the reloaded gateway left {left:?}");
+        let now = gateway_sysctls(&stack)?;
+        ensure!(
+            now == found,
+            "the interface's {SYSCTLS:?} were {found:?} before the gateway, {now:?} after"
+        );
         Ok(())
     })();
     stack.topo.lab.keep_logs_on_err(result)

@@ -190,7 +190,7 @@ fn any_attach_removes_a_killed_gateways_filter() -> Result<()> {
         for mode in [AttachMode::Tc, AttachMode::Generic] {
             host.leave_filter(automatic_priority())?;
             let (hook, seen) = host.with_datapath(|dp| {
-                let hook = dp.attach(IFACE, host.ifindex, mode)?;
+                let hook = dp.attach(IFACE, host.ifindex, mode, &host.policy.state_dir)?;
                 Ok((hook, host.attachments()?))
             })?;
             let ok = match hook {
@@ -218,7 +218,10 @@ fn the_host_is_left_as_found() -> Result<()> {
             "{untouched:?}"
         );
         let seen = host.with_datapath(|dp| {
-            ensure!(dp.attach(IFACE, host.ifindex, AttachMode::Tc)? == Attached::Tcx);
+            ensure!(
+                dp.attach(IFACE, host.ifindex, AttachMode::Tc, &host.policy.state_dir)?
+                    == Attached::Tcx
+            );
             host.attachments()
         })?;
         // TCX needs no qdisc.
