@@ -259,14 +259,15 @@ impl Datapath {
                 );
             }
         }
-        let handed_id = match &handed {
-            Some(h) => Some(h.link.info()?.program_id()),
-            None => None,
-        };
-        self.refuse_another_gateway(iface, ifindex, handed_id)?;
-        // In any mode: a TC filter of a gateway that was killed (or
-        // reloaded, on a kernel without TCX) would run its old program
-        // beside (or behind) the new one.
+        // A handed-over link's interface is not looked at for another
+        // gateway: one that came since would have been refused, seeing the
+        // link's program. (Nor could it be without CAP_SYS_ADMIN: the
+        // program of a TCX link is listed, and its details need it.)
+        if handed.is_none() {
+            self.refuse_another_gateway(iface, ifindex)?;
+        }
+        // In any mode: a TC filter of a gateway that was killed would run
+        // its old program beside (or behind) the new one.
         clsact::remove_leftovers(iface, ifindex, TC_PROGRAM)?;
         if let Some(h) = handed {
             return self.take_over(h);
@@ -297,18 +298,8 @@ impl Datapath {
     /// state lock keeps out one with ours). Attached in front of it, or
     /// behind, one would take the other's packets, each with its own flows.
     /// (Those attachments end with their process: none is a leftover.)
-    fn refuse_another_gateway(
-        &mut self,
-        iface: &str,
-        ifindex: u32,
-        handed_over: Option<u32>,
-    ) -> anyhow::Result<()> {
-        let ours = [
-            Some(self.xdp()?.info()?.id()),
-            Some(self.tc()?.info()?.id()),
-            handed_over,
-        ];
-        let ours: Vec<u32> = ours.into_iter().flatten().collect();
+    fn refuse_another_gateway(&mut self, iface: &str, ifindex: u32) -> anyhow::Result<()> {
+        let ours = [self.xdp()?.info()?.id(), self.tc()?.info()?.id()];
         let theirs = |p: &ProgramInfo| {
             !ours.contains(&p.id())
                 && p.name_as_str()

@@ -1,7 +1,10 @@
 //! What packaging/egress.service promises, checked without systemd: the
 //! gateway works with only the capabilities the unit grants (run as uid 0
 //! with that bounding set, as the unit does), and tells the notify socket
-//! `READY=1` once attached and `STOPPING=1` on the way out. Needs root.
+//! `READY=1` once attached and `STOPPING=1` on the way out; its reload
+//! (`egress check`, then SIGHUP) passes beside the running gateway and
+//! says `RELOADING=1`, then `READY=1` from the new image, which keeps
+//! the capabilities. Needs root.
 
 use std::{net::SocketAddr, os::unix::net::UnixDatagram, path::Path, time::Duration};
 
@@ -10,7 +13,7 @@ use tests::{
     Attach, Topology,
     addrs::{CLIENT_TUN_IP, GATEWAY_IP, SERVER_IP},
     echo::{udp_request, udp_server},
-    egress_bin, require_root,
+    egress_bin, exec_output, require_root,
 };
 
 const UNIT: &str = include_str!("../../packaging/egress.service");
@@ -43,6 +46,16 @@ fn unit_restarts_on_failure_and_keeps_state() -> Result<()> {
     ensure!(directive("Restart")? == "on-failure");
     let exec = directive("ExecStart")?;
     ensure!(!exec.contains("--reset-state"), "{exec}");
+    let reloads: Vec<&str> = UNIT
+        .lines()
+        .filter_map(|l| l.strip_prefix("ExecReload="))
+        .collect();
+    ensure!(
+        reloads.len() == 2
+            && reloads[0] == exec.replacen(" run ", " check ", 1)
+            && reloads[1] == "/bin/kill -HUP $MAINPID",
+        "the reload must check the settings ExecStart runs with, then send SIGHUP: {reloads:?}"
+    );
     ensure!(
         directive("CapabilityBoundingSet")? == directive("AmbientCapabilities")?,
         "the ambient set must be the bounding set"
@@ -92,29 +105,74 @@ fn with_the_units_capabilities(attach: Attach, hook: &str) -> Result<()> {
             .iter()
             .map(|c| Ok(1 << cap_bit(c)?))
             .sum::<Result<u64>>()?;
-        let status = std::fs::read_to_string(format!("/proc/{}/status", gateway.pid()))?;
-        let effective = status
-            .lines()
-            .find_map(|l| l.strip_prefix("CapEff:"))
-            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-            .context("no CapEff")?;
-        ensure!(
-            effective == want,
-            "the gateway runs with capabilities {effective:#x}, the unit grants {want:#x}"
-        );
+        let capabilities_kept = || -> Result<()> {
+            let status = std::fs::read_to_string(format!("/proc/{}/status", gateway.pid()))?;
+            let effective = status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .context("no CapEff")?;
+            ensure!(
+                effective == want,
+                "the gateway runs with capabilities {effective:#x}, the unit grants {want:#x}"
+            );
+            Ok(())
+        };
+        capabilities_kept()?;
 
         let mut buf = [0u8; 512];
-        let n = notify.recv(&mut buf).context("no readiness notification")?;
-        let ready = String::from_utf8_lossy(&buf[..n]).into_owned();
-        ensure!(
-            ready == format!("READY=1\nSTATUS=attached to eth0 as {hook}"),
-            "{ready:?}"
-        );
+        let ready = || -> Result<()> {
+            let mut buf = [0u8; 512];
+            let n = notify.recv(&mut buf).context("no readiness notification")?;
+            let ready = String::from_utf8_lossy(&buf[..n]).into_owned();
+            ensure!(
+                ready == format!("READY=1\nSTATUS=attached to eth0 as {hook}"),
+                "{ready:?}"
+            );
+            Ok(())
+        };
+        ready()?;
 
         let server = SocketAddr::from((SERVER_IP, PORT));
         let _udp = udp_server(&topo.server, server)?;
-        let reply = udp_request(&topo.client, CLIENT_TUN_IP, server, b"hello")?;
-        ensure!(reply.seen.ip() == GATEWAY_IP, "server saw {}", reply.seen);
+        let translated = || -> Result<()> {
+            let reply = udp_request(&topo.client, CLIENT_TUN_IP, server, b"hello")?;
+            ensure!(reply.seen.ip() == GATEWAY_IP, "server saw {}", reply.seen);
+            Ok(())
+        };
+        translated()?;
+
+        // The unit's reload: `egress check` with the gateway's own
+        // arguments first, beside the running gateway, then SIGHUP.
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", gateway.pid()))?;
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .skip(1)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).replacen("run", "check", 1))
+            .collect();
+        let check = exec_output(
+            &topo.gateway,
+            &format!("{} {}", egress.display(), args.join(" ")),
+        )?;
+        ensure!(
+            check.status.success(),
+            "egress check fails beside the running gateway, so the unit would not reload:\n{}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(gateway.pid() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )?;
+        let n = notify.recv(&mut buf).context("no reloading notification")?;
+        let reloading = String::from_utf8_lossy(&buf[..n]).into_owned();
+        ensure!(
+            reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+            "{reloading:?}"
+        );
+        ready()?;
+        capabilities_kept()?;
+        translated()?;
 
         gateway.stop();
         let n = notify.recv(&mut buf).context("no stopping notification")?;
