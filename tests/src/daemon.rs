@@ -89,13 +89,18 @@ impl Daemon {
             return Ok(status);
         }
         kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)?;
+        self.wait_exit(timeout)
+    }
+
+    /// Waits for the process to exit by itself, for at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
                 return Ok(status);
             }
             if Instant::now() > deadline {
-                bail!("{} still running {timeout:?} after SIGTERM", self.name);
+                bail!("{} still running after {timeout:?}", self.name);
             }
             std::thread::sleep(POLL);
         }

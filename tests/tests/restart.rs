@@ -130,15 +130,12 @@ mod a_busy_tcp_connection_survives_a_reload {
 /// The interface sysctls the gateway sets.
 const SYSCTLS: [&str; 2] = ["forwarding", "accept_local"];
 
-/// The values of [`SYSCTLS`] on the gateway's interface.
-fn gateway_sysctls(stack: &Stack) -> Result<Vec<String>> {
+/// The values of [`SYSCTLS`] on the gateway's interface, in namespace `ns`.
+fn sysctls_of(ns: &str) -> Result<Vec<String>> {
     SYSCTLS
         .iter()
         .map(|key| {
-            let value = exec(
-                &stack.topo.gateway,
-                &format!("sysctl -n net.ipv4.conf.{HOST_IFACE}.{key}"),
-            )?;
+            let value = exec(ns, &format!("sysctl -n net.ipv4.conf.{HOST_IFACE}.{key}"))?;
             Ok(value.trim().to_owned())
         })
         .collect()
@@ -249,7 +246,7 @@ fn survives_reload(attach: Attach) -> Result<()> {
         stack.gateway.terminate(WAIT)?;
         let left = Attachments::of(&stack.topo.gateway, HOST_IFACE)?;
         ensure!(left.is_empty(), "the reloaded gateway left {left:?}");
-        let now = gateway_sysctls(&stack)?;
+        let now = sysctls_of(&stack.topo.gateway)?;
         ensure!(
             now == found,
             "the interface's {SYSCTLS:?} were {found:?} before the gateway, {now:?} after"
@@ -257,6 +254,67 @@ fn survives_reload(attach: Attach) -> Result<()> {
         Ok(())
     })();
     stack.topo.lab.keep_logs_on_err(result)
+}
+
+/// A reload whose settings do not parse is refused, and the gateway goes
+/// on as it was. One whose new image cannot start (settings that parse,
+/// but a `max-flows` the pinned state was not made for) ends the gateway
+/// as a failed start does: the handed-over link detached, nothing left
+/// attached, the interface's sysctls as they were before it.
+#[test]
+fn a_failed_reload_leaves_the_gateway_running_or_the_host_as_found() -> Result<()> {
+    require_root()?;
+    let bin = egress_bin()?;
+    let topo = tests::Topology::new()?;
+    let result = (|| {
+        let _peer = topo.start_ipip_peer(Path::new(env!("CARGO_BIN_EXE_ipip-peer")))?;
+        let config = topo.lab.dir().join("gateway.toml");
+        std::fs::write(&config, "max-flows = 65536\n")?;
+        let mut gateway = topo.start_gateway_with(
+            &bin,
+            Attach::Native,
+            &format!("--config {}", config.display()),
+        )?;
+        let found = sysctls_before(&gateway.log());
+        let server = SocketAddr::from((SERVER_IP, UDP_PORT));
+        let _udp = udp_server(&topo.server, server)?;
+        let translated = || -> Result<()> {
+            let reply = udp_request(&topo.client, CLIENT_TUN_IP, server, b"hello")?;
+            ensure!(reply.seen.ip() == GATEWAY_IP, "server saw {}", reply.seen);
+            Ok(())
+        };
+        translated()?;
+        let pid = Pid::from_raw(gateway.pid() as i32);
+        let hangup = || kill(pid, Signal::SIGHUP);
+
+        std::fs::write(&config, "max-flows = \"many\"\n")?;
+        hangup()?;
+        gateway.wait_for("SIGHUP: not reloading", WAIT)?;
+        translated()?;
+        ensure!(
+            gateway.log().matches("gateway ready").count() == 1,
+            "a refused reload started a new image:\n{}",
+            gateway.log()
+        );
+
+        std::fs::write(&config, "max-flows = 2048\n")?;
+        hangup()?;
+        let status = gateway.wait_exit(WAIT)?;
+        let log = gateway.log();
+        ensure!(
+            !status.success() && log.contains("--max-flows") && log.contains("detached"),
+            "the new image should fail on the state's size and detach ({status}):\n{log}"
+        );
+        let left = Attachments::of(&topo.gateway, HOST_IFACE)?;
+        ensure!(left.is_empty(), "the failed reload left {left:?}");
+        let now = sysctls_of(&topo.gateway)?;
+        ensure!(
+            now == found,
+            "the interface's {SYSCTLS:?} were {found:?} before the gateway, {now:?} after"
+        );
+        Ok(())
+    })();
+    topo.lab.keep_logs_on_err(result)
 }
 
 /// SIGKILL (or a crash) gives the gateway no chance to detach. In TC mode
