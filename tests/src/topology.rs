@@ -113,6 +113,14 @@ impl Topology {
     }
 
     /// The client's tunnel endpoint, peering with the gateway.
+    /// A UDP request from the client's tunnel address to `server` is
+    /// answered, and the server saw it from the gateway's address.
+    pub fn udp_translated(&self, server: std::net::SocketAddr) -> Result<()> {
+        let reply = crate::echo::udp_request(&self.client, CLIENT_TUN_IP, server, b"hello")?;
+        anyhow::ensure!(reply.seen.ip() == GATEWAY_IP, "server saw {}", reply.seen);
+        Ok(())
+    }
+
     pub fn start_ipip_peer(&self, bin: &Path) -> Result<Daemon> {
         start_ipip_peer(&self.lab, &self.client, bin, CLIENT_UNDERLAY_IP, GATEWAY_IP)
     }

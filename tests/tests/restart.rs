@@ -29,6 +29,29 @@ use tests::{
     egress_bin, exec, exec_output, in_netns, require_root,
 };
 
+/// A module `$name` of one `#[test]` per attach mode, each `$scenario`
+/// in that mode.
+macro_rules! in_every_mode {
+    ($name:ident, $scenario:ident) => {
+        mod $name {
+            #[test]
+            fn native() -> anyhow::Result<()> {
+                super::$scenario(tests::Attach::Native)
+            }
+
+            #[test]
+            fn generic() -> anyhow::Result<()> {
+                super::$scenario(tests::Attach::Generic)
+            }
+
+            #[test]
+            fn tc() -> anyhow::Result<()> {
+                super::$scenario(tests::Attach::Tc)
+            }
+        }
+    };
+}
+
 const PORT: u16 = 9100;
 const UDP_PORT: u16 = 9101;
 const WAIT: Duration = Duration::from_secs(10);
@@ -48,40 +71,33 @@ fn round(client: &mut TcpStream, server: &mut TcpStream, msg: &[u8]) -> Result<(
     Ok(())
 }
 
-mod established_tcp_connection_survives_a_gateway_restart {
-    use super::*;
-
-    #[test]
-    fn native() -> Result<()> {
-        survives_restart(Attach::Native)
+/// A TCP connection from the client to the server through the gateway:
+/// the client's end, then the server's.
+fn connected(stack: &Stack) -> Result<(TcpStream, TcpStream)> {
+    let addr = SocketAddr::from((SERVER_IP, PORT));
+    let listener = in_netns(&stack.topo.server, || TcpListener::bind(addr))??;
+    let client = in_netns(&stack.topo.client, || {
+        TcpStream::connect_timeout(&addr, WAIT)
+    })??;
+    let (server, seen) = listener.accept()?;
+    for s in [&client, &server] {
+        s.set_read_timeout(Some(WAIT))?;
     }
-
-    #[test]
-    fn generic() -> Result<()> {
-        survives_restart(Attach::Generic)
-    }
-
-    #[test]
-    fn tc() -> Result<()> {
-        survives_restart(Attach::Tc)
-    }
+    ensure!(seen.ip() == GATEWAY_IP, "server saw {seen}");
+    Ok((client, server))
 }
+
+in_every_mode!(
+    established_tcp_connection_survives_a_gateway_restart,
+    survives_restart
+);
 
 fn survives_restart(attach: Attach) -> Result<()> {
     require_root()?;
     let bin = egress_bin()?;
     let mut stack = Stack::start(&bin, Path::new(env!("CARGO_BIN_EXE_ipip-peer")), attach)?;
     let result = (|| {
-        let addr = SocketAddr::from((SERVER_IP, PORT));
-        let listener = in_netns(&stack.topo.server, || TcpListener::bind(addr))??;
-        let mut client = in_netns(&stack.topo.client, || {
-            TcpStream::connect_timeout(&addr, WAIT)
-        })??;
-        let (mut server, seen) = listener.accept()?;
-        for s in [&client, &server] {
-            s.set_read_timeout(Some(WAIT))?;
-        }
-        ensure!(seen.ip() == GATEWAY_IP, "server saw {seen}");
+        let (mut client, mut server) = connected(&stack)?;
         let data: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
         round(&mut client, &mut server, &data)?;
 
@@ -108,24 +124,7 @@ fn survives_restart(attach: Attach) -> Result<()> {
     stack.topo.lab.keep_logs_on_err(result)
 }
 
-mod a_busy_tcp_connection_survives_a_reload {
-    use super::*;
-
-    #[test]
-    fn native() -> Result<()> {
-        survives_reload(Attach::Native)
-    }
-
-    #[test]
-    fn generic() -> Result<()> {
-        survives_reload(Attach::Generic)
-    }
-
-    #[test]
-    fn tc() -> Result<()> {
-        survives_reload(Attach::Tc)
-    }
-}
+in_every_mode!(a_busy_tcp_connection_survives_a_reload, survives_reload);
 
 /// The interface sysctls the gateway sets.
 const SYSCTLS: [&str; 2] = ["forwarding", "accept_local"];
@@ -170,16 +169,7 @@ fn survives_reload(attach: Attach) -> Result<()> {
     };
     let mut stack = Stack::start(&bin, Path::new(env!("CARGO_BIN_EXE_ipip-peer")), attach)?;
     let result = (|| {
-        let addr = SocketAddr::from((SERVER_IP, PORT));
-        let listener = in_netns(&stack.topo.server, || TcpListener::bind(addr))??;
-        let mut client = in_netns(&stack.topo.client, || {
-            TcpStream::connect_timeout(&addr, WAIT)
-        })??;
-        let (mut server, seen) = listener.accept()?;
-        for s in [&client, &server] {
-            s.set_read_timeout(Some(WAIT))?;
-        }
-        ensure!(seen.ip() == GATEWAY_IP, "server saw {seen}");
+        let (mut client, mut server) = connected(&stack)?;
         let before = xdp_of(&stack)?;
         let found = sysctls_before(&stack.gateway.log());
 
@@ -278,11 +268,7 @@ fn a_failed_reload_leaves_the_gateway_running_or_the_host_as_found() -> Result<(
         let found = sysctls_before(&gateway.log());
         let server = SocketAddr::from((SERVER_IP, UDP_PORT));
         let _udp = udp_server(&topo.server, server)?;
-        let translated = || -> Result<()> {
-            let reply = udp_request(&topo.client, CLIENT_TUN_IP, server, b"hello")?;
-            ensure!(reply.seen.ip() == GATEWAY_IP, "server saw {}", reply.seen);
-            Ok(())
-        };
+        let translated = || topo.udp_translated(server);
         translated()?;
         let pid = Pid::from_raw(gateway.pid() as i32);
         let hangup = || kill(pid, Signal::SIGHUP);

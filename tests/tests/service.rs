@@ -10,10 +10,7 @@ use std::{net::SocketAddr, os::unix::net::UnixDatagram, path::Path, time::Durati
 
 use anyhow::{Context as _, Result, bail, ensure};
 use tests::{
-    Attach, Topology,
-    addrs::{CLIENT_TUN_IP, GATEWAY_IP, SERVER_IP},
-    echo::{udp_request, udp_server},
-    egress_bin, exec_output, require_root,
+    Attach, Topology, addrs::SERVER_IP, echo::udp_server, egress_bin, exec_output, require_root,
 };
 
 const UNIT: &str = include_str!("../../packaging/egress.service");
@@ -135,11 +132,7 @@ fn with_the_units_capabilities(attach: Attach, hook: &str) -> Result<()> {
 
         let server = SocketAddr::from((SERVER_IP, PORT));
         let _udp = udp_server(&topo.server, server)?;
-        let translated = || -> Result<()> {
-            let reply = udp_request(&topo.client, CLIENT_TUN_IP, server, b"hello")?;
-            ensure!(reply.seen.ip() == GATEWAY_IP, "server saw {}", reply.seen);
-            Ok(())
-        };
+        let translated = || topo.udp_translated(server);
         translated()?;
 
         // The unit's reload: `egress check` with the gateway's own
