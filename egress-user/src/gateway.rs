@@ -276,19 +276,22 @@ impl Gateway {
     /// programs stay attached after this process.
     pub fn hand_over(&mut self) -> anyhow::Result<Handover> {
         let dir = &self.policy.state_dir;
+        if let Some(a) = &self.attached
+            && !self.datapath.hand_over(dir, a.hook, a.ifindex)?
+        {
+            tracing::warn!(
+                "the {} attachment is no link a successor can take over: it detaches for a \
+                 moment",
+                a.hook.as_str()
+            );
+        }
+        // Only once nothing can fail: on an error, this daemon restores them.
         let mut sysctls = self
             .handed_sysctls
             .take()
             .map(Sysctls::forget)
             .unwrap_or_default();
         if let Some(a) = self.attached.as_mut() {
-            if !self.datapath.hand_over(dir, a.hook, a.ifindex)? {
-                tracing::warn!(
-                    "the {} attachment is no link a successor can take over: it detaches for a \
-                     moment",
-                    a.hook.as_str()
-                );
-            }
             let ours = std::mem::replace(&mut a.sysctls, Sysctls::saved(Vec::new()));
             sysctls.extend(ours.forget());
         }

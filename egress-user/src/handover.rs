@@ -61,8 +61,8 @@ impl Handover {
     }
 
     /// The value of [`ENV`] for the successor.
-    pub fn to_env(&self) -> String {
-        serde_json::to_string(self).expect("a handover serializes")
+    pub fn to_env(&self) -> anyhow::Result<String> {
+        serde_json::to_string(self).context("cannot write the handover down")
     }
 
     /// The sysctls to restore on the way out, taken from the handover.

@@ -1,7 +1,7 @@
 //! `egress`: the IP-in-IP egress NAT gateway daemon.
 
 use std::{
-    os::unix::process::CommandExt as _, path::PathBuf, process::ExitCode, sync::Arc, time::Duration,
+    os::unix::process::CommandExt as _, path::Path, process::ExitCode, sync::Arc, time::Duration,
 };
 
 use anyhow::Context as _;
@@ -241,8 +241,11 @@ fn run(settings: Settings, mut reset_state: bool) -> anyhow::Result<()> {
 /// Hands the data path over to a new image of this program (see
 /// `handover`), started with the same arguments; returns only if that
 /// fails, having undone the handover.
-fn reload(gateway: &mut Gateway, exe: &PathBuf) -> anyhow::Error {
-    let handover = match gateway.hand_over() {
+fn reload(gateway: &mut Gateway, exe: &Path) -> anyhow::Error {
+    let (handover, env) = match gateway.hand_over().and_then(|h| {
+        let env = h.to_env()?;
+        Ok((h, env))
+    }) {
         Ok(h) => h,
         Err(e) => return e.context("cannot hand the data path over"),
     };
@@ -258,10 +261,7 @@ fn reload(gateway: &mut Gateway, exe: &PathBuf) -> anyhow::Error {
         command.arg0(arg0);
     }
     tracing::info!(exe = %exe.display(), "handing the data path over to a new image");
-    let e = command
-        .args(args)
-        .env(handover::ENV, handover.to_env())
-        .exec();
+    let e = command.args(args).env(handover::ENV, env).exec();
     // Undone: the link unpinned (it detaches with this process's
     // programs), the sysctls and neighbour entries left to restore.
     drop(handover);
