@@ -49,7 +49,7 @@ impl Handover {
     /// has none).
     pub fn receive() -> Option<Self> {
         let text = std::env::var_os(ENV)?;
-        // SAFETY: single-threaded yet (read before the runtime starts).
+        // SAFETY: single-threaded yet (read first thing in `main`).
         unsafe { std::env::remove_var(ENV) };
         match serde_json::from_str(&text.to_string_lossy()) {
             Ok(h) => Some(h),

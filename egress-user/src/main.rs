@@ -82,12 +82,23 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    // First, so that an image started by a reload undoes the handover
+    // however it ends (arguments or settings this binary refuses
+    // included) unless it takes it over. Read before any thread starts:
+    // this clears the environment.
+    let handover = Handover::receive();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            drop(handover);
+            e.exit()
+        }
+    };
     let result = match cli.command {
         Command::Run(args) => args
             .gateway
             .settings()
-            .and_then(|s| run(s, args.reset_state)),
+            .and_then(|s| run(s, args.reset_state, handover)),
         Command::Check(args) => return check(*args),
         Command::Config(args) => config(*args),
         Command::Stats(args) => commands::stats(&args),
@@ -140,12 +151,14 @@ fn reread_settings() -> anyhow::Result<Settings> {
     }
 }
 
-fn run(settings: Settings, mut reset_state: bool) -> anyhow::Result<()> {
+fn run(
+    settings: Settings,
+    mut reset_state: bool,
+    mut handover: Option<Handover>,
+) -> anyhow::Result<()> {
     for warning in settings.warnings() {
         tracing::warn!("{warning}");
     }
-    // Before the runtime's threads: this reads and clears the environment.
-    let mut handover = Handover::receive();
     if handover.is_some() && reset_state {
         tracing::warn!("--reset-state ignored on a reload: the connection state is kept");
         reset_state = false;

@@ -9,6 +9,7 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
+    os::unix::fs::PermissionsExt as _,
     path::Path,
     sync::{
         Arc,
@@ -23,7 +24,7 @@ use nix::{
     unistd::Pid,
 };
 use tests::{
-    Attach, Attachments, Stack,
+    Attach, Attachments, Stack, Topology,
     addrs::{CLIENT_TUN_IP, CLIENT_UNDERLAY_IP, GATEWAY_IP, HOST_IFACE, SERVER_IP},
     echo::{udp_request, udp_server},
     egress_bin, exec, exec_output, in_netns, require_root,
@@ -439,4 +440,64 @@ fn refuses_a_second_gateway(
         Ok(())
     })();
     stack.topo.lab.keep_logs_on_err(result)
+}
+
+/// A reload to a binary that fails before it takes the data path over (an
+/// upgrade that no longer accepts the arguments, or the settings, the
+/// running one was started with) leaves the host as a stop would: nothing
+/// attached, no pinned link left, the interface's sysctls as found.
+mod a_new_image_that_refuses_its_settings_undoes_the_handover {
+    use super::*;
+
+    #[test]
+    fn arguments() -> Result<()> {
+        refused_reload("--no-such-option")
+    }
+
+    #[test]
+    fn settings() -> Result<()> {
+        refused_reload("--mss 10")
+    }
+}
+
+/// Starts the gateway from a copy of the binary, puts in its place a
+/// wrapper that runs it with `extra` arguments, and sends SIGHUP.
+fn refused_reload(extra: &str) -> Result<()> {
+    require_root()?;
+    let bin = egress_bin()?;
+    let topo = Topology::new()?;
+    let result = (|| {
+        let copy = topo.lab.dir().join("egress");
+        std::fs::copy(&bin, &copy)?;
+        let _peer = topo.start_ipip_peer(Path::new(env!("CARGO_BIN_EXE_ipip-peer")))?;
+        let mut gateway = topo.start_gateway(&copy, Attach::Native)?;
+        let found = sysctls_before(&gateway.log());
+        // Renamed into place, as a package manager upgrades.
+        let wrapper = topo.lab.dir().join("egress.new");
+        std::fs::write(
+            &wrapper,
+            format!("#!/bin/sh\nexec {} \"$@\" {extra}\n", bin.display()),
+        )?;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::rename(&wrapper, &copy)?;
+
+        kill(Pid::from_raw(gateway.pid() as i32), Signal::SIGHUP)?;
+        let status = gateway.wait_exit(WAIT)?;
+        let log = gateway.log();
+        ensure!(!status.success(), "the refusing image ran: {status}\n{log}");
+        let left = Attachments::of(&topo.gateway, HOST_IFACE)?;
+        ensure!(left.is_empty(), "the failed reload left {left:?}:\n{log}");
+        let pins: Vec<_> = std::fs::read_dir(topo.lab.state_dir()?)?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("handover-"))
+            .collect();
+        ensure!(pins.is_empty(), "links left pinned: {pins:?}");
+        let now = sysctls_of(&topo.gateway)?;
+        ensure!(
+            now == found,
+            "the interface's {SYSCTLS:?} were {found:?} before the gateway, {now:?} after:\n{log}"
+        );
+        Ok(())
+    })();
+    topo.lab.keep_logs_on_err(result)
 }
