@@ -176,6 +176,13 @@ fn run(
         .transpose()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        // The handled signals go to this thread only, which blocks them
+        // for a handover (see `reload`).
+        .on_thread_start(|| {
+            if let Err(e) = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&handled_signals()), None) {
+                tracing::warn!("cannot block signals in a runtime thread: {e}");
+            }
+        })
         .build()
         .context("cannot start the runtime")?;
     let _in_runtime = runtime.enter();
@@ -216,7 +223,7 @@ fn run(
     };
     notify(&notify::ready(&gateway.status()));
 
-    let exit = runtime.block_on(serve(
+    let mut exit = runtime.block_on(serve(
         &mut gateway,
         events,
         &timeouts,
@@ -225,6 +232,19 @@ fn run(
         &mut shutdown,
         &state_dir,
     ))?;
+    if exit == Exit::Reload {
+        // Held from here until the new image can handle them (the mask
+        // and pending signals survive exec, and no other thread takes
+        // them): a SIGTERM now must stop that image, not kill it half-way.
+        sigprocmask(SigmaskHow::SIG_BLOCK, Some(&handled_signals()), None)
+            .context("cannot block signals for the handover")?;
+        // One that came with the SIGHUP, or since, stops this image: the
+        // new one would never hear of it.
+        if runtime.block_on(shutdown.stop_requested()) {
+            tracing::info!("a stop was requested with the reload: shutting down instead");
+            exit = Exit::Stop;
+        }
+    }
     if exit == Exit::Reload {
         notify(&notify::reloading());
         // Returns only if the new image could not be started.
@@ -252,8 +272,8 @@ fn run(
 }
 
 /// Hands the data path over to a new image of this program (see
-/// `handover`), started with the same arguments; returns only if that
-/// fails, having undone the handover.
+/// `handover`), started with the same arguments, the handled signals
+/// blocked; returns only if that fails, having undone the handover.
 fn reload(gateway: &mut Gateway, exe: &Path) -> anyhow::Error {
     let (handover, env) = match gateway.hand_over().and_then(|h| {
         let env = h.to_env()?;
@@ -262,12 +282,6 @@ fn reload(gateway: &mut Gateway, exe: &Path) -> anyhow::Error {
         Ok(h) => h,
         Err(e) => return e.context("cannot hand the data path over"),
     };
-    // Held until the new image can handle them (the mask and pending
-    // signals survive exec): a SIGTERM now must stop it, not kill it
-    // half-way.
-    if let Err(e) = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&handled_signals()), None) {
-        return anyhow::Error::new(e).context("cannot block signals for the handover");
-    }
     let mut args = std::env::args_os();
     let mut command = std::process::Command::new(exe);
     if let Some(arg0) = args.next() {
@@ -452,6 +466,18 @@ impl Shutdown {
             sigterm: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
             sighup: signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
         })
+    }
+
+    /// Whether SIGINT or SIGTERM came and was not yet seen (its handler
+    /// ran already if it is blocked now): the runtime's driver reads what
+    /// the handlers wrote before `yield_now` returns.
+    async fn stop_requested(&mut self) -> bool {
+        tokio::select! {
+            biased;
+            _ = self.sigint.recv() => true,
+            _ = self.sigterm.recv() => true,
+            () = tokio::task::yield_now() => false,
+        }
     }
 
     async fn requested(&mut self) -> Exit {

@@ -501,3 +501,43 @@ fn refused_reload(extra: &str) -> Result<()> {
     })();
     topo.lab.keep_logs_on_err(result)
 }
+
+/// A stop requested with a reload (`systemctl reload` just before `systemctl
+/// stop`) stops the gateway whichever of the two it sees first: the stop
+/// is not lost with the image that handed over, the host left as found.
+/// Both signals reach the stopped daemon, so they are pending together.
+#[test]
+fn a_stop_requested_with_a_reload_stops() -> Result<()> {
+    require_root()?;
+    let bin = egress_bin()?;
+    let mut stack = Stack::start(
+        &bin,
+        Path::new(env!("CARGO_BIN_EXE_ipip-peer")),
+        Attach::Native,
+    )?;
+    let result = (|| {
+        let found = sysctls_before(&stack.gateway.log());
+        let pid = Pid::from_raw(stack.gateway.pid() as i32);
+        for signal in [
+            Signal::SIGSTOP,
+            Signal::SIGHUP,
+            Signal::SIGTERM,
+            Signal::SIGCONT,
+        ] {
+            kill(pid, signal)?;
+        }
+        let status = stack.gateway.wait_exit(WAIT);
+        let log = stack.gateway.log();
+        let status = status.with_context(|| format!("the stop was lost:\n{log}"))?;
+        ensure!(status.success(), "the gateway exited {status}:\n{log}");
+        let left = Attachments::of(&stack.topo.gateway, HOST_IFACE)?;
+        ensure!(left.is_empty(), "the stopped gateway left {left:?}:\n{log}");
+        let now = sysctls_of(&stack.topo.gateway)?;
+        ensure!(
+            now == found,
+            "the interface's {SYSCTLS:?} were {found:?} before the gateway, {now:?} after:\n{log}"
+        );
+        Ok(())
+    })();
+    stack.topo.lab.keep_logs_on_err(result)
+}
