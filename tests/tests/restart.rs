@@ -141,6 +141,19 @@ fn sysctls_of(ns: &str) -> Result<Vec<String>> {
         .collect()
 }
 
+/// Checks that the gateway in namespace `ns` left nothing attached and the
+/// interface's sysctls as `found` before it; `log` (its log) explains.
+fn left_as_found(ns: &str, found: &[String], log: &str) -> Result<()> {
+    let left = Attachments::of(ns, HOST_IFACE)?;
+    ensure!(left.is_empty(), "the gateway left {left:?}\n{log}");
+    let now = sysctls_of(ns)?;
+    ensure!(
+        now == found,
+        "the interface's {SYSCTLS:?} were {found:?} before the gateway, {now:?} after\n{log}"
+    );
+    Ok(())
+}
+
 /// The values of [`SYSCTLS`] before the gateway set them, from its log
 /// (one it found set already is not logged).
 fn sysctls_before(log: &str) -> Vec<String> {
@@ -235,13 +248,7 @@ fn survives_reload(attach: Attach) -> Result<()> {
 
         // Whatever the first image set, the last restores.
         stack.gateway.terminate(WAIT)?;
-        let left = Attachments::of(&stack.topo.gateway, HOST_IFACE)?;
-        ensure!(left.is_empty(), "the reloaded gateway left {left:?}");
-        let now = sysctls_of(&stack.topo.gateway)?;
-        ensure!(
-            now == found,
-            "the interface's {SYSCTLS:?} were {found:?} before the gateway, {now:?} after"
-        );
+        left_as_found(&stack.topo.gateway, &found, "")?;
         Ok(())
     })();
     stack.topo.lab.keep_logs_on_err(result)
@@ -292,13 +299,7 @@ fn a_failed_reload_leaves_the_gateway_running_or_the_host_as_found() -> Result<(
             !status.success() && log.contains("--max-flows") && log.contains("detached"),
             "the new image should fail on the state's size and detach ({status}):\n{log}"
         );
-        let left = Attachments::of(&topo.gateway, HOST_IFACE)?;
-        ensure!(left.is_empty(), "the failed reload left {left:?}");
-        let now = sysctls_of(&topo.gateway)?;
-        ensure!(
-            now == found,
-            "the interface's {SYSCTLS:?} were {found:?} before the gateway, {now:?} after"
-        );
+        left_as_found(&topo.gateway, &found, &log)?;
         Ok(())
     })();
     topo.lab.keep_logs_on_err(result)
@@ -485,18 +486,12 @@ fn refused_reload(extra: &str) -> Result<()> {
         let status = gateway.wait_exit(WAIT)?;
         let log = gateway.log();
         ensure!(!status.success(), "the refusing image ran: {status}\n{log}");
-        let left = Attachments::of(&topo.gateway, HOST_IFACE)?;
-        ensure!(left.is_empty(), "the failed reload left {left:?}:\n{log}");
+        left_as_found(&topo.gateway, &found, &log)?;
         let pins: Vec<_> = std::fs::read_dir(topo.lab.state_dir()?)?
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
             .filter(|n| n.starts_with("handover-"))
             .collect();
         ensure!(pins.is_empty(), "links left pinned: {pins:?}");
-        let now = sysctls_of(&topo.gateway)?;
-        ensure!(
-            now == found,
-            "the interface's {SYSCTLS:?} were {found:?} before the gateway, {now:?} after:\n{log}"
-        );
         Ok(())
     })();
     topo.lab.keep_logs_on_err(result)
@@ -530,13 +525,7 @@ fn a_stop_requested_with_a_reload_stops() -> Result<()> {
         let log = stack.gateway.log();
         let status = status.with_context(|| format!("the stop was lost:\n{log}"))?;
         ensure!(status.success(), "the gateway exited {status}:\n{log}");
-        let left = Attachments::of(&stack.topo.gateway, HOST_IFACE)?;
-        ensure!(left.is_empty(), "the stopped gateway left {left:?}:\n{log}");
-        let now = sysctls_of(&stack.topo.gateway)?;
-        ensure!(
-            now == found,
-            "the interface's {SYSCTLS:?} were {found:?} before the gateway, {now:?} after:\n{log}"
-        );
+        left_as_found(&stack.topo.gateway, &found, &log)?;
         Ok(())
     })();
     stack.topo.lab.keep_logs_on_err(result)
