@@ -285,16 +285,13 @@ impl Gateway {
                 a.hook.as_str()
             );
         }
-        // Only once nothing can fail: on an error, this daemon restores them.
-        let mut sysctls = self
-            .handed_sysctls
-            .take()
-            .map(Sysctls::forget)
-            .unwrap_or_default();
-        if let Some(a) = self.attached.as_mut() {
-            let ours = std::mem::replace(&mut a.sysctls, Sysctls::saved(Vec::new()));
-            sysctls.extend(ours.forget());
-        }
+        // Only once nothing can fail: on an error, this daemon restores
+        // them. (Those a previous image handed over were adopted at the
+        // first attach.)
+        let sysctls = match self.attached.as_mut() {
+            Some(a) => std::mem::replace(&mut a.sysctls, Sysctls::saved(Vec::new())).forget(),
+            None => Vec::new(),
+        };
         Ok(Handover {
             state_dir: dir.clone(),
             sysctls,
