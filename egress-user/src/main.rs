@@ -196,7 +196,6 @@ fn run(
     // Subscribed before attaching, so no change in between goes unseen.
     let events = HostEvents::subscribe().context("cannot follow the interface over netlink")?;
     let (timeouts, top_flows) = (settings.timeouts, settings.metrics_top_flows);
-    let state_dir = settings.state_dir.clone();
     let mut gateway = Gateway::start(settings, reset_state, handover.as_mut())?;
     // Taken over: nothing of the previous image's is left to undo.
     drop(handover);
@@ -230,7 +229,6 @@ fn run(
         collector,
         &notify,
         &mut shutdown,
-        &state_dir,
     ))?;
     if exit == Exit::Reload {
         // Held from here until the new image can handle them (the mask
@@ -313,7 +311,6 @@ async fn serve(
     metrics: Option<(std::net::TcpListener, Arc<Collector>)>,
     notify: &dyn Fn(&str),
     shutdown: &mut Shutdown,
-    state_dir: &std::path::Path,
 ) -> anyhow::Result<Exit> {
     let collector = metrics.map(|(listener, collector)| {
         tokio::spawn(metrics::serve(listener, collector.clone()));
@@ -352,10 +349,10 @@ async fn serve(
             request = shutdown.requested() => match request {
                 Exit::Stop => break Exit::Stop,
                 Exit::Reload => match reread_settings() {
-                    Ok(s) if s.state_dir != state_dir => tracing::error!(
+                    Ok(s) if s.state_dir != gateway.policy().state_dir => tracing::error!(
                         "SIGHUP: not reloading: state-dir changed ({} -> {}); a reload keeps \
                          the state where it is, a restart moves it (and breaks connections)",
-                        state_dir.display(),
+                        gateway.policy().state_dir.display(),
                         s.state_dir.display()
                     ),
                     Ok(_) => break Exit::Reload,
