@@ -234,9 +234,9 @@ impl Datapath {
     }
 
     /// Attaches to `iface` (index `ifindex`) as `mode` asks; returns the
-    /// hook it got. A link a previous image of the daemon handed over in
-    /// `state_dir` (see `handover`) is taken over: this program replaces
-    /// its program atomically.
+    /// hook it got. A link handed over in `state_dir` (by a previous image
+    /// of the daemon, see `handover`, or the data path this one replaces)
+    /// is taken over: this program replaces its program atomically.
     pub fn attach(
         &mut self,
         iface: &str,
@@ -350,7 +350,7 @@ impl Datapath {
         Ok(hook)
     }
 
-    /// Swaps this program into the link a previous image handed over.
+    /// Swaps this program into a link handed over.
     fn take_over(&mut self, handed: HandedLink) -> anyhow::Result<Attached> {
         let context = || format!("cannot take over the {} link", handed.hook.as_str());
         let HandedLink { hook, link, .. } = handed;
@@ -362,8 +362,8 @@ impl Datapath {
             LinkId::Xdp(self.xdp()?.attach_to_link(link).with_context(context)?)
         });
         tracing::info!(
-            "took over the {} link the previous run handed over: its program replaced \
-             atomically, no packet went to the host's stack",
+            "took over the {} link: its program replaced atomically, no packet went to the \
+             host's stack",
             hook.as_str()
         );
         Ok(hook)
@@ -371,8 +371,9 @@ impl Datapath {
 
     /// Pins the link attached (`hook` on interface `ifindex`) in
     /// `state_dir` for a successor to take over, and lets go of it: the
-    /// program stays attached after this process. False if the attachment
-    /// is no link (a clsact filter, which stays attached anyway).
+    /// program stays attached after this data path and process. False if
+    /// the attachment is no link (a clsact filter, which stays attached
+    /// anyway).
     pub fn hand_over(
         &mut self,
         state_dir: &Path,

@@ -192,7 +192,16 @@ impl Gateway {
             let datapath = Datapath::load(&policy).inspect_err(|_| {
                 set(old);
             })?;
-            // The old programs detach here, just before the new ones attach.
+            // The new programs take the old ones' link over, as a new
+            // image of the daemon does (see `handover`): no packet meets
+            // the host's stack in between.
+            if let Some(a) = self.attached.as_ref().filter(|a| a.ifindex == iface.index)
+                && let Err(e) = self
+                    .datapath
+                    .hand_over(&self.policy.state_dir, a.hook, a.ifindex)
+            {
+                tracing::warn!("{e:#}: the old programs detach a moment before the new attach");
+            }
             self.datapath = datapath;
             self.policy = policy;
         }
@@ -317,6 +326,15 @@ impl Drop for Gateway {
             }
         }
     }
+}
+
+/// Why a gateway with `settings` could not start now (see
+/// [`Gateway::start`]): the interface is missing, or lacks the address or
+/// MTU they default from.
+pub fn cannot_start(settings: &Settings) -> Option<anyhow::Error> {
+    Interface::find(&settings.iface)
+        .and_then(|iface| policy_for(settings, &iface))
+        .err()
 }
 
 /// The policy for `settings` on `iface`: `snat` and `tunnel-local` default

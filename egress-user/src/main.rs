@@ -10,7 +10,7 @@ use egress_common::reason::Reason;
 use egress_user::{
     check, commands,
     flags::GatewayArgs,
-    gateway::Gateway,
+    gateway::{self, Gateway},
     gc,
     handover::{self, Handover},
     inspect::Pinned,
@@ -344,22 +344,21 @@ async fn serve(
     .context("cannot start the garbage collector's thread")?;
     let mut tick = tokio::time::interval(REPORT_INTERVAL);
     let mut refused = Refusals::default();
+    // A reload asked for while a new image could not start (the
+    // interface gone, or without the address the settings default from)
+    // waits until it can.
+    let mut reload_pending = false;
     let exit = loop {
         tokio::select! {
             request = shutdown.requested() => match request {
                 Exit::Stop => break Exit::Stop,
-                Exit::Reload => match reread_settings() {
-                    Ok(s) if s.state_dir != gateway.policy().state_dir => tracing::error!(
-                        "SIGHUP: not reloading: state-dir changed ({} -> {}); a reload keeps \
-                         the state where it is, a restart moves it (and breaks connections)",
-                        gateway.policy().state_dir.display(),
-                        s.state_dir.display()
-                    ),
-                    Ok(_) => break Exit::Reload,
-                    Err(e) => tracing::error!(
-                        "SIGHUP: not reloading: {e:#}; still running with the settings it \
-                         started with"
-                    ),
+                Exit::Reload => match reload_when(gateway) {
+                    When::Now => break Exit::Reload,
+                    When::Later(e) => {
+                        tracing::warn!("SIGHUP: reloading once a new image can start: {e:#}");
+                        reload_pending = true;
+                    }
+                    When::Refused => reload_pending = false,
                 },
             },
             changed = events.changed() => {
@@ -372,6 +371,13 @@ async fn serve(
                     let now = gateway.status();
                     if now != before {
                         notify(&notify::status(&now));
+                    }
+                    if reload_pending {
+                        match reload_when(gateway) {
+                            When::Now => break Exit::Reload,
+                            When::Later(_) => {}
+                            When::Refused => reload_pending = false,
+                        }
                     }
                 }
                 if changed.interface || changed.routes {
@@ -423,6 +429,33 @@ async fn serve(
         tracing::info!("signal received, shutting down");
     }
     Ok(exit)
+}
+
+/// When a reload asked for may go.
+enum When {
+    Now,
+    /// Once a new image could start (why it could not now).
+    Later(anyhow::Error),
+    /// Never (logged): the settings read again do not parse, or would
+    /// move the state.
+    Refused,
+}
+
+fn reload_when(gateway: &Gateway) -> When {
+    let dir = &gateway.policy().state_dir;
+    match reread_settings() {
+        Ok(s) if s.state_dir != *dir => tracing::error!(
+            "SIGHUP: not reloading: state-dir changed ({} -> {}); a reload keeps the state \
+             where it is, a restart moves it (and breaks connections)",
+            dir.display(),
+            s.state_dir.display()
+        ),
+        Ok(s) => return gateway::cannot_start(&s).map_or(When::Now, When::Later),
+        Err(e) => tracing::error!(
+            "SIGHUP: not reloading: {e:#}; still running with the settings it started with"
+        ),
+    }
+    When::Refused
 }
 
 /// The next routers' errors about tunnel packets, or never without the

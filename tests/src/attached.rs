@@ -6,7 +6,7 @@
 use std::ffi::CString;
 
 use anyhow::{Context as _, Result};
-use aya::programs::{SchedClassifier, TcAttachType};
+use aya::programs::{SchedClassifier, TcAttachType, loaded_links};
 
 use crate::netns::{exec, in_netns};
 
@@ -72,6 +72,36 @@ impl Attachments {
     pub fn is_empty(&self) -> bool {
         self.xdp.is_none() && self.clsact.is_empty() && self.tcx.is_empty()
     }
+}
+
+/// The gateway's program on `iface` in namespace `ns` (its XDP program,
+/// else its TCX one) and the kernel link it runs from, by id. A program
+/// swapped into a link keeps the link's id; detached and attached again,
+/// it gets a new link.
+pub fn gateway_link(ns: &str, iface: &str) -> Result<(u32, u32)> {
+    let xdp = Attachments::of(ns, iface)?
+        .xdp
+        .and_then(|x| x.rsplit(' ').next()?.parse().ok());
+    let program = match xdp {
+        Some(id) => id,
+        None => {
+            let name = CString::new(iface)?;
+            let (_, programs) = in_netns(ns, || {
+                SchedClassifier::query_tcx(name.as_c_str(), TcAttachType::Ingress)
+            })??;
+            programs
+                .iter()
+                .find(|p| p.name_as_str() == Some(GATEWAY_TC))
+                .map(|p| p.id())
+                .with_context(|| format!("no gateway program on {iface} in {ns}"))?
+        }
+    };
+    // Skipping links that go while listed.
+    let link = loaded_links()
+        .flatten()
+        .find(|l| l.program_id() == program)
+        .with_context(|| format!("program {program} on {iface} runs from no link"))?;
+    Ok((program, link.id()))
 }
 
 /// A `tc filter show` line of a filter running the gateway's program.

@@ -56,21 +56,27 @@ impl Daemon {
     /// Waits until the log contains `needle`; the error shows the log if the
     /// process exits or `timeout` passes first.
     pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        self.wait_for_times(needle, 1, timeout)
+    }
+
+    /// As [`Daemon::wait_for`], until the log contains `needle` `times`
+    /// times (a process that execs itself logs on).
+    pub fn wait_for_times(&mut self, needle: &str, times: usize, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.log().contains(needle) {
+            if self.log().matches(needle).count() >= times {
                 return Ok(());
             }
             if let Some(status) = self.child.try_wait()? {
                 bail!(
-                    "{} exited ({status}) before logging {needle:?}; its log:\n{}",
+                    "{} exited ({status}) before logging {needle:?} {times} time(s); its log:\n{}",
                     self.name,
                     self.log()
                 );
             }
             if Instant::now() > deadline {
                 bail!(
-                    "{} did not log {needle:?} within {timeout:?}; its log:\n{}",
+                    "{} did not log {needle:?} {times} time(s) within {timeout:?}; its log:\n{}",
                     self.name,
                     self.log()
                 );

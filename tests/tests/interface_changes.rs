@@ -13,12 +13,17 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
 use tests::{
     Attach, Stack, Topology,
     addrs::{
         CLIENT_TUN_IP, CLIENT_UNDERLAY_IP, GATEWAY_IP, HOST_IFACE, LINK_PREFIX,
         ROUTER_GATEWAY_IFACE, ROUTER_GATEWAY_IP, SERVER_IP,
     },
+    attached::gateway_link,
     echo::{UdpClient, udp_server},
     egress_bin, exec, require_root,
     topology::start_ipip_peer,
@@ -154,6 +159,37 @@ fn interface_recreated(attach: Attach) -> Result<()> {
     stack.topo.lab.keep_logs_on_err(result)
 }
 
+/// A reload (SIGHUP) asked for while the interface is gone waits until a
+/// new image of the daemon could start: the interface back, with the
+/// address its tunnel address defaults from.
+#[test]
+fn a_reload_waits_for_its_interface() -> Result<()> {
+    require_root()?;
+    let egress = egress_bin()?;
+    let mut stack = Stack::start(
+        &egress,
+        Path::new(env!("CARGO_BIN_EXE_ipip-peer")),
+        Attach::Native,
+    )?;
+    let result = across(&mut stack, &egress, |stack| {
+        stack.topo.unlink_gateway()?;
+        stack.gateway.wait_for("the interface is gone", FOLLOW)?;
+        kill(Pid::from_raw(stack.gateway.pid() as i32), Signal::SIGHUP)?;
+        stack
+            .gateway
+            .wait_for("reloading once a new image can start", FOLLOW)?;
+        ensure!(
+            stack.gateway.log().matches("gateway ready").count() == 1,
+            "reloaded without the interface:\n{}",
+            stack.gateway.log()
+        );
+        stack.topo.relink_gateway()?;
+        stack.gateway.wait_for_times("gateway ready", 2, FOLLOW)?;
+        Ok(())
+    });
+    stack.topo.lab.keep_logs_on_err(result)
+}
+
 /// How the gateway names the hook of `attach`.
 fn hook(attach: Attach) -> &'static str {
     match attach {
@@ -175,6 +211,7 @@ fn follows_a_new_address_of_its_interface() -> Result<()> {
     let mut stack = Stack::start(&egress, ipip_peer, Attach::Native)?;
     let result = across(&mut stack, &egress, |stack| {
         let gw = &stack.topo.gateway;
+        let before = gateway_link(gw, HOST_IFACE)?;
         for cmd in [
             format!("ip addr del {GATEWAY_IP}/{LINK_PREFIX} dev {HOST_IFACE}"),
             format!("ip addr add {NEW_IP}/{LINK_PREFIX} dev {HOST_IFACE}"),
@@ -194,6 +231,13 @@ fn follows_a_new_address_of_its_interface() -> Result<()> {
                 .contains(&format!("tunnel_local={NEW_IP}")),
             "the tunnel address did not follow:\n{}",
             stack.gateway.log()
+        );
+        // The new programs took the old ones' place without a gap.
+        let after = gateway_link(&stack.topo.gateway, HOST_IFACE)?;
+        ensure!(
+            after.0 != before.0 && after.1 == before.1,
+            "expected the new program in the old one's link: (program, link) {before:?}, \
+             then {after:?}"
         );
         stack.peer.stop();
         stack.peer = start_ipip_peer(

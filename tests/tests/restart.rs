@@ -26,6 +26,7 @@ use nix::{
 use tests::{
     Attach, Attachments, Stack, Topology,
     addrs::{CLIENT_TUN_IP, CLIENT_UNDERLAY_IP, GATEWAY_IP, HOST_IFACE, SERVER_IP},
+    attached::gateway_link,
     echo::{udp_request, udp_server},
     egress_bin, exec, exec_output, in_netns, require_root,
 };
@@ -173,18 +174,16 @@ fn sysctls_before(log: &str) -> Vec<String> {
 /// rounds without pause: the new image of the daemon takes the data path
 /// over without detaching it, so no segment meets the gateway host's own
 /// stack, which would answer with a reset (as it does in a restart's gap).
-/// Then the new image runs the programs (another XDP program id), and its
+/// Then the new image's program runs in the first image's link, and its
 /// stop leaves the interface's sysctls as the first image found them.
 fn survives_reload(attach: Attach) -> Result<()> {
     require_root()?;
     let bin = egress_bin()?;
-    let xdp_of = |stack: &Stack| -> Result<Option<String>> {
-        Ok(Attachments::of(&stack.topo.gateway, HOST_IFACE)?.xdp)
-    };
+    let link_of = |stack: &Stack| gateway_link(&stack.topo.gateway, HOST_IFACE);
     let mut stack = Stack::start(&bin, Path::new(env!("CARGO_BIN_EXE_ipip-peer")), attach)?;
     let result = (|| {
         let (mut client, mut server) = connected(&stack)?;
-        let before = xdp_of(&stack)?;
+        let before = link_of(&stack)?;
         let found = sysctls_before(&stack.gateway.log());
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -216,12 +215,7 @@ fn survives_reload(attach: Attach) -> Result<()> {
             kill(Pid::from_raw(stack.gateway.pid() as i32), Signal::SIGHUP)?;
             let at_signal = rounds_now();
             // The new image's readiness (same process, same log).
-            for _ in 0..WAIT.as_millis() / 10 {
-                if stack.gateway.log().matches("gateway ready").count() == 2 {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            stack.gateway.wait_for_times("gateway ready", 2, WAIT)?;
             echoing(rounds_now())?;
             ensure!(rounds_now() > at_signal, "no round during the reload");
             Ok(())
@@ -238,13 +232,12 @@ fn survives_reload(attach: Attach) -> Result<()> {
                 && log.contains("took over the"),
             "the new image did not take over the pinned state and link:\n{log}"
         );
-        if attach != Attach::Tc {
-            let after = xdp_of(&stack)?;
-            ensure!(
-                after.is_some() && after != before,
-                "expected another XDP program after the reload: {before:?}, then {after:?}"
-            );
-        }
+        let after = link_of(&stack)?;
+        ensure!(
+            after.0 != before.0 && after.1 == before.1,
+            "expected another program in the same link after the reload: (program, link) \
+             {before:?}, then {after:?}"
+        );
 
         // Whatever the first image set, the last restores.
         stack.gateway.terminate(WAIT)?;
