@@ -2,19 +2,33 @@
 //! netlink filter on the clsact qdisc's ingress. The qdisc is added when
 //! missing and, so the host is left as found, removed on drop only if we
 //! added it. Unlike a link, a filter outlives the process that added it,
-//! so ours sits at a fixed place and a leftover one is removed before
-//! attaching.
+//! so ours sits at a fixed place: a reload's new image (or a gateway
+//! after one that was killed) swaps its program into the filter there,
+//! and the gateway's filters elsewhere (from versions that let the kernel
+//! pick the place) are removed before attaching.
 
 use std::io;
 
 use anyhow::Context as _;
-use aya::programs::tc::{self, NlOptions, TcAttach, TcAttachType, TcHandle};
+use aya::programs::{
+    TcAttachType,
+    links::Link as _,
+    tc::{self, NlOptions, SchedClassifierLink, TcAttach, TcHandle},
+};
+use serde::{Deserialize, Serialize};
 
-use crate::netlink::{Request, Socket};
+use crate::netlink::{Attrs, Request, Socket, attr_u32};
 
 /// `TC_H_CLSACT`: the clsact qdisc's parent, and (major part) its handle.
 const TC_H_CLSACT: u32 = 0xffff_fff1;
 const CLSACT_HANDLE: u32 = 0xffff_0000;
+/// clsact's ingress: `TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)`.
+const INGRESS: u32 = 0xffff_fff2;
+/// `struct tcmsg`: family, 3 pad bytes, ifindex, handle, parent, info.
+const TCMSG_LEN: usize = 20;
+const TCA_KIND: u16 = 1;
+const TCA_OPTIONS: u16 = 2;
+const TCA_BPF_NAME: u16 = 7;
 
 /// Our filter's priority ("EG"): one no tool picks by itself (`tc` numbers
 /// filters added without one from 49152 down), so a filter there is ours,
@@ -36,26 +50,96 @@ pub fn ingress_filter() -> TcAttach {
     }
 }
 
-/// Removes the filters running `program` that a gateway which did not exit
-/// cleanly (killed, crashed) left on `iface`'s clsact ingress, at any
-/// priority (versions before TCX support let the kernel pick one): they
-/// would go on running its program beside ours. Filters are matched by the
-/// program name their loader gave them, so other programs' stay.
-pub fn remove_leftovers(iface: &str, ifindex: u32, program: &str) -> anyhow::Result<()> {
-    match tc::qdisc_detach_program(ifindex, TcAttachType::Ingress.into(), program) {
-        Ok(()) => {
-            tracing::warn!(
-                "removed the {program} filter that a gateway which did not exit cleanly \
-                 (killed or crashed) left on {iface}'s clsact ingress"
-            );
-            Ok(())
+/// Our filter's place, as a link whose program can be replaced in place
+/// (netlink's filter change: packets meet the old program or the new).
+pub fn ours(ifindex: u32) -> io::Result<SchedClassifierLink> {
+    SchedClassifierLink::attached(
+        ifindex,
+        TcAttachType::Ingress.into(),
+        PRIORITY,
+        HANDLE,
+        None,
+    )
+}
+
+/// Removes the filters running `program` on `iface`'s clsact ingress but
+/// the one at our place if `keep_ours`; returns whether that one is there.
+/// Such filters are left by a gateway that did not exit cleanly (killed,
+/// crashed), by versions before TCX support at any priority, or handed
+/// over by a reload: they would go on running their program beside ours.
+/// Filters are matched by the program name their loader gave them, so
+/// other programs' stay.
+pub fn remove_leftovers(
+    iface: &str,
+    ifindex: u32,
+    program: &str,
+    keep_ours: bool,
+) -> anyhow::Result<bool> {
+    let context =
+        || format!("cannot look for a leftover {program} filter on {iface}'s clsact ingress");
+    let mut kept = false;
+    for place in filters(ifindex, program).with_context(context)? {
+        if keep_ours && place == (PRIORITY, u32::from(HANDLE)) {
+            kept = true;
+            continue;
         }
-        // None there, or no clsact qdisc at all.
-        Err(tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| {
-            format!("cannot look for a leftover {program} filter on {iface}'s clsact ingress")
-        }),
+        let (priority, handle) = place;
+        SchedClassifierLink::attached(
+            ifindex,
+            TcAttachType::Ingress.into(),
+            priority,
+            TcHandle::from(handle),
+            None,
+        )
+        .map_err(anyhow::Error::from)
+        .and_then(|l| Ok(l.detach()?))
+        .with_context(context)?;
+        tracing::warn!(
+            "removed the {program} filter (pref {priority}, handle {handle:#x}) that a gateway \
+             left on {iface}'s clsact ingress"
+        );
     }
+    Ok(kept)
+}
+
+/// Where the filters running `program` sit on `ifindex`'s clsact ingress:
+/// (priority, handle) each.
+fn filters(ifindex: u32, program: &str) -> io::Result<Vec<(u16, u32)>> {
+    let mut tcmsg = [0u8; TCMSG_LEN];
+    tcmsg[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
+    tcmsg[12..16].copy_from_slice(&INGRESS.to_ne_bytes());
+    let dump = Request::new(libc::RTM_GETTFILTER, &tcmsg).flags(libc::NLM_F_DUMP);
+    let answer = match Socket::open(libc::NETLINK_ROUTE, 0)?.request(dump) {
+        Ok(answer) => answer,
+        // No clsact qdisc, or no such interface: no filters.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL | libc::ENOENT | libc::ENODEV)
+            ) =>
+        {
+            return Ok(Vec::new());
+        }
+        Err(e) => return Err(e),
+    };
+    let name = [program.as_bytes(), b"\0"].concat();
+    Ok(answer
+        .iter()
+        .filter(|m| m.kind == libc::RTM_NEWTFILTER)
+        .filter(|m| {
+            let mut attrs = m.attrs(TCMSG_LEN);
+            let bpf = attrs.clone().any(|(k, d)| k == TCA_KIND && d == b"bpf\0");
+            bpf && attrs.any(|(k, d)| {
+                k == TCA_OPTIONS && Attrs::nested(d).any(|(k, d)| k == TCA_BPF_NAME && d == name)
+            })
+        })
+        .filter_map(|m| {
+            let handle = attr_u32(m.payload.get(8..12)?)?;
+            let info = attr_u32(m.payload.get(16..20)?)?;
+            // Each priority's head is listed too, with no handle.
+            (handle != 0).then_some(((info >> 16) as u16, handle))
+        })
+        .collect())
 }
 
 pub struct Clsact {
@@ -80,6 +164,47 @@ impl Clsact {
         };
         Ok(Self { ifindex, added })
     }
+
+    /// Gives the qdisc over to a successor: this one no longer removes it.
+    pub fn hand_over(mut self) -> HandedClsact {
+        HandedClsact {
+            ifindex: self.ifindex,
+            added: std::mem::take(&mut self.added),
+        }
+    }
+
+    /// Takes over `handed`, the qdisc on the same interface: removed on
+    /// drop if the daemon that handed it over had added it. False if it
+    /// is about another interface.
+    pub fn adopt(&mut self, handed: HandedClsact) -> bool {
+        let same = handed.ifindex == self.ifindex;
+        self.added |= same && handed.added;
+        same
+    }
+}
+
+/// Our filter on an interface's clsact ingress, left attached for a
+/// successor to swap its program into, and the qdisc it hangs from.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct HandedClsact {
+    pub ifindex: u32,
+    /// Whether a daemon added the qdisc (to remove at the last stop).
+    pub added: bool,
+}
+
+impl HandedClsact {
+    /// For a successor that does not take it over: removes the filter, and
+    /// the qdisc if a daemon added it, as a stop would.
+    pub fn undo(self, program: &str) {
+        let iface = format!("interface {}", self.ifindex);
+        if let Err(e) = remove_leftovers(&iface, self.ifindex, program, false) {
+            tracing::warn!("{e:#}");
+        }
+        drop(Clsact {
+            ifindex: self.ifindex,
+            added: self.added,
+        });
+    }
 }
 
 impl Drop for Clsact {
@@ -99,8 +224,7 @@ impl Drop for Clsact {
 /// `RTM_DELQDISC` for the clsact qdisc (aya can add the qdisc but not
 /// remove it).
 fn delete_clsact(ifindex: u32) -> io::Result<()> {
-    // `struct tcmsg`: family, 3 pad bytes, ifindex, handle, parent, info.
-    let mut tcmsg = [0u8; 20];
+    let mut tcmsg = [0u8; TCMSG_LEN];
     tcmsg[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
     tcmsg[8..12].copy_from_slice(&CLSACT_HANDLE.to_ne_bytes());
     tcmsg[12..16].copy_from_slice(&TC_H_CLSACT.to_ne_bytes());

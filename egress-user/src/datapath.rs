@@ -35,7 +35,7 @@ use egress_common::{
 
 use crate::{
     admission::Admission,
-    clsact::{self, Clsact},
+    clsact::{self, Clsact, HandedClsact},
     handover::{self, HandedLink},
     inspect, netif, pinning, reorder,
     settings::{AttachMode, PortRange},
@@ -266,17 +266,18 @@ impl Datapath {
         if handed.is_none() {
             self.refuse_another_gateway(iface, ifindex)?;
         }
-        // In any mode: a TC filter of a gateway that was killed would run
-        // its old program beside (or behind) the new one.
-        clsact::remove_leftovers(iface, ifindex, TC_PROGRAM)?;
-        if let Some(h) = handed {
-            return self.take_over(h);
-        }
-        match mode {
-            AttachMode::Native => self.attach_xdp(ifindex, XdpMode::Driver),
-            AttachMode::Generic => self.attach_xdp(ifindex, XdpMode::Skb),
-            AttachMode::Tc => self.attach_tc(iface, ifindex),
-            AttachMode::Auto => match self.attach_xdp(ifindex, XdpMode::Driver) {
+        // A TC filter a gateway left (killed, or handing over on a kernel
+        // without TCX) would run its old program beside (or behind) the
+        // new one: removed in any mode, but the one at our place while the
+        // attach may end on clsact, which swaps its program in there.
+        let may_be_clsact = handed.is_none() && matches!(mode, AttachMode::Tc | AttachMode::Auto);
+        clsact::remove_leftovers(iface, ifindex, TC_PROGRAM, may_be_clsact)?;
+        let hook = match (handed, mode) {
+            (Some(h), _) => self.take_over(h),
+            (None, AttachMode::Native) => self.attach_xdp(ifindex, XdpMode::Driver),
+            (None, AttachMode::Generic) => self.attach_xdp(ifindex, XdpMode::Skb),
+            (None, AttachMode::Tc) => self.attach_tc(iface, ifindex),
+            (None, AttachMode::Auto) => match self.attach_xdp(ifindex, XdpMode::Driver) {
                 Ok(hook) => {
                     tracing::info!("attach auto: {iface}'s driver supports XDP, the fastest hook");
                     Ok(hook)
@@ -290,7 +291,11 @@ impl Datapath {
                     self.attach_tc(iface, ifindex)
                 }
             },
+        }?;
+        if may_be_clsact && hook != Attached::Clsact {
+            clsact::remove_leftovers(iface, ifindex, TC_PROGRAM, false)?;
         }
+        Ok(hook)
     }
 
     /// Refuses an interface that another gateway's XDP or TCX program runs
@@ -369,26 +374,38 @@ impl Datapath {
         Ok(hook)
     }
 
-    /// Pins the link attached (`hook` on interface `ifindex`) in
-    /// `state_dir` for a successor to take over, and lets go of it: the
-    /// program stays attached after this data path and process. False if
-    /// the attachment is no link (a clsact filter, which stays attached
-    /// anyway).
+    /// Hands the attachment (`hook` on interface `ifindex`) over to a
+    /// successor and lets go of it: it stays attached after this data path
+    /// and process. A link is pinned in `state_dir`; a clsact filter
+    /// stays at its place, and what is returned says whether its qdisc is
+    /// the successor's to remove.
     pub fn hand_over(
         &mut self,
         state_dir: &Path,
         hook: Attached,
         ifindex: u32,
-    ) -> anyhow::Result<bool> {
+    ) -> anyhow::Result<Option<HandedClsact>> {
         let link: FdLink = match self.link.take() {
+            Some(LinkId::Tc(id)) if hook == Attached::Clsact => {
+                // A filter's link deletes it when dropped.
+                std::mem::forget(self.tc()?.take_link(id)?);
+                return Ok(self.clsact.take().map(Clsact::hand_over));
+            }
             Some(LinkId::Xdp(id)) => self.xdp()?.take_link(id)?.try_into()?,
             Some(LinkId::Tc(id)) => self.tc()?.take_link(id)?.try_into()?,
-            None => return Ok(false),
+            None => return Ok(None),
         };
         let path = handover::pin_path(state_dir, hook, ifindex);
         link.pin(&path)
             .with_context(|| format!("cannot pin the link at {}", path.display()))?;
-        Ok(true)
+        Ok(None)
+    }
+
+    /// Takes over the clsact qdisc a previous data path handed over
+    /// (removed at the end if a daemon added it); false if this one is not
+    /// attached through that interface's clsact qdisc.
+    pub fn adopt_clsact(&mut self, handed: HandedClsact) -> bool {
+        self.clsact.as_mut().is_some_and(|c| c.adopt(handed))
     }
 
     /// Through a TCX link where the kernel has TCX (6.6+): like the XDP
@@ -428,19 +445,35 @@ impl Datapath {
 
     /// The TC attach of kernels without TCX: a netlink filter on clsact
     /// ingress at our own priority and handle (public so tests reach it on
-    /// kernels with TCX).
+    /// kernels with TCX). Our filter found there (a reload's previous image
+    /// handed it over, or a killed gateway left it) gets this program in
+    /// place, with no moment detached.
     pub fn attach_tc_clsact(&mut self, iface: &str, ifindex: u32) -> anyhow::Result<()> {
         self.clsact = Some(Clsact::ensure(iface, ifindex)?);
-        self.tc()?
-            .attach(ifindex, clsact::ingress_filter())
-            .with_context(|| {
-                format!(
-                    "TC attach on {iface}'s clsact ingress (pref {}, handle {:#x}) failed; \
-                     `tc filter show dev {iface} ingress` shows what is there",
-                    clsact::PRIORITY,
-                    u32::from(clsact::HANDLE),
-                )
-            })?;
+        let context = || {
+            format!(
+                "TC attach on {iface}'s clsact ingress (pref {}, handle {:#x}) failed; \
+                 `tc filter show dev {iface} ingress` shows what is there",
+                clsact::PRIORITY,
+                u32::from(clsact::HANDLE),
+            )
+        };
+        let found = clsact::remove_leftovers(iface, ifindex, TC_PROGRAM, true)?;
+        let tc = self.tc()?;
+        let id = if found {
+            let id = tc
+                .attach_to_link(clsact::ours(ifindex)?)
+                .with_context(context)?;
+            tracing::info!(
+                "took over the {TC_PROGRAM} filter on {iface}'s clsact ingress: its program \
+                 replaced atomically, no packet went to the host's stack"
+            );
+            id
+        } else {
+            tc.attach(ifindex, clsact::ingress_filter())
+                .with_context(context)?
+        };
+        self.link = Some(LinkId::Tc(id));
         Ok(())
     }
 

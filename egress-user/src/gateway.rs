@@ -15,7 +15,8 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    datapath::{Attached, Datapath, Policy},
+    clsact::HandedClsact,
+    datapath::{Attached, Datapath, Policy, TC_PROGRAM},
     gc::{Allowed, SharedAllowed},
     handover::Handover,
     neighbours,
@@ -38,6 +39,9 @@ pub struct Gateway {
     /// The sysctls a previous image of the daemon set, to restore with
     /// ours: adopted at the first attach.
     handed_sysctls: Option<Sysctls>,
+    /// The clsact filter and qdisc a previous image or data path handed
+    /// over (kernels without TCX), until the next attach takes them over.
+    handed_clsact: Option<HandedClsact>,
     // Dropped before `attached`: the programs detach before the interface
     // settings they rely on are restored.
     datapath: Datapath,
@@ -84,9 +88,13 @@ impl Gateway {
         // Later loads pick up the state this one made.
         policy.reset_state = false;
         let allowed = SharedAllowed::new(RwLock::new(Allowed::of(&policy)));
-        let (next_hops, handed_sysctls) = match handover {
-            Some(h) => (std::mem::take(&mut h.next_hops), Some(h.take_sysctls())),
-            None => (Vec::new(), None),
+        let (next_hops, handed_sysctls, handed_clsact) = match handover {
+            Some(h) => (
+                std::mem::take(&mut h.next_hops),
+                Some(h.take_sysctls()),
+                h.clsact.take(),
+            ),
+            None => (Vec::new(), None, None),
         };
         let mut gateway = Self {
             settings,
@@ -94,6 +102,7 @@ impl Gateway {
             allowed,
             next_hops,
             handed_sysctls,
+            handed_clsact,
             datapath,
             attached: None,
             _state_lock: state_lock,
@@ -195,12 +204,16 @@ impl Gateway {
             // The new programs take the old ones' link over, as a new
             // image of the daemon does (see `handover`): no packet meets
             // the host's stack in between.
-            if let Some(a) = self.attached.as_ref().filter(|a| a.ifindex == iface.index)
-                && let Err(e) = self
+            if let Some(a) = self.attached.as_ref().filter(|a| a.ifindex == iface.index) {
+                match self
                     .datapath
                     .hand_over(&self.policy.state_dir, a.hook, a.ifindex)
-            {
-                tracing::warn!("{e:#}: the old programs detach a moment before the new attach");
+                {
+                    Ok(clsact) => self.handed_clsact = clsact,
+                    Err(e) => tracing::warn!(
+                        "{e:#}: the old programs detach a moment before the new attach"
+                    ),
+                }
             }
             self.datapath = datapath;
             self.policy = policy;
@@ -272,6 +285,11 @@ impl Gateway {
                 &self.policy.state_dir,
             )
             .with_context(|| format!("cannot attach to {}", iface.name))?;
+        if let Some(handed) = self.handed_clsact.take()
+            && !self.datapath.adopt_clsact(handed)
+        {
+            handed.undo(TC_PROGRAM);
+        }
         self.attached = Some(Attachment {
             ifindex: iface.index,
             hook,
@@ -285,15 +303,10 @@ impl Gateway {
     /// programs stay attached after this process.
     pub fn hand_over(&mut self) -> anyhow::Result<Handover> {
         let dir = &self.policy.state_dir;
-        if let Some(a) = &self.attached
-            && !self.datapath.hand_over(dir, a.hook, a.ifindex)?
-        {
-            tracing::warn!(
-                "the {} attachment is no link a successor can take over: it detaches for a \
-                 moment",
-                a.hook.as_str()
-            );
-        }
+        let clsact = match &self.attached {
+            Some(a) => self.datapath.hand_over(dir, a.hook, a.ifindex)?,
+            None => None,
+        };
         // Only once nothing can fail: on an error, this daemon restores
         // them. (Those a previous image handed over were adopted at the
         // first attach.)
@@ -305,6 +318,7 @@ impl Gateway {
             state_dir: dir.clone(),
             sysctls,
             next_hops: std::mem::take(&mut self.next_hops),
+            clsact,
         })
     }
 
@@ -318,8 +332,12 @@ impl Gateway {
 }
 
 impl Drop for Gateway {
-    /// Leaves the next hops' neighbour entries to the kernel again.
+    /// Leaves the next hops' neighbour entries to the kernel again, and
+    /// removes a handed-over clsact filter no attach took over.
     fn drop(&mut self) {
+        if let Some(handed) = self.handed_clsact.take() {
+            handed.undo(TC_PROGRAM);
+        }
         for (ifindex, hop, _) in self.next_hops.drain(..).filter(|&(_, _, marked)| marked) {
             if let Err(e) = neighbours::forget(ifindex, hop) {
                 tracing::debug!(next_hop = %hop, "cannot remove the managed neighbour entry: {e}");

@@ -4,16 +4,17 @@
 //!
 //! A restart detaches the programs for a moment, and the host's stack
 //! answers a TCP segment arriving then with a reset. A reload does not:
-//! the outgoing daemon pins its XDP or TCX link in the state directory and
-//! execs; the new image loads its programs, on the same pinned state, and
-//! swaps them into that link atomically (`BPF_LINK_UPDATE`), so every
+//! the outgoing daemon pins its XDP or TCX link in the state directory (a
+//! clsact filter, on kernels without TCX, stays where it is) and execs;
+//! the new image loads its programs, on the same pinned state, and swaps
+//! them into that link (`BPF_LINK_UPDATE`) or filter atomically, so every
 //! packet meets one program or the other. What the outgoing daemon would
 //! undo on its way out (the interface's sysctls, the next hops' managed
 //! neighbour entries) goes over in an environment variable, so that the
 //! last daemon still leaves the host as the first found it.
 //!
-//! A handover not completed is undone: the pinned link goes (the data path
-//! detaches) and the sysctls are restored, as a stop would.
+//! A handover not completed is undone: the pinned link or the filter goes
+//! (the data path detaches) and the sysctls are restored, as a stop would.
 
 use std::{
     fs, io,
@@ -25,7 +26,12 @@ use anyhow::Context as _;
 use aya::programs::links::{FdLink, PinnedLink};
 use serde::{Deserialize, Serialize};
 
-use crate::{datapath::Attached, neighbours, sysctl::Sysctls};
+use crate::{
+    clsact::HandedClsact,
+    datapath::{Attached, TC_PROGRAM},
+    neighbours,
+    sysctl::Sysctls,
+};
 
 /// The environment variable the handover's undo list travels in.
 pub const ENV: &str = "EGRESS_HANDOVER";
@@ -42,6 +48,8 @@ pub struct Handover {
     /// Next hops looked at: interface index, address, and whether a daemon
     /// marked the entry managed.
     pub next_hops: Vec<(u32, Ipv4Addr, bool)>,
+    /// The clsact filter left attached (kernels without TCX: no link).
+    pub clsact: Option<HandedClsact>,
 }
 
 impl Handover {
@@ -74,6 +82,9 @@ impl Handover {
 impl Drop for Handover {
     fn drop(&mut self) {
         drop_links(&self.state_dir);
+        if let Some(clsact) = self.clsact.take() {
+            clsact.undo(TC_PROGRAM);
+        }
         drop(Sysctls::saved(std::mem::take(&mut self.sysctls)));
         for (ifindex, hop, _) in self.next_hops.drain(..).filter(|&(_, _, marked)| marked) {
             if let Err(e) = neighbours::forget(ifindex, hop) {

@@ -81,6 +81,7 @@ impl Message {
 }
 
 /// Type-length-value attributes, in order; a malformed tail ends them.
+#[derive(Clone)]
 pub struct Attrs<'a>(&'a [u8]);
 
 impl<'a> Attrs<'a> {

@@ -57,6 +57,14 @@ mod survives_its_interface_deleted_and_created_again {
     }
 }
 
+const IPIP_PEER: &str = env!("CARGO_BIN_EXE_ipip-peer");
+
+/// The topology with the gateway attached as `attach` and the client's
+/// tunnel endpoint.
+fn stack(egress: &Path, attach: Attach) -> Result<Stack> {
+    Stack::start(egress, Path::new(IPIP_PEER), attach)
+}
+
 /// A client socket exchanging UDP with the server through the gateway.
 struct Exchange {
     client: UdpClient,
@@ -135,7 +143,7 @@ fn across(
 fn interface_recreated(attach: Attach) -> Result<()> {
     require_root()?;
     let egress = egress_bin()?;
-    let mut stack = Stack::start(&egress, Path::new(env!("CARGO_BIN_EXE_ipip-peer")), attach)?;
+    let mut stack = stack(&egress, attach)?;
     let result = across(&mut stack, &egress, |stack| {
         stack.topo.unlink_gateway()?;
         stack.gateway.wait_for("the interface is gone", FOLLOW)?;
@@ -166,11 +174,7 @@ fn interface_recreated(attach: Attach) -> Result<()> {
 fn a_reload_waits_for_its_interface() -> Result<()> {
     require_root()?;
     let egress = egress_bin()?;
-    let mut stack = Stack::start(
-        &egress,
-        Path::new(env!("CARGO_BIN_EXE_ipip-peer")),
-        Attach::Native,
-    )?;
+    let mut stack = stack(&egress, Attach::Native)?;
     let result = across(&mut stack, &egress, |stack| {
         stack.topo.unlink_gateway()?;
         stack.gateway.wait_for("the interface is gone", FOLLOW)?;
@@ -207,8 +211,7 @@ fn hook(attach: Attach) -> &'static str {
 fn follows_a_new_address_of_its_interface() -> Result<()> {
     require_root()?;
     let egress = egress_bin()?;
-    let ipip_peer = Path::new(env!("CARGO_BIN_EXE_ipip-peer"));
-    let mut stack = Stack::start(&egress, ipip_peer, Attach::Native)?;
+    let mut stack = stack(&egress, Attach::Native)?;
     let result = across(&mut stack, &egress, |stack| {
         let gw = &stack.topo.gateway;
         let before = gateway_link(gw, HOST_IFACE)?;
@@ -243,7 +246,7 @@ fn follows_a_new_address_of_its_interface() -> Result<()> {
         stack.peer = start_ipip_peer(
             &stack.topo.lab,
             &stack.topo.client,
-            ipip_peer,
+            Path::new(IPIP_PEER),
             CLIENT_UNDERLAY_IP,
             NEW_IP,
         )?;
@@ -262,11 +265,7 @@ fn follows_a_new_address_of_its_interface() -> Result<()> {
 fn follows_a_new_mac_address_of_its_next_hop() -> Result<()> {
     require_root()?;
     let egress = egress_bin()?;
-    let mut stack = Stack::start(
-        &egress,
-        Path::new(env!("CARGO_BIN_EXE_ipip-peer")),
-        Attach::Native,
-    )?;
+    let mut stack = stack(&egress, Attach::Native)?;
     let result = across(&mut stack, &egress, |stack| {
         exec(
             &stack.topo.router,
@@ -315,7 +314,7 @@ fn finds_out_a_new_mac_address_of_its_next_hop_by_itself() -> Result<()> {
     }
     let attach = Attach::Native;
     let mut stack = Stack {
-        peer: topo.start_ipip_peer(Path::new(env!("CARGO_BIN_EXE_ipip-peer")))?,
+        peer: topo.start_ipip_peer(Path::new(IPIP_PEER))?,
         gateway: topo.start_gateway(&egress, attach)?,
         topo,
         attach,

@@ -6,7 +6,7 @@
 //! This kernel has TCX, so the clsact path is entered directly, where a
 //! kernel without TCX falls back to it. Needs root.
 
-use anyhow::{Result, ensure};
+use anyhow::{Context as _, Result, ensure};
 use aya::programs::tc::{NlOptions, TcAttach, TcAttachType};
 use egress_user::{
     admission::Admission,
@@ -97,14 +97,15 @@ impl Host {
         Ok(())
     }
 
-    /// Another tool's filter (not a gateway's) on clsact ingress.
-    fn add_other_filter(&self) -> Result<()> {
+    /// Another tool's filter (not a gateway's) on clsact ingress, at
+    /// `place` (`pref N`, and `handle H`).
+    fn add_other_filter(&self, place: &str) -> Result<()> {
         let file = self.lab.dir().join("other.bpf");
         std::fs::write(&file, OTHER_FILTER)?;
         exec(
             &self.ns,
             &format!(
-                "tc filter add dev {IFACE} ingress pref {OTHER_PRIORITY} bpf bytecode-file {}",
+                "tc filter add dev {IFACE} ingress {place} bpf bytecode-file {}",
                 file.display()
             ),
         )?;
@@ -144,30 +145,36 @@ fn other_filter_only(seen: &Attachments) -> bool {
     matches!(&seen.clsact[..], [line] if line.contains(&format!(" pref {OTHER_PRIORITY} ")) && !is_gateway_filter(line))
 }
 
+/// The program id of the gateway's filter at its fixed place, if there.
+fn program_at_our_place(seen: &Attachments) -> Option<u32> {
+    let line = seen.clsact.iter().find(|l| at_our_place(l))?;
+    line.split_once(" id ")?
+        .1
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 #[test]
 fn without_tcx_a_killed_gateways_filter_is_replaced_and_other_filters_stay() -> Result<()> {
     Host::test(|host| {
         host.add_clsact()?;
-        host.add_other_filter()?;
+        host.add_other_filter(&format!("pref {OTHER_PRIORITY}"))?;
         // Killed gateways of this version and of one before it.
         host.leave_filter(clsact::ingress_filter())?;
         host.leave_filter(automatic_priority())?;
         let seen = host.attachments()?;
         ensure!(seen.gateway_tc() == 2 && seen.clsact.len() == 3, "{seen:?}");
+        let left = program_at_our_place(&seen);
 
         host.with_datapath(|dp| {
-            // Our place is taken: the attach fails rather than stacking.
-            let taken = dp.attach_tc_clsact(IFACE, host.ifindex);
-            ensure!(taken.is_err(), "attached beside a leftover filter");
-            clsact::remove_leftovers(IFACE, host.ifindex, TC_PROGRAM)?;
-            let seen = host.attachments()?;
-            ensure!(other_filter_only(&seen), "after the removal: {seen:?}");
-
             dp.attach_tc_clsact(IFACE, host.ifindex)?;
             let seen = host.attachments()?;
+            let ours = Some(dp.tc()?.info()?.id());
             ensure!(
-                seen.gateway_tc() == 1 && seen.clsact.iter().any(|l| at_our_place(l)),
-                "expected one filter at pref {}: {seen:?}",
+                seen.gateway_tc() == 1 && program_at_our_place(&seen) == ours && ours != left,
+                "expected one filter at pref {}, running program {ours:?}: {seen:?}",
                 clsact::PRIORITY
             );
             ensure!(seen.clsact.len() == 2 && seen.tcx.is_empty(), "{seen:?}");
@@ -179,6 +186,75 @@ fn without_tcx_a_killed_gateways_filter_is_replaced_and_other_filters_stay() -> 
             other_filter_only(&seen) && seen.clsact_qdisc,
             "after detaching: {seen:?}"
         );
+        Ok(())
+    })
+}
+
+/// Another program's filter at the gateway's place is never replaced: the
+/// attach fails rather than take its packets.
+#[test]
+fn without_tcx_another_programs_filter_at_our_place_stays() -> Result<()> {
+    Host::test(|host| {
+        host.add_clsact()?;
+        host.add_other_filter(&format!(
+            "pref {} handle {:#x}",
+            clsact::PRIORITY,
+            u32::from(clsact::HANDLE)
+        ))?;
+        let before = host.attachments()?;
+        let attached =
+            host.with_datapath(|dp| Ok(dp.attach_tc_clsact(IFACE, host.ifindex).is_ok()))?;
+        let after = host.attachments()?;
+        ensure!(
+            !attached && after == before && before.clsact.len() == 1 && before.gateway_tc() == 0,
+            "attached: {attached}; before {before:?}, after {after:?}"
+        );
+        Ok(())
+    })
+}
+
+/// A reload on a kernel without TCX: the outgoing data path hands its
+/// filter over (it stays attached without it), the next one swaps its
+/// program into that filter, with the qdisc the first added, which goes
+/// at the last stop. A handover no one takes is undone.
+#[test]
+fn without_tcx_a_reload_swaps_the_program_into_the_filter() -> Result<()> {
+    Host::test(|host| {
+        let untouched = host.attachments()?;
+        let dir = &host.policy.state_dir;
+        let hand_over = || {
+            host.with_datapath(|dp| {
+                dp.attach_tc_clsact(IFACE, host.ifindex)?;
+                let handed = dp.hand_over(dir, Attached::Clsact, host.ifindex)?;
+                Ok((handed, dp.tc()?.info()?.id()))
+            })
+        };
+        let (handed, first) = hand_over()?;
+        let seen = host.attachments()?;
+        ensure!(
+            seen.gateway_tc() == 1 && program_at_our_place(&seen) == Some(first),
+            "the handed-over filter should stay with program {first}: {seen:?}"
+        );
+        let handed = handed.context("no clsact handed over")?;
+        ensure!(handed.added, "the qdisc was added: {handed:?}");
+
+        host.with_datapath(|dp| {
+            dp.attach_tc_clsact(IFACE, host.ifindex)?;
+            ensure!(dp.adopt_clsact(handed), "{handed:?} not adopted");
+            let seen = host.attachments()?;
+            let second = dp.tc()?.info()?.id();
+            ensure!(
+                seen.gateway_tc() == 1 && program_at_our_place(&seen) == Some(second),
+                "expected the filter to run program {second} (was {first}): {seen:?}"
+            );
+            Ok(())
+        })?;
+        ensure!(host.attachments()? == untouched, "after the last stop");
+
+        let (handed, _) = hand_over()?;
+        let handed = handed.context("no clsact handed over")?;
+        in_netns(&host.ns, || handed.undo(TC_PROGRAM))?;
+        ensure!(host.attachments()? == untouched, "after an undone handover");
         Ok(())
     })
 }
