@@ -303,10 +303,13 @@ impl Gateway {
     /// programs stay attached after this process.
     pub fn hand_over(&mut self) -> anyhow::Result<Handover> {
         let dir = &self.policy.state_dir;
+        // Or the filter the programs' last reload handed over, if their
+        // attach failed: it runs on, and its qdisc may be a daemon's.
         let clsact = match &self.attached {
             Some(a) => self.datapath.hand_over(dir, a.hook, a.ifindex)?,
             None => None,
-        };
+        }
+        .or_else(|| self.handed_clsact.take());
         // Only once nothing can fail: on an error, this daemon restores
         // them. (Those a previous image handed over were adopted at the
         // first attach.)

@@ -13,12 +13,13 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
+use egress_user::clsact;
 use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
 use tests::{
-    Attach, Stack, Topology,
+    Attach, Attachments, Stack, Topology,
     addrs::{
         CLIENT_TUN_IP, CLIENT_UNDERLAY_IP, GATEWAY_IP, HOST_IFACE, LINK_PREFIX,
         ROUTER_GATEWAY_IFACE, ROUTER_GATEWAY_IP, SERVER_IP,
@@ -58,6 +59,8 @@ mod survives_its_interface_deleted_and_created_again {
 }
 
 const IPIP_PEER: &str = env!("CARGO_BIN_EXE_ipip-peer");
+/// Runs the gateway as on a kernel without TCX (see its source).
+const NO_TCX: &str = env!("CARGO_BIN_EXE_no-tcx");
 
 /// The topology with the gateway attached as `attach` and the client's
 /// tunnel endpoint.
@@ -192,6 +195,69 @@ fn a_reload_waits_for_its_interface() -> Result<()> {
         Ok(())
     });
     stack.topo.lab.keep_logs_on_err(result)
+}
+
+/// On a kernel without TCX (emulated), the address changes while another
+/// tool's filter sits at the gateway's place on clsact ingress (its own
+/// was removed and replaced under it): loaded again, the programs cannot
+/// take the place, and the old ones go on in the filter handed over. Then
+/// that filter is gone, and a reload's new image attaches. The clsact
+/// qdisc the first image added must still go at the last stop.
+#[test]
+fn without_tcx_a_reload_after_a_failed_follow_removes_the_qdisc_it_added() -> Result<()> {
+    require_root()?;
+    let egress = egress_bin()?;
+    let topo = Topology::new()?;
+    let result = (|| {
+        let gw = &topo.gateway;
+        let untouched = Attachments::of(gw, HOST_IFACE)?;
+        ensure!(!untouched.clsact_qdisc, "{untouched:?}");
+        let mut gateway = topo.start_gateway_under(NO_TCX, &egress, Attach::Tc, "")?;
+        let seen = Attachments::of(gw, HOST_IFACE)?;
+        ensure!(seen.clsact_qdisc && seen.gateway_tc() == 1, "{seen:?}");
+        let other = topo.lab.dir().join("other.bpf");
+        std::fs::write(&other, "1,6 0 0 0,")?;
+        let place = format!(
+            "protocol all pref {} handle {:#x} bpf",
+            clsact::PRIORITY,
+            u32::from(clsact::HANDLE)
+        );
+        exec(
+            gw,
+            &format!("tc filter del dev {HOST_IFACE} ingress {place}"),
+        )?;
+        exec(
+            gw,
+            &format!(
+                "tc filter add dev {HOST_IFACE} ingress {place} bytecode-file {}",
+                other.display()
+            ),
+        )?;
+        for cmd in [
+            format!("ip addr del {GATEWAY_IP}/{LINK_PREFIX} dev {HOST_IFACE}"),
+            format!("ip addr add {NEW_IP}/{LINK_PREFIX} dev {HOST_IFACE}"),
+        ] {
+            exec(gw, &cmd)?;
+        }
+        gateway.wait_for("trying again at the interface's next change", FOLLOW)?;
+        exec(
+            gw,
+            &format!("tc filter del dev {HOST_IFACE} ingress {place}"),
+        )?;
+        kill(Pid::from_raw(gateway.pid() as i32), Signal::SIGHUP)?;
+        gateway.wait_for_times("gateway ready", 2, FOLLOW)?;
+        let seen = Attachments::of(gw, HOST_IFACE)?;
+        ensure!(seen.gateway_tc() == 1, "after the reload: {seen:?}");
+        gateway.terminate(FOLLOW)?;
+        let left = Attachments::of(gw, HOST_IFACE)?;
+        ensure!(
+            left == untouched,
+            "the gateway left {left:?}\n{}",
+            gateway.log()
+        );
+        Ok(())
+    })();
+    topo.lab.keep_logs_on_err(result)
 }
 
 /// How the gateway names the hook of `attach`.
