@@ -5,7 +5,7 @@
 
 use std::ffi::CString;
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use aya::programs::{SchedClassifier, TcAttachType, loaded_links};
 
 use crate::netns::{exec, in_netns};
@@ -75,15 +75,24 @@ impl Attachments {
 }
 
 /// The gateway's program on `iface` in namespace `ns` (its XDP program,
-/// else its TCX one) and the kernel link it runs from, by id. A program
-/// swapped into a link keeps the link's id; detached and attached again,
-/// it gets a new link.
-pub fn gateway_link(ns: &str, iface: &str) -> Result<(u32, u32)> {
-    let xdp = Attachments::of(ns, iface)?
+/// else its TCX one, else its clsact filter's) and the kernel link it runs
+/// from, by id; a clsact filter is no link (`None`). A program swapped
+/// into a link keeps the link's id; detached and attached again, it gets
+/// a new link.
+pub fn gateway_link(ns: &str, iface: &str) -> Result<(u32, Option<u32>)> {
+    let seen = Attachments::of(ns, iface)?;
+    let xdp = seen
         .xdp
+        .as_deref()
         .and_then(|x| x.rsplit(' ').next()?.parse().ok());
     let program = match xdp {
         Some(id) => id,
+        None if seen.tcx.is_empty() => {
+            return match seen.clsact.iter().find(|l| is_gateway_filter(l)) {
+                Some(line) => Ok((filter_program(line).context("no program id")?, None)),
+                None => bail!("no gateway program on {iface} in {ns}: {seen:?}"),
+            };
+        }
         None => {
             let name = CString::new(iface)?;
             let (_, programs) = in_netns(ns, || {
@@ -93,7 +102,7 @@ pub fn gateway_link(ns: &str, iface: &str) -> Result<(u32, u32)> {
                 .iter()
                 .find(|p| p.name_as_str() == Some(GATEWAY_TC))
                 .map(|p| p.id())
-                .with_context(|| format!("no gateway program on {iface} in {ns}"))?
+                .with_context(|| format!("no gateway program on {iface} in {ns}: {seen:?}"))?
         }
     };
     // Skipping links that go while listed.
@@ -101,7 +110,17 @@ pub fn gateway_link(ns: &str, iface: &str) -> Result<(u32, u32)> {
         .flatten()
         .find(|l| l.program_id() == program)
         .with_context(|| format!("program {program} on {iface} runs from no link"))?;
-    Ok((program, link.id()))
+    Ok((program, Some(link.id())))
+}
+
+/// The id of the program a `tc filter show` line's filter runs.
+pub fn filter_program(line: &str) -> Option<u32> {
+    line.split_once(" id ")?
+        .1
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// A `tc filter show` line of a filter running the gateway's program.

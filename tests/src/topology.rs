@@ -192,9 +192,21 @@ impl Stack {
         attach: Attach,
         extra: &str,
     ) -> Result<Self> {
+        Self::start_under("", egress_bin, ipip_peer_bin, attach, extra)
+    }
+
+    /// As [`Stack::start_with`], the gateway run by `launcher` (see
+    /// [`Topology::start_gateway_under`]).
+    pub fn start_under(
+        launcher: &str,
+        egress_bin: &Path,
+        ipip_peer_bin: &Path,
+        attach: Attach,
+        extra: &str,
+    ) -> Result<Self> {
         let topo = Topology::new()?;
         let peer = topo.start_ipip_peer(ipip_peer_bin)?;
-        let gateway = topo.start_gateway_with(egress_bin, attach, extra)?;
+        let gateway = topo.start_gateway_under(launcher, egress_bin, attach, extra)?;
         Ok(Self {
             gateway,
             peer,

@@ -128,6 +128,14 @@ fn survives_restart(attach: Attach) -> Result<()> {
 
 in_every_mode!(a_busy_tcp_connection_survives_a_reload, survives_reload);
 
+/// The same in TC mode as on a kernel without TCX (the `no-tcx`
+/// launcher): the clsact filter stays across the exec and the new image
+/// swaps its program into it.
+#[test]
+fn a_busy_tcp_connection_survives_a_reload_without_tcx() -> Result<()> {
+    survives_reload_under(env!("CARGO_BIN_EXE_no-tcx"), Attach::Tc)
+}
+
 /// The interface sysctls the gateway sets.
 const SYSCTLS: [&str; 2] = ["forwarding", "accept_local"];
 
@@ -146,7 +154,10 @@ fn sysctls_of(ns: &str) -> Result<Vec<String>> {
 /// interface's sysctls as `found` before it; `log` (its log) explains.
 fn left_as_found(ns: &str, found: &[String], log: &str) -> Result<()> {
     let left = Attachments::of(ns, HOST_IFACE)?;
-    ensure!(left.is_empty(), "the gateway left {left:?}\n{log}");
+    ensure!(
+        left.is_empty() && !left.clsact_qdisc,
+        "the gateway left {left:?}\n{log}"
+    );
     let now = sysctls_of(ns)?;
     ensure!(
         now == found,
@@ -177,10 +188,16 @@ fn sysctls_before(log: &str) -> Vec<String> {
 /// Then the new image's program runs in the first image's link, and its
 /// stop leaves the interface's sysctls as the first image found them.
 fn survives_reload(attach: Attach) -> Result<()> {
+    survives_reload_under("", attach)
+}
+
+/// [`survives_reload`] with the gateway run by `launcher`.
+fn survives_reload_under(launcher: &str, attach: Attach) -> Result<()> {
     require_root()?;
     let bin = egress_bin()?;
     let link_of = |stack: &Stack| gateway_link(&stack.topo.gateway, HOST_IFACE);
-    let mut stack = Stack::start(&bin, Path::new(env!("CARGO_BIN_EXE_ipip-peer")), attach)?;
+    let ipip_peer = Path::new(env!("CARGO_BIN_EXE_ipip-peer"));
+    let mut stack = Stack::start_under(launcher, &bin, ipip_peer, attach, "")?;
     let result = (|| {
         let (mut client, mut server) = connected(&stack)?;
         let before = link_of(&stack)?;
@@ -233,6 +250,11 @@ fn survives_reload(attach: Attach) -> Result<()> {
             "the new image did not take over the pinned state and link:\n{log}"
         );
         let after = link_of(&stack)?;
+        let seen = Attachments::of(&stack.topo.gateway, HOST_IFACE)?;
+        ensure!(
+            seen.gateway_tc() + usize::from(seen.xdp.is_some()) == 1,
+            "expected the gateway attached once: {seen:?}"
+        );
         ensure!(
             after.0 != before.0 && after.1 == before.1,
             "expected another program in the same link after the reload: (program, link) \

@@ -14,7 +14,11 @@ use egress_user::{
     datapath::{Attached, Datapath, Policy, TC_PROGRAM},
     settings::{AttachMode, PortRange},
 };
-use tests::{Attachments, Lab, attached::is_gateway_filter, exec, in_netns, require_root};
+use tests::{
+    Attachments, Lab,
+    attached::{filter_program, is_gateway_filter},
+    exec, in_netns, require_root,
+};
 
 const IFACE: &str = "eth0";
 /// A classic BPF program that matches nothing, as another tool's filter.
@@ -147,13 +151,7 @@ fn other_filter_only(seen: &Attachments) -> bool {
 
 /// The program id of the gateway's filter at its fixed place, if there.
 fn program_at_our_place(seen: &Attachments) -> Option<u32> {
-    let line = seen.clsact.iter().find(|l| at_our_place(l))?;
-    line.split_once(" id ")?
-        .1
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    filter_program(seen.clsact.iter().find(|l| at_our_place(l))?)
 }
 
 #[test]
