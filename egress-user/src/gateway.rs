@@ -147,9 +147,11 @@ impl Gateway {
         }
     }
 
-    /// Looks at the interface again and follows what changed. An error
-    /// leaves the gateway as it stood (the old programs attached, or none
-    /// if the interface went); the next change tries again.
+    /// Looks at the interface again and follows what changed; on an
+    /// error the next change tries again. A failed load leaves the old
+    /// programs attached; a failed attach leaves none (the old link,
+    /// handed over, detached), but for a clsact filter, which runs the old
+    /// program on until the next attach or the stop removes it.
     pub fn follow(&mut self) -> anyhow::Result<()> {
         let seen = Interface::lookup(&self.settings.iface)?;
         let change = plan(
