@@ -45,6 +45,12 @@ impl Daemon {
         self.child.id()
     }
 
+    /// Sends `signal` to the process (a gateway reloads on SIGHUP).
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        kill(Pid::from_raw(self.child.id() as i32), signal)
+            .with_context(|| format!("send {signal} to {}", self.name))
+    }
+
     pub fn log_path(&self) -> &Path {
         &self.log
     }
@@ -94,7 +100,7 @@ impl Daemon {
         if let Some(status) = self.child.try_wait()? {
             return Ok(status);
         }
-        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)?;
+        self.signal(Signal::SIGTERM)?;
         self.wait_exit(timeout)
     }
 

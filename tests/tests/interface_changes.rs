@@ -14,10 +14,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use egress_user::clsact;
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::Pid,
-};
+use nix::sys::signal::Signal;
 use tests::{
     Attach, Attachments, Stack, Topology,
     addrs::{
@@ -181,7 +178,7 @@ fn a_reload_waits_for_its_interface() -> Result<()> {
     let result = across(&mut stack, &egress, |stack| {
         stack.topo.unlink_gateway()?;
         stack.gateway.wait_for("the interface is gone", FOLLOW)?;
-        kill(Pid::from_raw(stack.gateway.pid() as i32), Signal::SIGHUP)?;
+        stack.gateway.signal(Signal::SIGHUP)?;
         stack
             .gateway
             .wait_for("reloading once a new image can start", FOLLOW)?;
@@ -244,7 +241,7 @@ fn without_tcx_a_reload_after_a_failed_follow_removes_the_qdisc_it_added() -> Re
             gw,
             &format!("tc filter del dev {HOST_IFACE} ingress {place}"),
         )?;
-        kill(Pid::from_raw(gateway.pid() as i32), Signal::SIGHUP)?;
+        gateway.signal(Signal::SIGHUP)?;
         gateway.wait_for_times("gateway ready", 2, FOLLOW)?;
         let seen = Attachments::of(gw, HOST_IFACE)?;
         ensure!(seen.gateway_tc() == 1, "after the reload: {seen:?}");

@@ -19,10 +19,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::Pid,
-};
+use nix::sys::signal::Signal;
 use tests::{
     Attach, Attachments, Stack, Topology,
     addrs::{CLIENT_TUN_IP, CLIENT_UNDERLAY_IP, GATEWAY_IP, HOST_IFACE, SERVER_IP},
@@ -229,7 +226,7 @@ fn survives_reload_under(launcher: &str, attach: Attach) -> Result<()> {
         };
         let outcome = (|| {
             echoing(0)?;
-            kill(Pid::from_raw(stack.gateway.pid() as i32), Signal::SIGHUP)?;
+            stack.gateway.signal(Signal::SIGHUP)?;
             let at_signal = rounds_now();
             // The new image's readiness (same process, same log).
             stack.gateway.wait_for_times("gateway ready", 2, WAIT)?;
@@ -293,11 +290,9 @@ fn a_failed_reload_leaves_the_gateway_running_or_the_host_as_found() -> Result<(
         let _udp = udp_server(&topo.server, server)?;
         let translated = || topo.udp_translated(server);
         translated()?;
-        let pid = Pid::from_raw(gateway.pid() as i32);
-        let hangup = || kill(pid, Signal::SIGHUP);
 
         std::fs::write(&config, "max-flows = \"many\"\n")?;
-        hangup()?;
+        gateway.signal(Signal::SIGHUP)?;
         gateway.wait_for("SIGHUP: not reloading", WAIT)?;
         translated()?;
         ensure!(
@@ -307,7 +302,7 @@ fn a_failed_reload_leaves_the_gateway_running_or_the_host_as_found() -> Result<(
         );
 
         std::fs::write(&config, "max-flows = 2048\n")?;
-        hangup()?;
+        gateway.signal(Signal::SIGHUP)?;
         let status = gateway.wait_exit(WAIT)?;
         let log = gateway.log();
         ensure!(
@@ -497,7 +492,7 @@ fn refused_reload(extra: &str) -> Result<()> {
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
         std::fs::rename(&wrapper, &copy)?;
 
-        kill(Pid::from_raw(gateway.pid() as i32), Signal::SIGHUP)?;
+        gateway.signal(Signal::SIGHUP)?;
         let status = gateway.wait_exit(WAIT)?;
         let log = gateway.log();
         ensure!(!status.success(), "the refusing image ran: {status}\n{log}");
@@ -527,14 +522,13 @@ fn a_stop_requested_with_a_reload_stops() -> Result<()> {
     )?;
     let result = (|| {
         let found = sysctls_before(&stack.gateway.log());
-        let pid = Pid::from_raw(stack.gateway.pid() as i32);
         for signal in [
             Signal::SIGSTOP,
             Signal::SIGHUP,
             Signal::SIGTERM,
             Signal::SIGCONT,
         ] {
-            kill(pid, signal)?;
+            stack.gateway.signal(signal)?;
         }
         let status = stack.gateway.wait_exit(WAIT);
         let log = stack.gateway.log();

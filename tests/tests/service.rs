@@ -153,10 +153,7 @@ fn with_the_units_capabilities(attach: Attach, hook: &str) -> Result<()> {
             "egress check fails beside the running gateway, so the unit would not reload:\n{}",
             String::from_utf8_lossy(&check.stdout)
         );
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(gateway.pid() as i32),
-            nix::sys::signal::Signal::SIGHUP,
-        )?;
+        gateway.signal(nix::sys::signal::Signal::SIGHUP)?;
         let n = notify.recv(&mut buf).context("no reloading notification")?;
         let reloading = String::from_utf8_lossy(&buf[..n]).into_owned();
         ensure!(
