@@ -143,14 +143,34 @@ impl Topology {
         attach: Attach,
         extra: &str,
     ) -> Result<Daemon> {
+        let state = format!("--state-dir {}", self.lab.state_dir()?.display());
+        self.spawn_gateway(launcher, bin, attach, &format!("{state} {extra}"))
+    }
+
+    /// The gateway with its state directory named by the file `config`
+    /// alone (a `--state-dir` on the command line would win over it).
+    pub fn start_gateway_configured(
+        &self,
+        bin: &Path,
+        attach: Attach,
+        config: &Path,
+    ) -> Result<Daemon> {
+        self.spawn_gateway("", bin, attach, &format!("--config {}", config.display()))
+    }
+
+    fn spawn_gateway(
+        &self,
+        launcher: &str,
+        bin: &Path,
+        attach: Attach,
+        extra: &str,
+    ) -> Result<Daemon> {
         let cidrs: String = CLIENT_CIDRS
             .iter()
             .map(|c| format!(" --client-cidr {c}"))
             .collect();
-        let state = self.lab.state_dir()?;
         let args = format!(
-            "run --iface {HOST_IFACE} --peer {CLIENT_UNDERLAY_IP}{cidrs} --snat {GATEWAY_IP} --state-dir {} --attach {} {extra}",
-            state.display(),
+            "run --iface {HOST_IFACE} --peer {CLIENT_UNDERLAY_IP}{cidrs} --snat {GATEWAY_IP} --attach {} {extra}",
             attach.flag()
         );
         let mut gw = match launcher.split_once(' ') {

@@ -266,11 +266,12 @@ fn survives_reload_under(launcher: &str, attach: Attach) -> Result<()> {
     stack.topo.lab.keep_logs_on_err(result)
 }
 
-/// A reload whose settings do not parse is refused, and the gateway goes
-/// on as it was. One whose new image cannot start (settings that parse,
-/// but a `max-flows` the pinned state was not made for) ends the gateway
-/// as a failed start does: the handed-over link detached, nothing left
-/// attached, the interface's sysctls as they were before it.
+/// A reload whose settings do not parse, or move the state directory, is
+/// refused, and the gateway goes on as it was. One whose new image cannot
+/// start (settings that parse, but a `max-flows` the pinned state was not
+/// made for) ends the gateway as a failed start does: the handed-over link
+/// detached, nothing left attached, the interface's sysctls as they were
+/// before it.
 #[test]
 fn a_failed_reload_leaves_the_gateway_running_or_the_host_as_found() -> Result<()> {
     require_root()?;
@@ -279,29 +280,44 @@ fn a_failed_reload_leaves_the_gateway_running_or_the_host_as_found() -> Result<(
     let result = (|| {
         let _peer = topo.start_ipip_peer(Path::new(env!("CARGO_BIN_EXE_ipip-peer")))?;
         let config = topo.lab.dir().join("gateway.toml");
-        std::fs::write(&config, "max-flows = 65536\n")?;
-        let mut gateway = topo.start_gateway_with(
-            &bin,
-            Attach::Native,
-            &format!("--config {}", config.display()),
-        )?;
+        let state = topo.lab.state_dir()?;
+        let settings = |state: &Path, max_flows: &str| {
+            std::fs::write(
+                &config,
+                format!(
+                    "state-dir = \"{}\"\nmax-flows = {max_flows}\n",
+                    state.display()
+                ),
+            )
+        };
+        settings(&state, "65536")?;
+        let mut gateway = topo.start_gateway_configured(&bin, Attach::Native, &config)?;
         let found = sysctls_before(&gateway.log());
         let server = SocketAddr::from((SERVER_IP, UDP_PORT));
         let _udp = udp_server(&topo.server, server)?;
         let translated = || topo.udp_translated(server);
         translated()?;
 
-        std::fs::write(&config, "max-flows = \"many\"\n")?;
-        gateway.signal(Signal::SIGHUP)?;
-        gateway.wait_for("SIGHUP: not reloading", WAIT)?;
-        translated()?;
-        ensure!(
-            gateway.log().matches("gateway ready").count() == 1,
-            "a refused reload started a new image:\n{}",
-            gateway.log()
-        );
+        for (state, max_flows, refusal) in [
+            (&state, "\"many\"", "config file"),
+            (
+                &state.with_file_name("elsewhere"),
+                "65536",
+                "state-dir changed",
+            ),
+        ] {
+            settings(state, max_flows)?;
+            gateway.signal(Signal::SIGHUP)?;
+            gateway.wait_for(&format!("SIGHUP: not reloading: {refusal}"), WAIT)?;
+            translated()?;
+            ensure!(
+                gateway.log().matches("gateway ready").count() == 1,
+                "a refused reload started a new image:\n{}",
+                gateway.log()
+            );
+        }
 
-        std::fs::write(&config, "max-flows = 2048\n")?;
+        settings(&state, "2048")?;
         gateway.signal(Signal::SIGHUP)?;
         let status = gateway.wait_exit(WAIT)?;
         let log = gateway.log();
