@@ -6,7 +6,7 @@ use std::{net::Ipv4Addr, path::PathBuf};
 use serde::Serialize;
 
 use crate::{
-    gc::monotonic_ns,
+    clock::monotonic_ns,
     inspect::{FlowRow, Pinned},
     pinning::DEFAULT_STATE_DIR,
 };

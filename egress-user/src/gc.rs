@@ -122,13 +122,6 @@ fn current(allowed: &RwLock<Allowed>) -> Allowed {
         .clone()
 }
 
-/// Now on the clock `bpf_ktime_get_coarse_ns` reads (CLOCK_MONOTONIC).
-pub fn monotonic_ns() -> u64 {
-    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .expect("CLOCK_MONOTONIC is always available on Linux");
-    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
-}
-
 /// What one sweep found and did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Sweep {

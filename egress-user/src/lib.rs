@@ -4,6 +4,7 @@
 pub mod admission;
 pub mod batch;
 pub mod check;
+pub mod clock;
 pub mod clsact;
 pub mod commands;
 pub mod datapath;

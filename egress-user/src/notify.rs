@@ -52,9 +52,7 @@ pub fn ready(status: &str) -> String {
 /// The message that says the gateway is reloading (`READY=1` follows from
 /// the new image), stamped as systemd asks.
 pub fn reloading() -> String {
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
-        .unwrap_or_default();
+    let now = crate::clock::monotonic_ns() / 1000;
     format!("RELOADING=1\nMONOTONIC_USEC={now}")
 }
 

@@ -37,7 +37,7 @@ use egress_common::{
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{Interest, unix::AsyncFd};
 
-use crate::{gc, metrics::Collector};
+use crate::{clock, metrics::Collector};
 
 /// How long a copy waits for its first fragment: reordering on the way
 /// delays a packet by milliseconds; a first fragment much later than this
@@ -198,7 +198,7 @@ impl Reorder {
     /// Sends on the copies whose first fragment has passed, of those due to
     /// look; drops those that waited [`HOLD_FOR`].
     fn send_completed(&mut self, now: Instant) {
-        let now_ns = gc::monotonic_ns();
+        let now_ns = clock::monotonic_ns();
         let mut outcomes = Vec::new();
         self.held.retain_mut(|h| {
             if now < h.next_look {

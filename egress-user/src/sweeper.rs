@@ -12,6 +12,7 @@ use std::{
 };
 
 use crate::{
+    clock,
     datapath::State,
     gc::{self, SharedAllowed, Stop, Timeouts},
     metrics::Collector,
@@ -67,7 +68,7 @@ fn sweep(
     stop: &Stop,
     metrics: Option<&Collector>,
 ) {
-    let s = match gc::sweep(state, timeouts, allowed, gc::monotonic_ns(), stop) {
+    let s = match gc::sweep(state, timeouts, allowed, clock::monotonic_ns(), stop) {
         Ok(s) => s,
         Err(_) if stop.requested() => {
             tracing::info!("shutdown stopped a sweep part way; the next run finishes it");

@@ -2,7 +2,8 @@
 //! pinned state maps: SIGTERM during a sweep ends the daemon cleanly, and
 //! the sweeps remove exactly the expired flows, their mappings and their
 //! client counts, however far a stopped sweep got, and mend counts a
-//! killed daemon left too high. Needs root.
+//! killed daemon left too high. And a daemon in a time namespace judges
+//! idleness by the data path's clock. Needs root.
 
 #[path = "packets/table.rs"]
 mod table;
@@ -10,6 +11,7 @@ mod table;
 use std::{
     collections::{HashMap, HashSet},
     hash::Hash,
+    net::SocketAddr,
     path::Path,
     time::Duration,
 };
@@ -20,8 +22,10 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, Map, MapData},
 };
 use egress_common::flow::Flow;
-use egress_user::{batch, datapath::State, gc};
-use tests::{Attach, Daemon, Topology, egress_bin, require_root};
+use egress_user::{batch, clock, datapath::State};
+use tests::{
+    Attach, Daemon, Topology, addrs::SERVER_IP, echo::udp_server, egress_bin, require_root,
+};
 
 const FLOWS: u32 = 1_000_000;
 /// Hang guard only: how long the daemon may take to exit, or to sweep.
@@ -58,7 +62,7 @@ fn sigterm_during_a_sweep_exits_cleanly_and_sweeps_remove_exactly_the_expired_fl
         start("")?.stop();
         let dir = topo.lab.state_dir()?;
         let mut state = pinned(&dir)?;
-        table::fill(&mut state, 0..FLOWS, last_seen(gc::monotonic_ns()));
+        table::fill(&mut state, 0..FLOWS, last_seen(clock::monotonic_ns()));
         counted_too_high(&mut state.clients)?;
 
         // SIGTERM as it reports ready, while its first sweep (seconds long)
@@ -75,6 +79,40 @@ fn sigterm_during_a_sweep_exits_cleanly_and_sweeps_remove_exactly_the_expired_fl
         gw.wait_for("swept", PATIENCE)?;
         exits_cleanly(&mut gw)?;
         only_live_flows_left(&pinned(&dir)?)
+    })();
+    topo.lab.keep_logs_on_err(result)
+}
+
+/// A daemon whose clock runs a day ahead (in a time namespace; BPF's clock
+/// never does) would find every flow a day idle. Its sweeps keep a flow
+/// just used, and the flow goes on translating.
+#[test]
+fn a_gateway_in_a_time_namespace_keeps_its_live_flows() -> Result<()> {
+    require_root()?;
+    let bin = egress_bin()?;
+    let topo = Topology::new()?;
+    let result = (|| {
+        let _peer = topo.start_ipip_peer(Path::new(env!("CARGO_BIN_EXE_ipip-peer")))?;
+        // unshare makes the namespace for its children; nsenter moves
+        // itself in and execs: the gateway is the process signals reach.
+        let launcher = format!(
+            "unshare --time --monotonic 86400 nsenter --time=/proc/self/ns/time_for_children \
+             {SWEEP_LOG}"
+        );
+        let mut gw = topo.start_gateway_under(&launcher, &bin, Attach::Native, "")?;
+        let server = SocketAddr::from((SERVER_IP, 5353));
+        let _udp = udp_server(&topo.server, server)?;
+        topo.udp_translated(server)?;
+        let sweeps = gw.log().matches("swept").count();
+        gw.wait_for_times("swept", sweeps + 1, PATIENCE)?;
+        let flows = batch::dump(&pinned(&topo.lab.state_dir()?)?.flows)?.len();
+        ensure!(
+            flows == 2 && !gw.log().contains("swept idle flows"),
+            "{flows} flow halves left after a sweep; the log:\n{}",
+            gw.log()
+        );
+        topo.udp_translated(server)?;
+        exits_cleanly(&mut gw)
     })();
     topo.lab.keep_logs_on_err(result)
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use crate::frames::{Ip, L4, encapsulate, ethernet, ip_packet};
 use crate::gateway::*;
 use crate::table;
-use egress_user::{gc, settings::PortRange};
+use egress_user::{clock, gc, settings::PortRange};
 
 pub const FLOWS: u32 = 1_000_000;
 /// New flows created through the data path (the rest are inserted directly).
@@ -58,7 +58,7 @@ pub fn measure() -> StateAtScale {
     }
 
     // The rest of the table, as the data path would have made it.
-    let now = gc::monotonic_ns();
+    let now = clock::monotonic_ns();
     let fill = Instant::now();
     table::fill(&mut gw.state(), NEW_FLOWS..FLOWS, |_| now);
     let fill = fill.elapsed();
@@ -70,15 +70,21 @@ pub fn measure() -> StateAtScale {
     // data path made), and the pool the rest were written with.
     let mut allowed = gw.allowed();
     allowed.get_mut().unwrap().snat = table::nat_addrs(FLOWS);
-    let sweep_nothing_expired =
-        gc::sweep(&mut state, &timeouts, &allowed, gc::monotonic_ns(), &stop).unwrap();
+    let sweep_nothing_expired = gc::sweep(
+        &mut state,
+        &timeouts,
+        &allowed,
+        clock::monotonic_ns(),
+        &stop,
+    )
+    .unwrap();
     assert_eq!(sweep_nothing_expired.live, FLOWS as usize, "flows lost");
     let hours = 3 * 3600 * 1_000_000_000;
     let sweep_all_expired = gc::sweep(
         &mut state,
         &timeouts,
         &allowed,
-        gc::monotonic_ns() + hours,
+        clock::monotonic_ns() + hours,
         &stop,
     )
     .unwrap();

@@ -332,7 +332,7 @@ fn sweep_expires_idle_flows_whole_and_keeps_live_ones(hook: Hook) {
         payload: b"q",
     };
     outbound(gw, CLIENT, udp, Reason::NewFlow);
-    let now = egress_user::gc::monotonic_ns();
+    let now = egress_user::clock::monotonic_ns();
     let secs = |s: u64| now + s * 1_000_000_000;
     let sweep = |gw: &mut Gateway, t| {
         let s = gw.sweep(t);

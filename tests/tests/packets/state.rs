@@ -8,7 +8,7 @@ use egress_common::{
     reason::Reason,
     tcp::{ACK, FIN, RST, SYN, TcpState},
 };
-use egress_user::{gc, settings::PortRange};
+use egress_user::{clock, gc, settings::PortRange};
 use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
 
 use super::*;
@@ -250,7 +250,7 @@ fn sweeps_remove_exactly_the_flows_past_their_timeout(hook: Hook) {
     let echo = L4::EchoRequest { id: 21004, seq: 1 };
     outbound(&mut gw, CLIENT, echo, Reason::NewFlow);
 
-    let now = gc::monotonic_ns();
+    let now = clock::monotonic_ns();
     let live_ports = |gw: &mut Gateway| -> HashSet<u16> {
         gw.outbound_flows()
             .iter()
@@ -294,7 +294,7 @@ fn a_stopped_sweep_changes_nothing_and_the_next_one_sweeps(hook: Hook) {
     outbound(&mut gw, CLIENT, udp(21001), Reason::NewFlow);
     let (flows, mappings) = (gw.flows(), gw.mappings());
     // Past the UDP timeout: a whole sweep would remove everything.
-    let later = gc::monotonic_ns() + 301 * 1_000_000_000;
+    let later = clock::monotonic_ns() + 301 * 1_000_000_000;
     let stop = gc::Stop::default();
     stop.request();
     let stopped = gc::sweep(
@@ -334,7 +334,7 @@ fn flows_a_cut_short_sweep_half_removed_go_and_leave_the_client_count(hook: Hook
     gw.state().flows.remove(&cut.in_key()).unwrap();
 
     // Idle past the grace period, within the UDP timeout.
-    let sweep = gw.sweep(gc::monotonic_ns() + 11 * 1_000_000_000);
+    let sweep = gw.sweep(clock::monotonic_ns() + 11 * 1_000_000_000);
     assert_eq!((sweep.live, sweep.mappings_expired), (1, 1));
     let left = gw.outbound_flows();
     assert_eq!(left.len(), 1);
@@ -379,7 +379,7 @@ fn a_sweep_removes_the_flows_of_an_address_no_longer_ours(hook: Hook) {
     // Until the sweep, the data path keeps to a known flow's translation.
     assert_eq!(gw.run(&query).2, Reason::Translated);
 
-    let sweep = gw.sweep(gc::monotonic_ns());
+    let sweep = gw.sweep(clock::monotonic_ns());
     assert_eq!((sweep.disallowed, sweep.live), (1, 0));
     assert_eq!(gw.flow_entries(), 0);
     assert!(gw.mappings().is_empty());
@@ -407,7 +407,7 @@ fn a_sweep_removes_the_flows_of_clients_and_peers_no_longer_allowed(hook: Hook) 
             .retain(|net| !net.contains(&Ipv4Addr::from(CLIENT2)));
     });
 
-    let sweep = gw.sweep(gc::monotonic_ns());
+    let sweep = gw.sweep(clock::monotonic_ns());
     assert_eq!((sweep.disallowed, sweep.live), (2, 1));
     let left = gw.outbound_flows();
     assert_eq!(left.len(), 1);
@@ -505,7 +505,7 @@ fn a_peer_bound_to_other_clients_can_neither_use_nor_take_their_flows(hook: Hook
             .peer_clients
             .insert(PEER.into(), vec!["10.0.2.0/24".parse().unwrap()]);
     });
-    let sweep = gw.sweep(gc::monotonic_ns());
+    let sweep = gw.sweep(clock::monotonic_ns());
     assert_eq!((sweep.disallowed, sweep.live), (1, 1));
     assert_eq!(gw.outbound_flows()[0].client_addr, CLIENT2);
 }
