@@ -258,10 +258,7 @@ pub fn judge(settings: &Settings, facts: &Facts) -> Report {
     sysctls(&mut r, settings, facts);
     routes(&mut r, settings, facts);
     for warning in settings.warnings() {
-        r.warn(
-            warning,
-            "raise the timeout in the [timeouts] table (or --timeout)",
-        );
+        r.warn(warning.what, warning.fix);
     }
     r
 }
@@ -790,6 +787,35 @@ mod tests {
             assert!(warnings[0].contains(says), "{warnings:?}");
             assert!(warnings[0].contains("ip_no_pmtu_disc=0"), "{warnings:?}");
         }
+    }
+
+    #[test]
+    fn each_settings_warning_has_its_own_fix() {
+        let short_udp = settings("[timeouts]\nudp = \"30s\"");
+        let warnings = at(&judge(&short_udp, &good()), Level::Warning);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("timeouts.udp") && warnings[0].contains("fix: raise"),
+            "{warnings:?}"
+        );
+        // A peer left unbound beside a bound one: the fix binds it, it
+        // has nothing to do with timeouts (it said "raise the timeout").
+        let text = "iface = \"eth0\"\npeer = [\"10.0.1.10\", \"10.0.1.11\"]\n\
+                    client-cidr = [\"10.0.0.0/16\"]\n\
+                    [peer-clients]\n\"10.0.1.11\" = [\"10.0.7.0/24\"]\n";
+        let unbound = Settings::merge(
+            crate::settings::FileSettings::default(),
+            crate::settings::FileSettings::parse(text).unwrap(),
+        )
+        .unwrap();
+        let warnings = at(&judge(&unbound, &good()), Level::Warning);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("peer 10.0.1.10 is not in peer-clients")
+                && warnings[0].contains("--peer-clients 10.0.1.10=")
+                && !warnings[0].contains("timeout"),
+            "{warnings:?}"
+        );
     }
 
     #[test]

@@ -328,8 +328,9 @@ impl Settings {
         Ok(())
     }
 
-    /// Settings that work but fall short of what the RFCs require of a NAT.
-    pub fn warnings(&self) -> Vec<String> {
+    /// Settings that work but fall short: below what the RFCs require of
+    /// a NAT, or binding some peers to their clients but not all.
+    pub fn warnings(&self) -> Vec<Warning> {
         let t = &self.timeouts;
         let rfc = Timeouts::default();
         [
@@ -341,18 +342,39 @@ impl Settings {
         .into_iter()
         .filter(|&(_, d, min, _)| d < min)
         .map(|(key, d, min, rfc)| {
-            format!(
-                "timeouts.{key} = {} is below the {} that {rfc} requires; long-idle connections will break",
-                humantime::format_duration(d),
-                humantime::format_duration(min)
-            )
+            let min = humantime::format_duration(min);
+            Warning {
+                what: format!(
+                    "timeouts.{key} = {} is below the {min} that {rfc} requires; long-idle connections will break",
+                    humantime::format_duration(d),
+                ),
+                fix: format!(
+                    "raise it to {min} or more in the [timeouts] table (or --timeout {key}=DURATION)"
+                ),
+            }
         })
-        .chain(self.admission.unbound_beside_bound().map(|peer| {
-            format!(
+        .chain(self.admission.unbound_beside_bound().map(|peer| Warning {
+            what: format!(
                 "peer {peer} is not in peer-clients: it may still send for every client range, and take over the flows of the bound peers' clients"
-            )
+            ),
+            fix: format!(
+                "bind it to its own clients: \"{peer}\" = [\"CIDR\", ...] in the [peer-clients] table (or --peer-clients {peer}=CIDR[,CIDR...])"
+            ),
         }))
         .collect()
+    }
+}
+
+/// A setting that works but falls short, and what to do about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Warning {
+    pub what: String,
+    pub fix: String,
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.what)
     }
 }
 
@@ -487,7 +509,10 @@ mod tests {
         assert!(!s.admission.allows(peer, other_client));
         let warnings = s.warnings();
         assert!(
-            warnings.len() == 1 && warnings[0].contains("peer 10.0.1.10 is not in peer-clients"),
+            warnings.len() == 1
+                && warnings[0]
+                    .what
+                    .contains("peer 10.0.1.10 is not in peer-clients"),
             "{warnings:?}"
         );
         // A flag binds its own peer anew; the file's other bindings stay.
@@ -528,7 +553,7 @@ mod tests {
         assert_eq!(s.timeouts.icmp, Timeouts::default().icmp);
         let warnings = s.warnings();
         assert_eq!(warnings.len(), 1, "{warnings:?}");
-        assert!(warnings[0].contains("timeouts.udp"), "{warnings:?}");
+        assert!(warnings[0].what.contains("timeouts.udp"), "{warnings:?}");
         assert!(FileTimeouts::default().set("tcp=1m").is_err());
         assert!(FileTimeouts::default().set("udp=soon").is_err());
         let e = toml::from_str::<FileSettings>("[timeouts]\nudp = \"5 parsecs\"").unwrap_err();
