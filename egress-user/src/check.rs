@@ -115,6 +115,8 @@ pub struct Facts {
     pub caps: u64,
     /// Where the state directory lies.
     pub bpffs: Placement,
+    /// Why the state directory cannot be written, if it cannot.
+    pub state_unwritable: Option<nix::errno::Errno>,
     /// A previous run's pinned state is in the state directory.
     pub state_present: bool,
     /// `net.ipv4.ip_forward`.
@@ -178,6 +180,7 @@ impl Facts {
             jit: read_trimmed(Path::new("/proc/sys/net/core/bpf_jit_enable")).map(|v| v != "0"),
             caps: effective_caps(),
             bpffs: bpffs(&settings.state_dir),
+            state_unwritable: pinning::writable(&settings.state_dir).err(),
             state_present: pinning::has_state(&settings.state_dir),
             ip_forward: read_trimmed(Path::new("/proc/sys/net/ipv4/ip_forward")).map(|v| v != "0"),
             rp_filter_all: read_trimmed(&sysctl::conf_dir("all").join("rp_filter"))
@@ -314,20 +317,38 @@ fn privileges(r: &mut Report, facts: &Facts) {
 }
 
 fn state_dir(r: &mut Report, dir: &Path, facts: &Facts) {
-    match facts.bpffs {
-        Placement::OnBpffs => r.ok(format!("state-dir {} on a BPF filesystem", dir.display())),
-        Placement::Mountable if has_cap(facts.caps, CAP_SYS_ADMIN) => r.ok(format!(
+    match (facts.bpffs, facts.state_unwritable) {
+        (Placement::OnBpffs, Some(e)) => r.problem(
+            format!(
+                "state-dir {} cannot be written: {}",
+                dir.display(),
+                e.desc()
+            ),
+            match e {
+                nix::errno::Errno::EROFS => format!(
+                    "keep state-dir under {} (a systemd unit's ProtectSystem=strict makes \
+                     other mounts read-only), or mount a read-write BPF filesystem on it",
+                    pinning::BPFFS
+                ),
+                _ => "run as root (uid 0 owns the pinned state)".to_owned(),
+            },
+        ),
+        (Placement::OnBpffs, None) => {
+            r.ok(format!("state-dir {} on a BPF filesystem", dir.display()))
+        }
+        // Judged once mounted: a new BPF filesystem is writable.
+        (Placement::Mountable, _) if has_cap(facts.caps, CAP_SYS_ADMIN) => r.ok(format!(
             "no BPF filesystem on {} yet: the gateway mounts it at start",
             pinning::BPFFS
         )),
-        Placement::Mountable => r.problem(
+        (Placement::Mountable, _) => r.problem(
             format!(
                 "no BPF filesystem on {}, and no CAP_SYS_ADMIN to mount it",
                 pinning::BPFFS
             ),
             format!("mount -t bpf bpf {}", pinning::BPFFS),
         ),
-        Placement::Elsewhere => r.problem(
+        (Placement::Elsewhere, _) => r.problem(
             format!("state-dir {} is not on a BPF filesystem", dir.display()),
             pinning::elsewhere_fix(dir),
         ),
@@ -558,6 +579,7 @@ mod tests {
                 | (1 << CAP_PERFMON)
                 | (1 << CAP_SYS_ADMIN),
             bpffs: Placement::OnBpffs,
+            state_unwritable: None,
             state_present: false,
             ip_forward: Some(true),
             rp_filter_all: Some(0),
@@ -621,7 +643,7 @@ mod tests {
     #[test]
     fn each_broken_fact_is_one_problem_with_a_fix() {
         type Break = fn(&mut Facts);
-        let cases: [(Break, &[&str]); 10] = [
+        let cases: [(Break, &[&str]); 11] = [
             (
                 |f| f.kernel = "5.15.0-91-generic".into(),
                 &["older than 6.1", "install"],
@@ -634,6 +656,10 @@ mod tests {
             (
                 |f| f.bpffs = Placement::Elsewhere,
                 &["not on a BPF filesystem", "mount -t bpf"],
+            ),
+            (
+                |f| f.state_unwritable = Some(nix::errno::Errno::EROFS),
+                &["cannot be written: Read-only file system", "ProtectSystem"],
             ),
             (
                 |f| iface(f).iface.up = false,

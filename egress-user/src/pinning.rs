@@ -61,13 +61,17 @@ pub enum Placement {
     Elsewhere,
 }
 
+/// `dir`, or where it would be made: its nearest existing ancestor.
+fn nearest_existing(dir: &Path) -> &Path {
+    dir.ancestors()
+        .find(|a| !a.as_os_str().is_empty() && a.exists())
+        .unwrap_or(Path::new("."))
+}
+
 /// Where `dir` lies, judged by its nearest existing ancestor (itself, if
 /// it exists): the directories below it are made on the same filesystem.
 pub fn placement(dir: &Path) -> anyhow::Result<Placement> {
-    let existing = dir
-        .ancestors()
-        .find(|a| !a.as_os_str().is_empty() && a.exists())
-        .unwrap_or(Path::new("."));
+    let existing = nearest_existing(dir);
     Ok(if on_bpffs(existing)? {
         Placement::OnBpffs
     } else if dir.starts_with(BPFFS) {
@@ -75,6 +79,13 @@ pub fn placement(dir: &Path) -> anyhow::Result<Placement> {
     } else {
         Placement::Elsewhere
     })
+}
+
+/// Whether this process may pin in `dir` (or make it): not so on a
+/// read-only mount, as a unit's `ProtectSystem=strict` makes every one
+/// outside /dev, /proc and /sys.
+pub fn writable(dir: &Path) -> nix::Result<()> {
+    nix::unistd::access(nearest_existing(dir), nix::unistd::AccessFlags::W_OK)
 }
 
 /// Makes `dir` ready to hold pinned maps: on a BPF filesystem (mounting

@@ -2,7 +2,8 @@
 //! named with its fix and fails the check; the fixed host passes. Needs
 //! root.
 
-use anyhow::{Result, ensure};
+use anyhow::{Context as _, Result, ensure};
+use nix::mount::{MsFlags, mount};
 use tests::{Lab, exec, exec_output, require_root};
 
 const IFACE: &str = "eth0";
@@ -95,6 +96,40 @@ fn names_each_problem_of_a_broken_host_then_passes_the_fixed_one() -> Result<()>
         ] {
             ensure!(report.contains(line), "no {line:?} in:\n{report}");
         }
+        Ok(())
+    })();
+    lab.keep_logs_on_err(result)
+}
+
+/// A state directory on a read-only BPF filesystem (as under a unit's
+/// `ProtectSystem=strict` outside /sys) is a problem: `egress run` could
+/// not pin its state there (it passed the check, then failed to start).
+#[test]
+fn a_read_only_state_dir_is_a_problem() -> Result<()> {
+    require_root()?;
+    let mut lab = Lab::new()?;
+    let ns = lab.add_ns("check-ro")?;
+    let result = (|| {
+        let state_dir = lab.state_dir()?;
+        let bpffs = state_dir
+            .parent()
+            .context("the state-dir is in the lab's bpffs")?;
+        mount(
+            None::<&str>,
+            bpffs,
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )?;
+        let (passed, report) = check(&lab, &ns)?;
+        ensure!(!passed, "a read-only state-dir passed:\n{report}");
+        let expected = format!("state-dir {} cannot be written", state_dir.display());
+        ensure!(
+            findings(&report, "PROBLEM")
+                .iter()
+                .any(|p| p.contains(&expected) && p.contains("fix: ")),
+            "no problem {expected:?} in:\n{report}"
+        );
         Ok(())
     })();
     lab.keep_logs_on_err(result)
