@@ -220,7 +220,14 @@ impl FileSettings {
             let key = e
                 .to_string()
                 .lines()
-                .find_map(|l| Some(l.strip_prefix("in `")?.strip_suffix('`')?.to_owned()));
+                .find_map(|l| Some(l.strip_prefix("in `")?.strip_suffix('`')?.to_owned()))
+                // A key given twice is a syntax error, found before any
+                // key's value: it is where the error points.
+                .or_else(|| {
+                    let at = text.get(e.span()?)?;
+                    (message == "duplicate key")
+                        .then(|| at.trim().trim_matches(['"', '\'']).to_owned())
+                });
             match key {
                 Some(key) => format!("line {line}, key `{key}`: {message}"),
                 None => format!("line {line}: {message}"),
@@ -627,6 +634,13 @@ mod tests {
         rejected("peer = \"10.0.1.10\"", "peer");
         rejected("attach = \"fast\"", "attach");
         rejected("iface = 0", "iface");
+        // A key given twice, at the top and in a table.
+        rejected("iface = \"eth0\"\niface = \"eth1\"", "iface");
+        rejected("[timeouts]\nudp = \"5m\"\nudp = \"6m\"", "udp");
+        rejected(
+            "[peer-clients]\n\"10.0.1.10\" = []\n\"10.0.1.10\" = []",
+            "10.0.1.10",
+        );
     }
 
     #[test]

@@ -76,6 +76,15 @@ fn unknown_key() -> Result<()> {
 }
 
 #[test]
+fn duplicate_key() -> Result<()> {
+    refused(
+        "duplicate.toml",
+        &format!("{VALID}iface = \"eth1\"\n"),
+        "key `iface`",
+    )
+}
+
+#[test]
 fn bad_cidr() -> Result<()> {
     let text = VALID.replace("10.0.0.0/16", "10.0.0.0/33");
     refused("cidr.toml", &text, "key `client-cidr`")
