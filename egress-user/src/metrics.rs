@@ -546,6 +546,29 @@ where
     }
 }
 
+/// What a request asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Page {
+    Metrics,
+    Health,
+    NotFound,
+    NotAllowed,
+}
+
+/// The page the request with head `head` asks for. A query string (a
+/// scrape config's `params`) asks for the same page.
+fn page(head: &str) -> Page {
+    let mut words = head.split_whitespace();
+    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    match (method, path) {
+        ("GET", "/metrics") => Page::Metrics,
+        ("GET", "/healthz") => Page::Health,
+        ("GET", _) => Page::NotFound,
+        _ => Page::NotAllowed,
+    }
+}
+
 async fn respond(
     mut stream: TcpStream,
     collector: Arc<Collector>,
@@ -564,11 +587,8 @@ async fn respond(
     })
     .await
     .context("request too slow")??;
-    let line = String::from_utf8_lossy(&head);
-    let mut words = line.split_whitespace();
-    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    let (status, body) = match (method, path) {
-        ("GET", "/metrics") => {
+    let (status, body) = match page(&String::from_utf8_lossy(&head)) {
+        Page::Metrics => {
             // Dumping the maps takes a while at a million flows: off the
             // runtime's thread, which answers signals and interface changes.
             let _turn = render.acquire().await?;
@@ -580,12 +600,12 @@ async fn respond(
                 ),
             }
         }
-        ("GET", "/healthz") => ("200 OK", "ok\n".to_owned()),
-        ("GET", _) => (
+        Page::Health => ("200 OK", "ok\n".to_owned()),
+        Page::NotFound => (
             "404 Not Found",
             "not found: try /metrics or /healthz\n".to_owned(),
         ),
-        _ => ("405 Method Not Allowed", "only GET\n".to_owned()),
+        Page::NotAllowed => ("405 Method Not Allowed", "only GET\n".to_owned()),
     };
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -624,6 +644,21 @@ mod tests {
             .expect("the server answers or closes")
             .unwrap();
         got
+    }
+
+    #[test]
+    fn requests_ask_for_pages_by_path_alone() {
+        for (head, page_asked) in [
+            ("GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n", Page::Metrics),
+            ("GET /metrics?module=egress HTTP/1.1\r\n\r\n", Page::Metrics),
+            ("GET /healthz? HTTP/1.0\r\n\r\n", Page::Health),
+            ("GET /metricsx HTTP/1.1\r\n\r\n", Page::NotFound),
+            ("GET /?/metrics HTTP/1.1\r\n\r\n", Page::NotFound),
+            ("POST /metrics HTTP/1.1\r\n\r\n", Page::NotAllowed),
+            ("\r\n\r\n", Page::NotAllowed),
+        ] {
+            assert_eq!(page(head), page_asked, "{head:?}");
+        }
     }
 
     #[tokio::test]
