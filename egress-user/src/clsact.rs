@@ -29,6 +29,7 @@ const TCMSG_LEN: usize = 20;
 const TCA_KIND: u16 = 1;
 const TCA_OPTIONS: u16 = 2;
 const TCA_BPF_NAME: u16 = 7;
+const TCA_BPF_ID: u16 = 11;
 
 /// Our filter's priority ("EG"): one no tool picks by itself (`tc` numbers
 /// filters added without one from 49152 down), so a filter there is ours,
@@ -78,12 +79,14 @@ pub fn remove_leftovers(
     let context =
         || format!("cannot look for a leftover {program} filter on {iface}'s clsact ingress");
     let mut kept = false;
-    for place in filters(ifindex, program).with_context(context)? {
-        if keep_ours && place == (PRIORITY, u32::from(HANDLE)) {
+    for Filter {
+        priority, handle, ..
+    } in filters(ifindex, program).with_context(context)?
+    {
+        if keep_ours && (priority, handle) == (PRIORITY, u32::from(HANDLE)) {
             kept = true;
             continue;
         }
-        let (priority, handle) = place;
         SchedClassifierLink::attached(
             ifindex,
             TcAttachType::Ingress.into(),
@@ -102,9 +105,56 @@ pub fn remove_leftovers(
     Ok(kept)
 }
 
-/// Where the filters running `program` sit on `ifindex`'s clsact ingress:
-/// (priority, handle) each.
-fn filters(ifindex: u32, program: &str) -> io::Result<Vec<(u16, u32)>> {
+/// A running gateway's filter on `ifindex`'s clsact ingress: one running
+/// `program` that a live process other than this one holds open. (A
+/// killed gateway's, or one handed over by a reload's exec, is held by the
+/// filter alone.) Returns its program's id and the holder's pid.
+pub fn running_gateway(ifindex: u32, program: &str) -> io::Result<Option<(u32, u32)>> {
+    for filter in filters(ifindex, program)? {
+        if let Some(pid) = holder(filter.program_id)? {
+            return Ok(Some((filter.program_id, pid)));
+        }
+    }
+    Ok(None)
+}
+
+/// A process other than this one with the BPF program `id` open, if any:
+/// each `anon_inode:bpf-prog` fd's fdinfo names its program's id.
+fn holder(id: u32) -> io::Result<Option<u32>> {
+    let me = std::process::id();
+    let wanted = format!("prog_id:\t{id}\n");
+    let pids = std::fs::read_dir("/proc")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me);
+    for pid in pids {
+        // Processes that exit, or that we may not look into, are skipped.
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let is_program = std::fs::read_link(fd.path())
+                .is_ok_and(|target| target.as_os_str() == "anon_inode:bpf-prog");
+            let info = || {
+                let fd = fd.file_name();
+                std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.display()))
+            };
+            if is_program && info().is_ok_and(|info| info.contains(&wanted)) {
+                return Ok(Some(pid));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// A filter on clsact ingress.
+struct Filter {
+    priority: u16,
+    handle: u32,
+    program_id: u32,
+}
+
+/// The filters running `program` on `ifindex`'s clsact ingress.
+fn filters(ifindex: u32, program: &str) -> io::Result<Vec<Filter>> {
     let mut tcmsg = [0u8; TCMSG_LEN];
     tcmsg[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
     tcmsg[12..16].copy_from_slice(&INGRESS.to_ne_bytes());
@@ -126,18 +176,25 @@ fn filters(ifindex: u32, program: &str) -> io::Result<Vec<(u16, u32)>> {
     Ok(answer
         .iter()
         .filter(|m| m.kind == libc::RTM_NEWTFILTER)
-        .filter(|m| {
-            let mut attrs = m.attrs(TCMSG_LEN);
-            let bpf = attrs.clone().any(|(k, d)| k == TCA_KIND && d == b"bpf\0");
-            bpf && attrs.any(|(k, d)| {
-                k == TCA_OPTIONS && Attrs::nested(d).any(|(k, d)| k == TCA_BPF_NAME && d == name)
-            })
-        })
         .filter_map(|m| {
+            let mut attrs = m.attrs(TCMSG_LEN);
+            if !attrs.clone().any(|(k, d)| k == TCA_KIND && d == b"bpf\0") {
+                return None;
+            }
+            let options = attrs.find_map(|(k, d)| (k == TCA_OPTIONS).then_some(d))?;
+            if !Attrs::nested(options).any(|(k, d)| k == TCA_BPF_NAME && d == name) {
+                return None;
+            }
             let handle = attr_u32(m.payload.get(8..12)?)?;
             let info = attr_u32(m.payload.get(16..20)?)?;
             // Each priority's head is listed too, with no handle.
-            (handle != 0).then_some(((info >> 16) as u16, handle))
+            (handle != 0).then_some(Filter {
+                priority: (info >> 16) as u16,
+                handle,
+                program_id: Attrs::nested(options)
+                    .filter(|(k, _)| *k == TCA_BPF_ID)
+                    .find_map(|(_, d)| attr_u32(d))?,
+            })
         })
         .collect())
 }

@@ -298,11 +298,13 @@ impl Datapath {
         Ok(hook)
     }
 
-    /// Refuses an interface that another gateway's XDP or TCX program runs
-    /// on: another `egress run`, with a state directory of its own (the
-    /// state lock keeps out one with ours). Attached in front of it, or
-    /// behind, one would take the other's packets, each with its own flows.
-    /// (Those attachments end with their process: none is a leftover.)
+    /// Refuses an interface that another gateway's program runs on: another
+    /// `egress run`, with a state directory of its own (the state lock
+    /// keeps out one with ours). Attached in front of it, or behind, or in
+    /// its clsact filter's place, one would take the other's packets, each
+    /// with its own flows. XDP and TCX attachments end with their process,
+    /// so any is a running gateway's; a clsact filter is one only while a
+    /// live process holds its program.
     fn refuse_another_gateway(&mut self, iface: &str, ifindex: u32) -> anyhow::Result<()> {
         let ours = [self.xdp()?.info()?.id(), self.tc()?.info()?.id()];
         let theirs = |p: &ProgramInfo| {
@@ -331,13 +333,24 @@ impl Datapath {
                 .flatten()
                 .find(|p| xdp.contains(&p.id()) && theirs(p));
         }
-        match found {
-            Some(p) => anyhow::bail!(
-                "another egress gateway runs on {iface} (its program {}, id {}): an `egress run` \
-                 with another state directory; stop it first (systemctl stop egress)",
-                p.name_as_str().unwrap_or_default(),
-                p.id()
-            ),
+        let refusal = |what: String| {
+            anyhow::anyhow!(
+                "another egress gateway runs on {iface} ({what}): an `egress run` with another \
+                 state directory; stop it first (systemctl stop egress)"
+            )
+        };
+        if let Some(p) = found {
+            let name = p.name_as_str().unwrap_or_default();
+            return Err(refusal(format!("its program {name}, id {}", p.id())));
+        }
+        // A clsact filter outlives its gateway: it is a running one's only
+        // if a live process holds its program.
+        match clsact::running_gateway(ifindex, TC_PROGRAM)
+            .with_context(|| format!("cannot list the clsact filters on {iface}"))?
+        {
+            Some((id, pid)) => Err(refusal(format!(
+                "its clsact filter's program {TC_PROGRAM}, id {id}, held by pid {pid}"
+            ))),
             None => Ok(()),
         }
     }

@@ -390,6 +390,7 @@ fn a_killed_tc_gateway_leaves_nothing_attached() -> Result<()> {
 #[test]
 fn a_second_gateway_is_refused_the_state_of_a_running_one() -> Result<()> {
     refuses_a_second_gateway(
+        "",
         Attach::Native,
         "--attach generic --reset-state",
         None,
@@ -408,20 +409,30 @@ mod a_second_gateway_is_refused_the_interface_of_a_running_one {
 
     #[test]
     fn native_in_front_of_tc() -> Result<()> {
-        refuses_a_second_gateway(Attach::Tc, "--attach auto", Some("second"), REFUSAL)
+        refuses_a_second_gateway("", Attach::Tc, "--attach auto", Some("second"), REFUSAL)
     }
 
     #[test]
     fn tc_behind_native() -> Result<()> {
-        refuses_a_second_gateway(Attach::Native, "--attach tc", Some("second"), REFUSAL)
+        refuses_a_second_gateway("", Attach::Native, "--attach tc", Some("second"), REFUSAL)
+    }
+
+    /// Both in TC mode without TCX: the second would take over the first's
+    /// clsact filter as a killed gateway's.
+    #[test]
+    fn tc_in_place_of_tc_without_tcx() -> Result<()> {
+        let no_tcx = env!("CARGO_BIN_EXE_no-tcx");
+        refuses_a_second_gateway(no_tcx, Attach::Tc, "--attach tc", Some("second"), REFUSAL)
     }
 }
 
 /// Starts a gateway in `first` mode with a UDP flow through it, then a
 /// second one with `args` on the state directory `state` (beside the
 /// first's; `None`: the first's), which must fail, saying `refusal`. The
-/// first gateway's flow must go on as it was.
+/// first gateway's flow must go on as it was. Both run under `launcher`
+/// (see `Topology::start_gateway_under`).
 fn refuses_a_second_gateway(
+    launcher: &str,
     first: Attach,
     args: &str,
     state: Option<&str>,
@@ -429,7 +440,8 @@ fn refuses_a_second_gateway(
 ) -> Result<()> {
     require_root()?;
     let bin = egress_bin()?;
-    let stack = Stack::start(&bin, Path::new(env!("CARGO_BIN_EXE_ipip-peer")), first)?;
+    let ipip_peer = Path::new(env!("CARGO_BIN_EXE_ipip-peer"));
+    let stack = Stack::start_under(launcher, &bin, ipip_peer, first, "")?;
     let result = (|| {
         let server = SocketAddr::from((SERVER_IP, UDP_PORT));
         let _udp = udp_server(&stack.topo.server, server)?;
@@ -446,7 +458,7 @@ fn refuses_a_second_gateway(
         let second = exec_output(
             &stack.topo.gateway,
             &format!(
-                "timeout 20 {} run --iface {HOST_IFACE} --peer {CLIENT_UNDERLAY_IP} \
+                "timeout 20 {launcher} {} run --iface {HOST_IFACE} --peer {CLIENT_UNDERLAY_IP} \
                  --client-cidr {CLIENT_TUN_IP}/32 --state-dir {} {args}",
                 bin.display(),
                 state_dir.display()
