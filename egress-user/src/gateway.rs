@@ -365,9 +365,17 @@ pub fn cannot_start(settings: &Settings) -> Option<anyhow::Error> {
 pub fn policy_for(settings: &Settings, iface: &Interface) -> anyhow::Result<Policy> {
     let needs_address = || {
         iface.primary.with_context(|| {
+            let missing: Vec<&str> = [
+                ("--snat", settings.snat.is_empty()),
+                ("--tunnel-local", settings.tunnel_local.is_none()),
+            ]
+            .into_iter()
+            .filter_map(|(flag, missing)| missing.then_some(flag))
+            .collect();
             format!(
-                "interface {} has no IPv4 address: give --snat and --tunnel-local",
-                iface.name
+                "interface {} has no IPv4 address: give {}",
+                iface.name,
+                missing.join(" and ")
             )
         })
     };
@@ -491,6 +499,19 @@ mod tests {
         let policy = policy_for(&s, &eth0(2, Some(A))).unwrap();
         assert_eq!(policy.mss, 1400);
         assert_eq!(plan(&s, &policy, Some(2), Some(&jumbo)), Change::Nothing);
+    }
+
+    #[test]
+    fn without_an_address_the_error_names_what_is_missing() {
+        let error = |s: &str| {
+            format!(
+                "{:#}",
+                policy_for(&settings(s), &eth0(2, None)).unwrap_err()
+            )
+        };
+        assert!(error("").ends_with("give --snat and --tunnel-local"));
+        assert!(error("snat = [\"10.1.1.10\"]").ends_with("give --tunnel-local"));
+        assert!(error("tunnel-local = \"10.1.1.10\"").ends_with("give --snat"));
     }
 
     #[test]
