@@ -4,7 +4,7 @@
 
 use anyhow::{Result, ensure};
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -85,7 +85,7 @@ fn run() -> Result<()> {
             stack.gateway.log_path().display()
         ),
     }
-    explain(topo);
+    explain(topo, &egress)?;
 
     while !STOP.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(200));
@@ -94,9 +94,14 @@ fn run() -> Result<()> {
     Ok(())
 }
 
-fn explain(topo: &Topology) {
+fn explain(topo: &Topology, egress: &Path) -> Result<()> {
     let extra = CLIENT_EXTRA_IPS.map(|ip| ip.to_string()).join(", ");
     let logs = topo.lab.dir().display();
+    let inspect = format!(
+        "{} flows --state-dir {}",
+        egress.display(),
+        topo.lab.state_dir()?.display()
+    );
     let Topology {
         router,
         gateway,
@@ -119,9 +124,11 @@ Look around from another terminal:
   ip netns exec {client} curl http://{SERVER_IP}:{HTTP_PORT}/hello.txt
   ip netns exec {client} ping {SERVER_IP}
   ip netns exec {gateway} ip -d link show {HOST_IFACE}      # the attached XDP program
+  {inspect}   # the gateway's flows (`stats` for its counters)
   ip netns exec {router} tcpdump -ni {ROUTER_GATEWAY_IFACE} # IP-in-IP on the wire (apt install tcpdump)
 Logs (gateway, ipip-peer, http): {logs}
 
 Ctrl-C stops everything and removes the namespaces."#
     );
+    Ok(())
 }
