@@ -40,6 +40,7 @@ for_each_hook!(
     tcp_outbound_and_return,
     udp_outbound_and_return_with_port_change,
     udp_without_checksum_stays_without,
+    udp_checksum_that_sums_to_zero_goes_out_as_all_ones,
     icmp_echo_outbound_and_return,
     colliding_flows_get_distinct_ports_and_replies_reach_their_owner,
     unresolved_next_hop_goes_to_the_kernel_translated,
@@ -248,6 +249,59 @@ fn udp_without_checksum_stays_without(hook: Hook) {
     assert_eq!(verdict, Verdict::Tx);
     assert_eq!(&out[14 + 26..14 + 28], &[0, 0]);
     assert_checksums_valid(&out);
+    // And the reply without one: encapsulated to the client without one.
+    let nat_port = u16::from_be_bytes([out[34], out[35]]);
+    let reply = |dport| L4::Udp {
+        sport: 9,
+        dport,
+        payload: b"y",
+    };
+    let ip = reply_ip(SERVER);
+    let mut packet = ip_packet(ip, reply(nat_port));
+    packet[26..28].copy_from_slice(&[0, 0]);
+    let mut inner = ip_packet(translated_in(ip, CLIENT), reply(4000));
+    inner[26..28].copy_from_slice(&[0, 0]);
+    inbound_packet(gw, &packet, &inner);
+}
+
+/// RFC 768: a UDP checksum whose sum comes to zero is sent as all ones,
+/// since zero means "none". A translation that makes the sum zero must
+/// write 0xffff, not 0 (which would tell the receiver not to check).
+fn udp_checksum_that_sums_to_zero_goes_out_as_all_ones(hook: Hook) {
+    let gw = &mut Gateway::new(hook);
+    // Outbound: 21000 lies in the range and is kept, so the translated
+    // packet is known before it is sent.
+    fn query(payload: &[u8]) -> L4<'_> {
+        L4::Udp {
+            sport: 21000,
+            dport: 53,
+            payload,
+        }
+    }
+    fn reply(payload: &[u8]) -> L4<'_> {
+        L4::Udp {
+            sport: 53,
+            dport: 21000,
+            payload,
+        }
+    }
+    // The payload word that gives `packet` (built by etherparse, which
+    // writes a zero sum as 0xffff) a checksum of all ones.
+    let all_ones = |packet: &dyn Fn(&[u8]) -> Vec<u8>| {
+        (0..=u16::MAX)
+            .map(u16::to_be_bytes)
+            .find(|w| packet(w)[26..28] == [0xff, 0xff])
+            .unwrap()
+    };
+    let client = Ip::new(CLIENT, SERVER);
+    let w = all_ones(&|w| ip_packet(translated_out(client), query(w)));
+    assert_ne!(ip_packet(client, query(&w))[26..28], [0xff, 0xff]);
+    // `outbound` and `inbound` compare every byte, the checksum's too.
+    assert_eq!(outbound(gw, CLIENT, query(&w), Reason::NewFlow), 21000);
+    // Return: the reply translated back to the client sums to zero.
+    let ip = reply_ip(SERVER);
+    let w = all_ones(&|w| ip_packet(translated_in(ip, CLIENT), reply(w)));
+    inbound(gw, reply(&w), CLIENT, reply(&w));
 }
 
 fn icmp_echo_outbound_and_return(hook: Hook) {
