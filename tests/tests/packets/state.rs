@@ -17,9 +17,11 @@ use crate::icmp::assert_answered_through_tunnel;
 for_each_hook!(
     tcp_state_follows_handshake_and_teardown_in_both_directions,
     a_reset_its_sender_talks_past_does_not_end_the_connection,
+    simultaneous_open_passes_both_ways_and_establishes,
     replies_follow_a_moved_flow_at_once_on_its_cpu,
     unsolicited_inbound_packets_create_no_state,
     mapping_is_endpoint_independent,
+    udp_and_echo_mappings_are_endpoint_independent,
     exhausted_ports_refuse_new_flows_and_keep_old_ones,
     a_full_table_refuses_new_flows_and_keeps_old_ones,
     a_client_at_its_cap_is_refused_and_others_are_not,
@@ -132,6 +134,27 @@ fn a_reset_its_sender_talks_past_does_not_end_the_connection(hook: Hook) {
     assert_eq!(tcp_state(&mut gw), TcpState::Reset);
 }
 
+/// RFC 5382 REQ-2: both ends send a SYN before either answers. The
+/// server's bare SYN to the client's flow is translated like any reply, and
+/// the crossed SYN-ACKs establish the connection.
+fn simultaneous_open_passes_both_ways_and_establishes(hook: Hook) {
+    let mut gw = Gateway::new(hook);
+    let out = |gw: &mut Gateway, flags, want| {
+        outbound(gw, CLIENT, L4::segment(23456, 80, flags, b""), want);
+    };
+    let back = |gw: &mut Gateway, flags| {
+        let l4 = L4::segment(80, 23456, flags, b"");
+        inbound(gw, l4, CLIENT, l4);
+    };
+    out(&mut gw, SYN, Reason::NewFlow);
+    back(&mut gw, SYN);
+    assert_eq!(tcp_state(&mut gw), TcpState::SynReceived);
+    out(&mut gw, SYN | ACK, Reason::Translated);
+    back(&mut gw, SYN | ACK);
+    assert_eq!(tcp_state(&mut gw), TcpState::Established);
+    assert_eq!(gw.flow_entries(), 2, "one flow");
+}
+
 fn unsolicited_inbound_packets_create_no_state(hook: Hook) {
     let mut gw = Gateway::new(hook);
     for l4 in [
@@ -174,6 +197,39 @@ fn mapping_is_endpoint_independent(hook: Hook) {
         2,
         "one mapping: client and reservation side"
     );
+}
+
+/// RFC 4787 REQ-1 and RFC 5508 REQ-2 (echo identifiers): a client's
+/// second destination sees the translation its first did.
+fn udp_and_echo_mappings_are_endpoint_independent(hook: Hook) {
+    let mut gw = Gateway::new(hook);
+    // Port and identifier outside the translation range: the mapping
+    // picks them.
+    let query = L4::Udp {
+        sport: 40000,
+        dport: 53,
+        payload: b"q",
+    };
+    let ping = L4::EchoRequest { id: 40001, seq: 1 };
+    for l4 in [query, ping] {
+        let nat = outbound_to(&mut gw, CLIENT, SERVER, l4, Reason::NewFlow);
+        assert_ne!(nat, l4.sport());
+        assert_eq!(
+            outbound_to(&mut gw, CLIENT, SERVER2, l4, Reason::NewFlow),
+            nat,
+            "a second destination sees the same translation"
+        );
+        for remote in [SERVER2, SERVER] {
+            inbound_from(
+                &mut gw,
+                remote,
+                l4.reply_to(nat),
+                CLIENT,
+                l4.reply_to(l4.sport()),
+            );
+        }
+    }
+    assert_eq!(gw.flow_entries(), 8);
 }
 
 /// Asserts that `frame`, refused, came back as ICMP destination
