@@ -10,13 +10,16 @@ use etherparse::{
 };
 
 use super::*;
-use crate::frames::icmp_error;
+use crate::frames::{add_to_checksum, fix_ipv4_checksum, icmp_error};
 
 for_each_hook!(
     ttl_1_from_a_client_is_answered_with_time_exceeded_through_the_tunnel,
     ttl_1_to_a_multicast_or_broadcast_address_is_dropped_unanswered,
     icmp_errors_about_a_flow_reach_its_client_translated_back,
     icmp_errors_about_no_flow_are_left_to_the_kernel,
+    icmp_errors_quoting_a_first_fragment_are_relayed_both_ways,
+    relayed_icmp_errors_with_a_wrong_checksum_keep_it_wrong,
+    icmp_errors_that_cannot_go_on_are_dropped_unanswered,
     a_relayed_error_does_not_refresh_its_flow,
     icmp_errors_from_a_client_reach_the_remote_translated,
     icmp_errors_from_a_client_about_no_flow_are_dropped,
@@ -293,6 +296,15 @@ fn icmp_errors_about_no_flow_are_left_to_the_kernel(hook: Hook) {
     other_source[12..16].copy_from_slice(&[10, 1, 1, 99]);
     let mut later_fragment = as_sent(GW, udp.with_sport(nat_port));
     later_fragment[6..8].copy_from_slice(&[0, 0x10]);
+    // No packet of a flow carries options (the gateway drops a client's
+    // that do): a quote with them is about something else, even where
+    // the options' bytes read as the flow's ports.
+    let mut with_options = as_sent(GW, udp.with_sport(nat_port));
+    let [p0, p1] = nat_port.to_be_bytes();
+    with_options.splice(20..20, [p0, p1, 0, 53]);
+    with_options[0] = 0x46;
+    with_options[3] += 4;
+    fix_ipv4_checksum(&mut with_options, 0);
     for (what, frame) in [
         (
             "a port with no flow (the host's own traffic)",
@@ -300,6 +312,7 @@ fn icmp_errors_about_no_flow_are_left_to_the_kernel(hook: Hook) {
         ),
         ("a packet from another address", about(&other_source)),
         ("a later fragment (no ports)", about(&later_fragment)),
+        ("a quoted header with options", about(&with_options)),
         ("a quote too short for the ports", about(&other_port[..24])),
     ] {
         let (verdict, out, reason) = gw.run(&frame);
@@ -310,6 +323,199 @@ fn icmp_errors_about_no_flow_are_left_to_the_kernel(hook: Hook) {
         );
         assert_eq!(out, frame, "{what}: frame modified");
     }
+}
+
+/// `packet` as the first fragment of a larger datagram (more fragments).
+fn first_fragment(mut packet: Vec<u8>) -> Vec<u8> {
+    packet[6] |= 0x20;
+    fix_ipv4_checksum(&mut packet, 0);
+    packet
+}
+
+/// "Fragment reassembly time exceeded" quotes the first fragment of the
+/// datagram that never completed (RFC 792): its ports name the flow, so it
+/// is relayed like any error, from the remote to the client and back.
+fn icmp_errors_quoting_a_first_fragment_are_relayed_both_ways(hook: Hook) {
+    let gw = &mut Gateway::new(hook);
+    let nat_port = outbound(gw, CLIENT, QUERY, Reason::NewFlow);
+    let reassembly = Icmpv4Type::TimeExceeded(TimeExceededCode::FragmentReassemblyTimeExceeded);
+
+    let sent = first_fragment(as_sent(GW, QUERY.with_sport(nat_port)));
+    let error = Ip {
+        df: false,
+        tos: 0xc0,
+        ..Ip::new(SERVER, GW)
+    };
+    let frame = ethernet(
+        ROUTER_MAC,
+        GW_MAC,
+        &icmp_error(error, reassembly.clone(), &sent),
+    );
+    let (verdict, out, reason) = gw.run(&frame);
+    assert_eq!((verdict, reason), (Verdict::Tx, Reason::IcmpErrorRelayed));
+    assert_checksums_valid(&out);
+    let original = first_fragment(as_sent(CLIENT, QUERY));
+    let relayed = icmp_error(translated_in(error, CLIENT), reassembly.clone(), &original);
+    let outer = Ip {
+        id: u16::from_be_bytes([out[18], out[19]]),
+        df: false,
+        tos: 0xc0,
+        ..Ip::new(GW, PEER)
+    };
+    assert_eq!(
+        out,
+        ethernet(GW_MAC, ROUTER_MAC, &encapsulate(outer, &relayed)),
+        "from the remote to the client"
+    );
+
+    let received = first_fragment(query_reply());
+    let error = client_error_ip(CLIENT, SERVER);
+    let out = outbound_packet(
+        gw,
+        &icmp_error(error, reassembly.clone(), &received),
+        Reason::IcmpErrorRelayed,
+    );
+    let sent = first_fragment(as_received(GW, QUERY.reply_to(nat_port)));
+    assert_eq!(
+        out,
+        ethernet(
+            GW_MAC,
+            ROUTER_MAC,
+            &icmp_error(translated_out(error), reassembly, &sent)
+        ),
+        "from the client to the remote"
+    );
+}
+
+/// The ICMP checksum of a relayed error is updated, not verified (RFC 5508
+/// REQ-3 would drop it): an error that arrives wrong by some amount leaves
+/// wrong by exactly that amount, so its receiver drops it as it would have.
+fn relayed_icmp_errors_with_a_wrong_checksum_keep_it_wrong(hook: Hook) {
+    let gw = &mut Gateway::new(hook);
+    let nat_port = outbound(gw, CLIENT, QUERY, Reason::NewFlow);
+    let unreachable = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+    const WRONG_BY: u16 = 0x1234;
+
+    let error = Ip {
+        df: false,
+        ..Ip::new(SERVER, GW)
+    };
+    let sent = as_sent(GW, QUERY.with_sport(nat_port));
+    let mut frame = ethernet(
+        ROUTER_MAC,
+        GW_MAC,
+        &icmp_error(error, unreachable.clone(), &sent),
+    );
+    add_to_checksum(&mut frame, 14 + 20 + 2, WRONG_BY);
+    let (verdict, out, reason) = gw.run(&frame);
+    assert_eq!((verdict, reason), (Verdict::Tx, Reason::IcmpErrorRelayed));
+    let relayed = icmp_error(
+        translated_in(error, CLIENT),
+        unreachable.clone(),
+        &as_sent(CLIENT, QUERY),
+    );
+    let outer = Ip {
+        id: u16::from_be_bytes([out[18], out[19]]),
+        df: false,
+        ..Ip::new(GW, PEER)
+    };
+    let mut want = ethernet(GW_MAC, ROUTER_MAC, &encapsulate(outer, &relayed));
+    add_to_checksum(&mut want, 14 + 20 + 20 + 2, WRONG_BY);
+    assert_eq!(out, want, "from the remote: the same error after relaying");
+
+    let error = client_error_ip(CLIENT, SERVER);
+    let mut inner = icmp_error(error, unreachable.clone(), &query_reply());
+    add_to_checksum(&mut inner, 20 + 2, WRONG_BY);
+    let (verdict, out, reason) = gw.run(&from_peer(&inner));
+    assert_eq!((verdict, reason), (Verdict::Tx, Reason::IcmpErrorRelayed));
+    let sent = as_received(GW, QUERY.reply_to(nat_port));
+    let mut want = ethernet(
+        GW_MAC,
+        ROUTER_MAC,
+        &icmp_error(translated_out(error), unreachable, &sent),
+    );
+    add_to_checksum(&mut want, 14 + 20 + 2, WRONG_BY);
+    assert_eq!(out, want, "from the client: the same error after relaying");
+}
+
+/// An error about a flow that expires at the gateway, or does not fit the
+/// next hop with DF set, is dropped: never an ICMP error about an ICMP
+/// error (RFC 1122 3.2.2), either way.
+fn icmp_errors_that_cannot_go_on_are_dropped_unanswered(hook: Hook) {
+    let gw = &mut Gateway::new(hook);
+    let nat_port = outbound(gw, CLIENT, QUERY, Reason::NewFlow);
+    outbound_to(gw, CLIENT, BEHIND_SMALL_MTU, QUERY, Reason::NewFlow);
+    let unreachable = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+    // A datagram of the flow of `len` IP bytes, as the gateway sent it to
+    // `remote`, and as the client received the reply from there.
+    let long = |len: usize| vec![0x5a; len - 28];
+    let sent = |len| {
+        let payload = long(len);
+        let l4 = L4::Udp {
+            sport: nat_port,
+            dport: 53,
+            payload: &payload,
+        };
+        as_sent(GW, l4)
+    };
+    let received = |len, remote| {
+        let payload = long(len);
+        let l4 = L4::Udp {
+            sport: 53,
+            dport: QUERY.sport(),
+            payload: &payload,
+        };
+        ip_packet(
+            Ip {
+                dst: CLIENT,
+                ..Ip::new(remote, CLIENT)
+            },
+            l4,
+        )
+    };
+    let from_remote = |ip: Ip, quote: &[u8]| {
+        ethernet(
+            ROUTER_MAC,
+            GW_MAC,
+            &icmp_error(ip, unreachable.clone(), quote),
+        )
+    };
+    let drop = |what, frame, reason| (what, frame, Verdict::Drop, reason);
+    let cases = vec![
+        drop(
+            "from the remote, TTL 1 at the gateway",
+            from_remote(
+                Ip {
+                    ttl: 1,
+                    ..Ip::new(SERVER, GW)
+                },
+                &sent(100),
+            ),
+            Reason::TtlExceeded,
+        ),
+        drop(
+            // 28 bytes of headers and a 1453-byte quote: 1481 bytes, one
+            // more than the tunnel takes on a 1500-byte link.
+            "from the remote, too big for the tunnel, DF set",
+            from_remote(Ip::new(SERVER, GW), &sent(1453)),
+            Reason::TooBig,
+        ),
+        drop(
+            "from the client, too big for the route to the remote, DF set",
+            from_peer(&icmp_error(
+                Ip {
+                    df: true,
+                    ..client_error_ip(CLIENT, BEHIND_SMALL_MTU)
+                },
+                unreachable.clone(),
+                &received(SMALL_MTU as usize - 27, BEHIND_SMALL_MTU),
+            )),
+            Reason::TooBig,
+        ),
+    ];
+    let before = gw.flows();
+    assert_cases(gw, cases);
+    assert_eq!(gw.flows(), before, "an error changed a flow");
 }
 
 fn a_relayed_error_does_not_refresh_its_flow(hook: Hook) {
