@@ -133,7 +133,16 @@ fn ttl_1_from_a_client_is_answered_with_time_exceeded_through_the_tunnel(hook: H
         },
         L4::syn(40000, 443),
     );
-    assert_answered_through_tunnel(gw, &tcp_probe, exceeded, Reason::TtlExceeded);
+    assert_answered_through_tunnel(gw, &tcp_probe, exceeded.clone(), Reason::TtlExceeded);
+    // TTL 0 (RFC 2003: never forward one after decapsulation) alike.
+    let ttl_0 = ip_packet(
+        Ip {
+            ttl: 0,
+            ..Ip::new(CLIENT, SERVER)
+        },
+        udp,
+    );
+    assert_answered_through_tunnel(gw, &ttl_0, exceeded, Reason::TtlExceeded);
 }
 
 /// The packet `flow` sent to the Internet as the gateway translated it
@@ -656,7 +665,15 @@ fn ttl_1_on_the_return_path_is_answered_to_the_sender(hook: Hook) {
     // A TCP segment gets its whole fixed header quoted.
     let tcp_port = outbound(gw, CLIENT, L4::syn(40000, 443), Reason::NewFlow);
     let tcp_reply = ip_packet(ttl_1, L4::tcp(443, tcp_port, b"answer"));
-    assert_answered_to_sender(gw, &tcp_reply, exceeded, Reason::TtlExceeded);
+    assert_answered_to_sender(gw, &tcp_reply, exceeded.clone(), Reason::TtlExceeded);
+    // TTL 0 (RFC 2003: never encapsulate one) alike.
+    let ttl_0 = Ip { ttl: 0, ..ttl_1 };
+    let udp = L4::Udp {
+        sport: 53,
+        dport: nat_port,
+        payload: b"answer",
+    };
+    assert_answered_to_sender(gw, &ip_packet(ttl_0, udp), exceeded, Reason::TtlExceeded);
     let inbound = gw
         .flows()
         .into_iter()

@@ -41,6 +41,7 @@ for_each_hook!(
     udp_outbound_and_return_with_port_change,
     udp_without_checksum_stays_without,
     udp_checksum_that_sums_to_zero_goes_out_as_all_ones,
+    the_outer_header_copies_dscp_and_ecn_of_the_inner,
     icmp_echo_outbound_and_return,
     colliding_flows_get_distinct_ports_and_replies_reach_their_owner,
     unresolved_next_hop_goes_to_the_kernel_translated,
@@ -302,6 +303,26 @@ fn udp_checksum_that_sums_to_zero_goes_out_as_all_ones(hook: Hook) {
     let ip = reply_ip(SERVER);
     let w = all_ones(&|w| ip_packet(translated_in(ip, CLIENT), reply(w)));
     inbound(gw, reply(&w), CLIENT, reply(&w));
+}
+
+/// RFC 2003 with RFC 6040's normal mode: the outer TOS byte is the inner
+/// one, ECN field included, a congestion mark (CE) too, so that routers on
+/// the way to the peer see the packet's DSCP and whether it is ECN-capable.
+fn the_outer_header_copies_dscp_and_ecn_of_the_inner(hook: Hook) {
+    let gw = &mut Gateway::new(hook);
+    let nat_port = outbound(gw, CLIENT, L4::syn(23456, 80), Reason::NewFlow);
+    let reply = L4::tcp(80, nat_port, b"x");
+    let client_reply = L4::tcp(80, 23456, b"x");
+    // DSCP AF11 with each ECN codepoint, and expedited forwarding.
+    for tos in [0x28, 0x29, 0x2a, 0x2b, 0xb8] {
+        let ip = Ip {
+            tos,
+            ..reply_ip(SERVER)
+        };
+        let inner = ip_packet(translated_in(ip, CLIENT), client_reply);
+        // `inbound_packet` builds the outer header with the inner's TOS.
+        inbound_packet(gw, &ip_packet(ip, reply), &inner);
+    }
 }
 
 fn icmp_echo_outbound_and_return(hook: Hook) {
