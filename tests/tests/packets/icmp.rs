@@ -259,32 +259,50 @@ fn icmp_errors_about_a_flow_reach_its_client_translated_back(hook: Hook) {
             as_sent(GW, l4.with_sport(nat_port)),
             as_sent(CLIENT, l4),
         );
-        let error = Ip {
-            df: false,
-            tos: 0xc0,
-            ..Ip::new(from, GW)
-        };
-        let frame = ethernet(ROUTER_MAC, GW_MAC, &icmp_error(error, kind.clone(), &sent));
-        let (verdict, out, reason) = gw.run(&frame);
+        let (verdict, out, reason) = gw.run(&internet_error(from, kind.clone(), &sent));
         assert_eq!(
             (verdict, reason),
             (Verdict::Tx, Reason::IcmpErrorRelayed),
             "{what}"
         );
         assert_checksums_valid(&out);
-        let relayed = icmp_error(translated_in(error, CLIENT), kind, &original);
-        let outer = Ip {
-            id: u16::from_be_bytes([out[18], out[19]]),
-            df: false,
-            tos: 0xc0,
-            ..Ip::new(GW, PEER)
-        };
         assert_eq!(
             out,
-            ethernet(GW_MAC, ROUTER_MAC, &encapsulate(outer, &relayed)),
+            relayed_to_client(&out, from, kind, &original),
             "{what}"
         );
     }
+}
+
+/// An ICMP error of type `kind` from `from` on the Internet side to the
+/// translation address, quoting `quote`, as Linux sends it.
+fn internet_error(from: [u8; 4], kind: Icmpv4Type, quote: &[u8]) -> Vec<u8> {
+    ethernet(
+        ROUTER_MAC,
+        GW_MAC,
+        &icmp_error(internet_error_ip(from), kind, quote),
+    )
+}
+
+fn internet_error_ip(from: [u8; 4]) -> Ip {
+    Ip {
+        df: false,
+        tos: 0xc0,
+        ..Ip::new(from, GW)
+    }
+}
+
+/// The [`internet_error`] the gateway relays to the client, quoting
+/// `quote`: encapsulated to the peer with the outer ID that `out` has.
+fn relayed_to_client(out: &[u8], from: [u8; 4], kind: Icmpv4Type, quote: &[u8]) -> Vec<u8> {
+    let relayed = icmp_error(translated_in(internet_error_ip(from), CLIENT), kind, quote);
+    let outer = Ip {
+        id: u16::from_be_bytes([out[18], out[19]]),
+        df: false,
+        tos: 0xc0,
+        ..Ip::new(GW, PEER)
+    };
+    ethernet(GW_MAC, ROUTER_MAC, &encapsulate(outer, &relayed))
 }
 
 fn icmp_errors_about_no_flow_are_left_to_the_kernel(hook: Hook) {
@@ -350,30 +368,13 @@ fn icmp_errors_quoting_a_first_fragment_are_relayed_both_ways(hook: Hook) {
     let reassembly = Icmpv4Type::TimeExceeded(TimeExceededCode::FragmentReassemblyTimeExceeded);
 
     let sent = first_fragment(as_sent(GW, QUERY.with_sport(nat_port)));
-    let error = Ip {
-        df: false,
-        tos: 0xc0,
-        ..Ip::new(SERVER, GW)
-    };
-    let frame = ethernet(
-        ROUTER_MAC,
-        GW_MAC,
-        &icmp_error(error, reassembly.clone(), &sent),
-    );
-    let (verdict, out, reason) = gw.run(&frame);
+    let (verdict, out, reason) = gw.run(&internet_error(SERVER, reassembly.clone(), &sent));
     assert_eq!((verdict, reason), (Verdict::Tx, Reason::IcmpErrorRelayed));
     assert_checksums_valid(&out);
     let original = first_fragment(as_sent(CLIENT, QUERY));
-    let relayed = icmp_error(translated_in(error, CLIENT), reassembly.clone(), &original);
-    let outer = Ip {
-        id: u16::from_be_bytes([out[18], out[19]]),
-        df: false,
-        tos: 0xc0,
-        ..Ip::new(GW, PEER)
-    };
     assert_eq!(
         out,
-        ethernet(GW_MAC, ROUTER_MAC, &encapsulate(outer, &relayed)),
+        relayed_to_client(&out, SERVER, reassembly.clone(), &original),
         "from the remote to the client"
     );
 
@@ -405,30 +406,13 @@ fn relayed_icmp_errors_with_a_wrong_checksum_keep_it_wrong(hook: Hook) {
     let unreachable = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
     const WRONG_BY: u16 = 0x1234;
 
-    let error = Ip {
-        df: false,
-        ..Ip::new(SERVER, GW)
-    };
     let sent = as_sent(GW, QUERY.with_sport(nat_port));
-    let mut frame = ethernet(
-        ROUTER_MAC,
-        GW_MAC,
-        &icmp_error(error, unreachable.clone(), &sent),
-    );
+    let mut frame = internet_error(SERVER, unreachable.clone(), &sent);
     add_to_checksum(&mut frame, 14 + 20 + 2, WRONG_BY);
     let (verdict, out, reason) = gw.run(&frame);
     assert_eq!((verdict, reason), (Verdict::Tx, Reason::IcmpErrorRelayed));
-    let relayed = icmp_error(
-        translated_in(error, CLIENT),
-        unreachable.clone(),
-        &as_sent(CLIENT, QUERY),
-    );
-    let outer = Ip {
-        id: u16::from_be_bytes([out[18], out[19]]),
-        df: false,
-        ..Ip::new(GW, PEER)
-    };
-    let mut want = ethernet(GW_MAC, ROUTER_MAC, &encapsulate(outer, &relayed));
+    let original = as_sent(CLIENT, QUERY);
+    let mut want = relayed_to_client(&out, SERVER, unreachable.clone(), &original);
     add_to_checksum(&mut want, 14 + 20 + 20 + 2, WRONG_BY);
     assert_eq!(out, want, "from the remote: the same error after relaying");
 

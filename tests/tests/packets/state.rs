@@ -63,15 +63,20 @@ pub fn tcp_state(gw: &mut Gateway) -> TcpState {
     TcpState::of(out.tcp_flags, inb.tcp_flags)
 }
 
+/// The client's segment with `flags` on the tests' TCP connection,
+/// counted as `want`.
+fn out(gw: &mut Gateway, flags: u8, want: Reason) {
+    outbound(gw, CLIENT, L4::segment(23456, 80, flags, b""), want);
+}
+
+/// The server's segment with `flags` on the tests' TCP connection.
+fn back(gw: &mut Gateway, flags: u8) {
+    let l4 = L4::segment(80, 23456, flags, b"");
+    inbound(gw, l4, CLIENT, l4);
+}
+
 fn tcp_state_follows_handshake_and_teardown_in_both_directions(hook: Hook) {
     let mut gw = Gateway::new(hook);
-    let out = |gw: &mut Gateway, flags, want| {
-        outbound(gw, CLIENT, L4::segment(23456, 80, flags, b""), want);
-    };
-    let back = |gw: &mut Gateway, flags| {
-        let l4 = L4::segment(80, 23456, flags, b"");
-        inbound(gw, l4, CLIENT, l4);
-    };
     out(&mut gw, SYN, Reason::NewFlow);
     assert_eq!(tcp_state(&mut gw), TcpState::SynSent);
     back(&mut gw, SYN | ACK);
@@ -104,32 +109,15 @@ fn tcp_state_follows_handshake_and_teardown_in_both_directions(hook: Hook) {
 /// whatever the other side still sends.
 fn a_reset_its_sender_talks_past_does_not_end_the_connection(hook: Hook) {
     let mut gw = Gateway::new(hook);
-    let out = |gw: &mut Gateway, flags| {
-        outbound(
-            gw,
-            CLIENT,
-            L4::segment(23456, 80, flags, b""),
-            Reason::Translated,
-        );
-    };
-    let back = |gw: &mut Gateway, flags| {
-        let l4 = L4::segment(80, 23456, flags, b"");
-        inbound(gw, l4, CLIENT, l4);
-    };
-    outbound(
-        &mut gw,
-        CLIENT,
-        L4::segment(23456, 80, SYN, b""),
-        Reason::NewFlow,
-    );
+    out(&mut gw, SYN, Reason::NewFlow);
     back(&mut gw, SYN | ACK);
-    out(&mut gw, ACK);
+    out(&mut gw, ACK, Reason::Translated);
     back(&mut gw, RST);
     assert_eq!(tcp_state(&mut gw), TcpState::Reset);
     back(&mut gw, ACK);
     assert_eq!(tcp_state(&mut gw), TcpState::Established);
 
-    out(&mut gw, RST | ACK);
+    out(&mut gw, RST | ACK, Reason::Translated);
     back(&mut gw, ACK);
     assert_eq!(tcp_state(&mut gw), TcpState::Reset);
 }
@@ -139,13 +127,6 @@ fn a_reset_its_sender_talks_past_does_not_end_the_connection(hook: Hook) {
 /// the crossed SYN-ACKs establish the connection.
 fn simultaneous_open_passes_both_ways_and_establishes(hook: Hook) {
     let mut gw = Gateway::new(hook);
-    let out = |gw: &mut Gateway, flags, want| {
-        outbound(gw, CLIENT, L4::segment(23456, 80, flags, b""), want);
-    };
-    let back = |gw: &mut Gateway, flags| {
-        let l4 = L4::segment(80, 23456, flags, b"");
-        inbound(gw, l4, CLIENT, l4);
-    };
     out(&mut gw, SYN, Reason::NewFlow);
     back(&mut gw, SYN);
     assert_eq!(tcp_state(&mut gw), TcpState::SynReceived);
