@@ -8,6 +8,7 @@
 
 pub mod checksum;
 pub mod config;
+pub mod ecn;
 pub mod flow;
 pub mod flow_cache;
 pub mod fragment;

@@ -37,7 +37,9 @@ pub enum Reason {
     /// lengths that do not match, a UDP length or TCP header length that
     /// does not fit the IP packet.
     BadLength,
-    /// Outer header with options or fragmented: not a valid RFC 2003 packet.
+    /// Outer header with options or fragmented: not a valid RFC 2003
+    /// packet; or marked CE over an inner packet that is not ECN-capable,
+    /// which cannot carry the mark on (RFC 6040).
     BadOuter,
     /// Encapsulated payload is not IPv4.
     InnerNotIpv4,

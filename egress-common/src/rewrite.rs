@@ -55,6 +55,17 @@ pub fn ipv4(h: &mut [u8; 20], side: Side, addr: [u8; 4], dec_ttl: bool) -> [u8; 
     old
 }
 
+/// Sets the TOS byte of the 20-byte IPv4 header `h` to `tos`, patching the
+/// header checksum.
+#[inline(always)]
+pub fn set_tos(h: &mut [u8; 20], tos: u8) {
+    // The TOS shares its 16-bit word with the version and IHL.
+    let word = [h[0], h[1]];
+    h[1] = tos;
+    let check = Incremental::new([h[CHECK], h[CHECK + 1]]).replace2(word, [h[0], tos]);
+    h[CHECK..CHECK + 2].copy_from_slice(&check.finish());
+}
+
 /// The TCP or UDP checksum field after a 16-bit word of the segment (a
 /// port, the MSS; as it adds to the sum) changed from `word.0` to `word.1`,
 /// and with it perhaps an address of the pseudo-header, for a field that
@@ -331,6 +342,21 @@ mod tests {
             prop_assert_eq!(&out[at..at + 4], &addr[..]);
             prop_assert_eq!(out[TTL], if dec_ttl { h[TTL].saturating_sub(1) } else { h[TTL] });
             for i in (0..20).filter(|i| !(at..at + 4).contains(i) && ![TTL, CHECK, CHECK + 1].contains(i)) {
+                prop_assert_eq!(out[i], h[i], "byte {}", i);
+            }
+            prop_assert_eq!(total(&out), total(&h));
+        }
+    }
+
+    proptest! {
+        /// A new TOS byte leaves the rest of the header as it was and the
+        /// checksum as right or as wrong as it was.
+        #[test]
+        fn a_new_tos_keeps_the_checksum_error(h in any::<[u8; 20]>(), tos in any::<u8>()) {
+            let mut out = h;
+            set_tos(&mut out, tos);
+            prop_assert_eq!(out[1], tos);
+            for i in (0..20).filter(|&i| ![1, CHECK, CHECK + 1].contains(&i)) {
                 prop_assert_eq!(out[i], h[i], "byte {}", i);
             }
             prop_assert_eq!(total(&out), total(&h));

@@ -4,11 +4,12 @@
 
 use egress_common::{
     config::Config,
+    ecn,
     flow::{DIR_OUT, FlowKey, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP},
     fragment::{FragKey, Fragment},
     headers::{ICMP_ADMIN_PROHIBITED, ICMP_DEST_UNREACH, is_icmp_error, no_errors_about},
     reason::Reason,
-    tcp,
+    rewrite, tcp,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -59,6 +60,7 @@ impl Inner {
 pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
     let pkt = hook.packet();
     let inner = validate(pkt)?;
+    decapsulate_ecn(pkt)?;
     if inner.icmp_error {
         allowed(&inner, cfg)?;
         return relay::from_client(hook, inner.peer, inner.len);
@@ -171,6 +173,25 @@ fn forward<H: Hook>(
     l4::translate(hook, INNER, Side::Src, nat_addr, port, dec_ttl)?;
     hook.adjust_head(IP_LEN as i32)?;
     send(hook.packet(), hop, &orig, reason)
+}
+
+/// Carries a congestion mark on the outer header over to the inner one
+/// (RFC 6040), as the tunnel exit: before anything reads or quotes the
+/// inner header, as the kernel decapsulates before it forwards.
+#[inline(always)]
+fn decapsulate_ecn(pkt: Packet) -> Result<(), Reason> {
+    // SAFETY: a copy of one byte, then the only live reference into the
+    // packet.
+    let outer_tos = unsafe { pkt.get::<Ipv4Hdr>(ETH_LEN)?.tos };
+    let ip: &mut [u8; IP_LEN] = unsafe { pkt.get(INNER)? };
+    match ecn::decapsulate(outer_tos, ip[1]) {
+        None => Err(Reason::BadOuter),
+        Some(tos) if tos != ip[1] => {
+            rewrite::set_tos(ip, tos);
+            Ok(())
+        }
+        Some(_) => Ok(()),
+    }
 }
 
 /// Whether the peer may tunnel to us and the inner source may be translated

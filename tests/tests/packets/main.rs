@@ -42,6 +42,7 @@ for_each_hook!(
     udp_without_checksum_stays_without,
     udp_checksum_that_sums_to_zero_goes_out_as_all_ones,
     the_outer_header_copies_dscp_and_ecn_of_the_inner,
+    a_congestion_mark_on_the_outer_header_reaches_the_inner,
     icmp_echo_outbound_and_return,
     colliding_flows_get_distinct_ports_and_replies_reach_their_owner,
     unresolved_next_hop_goes_to_the_kernel_translated,
@@ -323,6 +324,66 @@ fn the_outer_header_copies_dscp_and_ecn_of_the_inner(hook: Hook) {
         // `inbound_packet` builds the outer header with the inner's TOS.
         inbound_packet(gw, &ip_packet(ip, reply), &inner);
     }
+}
+
+/// RFC 6040 at the tunnel's exit, as the kernel's ipip does it: CE on the
+/// outer header of an ECN-capable packet marks the inner one, ECT(1) turns
+/// an inner ECT(0) into ECT(1), the outer DSCP is not taken; CE over a
+/// packet that is not ECN-capable cannot be carried on, and drops it.
+fn a_congestion_mark_on_the_outer_header_reaches_the_inner(hook: Hook) {
+    let gw = &mut Gateway::new(hook);
+    let query = L4::Udp {
+        sport: 21000,
+        dport: 53,
+        payload: b"query",
+    };
+    let (ect_1, ect_0, ce) = (0b01, 0b10, 0b11);
+    let client = |tos| Ip {
+        tos,
+        ..Ip::new(CLIENT, SERVER)
+    };
+    let tunnelled = |outer_tos, inner_tos| {
+        let outer = Ip {
+            tos: outer_tos,
+            ..Ip::new(PEER, GW)
+        };
+        let inner = ip_packet(client(inner_tos), query);
+        ethernet(ROUTER_MAC, GW_MAC, &encapsulate(outer, &inner))
+    };
+    let mut reason = Reason::NewFlow;
+    // (outer TOS, inner TOS, the inner TOS that leaves)
+    for (outer, inner, want) in [
+        (ce, 0x28 | ect_0, 0x28 | ce),
+        (ce, 0x28 | ect_1, 0x28 | ce),
+        (ce, 0x28 | ce, 0x28 | ce),
+        (0xb8 | ect_1, 0x28 | ect_0, 0x28 | ect_1),
+        (ect_0, 0x28 | ect_1, 0x28 | ect_1),
+        (0xb8 | ect_0, 0x28, 0x28),
+        (0xb8, ect_0, ect_0),
+    ] {
+        let (verdict, out, r) = gw.run(&tunnelled(outer, inner));
+        assert_eq!(
+            (verdict, r),
+            (Verdict::Tx, reason),
+            "{outer:#x} over {inner:#x}"
+        );
+        let want = ip_packet(translated_out(client(want)), query);
+        assert_eq!(
+            out,
+            ethernet(GW_MAC, ROUTER_MAC, &want),
+            "{outer:#x} over {inner:#x}"
+        );
+        reason = Reason::Translated;
+    }
+    assert_cases(
+        gw,
+        vec![(
+            "CE over a packet that is not ECN-capable",
+            tunnelled(ce, 0x28),
+            Verdict::Drop,
+            Reason::BadOuter,
+        )],
+    );
 }
 
 fn icmp_echo_outbound_and_return(hook: Hook) {

@@ -108,6 +108,11 @@ fn malformed_outbound_frames_are_dropped_with_their_reason(hook: Hook) {
             Reason::BadOuter,
         ),
         drop(
+            "outer ECN CE over an inner packet that is not ECN-capable",
+            edited(&tcp, &[OUTER], |f| f[OUTER + 1] = 0b11),
+            Reason::BadOuter,
+        ),
+        drop(
             "outer header is a first fragment",
             edited(&tcp, &[OUTER], |f| f[OUTER + FRAGS] |= 0x20),
             Reason::BadOuter,
