@@ -10,10 +10,14 @@ pub const ICMP_LEN: usize = 8;
 pub const QUOTE_LEN: usize = IPV4_LEN + 8;
 
 pub const IP_DF: u16 = 0x4000;
+/// IP precedence "internetwork control", as Linux marks the errors it sends.
+pub const TOS_CONTROL: u8 = 0xc0;
 
 pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
 pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
+/// Destination unreachable: host unreachable.
+pub const ICMP_HOST_UNREACH: u8 = 1;
 /// Destination unreachable: fragmentation needed and DF set (RFC 1191).
 pub const ICMP_FRAG_NEEDED: u8 = 4;
 /// Destination unreachable: communication administratively prohibited

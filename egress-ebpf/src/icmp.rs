@@ -10,7 +10,7 @@ use egress_common::{
     fragment::Fragment,
     headers::{
         ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_LEN, ICMP_TIME_EXCEEDED, IPV4_LEN, Ipv4,
-        icmp_error,
+        TOS_CONTROL, icmp_error,
     },
     reason::Reason,
 };
@@ -33,9 +33,6 @@ const COST_NS: u64 = 1_000_000_000 / PER_SECOND;
 /// Token bucket per CPU: `[credit in ns, time of the last refill]`.
 #[map]
 static ICMP_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
-
-/// IP precedence "internetwork control", as Linux marks the errors it sends.
-const TOS_CONTROL: u8 = 0xc0;
 
 /// An ICMP error to send.
 #[derive(Clone, Copy)]

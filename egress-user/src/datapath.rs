@@ -551,6 +551,12 @@ impl Datapath {
         })
     }
 
+    /// The flows, on a handle of their own (a pinned map: valid across
+    /// reloads).
+    pub fn flows(&self) -> anyhow::Result<HashMap<MapData, FlowKey, Flow>> {
+        Ok(HashMap::try_from(self.own("FLOWS")?)?)
+    }
+
     /// A handle of its own on the map `name`.
     fn own(&self, name: &str) -> anyhow::Result<Map> {
         let map = self

@@ -24,4 +24,5 @@ pub mod settings;
 pub mod sweeper;
 pub mod sysctl;
 pub mod tunnel_errors;
+pub mod tunnel_relay;
 pub mod upgrade;

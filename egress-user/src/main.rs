@@ -21,6 +21,7 @@ use egress_user::{
     settings::Settings,
     sweeper::Sweeper,
     tunnel_errors::{self, Kind, TunnelErrors},
+    tunnel_relay::Relay,
 };
 use nix::sys::signal::{SigSet, SigmaskHow, Signal as SignalNumber, sigprocmask};
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -333,6 +334,18 @@ async fn serve(
             )
         })
         .ok();
+    // Without it routers' errors are still counted and logged; the servers
+    // only no longer hear that their replies are lost.
+    let mut relay = match Relay::new(gateway.datapath().flows()?, collector.clone()) {
+        Ok(relay) => Some(relay),
+        Err(e) => {
+            tracing::warn!(
+                "cannot open a raw socket (needs CAP_NET_RAW): {e}: routers' errors about the \
+                 tunnel are not relayed to the Internet hosts whose packets they lost"
+            );
+            None
+        }
+    };
     // Stopped when dropped, on the way out.
     let _sweeper = Sweeper::start(
         gateway.datapath().state()?,
@@ -410,6 +423,9 @@ async fn serve(
                     }
                     if let Some(c) = &collector {
                         c.record_tunnel_error(e.kind);
+                    }
+                    if let Some(r) = relay.as_mut() {
+                        r.relay(e);
                     }
                 }
                 // Remembered routes would answer with the old MTU.

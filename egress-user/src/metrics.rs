@@ -26,6 +26,7 @@ use crate::{
     inspect::{Conn, Pinned},
     reorder,
     tunnel_errors::Kind,
+    tunnel_relay,
 };
 
 /// Upper bounds of the RTT histogram buckets, in seconds.
@@ -60,6 +61,9 @@ pub struct Collector {
     /// Routers' errors about our tunnel packets to peers, by
     /// [`Kind::index`].
     tunnel_errors: [AtomicU64; Kind::NAMES.len()],
+    /// Those errors passed on to the servers, or why not, by
+    /// [`tunnel_relay::Outcome`], in the order of its `ALL`.
+    relays: [AtomicU64; tunnel_relay::Outcome::ALL.len()],
 }
 
 /// What earlier scrapes observed, so each flow is counted once.
@@ -197,6 +201,7 @@ impl Collector {
             gc: Mutex::default(),
             held: Mutex::default(),
             tunnel_errors: Default::default(),
+            relays: Default::default(),
         }
     }
 
@@ -218,6 +223,11 @@ impl Collector {
     /// Records a router's error about our tunnel packets to a peer.
     pub fn record_tunnel_error(&self, kind: Kind) {
         self.tunnel_errors[kind.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records what became of a router's error relayed by its kind.
+    pub fn record_relay(&self, outcome: tunnel_relay::Outcome) {
+        self.relays[outcome as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// The metrics in Prometheus text format (0.0.4).
@@ -300,6 +310,21 @@ impl Collector {
         );
         for (error, n) in Kind::NAMES.iter().zip(&self.tunnel_errors) {
             t.sample(name, &[("error", error)], n.load(Ordering::Relaxed));
+        }
+        let name = "egress_tunnel_error_relays_total";
+        t.family(
+            name,
+            "counter",
+            "Routers' unreachable and time exceeded errors about our tunnel packets, passed on \
+             to the Internet host whose packet was lost as host unreachable (RFC 2003), by \
+             outcome: relayed, or why not.",
+        );
+        for (outcome, n) in tunnel_relay::Outcome::ALL.iter().zip(&self.relays) {
+            t.sample(
+                name,
+                &[("outcome", outcome.as_str())],
+                n.load(Ordering::Relaxed),
+            );
         }
 
         let (ports, mapping_entries) = self.pinned.ports_in_use()?;

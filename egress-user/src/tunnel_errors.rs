@@ -122,6 +122,34 @@ pub struct TunnelError {
     pub kind: Kind,
     /// Who said so.
     pub router: Option<Ipv4Addr>,
+    /// What the router quoted of the packet inside ours.
+    pub quote: Quote,
+}
+
+/// The start of the packet inside one of our tunnel packets, as far as a
+/// router quoted it: the kernel hands a raw socket the quote that follows
+/// our outer header. Kept up to a whole IP header, options included, and
+/// the 8 bytes after it that name a flow (RFC 792).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quote {
+    bytes: [u8; Quote::MAX],
+    len: usize,
+}
+
+impl Quote {
+    pub const MAX: usize = 60 + 8;
+
+    /// The first [`Quote::MAX`] bytes of `quoted`.
+    pub fn new(quoted: &[u8]) -> Self {
+        let len = quoted.len().min(Self::MAX);
+        let mut bytes = [0; Self::MAX];
+        bytes[..len].copy_from_slice(&quoted[..len]);
+        Self { bytes, len }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
 }
 
 /// The socket through which the kernel learns the path MTU toward the
@@ -277,8 +305,8 @@ enum Queued {
 }
 
 fn queued(socket: &Socket) -> io::Result<Queued> {
-    // The quoted packet's first bytes come along; they are not needed.
-    let mut buf = [0u8; 64];
+    // The quote after our outer header, as much of it as is kept.
+    let mut buf = [0u8; Quote::MAX];
     let mut iov = [IoSliceMut::new(&mut buf)];
     let mut space = nix::cmsg_space!(libc::sock_extended_err, libc::sockaddr_in);
     let flags = MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT;
@@ -288,18 +316,23 @@ fn queued(socket: &Socket) -> io::Result<Queued> {
         Err(e) => return Err(e.into()),
     };
     let peer = msg.address.map(|a| a.ip());
+    let quoted = msg.bytes;
     let error = msg.cmsgs()?.find_map(|c| match c {
         ControlMessageOwned::Ipv4RecvErr(err, offender) => {
             let router = offender.map(|o| Ipv4Addr::from(u32::from_be(o.sin_addr.s_addr)));
-            Some(TunnelError {
-                peer: peer?,
-                kind: Kind::of(&err)?,
-                router,
-            })
+            Some((peer?, Kind::of(&err)?, router))
         }
         _ => None,
     });
-    Ok(error.map_or(Queued::Other, Queued::Router))
+    Ok(match error {
+        Some((peer, kind, router)) => Queued::Router(TunnelError {
+            peer,
+            kind,
+            router,
+            quote: Quote::new(&buf[..quoted]),
+        }),
+        None => Queued::Other,
+    })
 }
 
 #[cfg(test)]
@@ -352,6 +385,7 @@ mod tests {
             peer,
             kind,
             router: Some(ROUTER),
+            quote: Quote::new(&[]),
         };
         let mut told = Told::default();
         let start = Instant::now();
