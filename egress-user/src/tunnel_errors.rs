@@ -20,8 +20,9 @@
 //! routes (they would go on answering with the old MTU) and to tell.
 //!
 //! The other errors about tunnel packets (a peer unreachable, its tunnel
-//! down, a routing loop on the way) change nothing, but are what an
-//! operator needs to hear of: returning packets to that peer are lost.
+//! down, a routing loop on the way) are what an operator needs to hear of:
+//! returning packets to that peer are lost. The servers that sent them
+//! hear of it too ([`crate::tunnel_relay`]).
 
 use std::{
     borrow::Cow,
@@ -329,7 +330,7 @@ fn queued(socket: &Socket) -> io::Result<Queued> {
             peer,
             kind,
             router,
-            quote: Quote::new(&buf[..quoted]),
+            quote: Quote::new(&buf[..quoted.min(buf.len())]),
         }),
         None => Queued::Other,
     })

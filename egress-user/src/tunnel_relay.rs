@@ -149,11 +149,19 @@ impl Relay {
         }
         let outcome = match self.send(e) {
             Ok(server) => {
-                tracing::debug!(peer = %e.peer, %server, "relayed a router's error about the tunnel as host unreachable");
+                tracing::debug!(
+                    peer = %e.peer,
+                    %server,
+                    "relayed a router's error about the tunnel as host unreachable"
+                );
                 Outcome::Relayed
             }
             Err(outcome) => {
-                tracing::debug!(peer = %e.peer, outcome = outcome.as_str(), "a router's error about the tunnel not relayed");
+                tracing::debug!(
+                    peer = %e.peer,
+                    outcome = outcome.as_str(),
+                    "a router's error about the tunnel not relayed"
+                );
                 outcome
             }
         };
@@ -163,8 +171,7 @@ impl Relay {
     }
 
     fn send(&mut self, e: &TunnelError) -> Result<SocketAddrV4, Outcome> {
-        let inner = e.quote.bytes();
-        let key = quoted_flow(inner)?;
+        let (key, quote) = quoted_flow(e.quote.bytes())?;
         let flow = self
             .flows
             .get(&key, 0)
@@ -174,7 +181,7 @@ impl Relay {
         if !self.bucket.take(Instant::now()) {
             return Err(Outcome::RateLimited);
         }
-        let error = host_unreachable(inner, &flow);
+        let error = host_unreachable(quote, &flow);
         let server = SocketAddrV4::new(flow.remote_addr.into(), 0);
         match self.socket.send_to(&error, &server.into()) {
             Ok(_) => Ok(server),
@@ -187,10 +194,10 @@ impl Relay {
 }
 
 /// The outbound key of the flow whose reply `inner`, the start of a
-/// packet we tunnelled, is: the reply goes from the server to the client,
-/// so the key is its addresses and ports swapped. An echo reply's
-/// identifier stands in the client's port.
-pub fn quoted_flow(inner: &[u8]) -> Result<FlowKey, Outcome> {
+/// packet we tunnelled, is, and its IP header and 8 bytes: the reply goes
+/// from the server to the client, so the key is its addresses and ports
+/// swapped. An echo reply's identifier stands in the client's port.
+pub fn quoted_flow(inner: &[u8]) -> Result<(FlowKey, &[u8; QUOTE_LEN]), Outcome> {
     let ip: &[u8; IPV4_LEN] = inner
         .get(..IPV4_LEN)
         .and_then(|h| h.try_into().ok())
@@ -201,10 +208,11 @@ pub fn quoted_flow(inner: &[u8]) -> Result<FlowKey, Outcome> {
     if ip[0] != 0x45 || offset != 0 {
         return Err(Outcome::Unsupported);
     }
-    let l4: &[u8; 8] = inner
-        .get(IPV4_LEN..QUOTE_LEN)
-        .and_then(|h| h.try_into().ok())
+    let quote: &[u8; QUOTE_LEN] = inner
+        .get(..QUOTE_LEN)
+        .and_then(|q| q.try_into().ok())
         .ok_or(Outcome::ShortQuote)?;
+    let l4 = &quote[IPV4_LEN..];
     let proto = ip[9];
     let (sport, dport) = match proto {
         IPPROTO_TCP | IPPROTO_UDP => ([l4[0], l4[1]], [l4[2], l4[3]]),
@@ -212,7 +220,7 @@ pub fn quoted_flow(inner: &[u8]) -> Result<FlowKey, Outcome> {
         IPPROTO_ICMP if (l4[0], l4[1]) == (ICMP_ECHO_REPLY, 0) => ([0; 2], [l4[4], l4[5]]),
         _ => return Err(Outcome::Unsupported),
     };
-    Ok(FlowKey {
+    let key = FlowKey {
         src: [ip[16], ip[17], ip[18], ip[19]],
         dst: [ip[12], ip[13], ip[14], ip[15]],
         sport: dport,
@@ -220,17 +228,17 @@ pub fn quoted_flow(inner: &[u8]) -> Result<FlowKey, Outcome> {
         proto,
         dir: DIR_OUT,
         _pad: [0; 2],
-    })
+    };
+    Ok((key, quote))
 }
 
 /// "Host unreachable" from `flow`'s translation address to its server,
-/// about the reply `inner` (checked by [`quoted_flow`]) as the server sent
-/// it: quoting its IP header and 8 bytes with the destination translated
-/// back to the translation address and port (echo identifier), and their
+/// about the reply `quoted` (from [`quoted_flow`]) as the server sent it:
+/// quoting its IP header and 8 bytes with the destination translated back
+/// to the translation address and port (echo identifier), and their
 /// checksums patched to match.
-pub fn host_unreachable(inner: &[u8], flow: &Flow) -> [u8; ERROR_LEN] {
-    let mut quote = [0; QUOTE_LEN];
-    quote.copy_from_slice(&inner[..QUOTE_LEN]);
+pub fn host_unreachable(quoted: &[u8; QUOTE_LEN], flow: &Flow) -> [u8; ERROR_LEN] {
+    let mut quote = *quoted;
     let (ip, l4) = quote.split_at_mut(IPV4_LEN);
     let ip: &mut [u8; IPV4_LEN] = ip.try_into().expect("an IP header's length");
     let client = rewrite::ipv4(ip, Side::Dst, flow.nat_addr, false);
@@ -266,8 +274,8 @@ pub fn host_unreachable(inner: &[u8], flow: &Flow) -> [u8; ERROR_LEN] {
         dst: flow.remote_addr,
     }
     .write(&mut header);
-    for (bytes, word) in error.chunks_exact_mut(2).zip(header) {
-        bytes.copy_from_slice(&word.to_ne_bytes());
+    for (bytes, word) in error.as_chunks_mut::<2>().0.iter_mut().zip(header) {
+        *bytes = word.to_ne_bytes();
     }
     let (icmp, rest) = error[IPV4_LEN..].split_at_mut(ICMP_LEN);
     let icmp: &mut [u8; ICMP_LEN] = icmp.try_into().expect("an ICMP header's length");
@@ -382,15 +390,14 @@ mod tests {
     /// the tunnelled reply would have it relayed.
     fn error_about(l4: L4, quoted: usize) -> Result<([u8; ERROR_LEN], Vec<u8>), Outcome> {
         let tunnelled = reply(l4, CLIENT, CLIENT_PORT);
-        let inner = &tunnelled[..quoted];
-        let key = quoted_flow(inner)?;
+        let (key, quote) = quoted_flow(&tunnelled[..quoted])?;
         let f = match l4 {
             L4::Udp => flow(IPPROTO_UDP, SERVER_PORT),
             L4::Tcp => flow(IPPROTO_TCP, SERVER_PORT),
             L4::Echo => flow(IPPROTO_ICMP, 0),
         };
         assert_eq!(key, f.out_key(), "the flow's outbound half");
-        Ok((host_unreachable(inner, &f), reply(l4, NAT, NAT_PORT)))
+        Ok((host_unreachable(quote, &f), reply(l4, NAT, NAT_PORT)))
     }
 
     #[test]
@@ -425,7 +432,8 @@ mod tests {
     fn a_udp_reply_without_checksum_is_quoted_without_one() {
         let mut tunnelled = reply(L4::Udp, CLIENT, CLIENT_PORT);
         tunnelled[26..28].fill(0);
-        let error = host_unreachable(&tunnelled, &flow(IPPROTO_UDP, SERVER_PORT));
+        let (_, quote) = quoted_flow(&tunnelled).unwrap();
+        let error = host_unreachable(quote, &flow(IPPROTO_UDP, SERVER_PORT));
         let icmp = Icmpv4Slice::from_slice(&error[IPV4_LEN..]).unwrap();
         assert_eq!(icmp.payload()[26..28], [0, 0]);
         assert_eq!(icmp.payload()[22..24], NAT_PORT.to_be_bytes());

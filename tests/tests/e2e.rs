@@ -61,7 +61,7 @@ in_every_mode!(
     ping_with_df_fits_the_tunnel_mtu_exactly,
     large_replies_arrive_or_teach_the_server_the_tunnel_mtu,
     a_narrower_link_on_the_way_to_the_peer_lowers_the_tunnel_mtu,
-    a_peer_a_router_cannot_reach_is_reported,
+    a_peer_a_router_cannot_reach_is_reported_and_the_server_told,
     fragmented_udp_crosses_both_ways,
     reply_fragments_arriving_last_first_reach_the_client,
     syn_mss_is_clamped_to_fit_the_tunnel,
@@ -526,10 +526,13 @@ fn counts_tunnel_error(stack: &Stack, error: &str) -> Result<()> {
 /// A router on the way to the peer has no route to it: the reply tunnelled
 /// back is lost there, and the router's "host unreachable" about our
 /// tunnel packet must reach the operator (counted and logged, naming the
-/// peer). Once the route is back, the flow carries on.
-fn a_peer_a_router_cannot_reach_is_reported(stack: &Stack) -> Result<()> {
+/// peer) and, as host unreachable from the translation address about its
+/// own datagram, the server (RFC 2003 section 4.1), whose connected socket
+/// then fails. Once the route is back, the flow carries on.
+fn a_peer_a_router_cannot_reach_is_reported_and_the_server_told(stack: &Stack) -> Result<()> {
     let topo = &stack.topo;
     let (client, server) = udp_pair(stack)?;
+    set_int(&server, libc::IPPROTO_IP, libc::IP_RECVERR, 1)?;
     let route = format!("unreachable {CLIENT_UNDERLAY_IP}/32");
     exec(&topo.router, &format!("ip route add {route}"))?;
     server.send(b"lost")?;
@@ -542,6 +545,13 @@ fn a_peer_a_router_cannot_reach_is_reported(stack: &Stack) -> Result<()> {
             && l.contains(&format!("from={ROUTER_GATEWAY_IP}"))),
         "no warning naming the peer and the router in\n{log}"
     );
+    // The server's kernel matched the error to its socket by the quote:
+    // its own datagram, to the translation address and port.
+    fails_from_the_translation(&server, libc::EHOSTUNREACH, (3, 1))?;
+    let metrics = metrics(stack)?;
+    let relayed = "egress_tunnel_error_relays_total{outcome=\"relayed\"} 1\n";
+    ensure!(metrics.contains(relayed), "no {relayed:?} in\n{metrics}");
+
     exec(&topo.router, &format!("ip route del {route}"))?;
     server.send(b"back")?;
     let mut buf = [0; 16];
@@ -656,17 +666,24 @@ fn udp_to_a_closed_client_port_is_refused_by_the_translation(stack: &Stack) -> R
     drop(client);
 
     server.send(b"still there?")?;
-    let refused = server.recv(&mut buf);
+    fails_from_the_translation(&server, libc::ECONNREFUSED, (3, 3))
+}
+
+/// The server's connected `sock` (`IP_RECVERR` on) fails with `errno`, and
+/// the ICMP error queued on it is `want` (type, code), from the
+/// translation address.
+fn fails_from_the_translation(sock: &UdpSocket, errno: i32, want: (u8, u8)) -> Result<()> {
+    let failed = sock.recv(&mut [0; 16]);
     ensure!(
-        refused
+        failed
             .as_ref()
-            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused),
-        "the server's recv after the client closed: {refused:?}"
+            .is_err_and(|e| e.raw_os_error() == Some(errno)),
+        "the server's recv: {failed:?}, not errno {errno}"
     );
-    let (kind, code, from) = queued_icmp_error(&server)?;
+    let (kind, code, from) = queued_icmp_error(sock)?;
     ensure!(
-        (kind, code) == (3, 3),
-        "ICMP type {kind} code {code}, not port unreachable"
+        (kind, code) == want,
+        "ICMP type {kind} code {code}, not {want:?}"
     );
     ensure!(from == GATEWAY_IP, "the error came from {from}");
     Ok(())
