@@ -60,9 +60,9 @@ impl Inner {
 pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
     let pkt = hook.packet();
     let inner = validate(pkt)?;
-    decapsulate_ecn(pkt)?;
     if inner.icmp_error {
         allowed(&inner, cfg)?;
+        decapsulate_ecn(pkt)?;
         return relay::from_client(hook, inner.peer, inner.len);
     }
     let key = inner.key;
@@ -94,6 +94,7 @@ pub fn handle<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Outcome> {
             first_nat.unwrap_or_else(|| cfg.snat_for(key.src))
         }
     };
+    decapsulate_ecn(pkt)?;
     // Only now that the sender is known to be ours: we are a router hop, so
     // traceroute from the client shows the gateway.
     if inner.ttl <= 1 {
@@ -176,8 +177,9 @@ fn forward<H: Hook>(
 }
 
 /// Carries a congestion mark on the outer header over to the inner one
-/// (RFC 6040), as the tunnel exit: before anything reads or quotes the
-/// inner header, as the kernel decapsulates before it forwards.
+/// (RFC 6040), as the tunnel exit: once the sender is known to be ours (a
+/// stranger's packet is counted as such), before anything quotes the inner
+/// header, as the kernel decapsulates before it forwards.
 #[inline(always)]
 fn decapsulate_ecn(pkt: Packet) -> Result<(), Reason> {
     // SAFETY: a copy of one byte, then the only live reference into the

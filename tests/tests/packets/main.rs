@@ -539,6 +539,23 @@ fn rejected() -> Vec<(&'static str, Vec<u8>, Verdict, Reason)> {
             Reason::ClientNotAllowed,
         ),
         (
+            // Policy first: RFC 6040's drop is for our peers' packets.
+            "CE over a packet that is not ECN-capable, from a peer not allowed",
+            ethernet(
+                ROUTER_MAC,
+                GW_MAC,
+                &encapsulate(
+                    Ip {
+                        tos: 0b11,
+                        ..Ip::new(stranger, GW)
+                    },
+                    &inner,
+                ),
+            ),
+            Verdict::Drop,
+            Reason::PeerNotAllowed,
+        ),
+        (
             "truncated inner header",
             from_peer(&inner)[..14 + 20 + 12].to_vec(),
             Verdict::Drop,
