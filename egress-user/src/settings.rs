@@ -2,7 +2,7 @@
 //! once, with errors that name the offending key.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -314,6 +314,15 @@ impl Settings {
         if self.snat.len() > MAX_SNAT_ADDRS {
             bail!("snat: at most {MAX_SNAT_ADDRS} translation addresses");
         }
+        // Most likely a slip for another address, which then goes missing.
+        for (key, what, list) in [
+            ("peer", "tunnel peer", &self.admission.peers),
+            ("snat", "translation address", &self.snat),
+        ] {
+            if let Some(addr) = repeated(list) {
+                bail!("{key}: {addr} is listed twice; list each {what} once");
+            }
+        }
         if self.max_flows == 0 || self.max_flows > (u32::MAX / 2) {
             bail!("max-flows: must be between 1 and {}", u32::MAX / 2);
         }
@@ -444,6 +453,12 @@ pub(crate) fn for_test(extra: &str) -> Settings {
         "iface = \"eth0\"\npeer = [\"10.0.1.10\"]\nclient-cidr = [\"10.0.0.0/16\"]\n{extra}"
     );
     Settings::merge(FileSettings::default(), FileSettings::parse(&text).unwrap()).unwrap()
+}
+
+/// The first address that `list` holds more than once.
+fn repeated(list: &[Ipv4Addr]) -> Option<Ipv4Addr> {
+    let mut seen = BTreeSet::new();
+    list.iter().copied().find(|a| !seen.insert(*a))
 }
 
 /// A list flag that was not given arrives as an empty list: treat it as unset.
@@ -669,6 +684,46 @@ mod tests {
         let many_ranges =
             format!("iface = \"eth0\"\npeer = [\"10.0.1.10\"]\nclient-cidr = {ranges}");
         assert!(merged(&many_ranges).contains("client-cidr: at most 1024"));
+    }
+
+    /// A peer or translation address given twice, in the file or by
+    /// flags, is refused with its name: it is most likely a slip for
+    /// another address, which would go missing unnoticed.
+    #[test]
+    fn an_address_listed_twice_is_refused_by_name() {
+        let file = |lists: &str| {
+            FileSettings::parse(&format!(
+                "iface = \"eth0\"\nclient-cidr = [\"10.0.0.0/16\"]\n{lists}"
+            ))
+            .unwrap()
+        };
+        let (peer, snat) = (Ipv4Addr::new(10, 0, 1, 10), Ipv4Addr::new(10, 1, 1, 10));
+        let flags = |peers: Vec<Ipv4Addr>, snats: Vec<Ipv4Addr>| FileSettings {
+            peer: Some(peers),
+            snat: Some(snats),
+            ..FileSettings::default()
+        };
+        let twice_peer = "peer: 10.0.1.10 is listed twice; list each tunnel peer once";
+        let twice_snat = "snat: 10.1.1.10 is listed twice; list each translation address once";
+        for (cli, file, says) in [
+            (
+                FileSettings::default(),
+                file("peer = [\"10.0.1.10\", \"10.0.1.11\", \"10.0.1.10\"]"),
+                twice_peer,
+            ),
+            (flags(vec![peer, peer], vec![]), file(""), twice_peer),
+            (
+                FileSettings::default(),
+                file("peer = [\"10.0.1.10\"]\nsnat = [\"10.1.1.10\", \"10.1.1.10\"]"),
+                twice_snat,
+            ),
+            (flags(vec![peer], vec![snat, snat]), file(""), twice_snat),
+        ] {
+            let e = Settings::merge(cli, file).unwrap_err().to_string();
+            assert_eq!(e, says);
+        }
+        let s = Settings::merge(flags(vec![peer], vec![snat]), file("")).unwrap();
+        assert_eq!((s.admission.peers, s.snat), (vec![peer], vec![snat]));
     }
 
     #[test]

@@ -84,6 +84,46 @@ fn duplicate_key() -> Result<()> {
     )
 }
 
+/// The same peer or translation address twice: a slip for another
+/// address, refused by `egress config` (and so `egress run`) and a problem
+/// for `egress check`, in the file or as flags, naming the address.
+#[test]
+fn address_listed_twice() -> Result<()> {
+    let peer_twice = VALID.replace("\"10.0.1.10\"]", "\"10.0.1.10\", \"10.0.1.10\"]");
+    refused(
+        "peer-twice.toml",
+        &peer_twice,
+        "peer: 10.0.1.10 is listed twice",
+    )?;
+    let snat_twice = format!("{VALID}snat = [\"10.1.1.10\", \"10.1.1.11\", \"10.1.1.10\"]\n");
+    refused(
+        "snat-twice.toml",
+        &snat_twice,
+        "snat: 10.1.1.10 is listed twice",
+    )?;
+    let flags = ["--iface", "eth0", "--client-cidr", "10.0.0.0/16"];
+    let peer_flags = ["--peer", "10.0.1.10", "--peer", "10.0.1.10"];
+    let (ok, _, err) = config(&[&flags[..], &peer_flags].concat())?;
+    ensure!(
+        !ok && err.contains("peer: 10.0.1.10 is listed twice"),
+        "{err}"
+    );
+
+    let file = Scratch::write("check-snat-twice.toml", &snat_twice)?;
+    let out = Command::new(tests::egress_bin()?)
+        .args(["check", "--config", file.path()?])
+        .env("RUST_LOG", "off")
+        .output()
+        .context("cannot run egress")?;
+    let report = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        !out.status.success()
+            && report.starts_with("PROBLEM  configuration: snat: 10.1.1.10 is listed twice"),
+        "{report}"
+    );
+    Ok(())
+}
+
 #[test]
 fn bad_cidr() -> Result<()> {
     let text = VALID.replace("10.0.0.0/16", "10.0.0.0/33");
