@@ -207,7 +207,7 @@ fn run(
                 Pinned::open(&policy.state_dir)?,
                 top_flows,
                 u64::from(policy.ports.max - policy.ports.min) + 1,
-                &policy.admission.peers,
+                gateway.allowed(),
             ));
             tracing::info!(addr = %listener.local_addr()?, "serving metrics on /metrics");
             Some((listener, collector))

@@ -3,6 +3,7 @@
 //! minimal HTTP/1.1 responder on `/metrics` and `/healthz`.
 
 use std::{
+    collections::BTreeMap,
     fmt::{Display, Write as _},
     net::Ipv4Addr,
     sync::{
@@ -13,7 +14,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use egress_common::flow::FlowKey;
+use egress_common::flow::{FlowKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -22,8 +23,8 @@ use tokio::{
 };
 
 use crate::{
-    gc::Sweep,
-    inspect::{Conn, Pinned},
+    gc::{SharedAllowed, Sweep},
+    inspect::{Conn, Pinned, PortsInUse, proto_name},
     reorder,
     tunnel_errors::Kind,
     tunnel_relay,
@@ -51,9 +52,9 @@ pub struct Collector {
     top_flows: usize,
     /// Translation ports per address and protocol.
     port_capacity: u64,
-    /// The configured peers: each has its series, with flows or without
-    /// (an idle peer shows 0, not a gap).
-    peers: Vec<[u8; 4]>,
+    /// The policy as of now: each configured peer and translation address
+    /// has its series, in use or not (idle shows 0, not a gap).
+    allowed: SharedAllowed,
     seen: Mutex<Seen>,
     gc: Mutex<GcTotals>,
     /// Held fragments by [`reorder::Outcome`], in the order of its `ALL`.
@@ -184,7 +185,12 @@ impl Histogram {
 }
 
 impl Collector {
-    pub fn new(pinned: Pinned, top_flows: usize, port_capacity: u64, peers: &[Ipv4Addr]) -> Self {
+    pub fn new(
+        pinned: Pinned,
+        top_flows: usize,
+        port_capacity: u64,
+        allowed: SharedAllowed,
+    ) -> Self {
         // The flows a restarted daemon finds were counted (and their round
         // trips observed) by the daemon before it.
         let mut seen = Seen::default();
@@ -196,7 +202,7 @@ impl Collector {
             pinned,
             top_flows,
             port_capacity,
-            peers: peers.iter().map(|p| p.octets()).collect(),
+            allowed,
             seen: Mutex::new(seen),
             gc: Mutex::default(),
             held: Mutex::default(),
@@ -346,34 +352,16 @@ impl Collector {
             t.sample("egress_table_entries_limit", &[("map", o.map)], o.capacity);
         }
 
-        t.family(
-            "egress_nat_ports",
-            "gauge",
-            "Translation ports (ICMP: identifiers) reserved.",
-        );
-        for (addr, proto, used) in &ports {
-            t.sample(
-                "egress_nat_ports",
-                &[("address", &addr.to_string()), ("proto", proto)],
-                used,
-            );
-        }
-        t.family(
-            "egress_nat_ports_limit",
-            "gauge",
-            "Translation ports available per address and protocol.",
-        );
-        for (addr, proto, _) in &ports {
-            t.sample(
-                "egress_nat_ports_limit",
-                &[("address", &addr.to_string()), ("proto", proto)],
-                self.port_capacity,
-            );
-        }
+        let (snat, peers) = {
+            let allowed = self.allowed.read().unwrap_or_else(PoisonError::into_inner);
+            let peers: Vec<[u8; 4]> = allowed.admission.peers.iter().map(|p| p.octets()).collect();
+            (allowed.snat.clone(), peers)
+        };
+        nat_ports(&mut t, &snat, &ports, self.port_capacity);
 
         Self::per_address(&conns, &mut t, "client", |c| c.out.client_addr, &[]);
         // Which peer carries which flows: after a failover, the flows move.
-        Self::per_address(&conns, &mut t, "peer", |c| c.out.peer_addr, &self.peers);
+        Self::per_address(&conns, &mut t, "peer", |c| c.out.peer_addr, &peers);
         self.top(conns, &mut t);
         Ok(t.0)
     }
@@ -485,6 +473,37 @@ impl Collector {
                     );
                 }
             }
+        }
+    }
+}
+
+/// Ports reserved (`in_use`) and available (`capacity` each) per
+/// translation address and protocol: every address of `snat` has both
+/// series for each protocol, 0 while idle, as do addresses with ports in
+/// use (one no longer in `snat` until the sweep removes its mappings).
+fn nat_ports(t: &mut Text, snat: &[Ipv4Addr], in_use: &[PortsInUse], capacity: u64) {
+    let protos = [IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP].map(proto_name);
+    let mut used: BTreeMap<(Ipv4Addr, &str), u64> = snat
+        .iter()
+        .flat_map(|&addr| protos.map(|proto| ((addr, proto), 0)))
+        .collect();
+    used.extend(in_use.iter().map(|&(addr, proto, n)| ((addr, proto), n)));
+    for (name, help, limit) in [
+        (
+            "egress_nat_ports",
+            "Translation ports (ICMP: identifiers) reserved.",
+            None,
+        ),
+        (
+            "egress_nat_ports_limit",
+            "Translation ports available per address and protocol.",
+            Some(capacity),
+        ),
+    ] {
+        t.family(name, "gauge", help);
+        for (&(addr, proto), &n) in &used {
+            let labels = [("address", &*addr.to_string()), ("proto", proto)];
+            t.sample(name, &labels, limit.unwrap_or(n));
         }
     }
 }
@@ -748,6 +767,39 @@ mod tests {
         let mut fifth = [conn(2, [1, 100, 0, 0])];
         never_back(&before, &mut fifth, 1);
         assert_eq!(exported(&fifth), [[1, 100, 0, 0]]);
+    }
+
+    /// Every configured translation address has a series per protocol,
+    /// 0 while idle (an idle address was a gap); one no longer configured
+    /// keeps its series while it has ports in use.
+    #[test]
+    fn every_translation_address_has_its_port_series() {
+        let (a, b, old) = (
+            Ipv4Addr::new(10, 1, 1, 10),
+            Ipv4Addr::new(10, 1, 1, 11),
+            Ipv4Addr::new(10, 1, 1, 9),
+        );
+        let mut t = Text::default();
+        nat_ports(&mut t, &[a, b], &[(a, "udp", 3), (old, "tcp", 1)], 100);
+        let samples: Vec<&str> = t.0.lines().filter(|l| !l.starts_with('#')).collect();
+        let series = |name: &str, values: [u64; 7]| {
+            let old_tcp = [(old, "tcp")];
+            let configured = [a, b].map(|addr| ["icmp", "tcp", "udp"].map(|proto| (addr, proto)));
+            old_tcp
+                .into_iter()
+                .chain(configured.into_iter().flatten())
+                .zip(values)
+                .map(|((addr, proto), n)| {
+                    format!("{name}{{address=\"{addr}\",proto=\"{proto}\"}} {n}")
+                })
+                .collect::<Vec<_>>()
+        };
+        let expected = [
+            series("egress_nat_ports", [1, 0, 0, 3, 0, 0, 0]),
+            series("egress_nat_ports_limit", [100; 7]),
+        ]
+        .concat();
+        assert_eq!(samples, expected);
     }
 
     #[test]

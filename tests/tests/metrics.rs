@@ -217,9 +217,16 @@ fn metrics_and_flows_match_the_traffic() -> Result<()> {
             let got = labelled("egress_table_entries", "map", map);
             ensure!(got == [entries], "{map} entries {got:?}, not {entries}");
         }
+        // One translation address: a series per protocol, 0 for the idle
+        // one (not a gap).
         for (proto, ports) in [("udp", 3.0), ("tcp", 1.0), ("icmp", 0.0)] {
-            let got: f64 = labelled("egress_nat_ports", "proto", proto).iter().sum();
-            ensure!(got == ports, "{proto} ports in use {got}, not {ports}");
+            let got = labelled("egress_nat_ports", "proto", proto);
+            ensure!(
+                got == [ports],
+                "{proto} ports in use {got:?}, not [{ports}]"
+            );
+            let limit = labelled("egress_nat_ports_limit", "proto", proto);
+            ensure!(limit == [31744.0], "{proto} ports available {limit:?}");
         }
 
         for leg in ["tunnel", "internet"] {
