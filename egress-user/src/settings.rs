@@ -518,10 +518,9 @@ mod tests {
     #[test]
     fn peer_clients_from_file_or_flags_are_checked() {
         let file = |extra: &str| {
-            FileSettings::parse(&format!(
+            parsed(&format!(
                 "iface = \"eth0\"\npeer = [\"10.0.1.10\", \"10.0.1.11\"]\nclient-cidr = [\"10.0.0.0/16\"]\n{extra}"
             ))
-            .unwrap()
         };
         let bound = "[peer-clients]\n\"10.0.1.11\" = [\"10.0.7.0/24\"]\n";
         let s = Settings::merge(FileSettings::default(), file(bound)).unwrap();
@@ -613,6 +612,11 @@ mod tests {
         assert!(format!("{e:#}").contains("--peer"));
     }
 
+    /// Parses `text` as a config file that must be well-formed.
+    fn parsed(text: &str) -> FileSettings {
+        FileSettings::parse(text).unwrap()
+    }
+
     /// Parses `text` as a config file and expects an error naming `key`.
     fn rejected(text: &str, key: &str) -> String {
         let e = FileSettings::parse(text).expect_err(text);
@@ -692,10 +696,9 @@ mod tests {
     #[test]
     fn an_address_listed_twice_is_refused_by_name() {
         let file = |lists: &str| {
-            FileSettings::parse(&format!(
+            parsed(&format!(
                 "iface = \"eth0\"\nclient-cidr = [\"10.0.0.0/16\"]\n{lists}"
             ))
-            .unwrap()
         };
         let (peer, snat) = (Ipv4Addr::new(10, 0, 1, 10), Ipv4Addr::new(10, 1, 1, 10));
         let flags = |peers: Vec<Ipv4Addr>, snats: Vec<Ipv4Addr>| FileSettings {
