@@ -146,25 +146,34 @@ fn lookups<K: Pod, V: Pod>(
     })
 }
 
-/// Deletes `keys` from `map`; keys already gone are skipped.
+/// Deletes `keys` from `map`, in order; keys already gone are skipped.
+/// Returns how many of the leading keys are gone (deleted, or found gone),
+/// all of them unless an error stopped the rest, and that error.
 pub fn delete<T: Borrow<MapData>, K: Pod, V: Pod>(
     map: &HashMap<T, K, V>,
     keys: &[K],
-) -> io::Result<()> {
-    let mut rest = keys;
-    while !rest.is_empty() {
-        let chunk = &rest[..rest.len().min(CHUNK)];
+) -> (usize, io::Result<()>) {
+    let mut gone = 0;
+    while gone < keys.len() {
+        let chunk = &keys[gone..keys.len().min(gone + CHUNK)];
         let mut a = attr(map.map());
         a.keys = chunk.as_ptr() as u64;
         a.count = chunk.len() as u32;
         match bpf(BPF_MAP_DELETE_BATCH, &mut a) {
-            Ok(()) => rest = &rest[chunk.len()..],
+            Ok(()) => gone += chunk.len(),
             // Stopped at a key that is not there: skip it, go on after it.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                rest = &rest[a.count as usize + 1..];
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => gone += a.count as usize + 1,
+            // Stopped at a key it could not delete, `count` set to the
+            // keys deleted before it. An error before the kernel began
+            // (a read-only handle, say) leaves `count` as given: none.
+            Err(e) => {
+                let deleted = a.count as usize;
+                return (
+                    gone + if deleted < chunk.len() { deleted } else { 0 },
+                    Err(e),
+                );
             }
-            Err(e) => return Err(e),
         }
     }
-    Ok(())
+    (gone, Ok(()))
 }

@@ -122,18 +122,28 @@ fn current(allowed: &RwLock<Allowed>) -> Allowed {
         .clone()
 }
 
-/// What one sweep found and did.
+/// What one sweep found and did (an unfinished one: until it ended).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Sweep {
     /// Flows left, flows removed idle, and flows removed because the
-    /// policy no longer allows them (both halves each).
+    /// policy no longer allows them. A flow counts as removed once its
+    /// return half is: no reply can use it then, and the outbound half a
+    /// cut-short sweep leaves goes at the next sweep, uncounted.
     pub live: usize,
     pub expired: usize,
     pub disallowed: usize,
-    /// Mappings left, and mappings removed.
+    /// Mappings left, and mappings removed (once the client side is).
     pub mappings: usize,
     pub mappings_expired: usize,
     pub took: Duration,
+}
+
+/// A sweep that an error (or a stop) ended part way, and what it had
+/// removed by then.
+#[derive(Debug)]
+pub struct Unfinished {
+    pub sweep: Sweep,
+    pub error: anyhow::Error,
 }
 
 /// A request to stop, heeded by a sweep between two batches of map
@@ -168,25 +178,42 @@ impl Stop {
 /// The tables are read and pruned in bulk, heeding `stop` between batches;
 /// within each flow (and mapping) the side that admits new packets or
 /// flows goes first. A sweep stopped or failed part way still sets its
-/// clients' counts, once it has read the whole flow table.
+/// clients' counts, once it has read the whole flow table, and reports
+/// what it removed.
 pub fn sweep(
     state: &mut State,
     timeouts: &Timeouts,
     allowed: &RwLock<Allowed>,
     now_ns: u64,
     stop: &Stop,
-) -> anyhow::Result<Sweep> {
+) -> Result<Sweep, Unfinished> {
     let started = Instant::now();
+    let mut sweep = Sweep::default();
+    let result = prune_and_recount(state, timeouts, allowed, now_ns, stop, &mut sweep);
+    sweep.took = started.elapsed();
+    match result {
+        Ok(()) => Ok(sweep),
+        Err(error) => Err(Unfinished { sweep, error }),
+    }
+}
+
+/// The work of [`sweep`], each removal counted in `sweep` as it is made.
+fn prune_and_recount(
+    state: &mut State,
+    timeouts: &Timeouts,
+    allowed: &RwLock<Allowed>,
+    now_ns: u64,
+    stop: &Stop,
+    sweep: &mut Sweep,
+) -> anyhow::Result<()> {
     // Before the flows are read: what the data path counts after this, it
     // counts for flows the read may not see.
     let counted: FxHashMap<[u8; 4], u64> = read(&state.clients, stop)?.into_iter().collect();
     let mut clients = Clients::default();
-    let pruned = prune(state, timeouts, allowed, now_ns, stop, &mut clients);
+    let pruned = prune(state, timeouts, allowed, now_ns, stop, &mut clients, sweep);
     let recounted = recount_clients(&mut state.clients, &counted, &clients);
-    let mut sweep = pruned?;
-    recounted?;
-    sweep.took = started.elapsed();
-    Ok(sweep)
+    pruned?;
+    Ok(recounted?)
 }
 
 /// Flows (outbound halves) per client address: those a sweep read, once
@@ -197,6 +224,14 @@ struct Clients {
     removed: FxHashMap<[u8; 4], u64>,
 }
 
+/// A flow to remove: its return and outbound halves, and whether it
+/// expired (else the policy no longer allows it).
+struct Dead<'a> {
+    inb: (FlowKey, &'a Flow),
+    out: (FlowKey, &'a Flow),
+    expired: bool,
+}
+
 fn prune(
     state: &State,
     timeouts: &Timeouts,
@@ -204,7 +239,8 @@ fn prune(
     now_ns: u64,
     stop: &Stop,
     clients: &mut Clients,
-) -> anyhow::Result<Sweep> {
+    sweep: &mut Sweep,
+) -> anyhow::Result<()> {
     let idle = |last_ns: u64| Duration::from_nanos(now_ns.saturating_sub(last_ns));
     let flows = read(&state.flows, stop)?;
     let mut read_clients = FxHashMap::default();
@@ -225,10 +261,9 @@ fn prune(
             .filter(|(k, _)| k.dir == DIR_IN)
             .map(|(k, f)| (*k, (f, false))),
     );
-    let mut sweep = Sweep::default();
     let mut used: FxHashSet<PortKey> =
         FxHashSet::with_capacity_and_hasher(returns.len(), Default::default());
-    let (mut dead_in, mut dead_out, mut lone) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut dead, mut lone) = (Vec::new(), Vec::new());
 
     for (key, out) in flows.iter().filter(|(k, _)| k.dir == DIR_OUT) {
         let in_key = out.in_key();
@@ -237,21 +272,33 @@ fn prune(
             continue;
         };
         *claimed = true;
-        if !policy.flow(out) {
-            sweep.disallowed += 1;
+        let expired = if !policy.flow(out) {
+            false
         } else if idle(out.last_seen_ns.max(inb.last_seen_ns)) <= timeouts.of(out, inb) {
             sweep.live += 1;
             used.insert(client_key(out));
             continue;
         } else {
-            sweep.expired += 1;
-        }
-        dead_in.push((in_key, *inb));
-        dead_out.push((*key, out));
+            true
+        };
+        dead.push(Dead {
+            inb: (in_key, *inb),
+            out: (*key, out),
+            expired,
+        });
     }
     // Return halves first: once they are gone no reply can use the flows.
-    delete_halves(&state.flows, &dead_in, stop, clients)?;
-    delete_halves(&state.flows, &dead_out, stop, clients)?;
+    let halves: Vec<_> = dead.iter().map(|d| d.inb).collect();
+    let (gone, result) = delete_halves(&state.flows, &halves, stop, clients);
+    for d in &dead[..gone] {
+        match d.expired {
+            true => sweep.expired += 1,
+            false => sweep.disallowed += 1,
+        }
+    }
+    result?;
+    let halves: Vec<_> = dead.iter().map(|d| d.out).collect();
+    delete_halves(&state.flows, &halves, stop, clients).1?;
 
     // Lone halves: what a cut-short sweep leaves, or flows created while
     // this sweep read the table (hence the grace period and second look).
@@ -270,7 +317,7 @@ fn prune(
             orphans.push((key, half));
         }
     }
-    delete_halves(&state.flows, &orphans, stop, clients)?;
+    delete_halves(&state.flows, &orphans, stop, clients).1?;
 
     let mappings: FxHashMap<PortKey, Mapping> = read(&state.mappings, stop)?.into_iter().collect();
     let policy = current(allowed);
@@ -300,7 +347,7 @@ fn prune(
             unused.push((*key, twin));
         }
     }
-    delete(&state.mappings, &orphans, stop)?;
+    delete(&state.mappings, &orphans, stop).1?;
     for batch in unused.chunks(batch::CHUNK) {
         stop.check()?;
         // The second read catches a flow started from the mapping since
@@ -309,13 +356,14 @@ fn prune(
             .iter()
             .partition(|(key, _)| !state.mappings.get(key, 0).is_ok_and(|m| recent(&m)));
         sweep.mappings += live.len();
-        sweep.mappings_expired += dead.len();
         // Client sides first: once they are gone no new flow can use the ports.
         let (dead_clients, dead_reservations): (Vec<_>, Vec<_>) = dead.into_iter().unzip();
-        batch::delete(&state.mappings, &dead_clients)?;
-        batch::delete(&state.mappings, &dead_reservations)?;
+        let (gone, result) = batch::delete(&state.mappings, &dead_clients);
+        sweep.mappings_expired += gone;
+        result?;
+        batch::delete(&state.mappings, &dead_reservations).1?;
     }
-    Ok(sweep)
+    Ok(())
 }
 
 /// Every entry of `map`, read a batch at a time.
@@ -328,20 +376,29 @@ fn read<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>, stop: &Stop) -> anyhow::Re
     Ok(entries)
 }
 
-/// Deletes `keys` from `map` a batch at a time.
+/// Deletes `keys` from `map` a batch at a time, in order; returns how
+/// many of the leading keys are gone, all of them unless a stop or an
+/// error ended it part way, and that.
 fn delete<K: Pod, V: Pod>(
     map: &HashMap<MapData, K, V>,
     keys: &[K],
     stop: &Stop,
-) -> anyhow::Result<()> {
+) -> (usize, anyhow::Result<()>) {
+    let mut gone = 0;
     for batch in keys.chunks(batch::CHUNK) {
-        stop.check()?;
-        batch::delete(map, batch)?;
+        if let Err(e) = stop.check() {
+            return (gone, Err(e));
+        }
+        let (deleted, result) = batch::delete(map, batch);
+        gone += deleted;
+        if let Err(e) = result {
+            return (gone, Err(e.into()));
+        }
     }
-    Ok(())
+    (gone, Ok(()))
 }
 
-/// Deletes flow halves a batch at a time; each outbound half removed is a
+/// Deletes flow halves as [`delete`] does; each outbound half removed is a
 /// flow its client no longer has (the data path counts a flow when it
 /// inserts the outbound half).
 fn delete_halves(
@@ -349,16 +406,13 @@ fn delete_halves(
     halves: &[(FlowKey, &Flow)],
     stop: &Stop,
     clients: &mut Clients,
-) -> anyhow::Result<()> {
-    for batch in halves.chunks(batch::CHUNK) {
-        stop.check()?;
-        let keys: Vec<FlowKey> = batch.iter().map(|(k, _)| *k).collect();
-        batch::delete(flows, &keys)?;
-        for (_, f) in batch.iter().filter(|(k, _)| k.dir == DIR_OUT) {
-            *clients.removed.entry(f.client_addr).or_default() += 1;
-        }
+) -> (usize, anyhow::Result<()>) {
+    let keys: Vec<FlowKey> = halves.iter().map(|(k, _)| *k).collect();
+    let (gone, result) = delete(flows, &keys, stop);
+    for (_, f) in halves[..gone].iter().filter(|(k, _)| k.dir == DIR_OUT) {
+        *clients.removed.entry(f.client_addr).or_default() += 1;
     }
-    Ok(())
+    (gone, result)
 }
 
 /// The client-side mapping key a flow was created from.

@@ -23,7 +23,7 @@ use tokio::{
 };
 
 use crate::{
-    gc::{SharedAllowed, Sweep},
+    gc::{SharedAllowed, Sweep, Unfinished},
     inspect::{Conn, Pinned, PortsInUse, proto_name},
     reorder,
     tunnel_errors::Kind,
@@ -158,12 +158,29 @@ enum Leg {
     Internet,
 }
 
-#[derive(Default)]
+#[derive(Debug, Default, PartialEq)]
 struct GcTotals {
     runs: u64,
     last: Duration,
     flows_expired: u64,
     mappings_expired: u64,
+}
+
+impl GcTotals {
+    /// Counts what a sweep removed, finished or not; and a finished one
+    /// as a run, with its duration.
+    fn record(&mut self, result: &Result<Sweep, Unfinished>) {
+        let sweep = match result {
+            Ok(sweep) => {
+                self.runs += 1;
+                self.last = sweep.took;
+                sweep
+            }
+            Err(unfinished) => &unfinished.sweep,
+        };
+        self.flows_expired += sweep.expired as u64;
+        self.mappings_expired += sweep.mappings_expired as u64;
+    }
 }
 
 #[derive(Default)]
@@ -211,13 +228,10 @@ impl Collector {
         }
     }
 
-    /// Records a finished garbage-collection sweep.
-    pub fn record_sweep(&self, sweep: &Sweep) {
+    /// Records a garbage-collection sweep.
+    pub fn record_sweep(&self, result: &Result<Sweep, Unfinished>) {
         let mut gc = self.gc.lock().unwrap_or_else(PoisonError::into_inner);
-        gc.runs += 1;
-        gc.last = sweep.took;
-        gc.flows_expired += sweep.expired as u64;
-        gc.mappings_expired += sweep.mappings_expired as u64;
+        gc.record(result);
     }
 
     /// Records what became of a held fragment.
@@ -767,6 +781,33 @@ mod tests {
         let mut fifth = [conn(2, [1, 100, 0, 0])];
         never_back(&before, &mut fifth, 1);
         assert_eq!(exported(&fifth), [[1, 100, 0, 0]]);
+    }
+
+    /// What a sweep that ended part way removed is counted, but not as a
+    /// run, nor is its duration taken as the last sweep's.
+    #[test]
+    fn a_cut_short_sweep_counts_its_removals_but_not_as_a_run() {
+        let sweep = |expired, mappings_expired, secs| Sweep {
+            expired,
+            mappings_expired,
+            took: Duration::from_secs(secs),
+            ..Sweep::default()
+        };
+        let mut totals = GcTotals::default();
+        totals.record(&Ok(sweep(3, 2, 1)));
+        totals.record(&Err(Unfinished {
+            sweep: sweep(5, 0, 7),
+            error: anyhow::anyhow!("Operation not permitted"),
+        }));
+        assert_eq!(
+            totals,
+            GcTotals {
+                runs: 1,
+                last: Duration::from_secs(1),
+                flows_expired: 8,
+                mappings_expired: 2,
+            }
+        );
     }
 
     /// Every configured translation address has a series per protocol,

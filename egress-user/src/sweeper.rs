@@ -14,7 +14,7 @@ use std::{
 use crate::{
     clock,
     datapath::State,
-    gc::{self, SharedAllowed, Stop, Timeouts},
+    gc::{self, SharedAllowed, Stop, Timeouts, Unfinished},
     metrics::Collector,
 };
 
@@ -68,20 +68,31 @@ fn sweep(
     stop: &Stop,
     metrics: Option<&Collector>,
 ) {
-    let s = match gc::sweep(state, timeouts, allowed, clock::monotonic_ns(), stop) {
+    let result = gc::sweep(state, timeouts, allowed, clock::monotonic_ns(), stop);
+    if let Some(m) = metrics {
+        m.record_sweep(&result);
+    }
+    let s = match result {
         Ok(s) => s,
-        Err(_) if stop.requested() => {
-            tracing::info!("shutdown stopped a sweep part way; the next run finishes it");
+        Err(Unfinished { sweep: s, .. }) if stop.requested() => {
+            tracing::info!(
+                expired = s.expired,
+                disallowed = s.disallowed,
+                mappings_expired = s.mappings_expired,
+                "shutdown stopped a sweep part way; the next run finishes it"
+            );
             return;
         }
-        Err(e) => {
-            tracing::warn!("flow table sweep failed: {e:#}");
+        Err(Unfinished { sweep: s, error }) => {
+            tracing::warn!(
+                expired = s.expired,
+                disallowed = s.disallowed,
+                mappings_expired = s.mappings_expired,
+                "flow table sweep failed part way: {error:#}"
+            );
             return;
         }
     };
-    if let Some(m) = metrics {
-        m.record_sweep(&s);
-    }
     if s.disallowed > 0 {
         tracing::warn!(
             flows = s.disallowed,

@@ -1,7 +1,16 @@
 //! Connection state: TCP tracking, timeouts, endpoint-independent mapping,
 //! port allocation under pressure, caps, races and restarts.
 
-use std::{collections::HashSet, net::Ipv4Addr};
+use std::{
+    collections::HashSet,
+    net::Ipv4Addr,
+    os::fd::{FromRawFd as _, OwnedFd},
+};
+
+use aya::{
+    Pod,
+    maps::{HashMap as BpfHashMap, IterableMap as _, Map, MapData},
+};
 
 use egress_common::{
     flow::{DIR_IN, DIR_OUT, Flow},
@@ -27,6 +36,7 @@ for_each_hook!(
     a_client_at_its_cap_is_refused_and_others_are_not,
     sweeps_remove_exactly_the_flows_past_their_timeout,
     a_stopped_sweep_changes_nothing_and_the_next_one_sweeps,
+    a_sweep_an_error_ends_counts_what_it_removed,
     flows_a_cut_short_sweep_half_removed_go_and_leave_the_client_count,
     a_busy_lone_half_goes_once_past_the_grace_period,
     a_sweep_removes_the_flows_of_an_address_no_longer_ours,
@@ -354,6 +364,78 @@ fn a_stopped_sweep_changes_nothing_and_the_next_one_sweeps(hook: Hook) {
     assert_eq!(gw.flow_entries(), 0);
     assert!(gw.mappings().is_empty());
     assert_eq!(gw.client_flows(CLIENT), 0);
+}
+
+/// A sweep that an error ends part way reports what it removed until
+/// then: here every expired flow goes, then the kernel refuses to delete
+/// their mappings (EPERM: the sweep's handle on the mapping table is
+/// read-only). The flows count, the mappings do not; the next sweep
+/// removes and counts those.
+fn a_sweep_an_error_ends_counts_what_it_removed(hook: Hook) {
+    let mut gw = Gateway::new(hook);
+    outbound(&mut gw, CLIENT, udp(21000), Reason::NewFlow);
+    outbound(&mut gw, CLIENT, udp(21001), Reason::NewFlow);
+    let mappings = gw.mappings();
+    // Past the UDP timeout: a whole sweep would remove everything.
+    let later = clock::monotonic_ns() + 301 * 1_000_000_000;
+    let mut state = gw.state();
+    state.mappings = read_only(&state.mappings);
+    let swept = gc::sweep(
+        &mut state,
+        &gc::Timeouts::default(),
+        &gw.allowed(),
+        later,
+        &gc::Stop::default(),
+    );
+    let Err(unfinished) = swept else {
+        panic!("the sweep deleted through a read-only handle: {swept:?}");
+    };
+    let errno = unfinished
+        .error
+        .downcast_ref::<std::io::Error>()
+        .and_then(std::io::Error::raw_os_error);
+    assert_eq!(errno, Some(libc::EPERM), "{:#}", unfinished.error);
+    let s = unfinished.sweep;
+    assert_eq!((s.expired, s.mappings_expired), (2, 0), "{s:?}");
+    assert_eq!(gw.flow_entries(), 0);
+    assert_eq!(gw.mappings(), mappings);
+    assert_eq!(gw.client_flows(CLIENT), 0);
+
+    let sweep = gw.sweep(later);
+    assert_eq!((sweep.expired, sweep.mappings_expired), (0, 2));
+    assert!(gw.mappings().is_empty());
+}
+
+/// A handle on `map` opened read-only (`BPF_F_RDONLY`): the kernel refuses
+/// any change through it.
+fn read_only<K: Pod, V: Pod>(map: &BpfHashMap<MapData, K, V>) -> BpfHashMap<MapData, K, V> {
+    const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
+    const BPF_F_RDONLY: u32 = 1 << 3;
+    /// The `BPF_*_GET_FD_BY_ID` member of `union bpf_attr`.
+    #[repr(C)]
+    struct GetFdById {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    let mut attr = GetFdById {
+        id: map.map().info().unwrap().id(),
+        next_id: 0,
+        open_flags: BPF_F_RDONLY,
+    };
+    // SAFETY: `attr` is a valid `bpf_attr` prefix of the size given.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_GET_FD_BY_ID,
+            &mut attr as *mut GetFdById,
+            size_of::<GetFdById>(),
+        )
+    };
+    assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: a new file descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    BpfHashMap::try_from(Map::HashMap(MapData::from_fd(fd).unwrap())).unwrap()
 }
 
 /// A sweep stopped between deleting return halves and outbound halves
