@@ -163,6 +163,7 @@ struct GcTotals {
     runs: u64,
     last: Duration,
     flows_expired: u64,
+    flows_disallowed: u64,
     mappings_expired: u64,
 }
 
@@ -179,6 +180,7 @@ impl GcTotals {
             Err(unfinished) => &unfinished.sweep,
         };
         self.flows_expired += sweep.expired as u64;
+        self.flows_disallowed += sweep.disallowed as u64;
         self.mappings_expired += sweep.mappings_expired as u64;
     }
 }
@@ -282,8 +284,14 @@ impl Collector {
             t.single(
                 "egress_flows_expired_total",
                 "counter",
-                "Flows removed by the garbage collector.",
+                "Flows removed idle by the garbage collector.",
                 gc.flows_expired,
+            );
+            t.single(
+                "egress_flows_disallowed_total",
+                "counter",
+                "Flows removed by the garbage collector because the policy no longer allows them.",
+                gc.flows_disallowed,
             );
             t.single(
                 "egress_mappings_expired_total",
@@ -789,6 +797,7 @@ mod tests {
     fn a_cut_short_sweep_counts_its_removals_but_not_as_a_run() {
         let sweep = |expired, mappings_expired, secs| Sweep {
             expired,
+            disallowed: 1,
             mappings_expired,
             took: Duration::from_secs(secs),
             ..Sweep::default()
@@ -805,6 +814,7 @@ mod tests {
                 runs: 1,
                 last: Duration::from_secs(1),
                 flows_expired: 8,
+                flows_disallowed: 2,
                 mappings_expired: 2,
             }
         );
