@@ -9,7 +9,7 @@ use crate::{
     netif::{self, Interface, Route},
     pinning::{self, Placement},
     settings::{AttachMode, Settings},
-    sysctl,
+    state_fit, sysctl,
 };
 
 /// Oldest kernel the data path is built and tested for.
@@ -119,6 +119,9 @@ pub struct Facts {
     pub state_unwritable: Option<nix::errno::Errno>,
     /// A previous run's pinned state is in the state directory.
     pub state_present: bool,
+    /// Whether that state fits the data path with these settings (or why
+    /// it cannot be read).
+    pub state_fit: Result<state_fit::Fit, String>,
     /// `net.ipv4.ip_forward`.
     pub ip_forward: Option<bool>,
     /// `net.ipv4.conf.all.rp_filter`.
@@ -182,6 +185,8 @@ impl Facts {
             bpffs: bpffs(&settings.state_dir),
             state_unwritable: pinning::writable(&settings.state_dir).err(),
             state_present: pinning::has_state(&settings.state_dir),
+            state_fit: state_fit::judge(&settings.state_dir, settings.max_flows)
+                .map_err(|e| format!("{e:#}")),
             ip_forward: read_trimmed(Path::new("/proc/sys/net/ipv4/ip_forward")).map(|v| v != "0"),
             rp_filter_all: read_trimmed(&sysctl::conf_dir("all").join("rp_filter"))
                 .and_then(|v| v.parse().ok()),
@@ -353,11 +358,35 @@ fn state_dir(r: &mut Report, dir: &Path, facts: &Facts) {
             pinning::elsewhere_fix(dir),
         ),
     }
-    if facts.state_present {
+    let fit = match &facts.state_fit {
+        Ok(fit) => fit,
+        Err(e) => {
+            return r.warn(
+                format!("cannot read the connection state in {}: {e}", dir.display()),
+                "run as root (uid 0 owns the pinned state)",
+            );
+        }
+    };
+    if let Some((what, fix)) = fit.refusal(dir) {
+        r.problem(what, fix);
+    } else if facts.state_present {
         r.ok(format!(
             "connection state of an earlier run in {}: the gateway resumes it",
             dir.display()
         ));
+    }
+    if !fit.missing.is_empty() {
+        r.warn(
+            format!(
+                "the connection state in {} lacks {} (removed by hand?): a start makes {} \
+                 anew, empty",
+                dir.display(),
+                fit.missing.join(", "),
+                if fit.missing.len() == 1 { "it" } else { "them" }
+            ),
+            "none while the gateway runs: it pins its own again within 10 s (a stopped \
+             gateway's are lost)",
+        );
     }
 }
 
@@ -581,6 +610,7 @@ mod tests {
             bpffs: Placement::OnBpffs,
             state_unwritable: None,
             state_present: false,
+            state_fit: Ok(state_fit::Fit::default()),
             ip_forward: Some(true),
             rp_filter_all: Some(0),
             no_pmtu_disc: Some(0),
@@ -643,7 +673,7 @@ mod tests {
     #[test]
     fn each_broken_fact_is_one_problem_with_a_fix() {
         type Break = fn(&mut Facts);
-        let cases: [(Break, &[&str]); 11] = [
+        let cases: [(Break, &[&str]); 12] = [
             (
                 |f| f.kernel = "5.15.0-91-generic".into(),
                 &["older than 6.1", "install"],
@@ -682,6 +712,13 @@ mod tests {
                 &["no route to the Internet", "ip route add default"],
             ),
             (|f| f.iface = None, &["\"eth0\" does not exist", "eth0, lo"]),
+            (
+                |f| f.state_fit = Ok(unfit()),
+                &[
+                    "made with max-flows 2048: FLOWS: max_entries is 4096, expected 2097152",
+                    "run with max-flows 2048, or start over with --reset-state",
+                ],
+            ),
         ];
         for (breaks, words) in cases {
             let mut facts = good();
@@ -692,6 +729,42 @@ mod tests {
                 assert!(problems[0].contains(w), "{w:?} not in {problems:?}");
             }
         }
+    }
+
+    /// The state a gateway with `max-flows` 2048 pinned, judged for the
+    /// default.
+    fn unfit() -> state_fit::Fit {
+        state_fit::Fit {
+            unfit: vec!["FLOWS: max_entries is 4096, expected 2097152".into()],
+            made_with: Some(2048),
+            missing: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_state_lacking_maps_is_a_warning_and_unreadable_state_too() {
+        let mut facts = good();
+        facts.state_present = true;
+        facts.state_fit = Ok(state_fit::Fit {
+            missing: vec!["MAPPINGS", "STATS"],
+            ..Default::default()
+        });
+        let report = judge(&settings(""), &facts);
+        assert!(at(&report, Level::Problem).is_empty());
+        let warnings = at(&report, Level::Warning);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("lacks MAPPINGS, STATS (removed by hand?)")
+                && warnings[0].contains("pins its own again"),
+            "{warnings:?}"
+        );
+        facts.state_fit = Err("cannot open /sys/fs/bpf/egress/FLOWS: EPERM".into());
+        let warnings = at(&judge(&settings(""), &facts), Level::Warning);
+        assert!(
+            warnings[0].contains("cannot read the connection state")
+                && warnings[0].contains("EPERM"),
+            "{warnings:?}"
+        );
     }
 
     #[test]

@@ -39,7 +39,7 @@ use crate::{
     handover::{self, HandedLink},
     inspect, netif, pinning, reorder,
     settings::{AttachMode, PortRange},
-    upgrade,
+    state_fit, upgrade,
 };
 
 /// The compiled eBPF object, built by build.rs.
@@ -152,30 +152,32 @@ impl Datapath {
         if resumed {
             upgrade::flow_cache(&policy.state_dir)?;
         }
+        let fit = state_fit::judge(&policy.state_dir, policy.max_flows)?;
+        if let Some((what, fix)) = fit.refusal(&policy.state_dir) {
+            anyhow::bail!("{what}; {fix}");
+        }
+        if !fit.missing.is_empty() {
+            tracing::warn!(
+                dir = %policy.state_dir.display(),
+                missing = ?fit.missing,
+                "the connection state lacks maps (removed by hand?): made anew, empty"
+            );
+        }
         let config = policy.config();
-        // Two entries per flow (outbound and return half), and at most one
-        // mapping (two entries) per flow.
-        let entries = policy.max_flows.saturating_mul(2);
-        let cpus = cpu_numbers()?;
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        for (name, entries) in map_sizes(policy.max_flows)? {
+            loader.map_max_entries(name, entries);
+        }
+        let mut ebpf = loader
             .override_global("CONFIG", &config, true)
             .default_map_pin_directory(&policy.state_dir)
-            .map_max_entries("FLOWS", entries)
-            .map_max_entries("MAPPINGS", entries)
-            .map_max_entries("CLIENT_FLOWS", policy.max_flows)
-            // The caches the data path keeps per CPU, a block of slots for
-            // each CPU number (see the data path's `maps::this_cpus`).
-            .map_max_entries("FLOW_CACHE", CACHE_SLOTS * cpus)
-            .map_max_entries("ROUTES", ROUTE_SLOTS * cpus)
             .load(OBJECT)
             .map_err(|e| match e {
-                EbpfError::MapError(e @ MapError::IncompatiblePinnedMap { .. }) => anyhow::anyhow!(
-                    "{e}: the connection state in {} was made with other settings \
-                     (--max-flows) or by a version with another state format; \
-                     run with those settings, or start over with --reset-state \
-                     (live connections through the gateway will break)",
-                    policy.state_dir.display()
-                ),
+                // Judged above; this is aya's own word on it.
+                EbpfError::MapError(e @ MapError::IncompatiblePinnedMap { .. }) => {
+                    let (what, fix) = state_fit::unfit(&policy.state_dir, None);
+                    anyhow::anyhow!("{e}: {what}; {fix}")
+                }
                 EbpfError::MapError(MapError::CreateError { name, io_error })
                     if matches!(io_error.raw_os_error(), Some(libc::ENOMEM | libc::E2BIG)) =>
                 {
@@ -559,17 +561,48 @@ impl Datapath {
 
     /// A handle of its own on the map `name`.
     fn own(&self, name: &str) -> anyhow::Result<Map> {
+        let fd = self.map_data(name)?.fd().as_fd().try_clone_to_owned()?;
+        Ok(Map::from_map_data(MapData::from_fd(fd)?)?)
+    }
+
+    /// The map `name`, of a kind the daemon handles on its own.
+    fn map_data(&self, name: &str) -> anyhow::Result<&MapData> {
         let map = self
             .ebpf
             .map(name)
             .with_context(|| format!("{name} map missing from the eBPF object"))?;
-        let (Map::HashMap(data) | Map::LruHashMap(data) | Map::Array(data) | Map::RingBuf(data)) =
-            map
+        let (Map::HashMap(data)
+        | Map::LruHashMap(data)
+        | Map::Array(data)
+        | Map::RingBuf(data)
+        | Map::PerCpuArray(data)) = map
         else {
-            anyhow::bail!("{name} is not a map the daemon reads on a handle of its own");
+            anyhow::bail!("{name} is not a map the daemon handles on its own");
         };
-        let fd = data.fd().as_fd().try_clone_to_owned()?;
-        Ok(Map::from_map_data(MapData::from_fd(fd)?)?)
+        Ok(data)
+    }
+
+    /// Pins again in `dir` each of the state maps whose pin is gone or
+    /// names another map (removed or replaced by hand), so that a restart
+    /// or reload picks up the state this data path runs on; returns their
+    /// names.
+    pub fn keep_pinned(&self, dir: &Path) -> anyhow::Result<Vec<&'static str>> {
+        let mut pinned_again = Vec::new();
+        for name in pinning::PINNED_MAPS {
+            let ours = self.map_data(name)?;
+            let path = dir.join(name);
+            let context = || format!("cannot pin {name} at {} again", path.display());
+            match MapData::from_pin(&path) {
+                Ok(pinned) if pinned.info()?.id() == ours.info()?.id() => continue,
+                Ok(_) => std::fs::remove_file(&path).with_context(context)?,
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e).with_context(context),
+            }
+            ours.pin(&path).with_context(context)?;
+            pinned_again.push(name);
+        }
+        Ok(pinned_again)
     }
 
     /// The first fragments' entries for the rest of their datagrams.
@@ -615,6 +648,24 @@ impl State {
             ("flow_cache", memlock(self.cache.map())?),
         ])
     }
+}
+
+/// The sizes the loader gives the maps whose size the settings or the
+/// host decide (the object's are placeholders).
+pub fn map_sizes(max_flows: u32) -> anyhow::Result<[(&'static str, u32); 5]> {
+    // Two entries per flow (outbound and return half), and at most one
+    // mapping (two entries) per flow.
+    let entries = max_flows.saturating_mul(2);
+    let cpus = cpu_numbers()?;
+    Ok([
+        ("FLOWS", entries),
+        ("MAPPINGS", entries),
+        ("CLIENT_FLOWS", max_flows),
+        // The caches the data path keeps per CPU, a block of slots for
+        // each CPU number (see the data path's `maps::this_cpus`).
+        ("FLOW_CACHE", CACHE_SLOTS * cpus),
+        ("ROUTES", ROUTE_SLOTS * cpus),
+    ])
 }
 
 /// How many CPU numbers the host may use: the highest possible CPU's,

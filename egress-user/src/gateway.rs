@@ -48,7 +48,7 @@ pub struct Gateway {
     attached: Option<Attachment>,
     // Last: the state is another daemon's to take only once this one has
     // detached.
-    _state_lock: StateLock,
+    state_lock: StateLock,
 }
 
 /// The data path on one incarnation of the interface.
@@ -105,7 +105,7 @@ impl Gateway {
             handed_clsact,
             datapath,
             attached: None,
-            _state_lock: state_lock,
+            state_lock,
         };
         let hook = gateway.attach(&iface)?;
         gateway.manage_next_hops();
@@ -190,6 +190,8 @@ impl Gateway {
                  (the connection state is kept; the next sweep removes flows translated to an \
                  old address)"
             );
+            // The new programs load the state pinned: the old ones'.
+            self.keep_state_pinned()?;
             // Before the load: no sweep may take a flow made under the new
             // policy for one the old one left. Should the load fail, the
             // old programs go on, and so does their policy.
@@ -223,6 +225,30 @@ impl Gateway {
         self.attach(&iface)?;
         tracing::info!(index = iface.index, "re-attached: {}", self.status());
         self.manage_next_hops();
+        Ok(())
+    }
+
+    /// Keeps the pinned state the one the data path runs on: the state
+    /// directory or pins in it removed or replaced by hand (meaning to start
+    /// over, say) would otherwise leave a restart or reload to start with
+    /// empty maps, breaking every connection (`--reset-state` is the way).
+    /// A directory made anew is taken again, unless another daemon took it.
+    pub fn keep_state_pinned(&mut self) -> anyhow::Result<()> {
+        let dir = &self.policy.state_dir;
+        if !self.state_lock.holds(dir) {
+            self.state_lock = pinning::claim(dir)?;
+            tracing::warn!(dir = %dir.display(), "the state directory was removed under the running gateway: made again");
+        }
+        let pinned = self.datapath.keep_pinned(dir)?;
+        if !pinned.is_empty() {
+            tracing::warn!(
+                dir = %dir.display(),
+                maps = ?pinned,
+                "the pinned connection state was removed or replaced under the running gateway: \
+                 pinned its own again, so that a restart or reload keeps its connections \
+                 (--reset-state starts over)"
+            );
+        }
         Ok(())
     }
 
@@ -304,6 +330,8 @@ impl Gateway {
     /// link, and gives up what this daemon would undo on its way out. The
     /// programs stay attached after this process.
     pub fn hand_over(&mut self) -> anyhow::Result<Handover> {
+        // The successor loads the state pinned: this one's.
+        self.keep_state_pinned()?;
         let dir = &self.policy.state_dir;
         // Or the filter the programs' last reload handed over, if their
         // attach failed: it runs on, and its qdisc may be a daemon's.

@@ -21,6 +21,7 @@ pub mod notify;
 pub mod pinning;
 pub mod reorder;
 pub mod settings;
+pub mod state_fit;
 pub mod sweeper;
 pub mod sysctl;
 pub mod tunnel_errors;

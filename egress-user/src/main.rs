@@ -19,6 +19,7 @@ use egress_user::{
     notify::{self, Notifier},
     reorder::Reorder,
     settings::Settings,
+    state_fit,
     sweeper::Sweeper,
     tunnel_errors::{self, Kind, TunnelErrors},
     tunnel_relay::Relay,
@@ -254,6 +255,10 @@ fn run(
         return Err(e);
     }
     notify(notify::STOPPING);
+    // For the next start.
+    if let Err(e) = gateway.keep_state_pinned() {
+        tracing::warn!("{e:#}: the next start will not find the connection state");
+    }
 
     for (reason, packets) in gateway.datapath().stats()? {
         if packets > 0 {
@@ -435,10 +440,15 @@ async fn serve(
                     tracing::warn!("cannot retire the data path's remembered routes: {e:#}");
                 }
             }
-            _ = tick.tick() => match gateway.datapath().stats() {
-                Ok(stats) => refused.report(&stats),
-                Err(e) => tracing::warn!("cannot read the packet counters: {e:#}"),
-            },
+            _ = tick.tick() => {
+                match gateway.datapath().stats() {
+                    Ok(stats) => refused.report(&stats),
+                    Err(e) => tracing::warn!("cannot read the packet counters: {e:#}"),
+                }
+                if let Err(e) = gateway.keep_state_pinned() {
+                    tracing::warn!("{e:#}: a restart or reload would not find the connection state");
+                }
+            }
         }
     };
     if exit == Exit::Stop {
@@ -452,8 +462,8 @@ enum When {
     Now,
     /// Once a new image could start (why it could not now).
     Later(anyhow::Error),
-    /// Never (logged): the settings read again do not parse, or would
-    /// move the state.
+    /// Never (logged): the settings read again do not parse, would move
+    /// the state, or do not fit it (another `max-flows`).
     Refused,
 }
 
@@ -466,7 +476,15 @@ fn reload_when(gateway: &Gateway) -> When {
             dir.display(),
             s.state_dir.display()
         ),
-        Ok(s) => return gateway::cannot_start(&s).map_or(When::Now, When::Later),
+        // The new image would fail to load, having taken the data path over.
+        Ok(s) => match state_fit::judge(dir, s.max_flows).map(|fit| fit.refusal(dir)) {
+            Ok(None) => return gateway::cannot_start(&s).map_or(When::Now, When::Later),
+            Ok(Some((what, fix))) => tracing::error!(
+                "SIGHUP: not reloading: {what}; {fix}; still running with the settings it \
+                 started with"
+            ),
+            Err(e) => tracing::error!("SIGHUP: not reloading: {e:#}"),
+        },
         Err(e) => tracing::error!(
             "SIGHUP: not reloading: {e:#}; still running with the settings it started with"
         ),

@@ -24,13 +24,16 @@ pub const PINNED_MAPS: [&str; 7] = [
     "FRAGMENTS",
     "HELD_FRAGMENTS",
 ];
+/// The maps every version that pinned state at all has pinned: one of
+/// them missing beside others was removed.
+pub const ALWAYS_PINNED: [&str; 4] = ["FLOWS", "MAPPINGS", "CLIENT_FLOWS", "STATS"];
 
 /// A daemon's sole use of a state directory: an exclusive `flock` on it,
 /// which the kernel releases when the process ends, however it ends. Two
 /// daemons on one state would translate over each other's flows, and one
 /// started with `--reset-state` would wipe the other's.
 pub struct StateLock {
-    _lock: Flock<fs::File>,
+    lock: Flock<fs::File>,
 }
 
 /// Prepares `dir` (see [`prepare`]) and takes it for this daemon, or says
@@ -39,13 +42,27 @@ pub fn claim(dir: &Path) -> anyhow::Result<StateLock> {
     prepare(dir, false)?;
     let file = fs::File::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => Ok(StateLock { _lock: lock }),
+        Ok(lock) => Ok(StateLock { lock }),
         Err((_, nix::Error::EWOULDBLOCK)) => bail!(
             "another `egress run` is using the state in {}: stop it first \
              (systemctl stop egress), or give this one its own --state-dir",
             dir.display()
         ),
         Err((_, e)) => Err(e).with_context(|| format!("cannot lock {}", dir.display())),
+    }
+}
+
+impl StateLock {
+    /// Whether `dir` is the directory this lock holds, not one made anew
+    /// since that was removed (or nothing now).
+    pub fn holds(&self, dir: &Path) -> bool {
+        let (Ok(locked), Ok(now)) = (
+            nix::sys::stat::fstat(&*self.lock),
+            nix::sys::stat::stat(dir),
+        ) else {
+            return false;
+        };
+        (locked.st_dev, locked.st_ino) == (now.st_dev, now.st_ino)
     }
 }
 

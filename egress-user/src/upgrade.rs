@@ -33,7 +33,7 @@ pub fn flow_cache(dir: &Path) -> anyhow::Result<()> {
     let context = || format!("cannot bring {} to this version", path.display());
     let data = MapData::from_pin(&path).with_context(context)?;
     let map_type = data.info().and_then(|i| i.map_type());
-    if map_type.with_context(context)? != MapType::PerCpuArray {
+    if !upgrades("FLOW_CACHE", map_type.with_context(context)?) {
         return Ok(());
     }
     let old: PerCpuArray<_, CachedFlow> =
@@ -62,4 +62,10 @@ pub fn flow_cache(dir: &Path) -> anyhow::Result<()> {
         "moved the counts of an earlier version's flow cache to the flow table"
     );
     Ok(())
+}
+
+/// Whether the map pinned as `name`, of type `map_type`, is an earlier
+/// version's that a start brings to this version's format.
+pub fn upgrades(name: &str, map_type: MapType) -> bool {
+    name == "FLOW_CACHE" && map_type == MapType::PerCpuArray
 }

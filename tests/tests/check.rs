@@ -3,6 +3,8 @@
 //! root.
 
 use anyhow::{Context as _, Result, ensure};
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use egress_common::flow::{Flow, FlowKey};
 use nix::mount::{MsFlags, mount};
 use tests::{Lab, exec, exec_output, require_root};
 
@@ -12,10 +14,16 @@ const PEER: &str = "10.0.1.10";
 /// Runs `egress check` in `ns` for a gateway on `IFACE`; returns whether
 /// it passed, and what it printed.
 fn check(lab: &Lab, ns: &str) -> Result<(bool, String)> {
+    check_with(lab, ns, "")
+}
+
+/// [`check`] with `extra` arguments.
+fn check_with(lab: &Lab, ns: &str, extra: &str) -> Result<(bool, String)> {
     let out = exec_output(
         ns,
         &format!(
-            "{} check --iface {IFACE} --peer {PEER} --client-cidr 10.0.0.0/16 --state-dir {}",
+            "{} check --iface {IFACE} --peer {PEER} --client-cidr 10.0.0.0/16 --state-dir {} \
+             {extra}",
             tests::egress_bin()?.display(),
             lab.state_dir()?.display()
         ),
@@ -40,6 +48,17 @@ fn findings(report: &str, tag: &str) -> Vec<String> {
         .collect()
 }
 
+/// Whether `report` has a problem saying `what`, with a fix saying `fix`.
+fn has_problem(report: &str, what: &str, fix: &str) -> Result<()> {
+    ensure!(
+        findings(report, "PROBLEM")
+            .iter()
+            .any(|p| p.contains(what) && p.contains(fix)),
+        "no problem {what:?} with {fix:?} in:\n{report}"
+    );
+    Ok(())
+}
+
 #[test]
 fn names_each_problem_of_a_broken_host_then_passes_the_fixed_one() -> Result<()> {
     require_root()?;
@@ -61,10 +80,7 @@ fn names_each_problem_of_a_broken_host_then_passes_the_fixed_one() -> Result<()>
             ("no route to the Internet", "fix: ip route add default"),
         ];
         for (what, fix) in expected {
-            ensure!(
-                problems.iter().any(|p| p.contains(what) && p.contains(fix)),
-                "no problem {what:?} with {fix:?} in:\n{report}"
-            );
+            has_problem(&report, what, fix)?;
         }
         ensure!(
             problems.len() == expected.len(),
@@ -124,11 +140,46 @@ fn a_read_only_state_dir_is_a_problem() -> Result<()> {
         let (passed, report) = check(&lab, &ns)?;
         ensure!(!passed, "a read-only state-dir passed:\n{report}");
         let expected = format!("state-dir {} cannot be written", state_dir.display());
+        has_problem(&report, &expected, "fix: ")
+    })();
+    lab.keep_logs_on_err(result)
+}
+
+/// State pinned with another `max-flows` (a flow table of 2 x 2048
+/// entries) is a problem: `egress run` would refuse it, and a reload
+/// (`systemctl reload` runs `egress check` first) would stop the gateway.
+/// The problem names the `max-flows` the state was made with. A state
+/// lacking maps (removed by hand) is a warning.
+#[test]
+fn a_state_made_with_another_max_flows_is_a_problem() -> Result<()> {
+    require_root()?;
+    let mut lab = Lab::new()?;
+    let ns = lab.add_ns("check-state")?;
+    let result = (|| {
+        let dir = lab.state_dir()?;
+        std::fs::create_dir_all(&dir)?;
+        let flows = BpfHashMap::<MapData, FlowKey, Flow>::create(4096, 0)?;
+        flows.pin(dir.join("FLOWS"))?;
+
+        let (_, report) = check_with(&lab, &ns, "--max-flows 65536")?;
+        let problem = format!(
+            "the connection state in {} was made with max-flows 2048: \
+             FLOWS: max_entries is 4096, expected 131072",
+            dir.display()
+        );
+        has_problem(&report, &problem, "fix: run with max-flows 2048")?;
+        let lacks = "lacks MAPPINGS, CLIENT_FLOWS, STATS (removed by hand?)";
         ensure!(
-            findings(&report, "PROBLEM")
+            findings(&report, "warning")
                 .iter()
-                .any(|p| p.contains(&expected) && p.contains("fix: ")),
-            "no problem {expected:?} in:\n{report}"
+                .any(|w| w.contains(lacks)),
+            "no warning {lacks:?} in:\n{report}"
+        );
+
+        let (_, report) = check_with(&lab, &ns, "--max-flows 2048")?;
+        ensure!(
+            !report.contains("was made with") && report.contains("the gateway resumes it"),
+            "the state fits max-flows 2048:\n{report}"
         );
         Ok(())
     })();
