@@ -330,8 +330,6 @@ impl Gateway {
     /// link, and gives up what this daemon would undo on its way out. The
     /// programs stay attached after this process.
     pub fn hand_over(&mut self) -> anyhow::Result<Handover> {
-        // The successor loads the state pinned: this one's.
-        self.keep_state_pinned()?;
         let dir = &self.policy.state_dir;
         // Or the filter the programs' last reload handed over, if their
         // attach failed: it runs on, and its qdisc may be a daemon's.

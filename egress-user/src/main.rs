@@ -467,29 +467,37 @@ enum When {
     Refused,
 }
 
-fn reload_when(gateway: &Gateway) -> When {
-    let dir = &gateway.policy().state_dir;
-    match reread_settings() {
-        Ok(s) if s.state_dir != *dir => tracing::error!(
-            "SIGHUP: not reloading: state-dir changed ({} -> {}); a reload keeps the state \
-             where it is, a restart moves it (and breaks connections)",
+fn reload_when(gateway: &mut Gateway) -> When {
+    match reload_settings(gateway) {
+        Ok(s) => gateway::cannot_start(&s).map_or(When::Now, When::Later),
+        Err(e) => {
+            tracing::error!("SIGHUP: not reloading: {e:#}");
+            When::Refused
+        }
+    }
+}
+
+/// The settings a new image would start with, or why it must not start.
+fn reload_settings(gateway: &mut Gateway) -> anyhow::Result<Settings> {
+    let dir = gateway.policy().state_dir.clone();
+    let keep = "still running with the settings it started with";
+    let s = reread_settings().map_err(|e| anyhow::anyhow!("{e:#}; {keep}"))?;
+    if s.state_dir != dir {
+        anyhow::bail!(
+            "state-dir changed ({} -> {}); a reload keeps the state where it is, a restart \
+             moves it (and breaks connections)",
             dir.display(),
             s.state_dir.display()
-        ),
-        // The new image would fail to load, having taken the data path over.
-        Ok(s) => match state_fit::judge(dir, s.max_flows).map(|fit| fit.refusal(dir)) {
-            Ok(None) => return gateway::cannot_start(&s).map_or(When::Now, When::Later),
-            Ok(Some((what, fix))) => tracing::error!(
-                "SIGHUP: not reloading: {what}; {fix}; still running with the settings it \
-                 started with"
-            ),
-            Err(e) => tracing::error!("SIGHUP: not reloading: {e:#}"),
-        },
-        Err(e) => tracing::error!(
-            "SIGHUP: not reloading: {e:#}; still running with the settings it started with"
-        ),
+        );
     }
-    When::Refused
+    // The new image would fail to load on it, having taken the data path
+    // over.
+    if let Some((what, fix)) = state_fit::judge(&dir, s.max_flows)?.refusal(&dir) {
+        anyhow::bail!("{what}; {fix}; {keep}");
+    }
+    // It loads the state pinned: this one's.
+    gateway.keep_state_pinned()?;
+    Ok(s)
 }
 
 /// The next routers' errors about tunnel packets, or never without the
