@@ -483,11 +483,11 @@ fn reload_settings(gateway: &mut Gateway) -> anyhow::Result<Settings> {
     let keep = "still running with the settings it started with";
     let s = reread_settings().map_err(|e| anyhow::anyhow!("{e:#}; {keep}"))?;
     if s.state_dir != dir {
+        let (old, new) = (dir.display(), s.state_dir.display());
         anyhow::bail!(
-            "state-dir changed ({} -> {}); a reload keeps the state where it is, a restart \
-             moves it (and breaks connections)",
-            dir.display(),
-            s.state_dir.display()
+            "state-dir changed ({old} -> {new}); a reload keeps the state where it is; a \
+             restart starts with none in {new} (breaking connections) and leaves {old}'s \
+             pinned, holding its memory, until removed (rm -r {old})"
         );
     }
     // The new image would fail to load on it, having taken the data path
