@@ -440,6 +440,9 @@ impl Settings {
         if self.metrics.is_none() {
             out += "# metrics: not set, no metrics endpoint.\n";
         }
+        if self.admission.peer_clients.is_empty() {
+            out += "# peer-clients: not set, every peer may send for every client range.\n";
+        }
         out += &toml::to_string(&self.to_file()).context("cannot write the settings as TOML")?;
         Ok(out)
     }
@@ -757,14 +760,10 @@ mod tests {
         }
     }
 
-    const SAMPLE: &str = include_str!("../../packaging/gateway.toml");
-
-    #[test]
-    fn the_sample_config_parses_and_documents_every_key() {
-        let sample = FileSettings::parse(SAMPLE).unwrap();
-        let settings = Settings::merge(FileSettings::default(), sample).unwrap();
-        assert!(settings.warnings().is_empty(), "{:?}", settings.warnings());
-        // Every key a dump can hold appears in the sample, set or commented.
+    /// Every key a dump of `settings` can hold, with every optional one
+    /// set (a `[timeouts]` key stands for itself, a `[peer-clients]` key
+    /// is a peer).
+    fn every_key(settings: &Settings) -> Vec<String> {
         let mut full = settings.to_file();
         full.snat = Some(vec![Ipv4Addr::new(10, 1, 1, 10)]);
         full.tunnel_local = Some(Ipv4Addr::new(10, 1, 1, 10));
@@ -780,19 +779,48 @@ mod tests {
         let table: toml::Table = toml::from_str(&toml::to_string(&full).unwrap()).unwrap();
         let mut keys: Vec<String> = Vec::new();
         for (key, value) in &table {
-            // The timeouts' keys are settings; peer-clients' are peers.
             match value.as_table() {
                 Some(inner) if key == "timeouts" => keys.extend(inner.keys().cloned()),
                 _ => keys.push(key.clone()),
             }
         }
-        for key in keys {
-            let documented = SAMPLE.lines().any(|l| {
-                let l = l.trim_start_matches(['#', ' ']);
-                l == format!("[{key}]")
-                    || l.strip_prefix(key.as_str())
-                        .is_some_and(|rest| rest.starts_with(" ="))
-            });
+        keys
+    }
+
+    /// Whether the TOML line `line` sets `key` (or opens its table).
+    fn sets(line: &str, key: &str) -> bool {
+        line == format!("[{key}]")
+            || line
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.starts_with(" ="))
+    }
+
+    /// A dump spells out every setting: its value, or a comment saying
+    /// what it defaults to at run time.
+    #[test]
+    fn a_dump_names_every_key() {
+        let settings = Settings::merge(cli(), FileSettings::default()).unwrap();
+        let text = settings.dump().unwrap();
+        for key in every_key(&settings) {
+            let named = text
+                .lines()
+                .any(|l| sets(l, &key) || l.starts_with(&format!("# {key}: not set, ")));
+            assert!(named, "key {key} is missing from the dump:\n{text}");
+        }
+    }
+
+    const SAMPLE: &str = include_str!("../../packaging/gateway.toml");
+
+    #[test]
+    fn the_sample_config_parses_and_documents_every_key() {
+        let sample = FileSettings::parse(SAMPLE).unwrap();
+        let settings = Settings::merge(FileSettings::default(), sample).unwrap();
+        assert!(settings.warnings().is_empty(), "{:?}", settings.warnings());
+        // Every key a dump can hold appears in the sample, set or commented.
+        for key in every_key(&settings) {
+            let documented = SAMPLE
+                .lines()
+                .any(|l| sets(l.trim_start_matches(['#', ' ']), &key));
             assert!(
                 documented,
                 "key {key} is missing from packaging/gateway.toml"
