@@ -234,4 +234,15 @@ mod tests {
         let names: std::collections::HashSet<_> = Reason::ALL.iter().map(|r| r.as_str()).collect();
         assert_eq!(names.len(), Reason::ALL.len());
     }
+
+    /// Operators read the counters' names in `egress stats` and the
+    /// metrics, and look them up in the README.
+    #[test]
+    fn the_readme_names_every_reason() {
+        let readme = include_str!("../../README.md");
+        for r in Reason::ALL {
+            let name = format!("`{}`", r.as_str());
+            assert!(readme.contains(&name), "README.md never names {name}");
+        }
+    }
 }
