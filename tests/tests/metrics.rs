@@ -252,6 +252,7 @@ fn metrics_and_flows_match_the_traffic() -> Result<()> {
         ensure!(rtts == 2.0, "{rtts} RTT observations after a second scrape");
 
         lint(&families)?;
+        documented(&families)?;
         flows_json(&stack, &egress, &udp)
     })())
 }
@@ -324,6 +325,72 @@ fn flows_json(stack: &Stack, egress: &Path, udp: &[(u64, u64)]) -> Result<()> {
         rows.len() == 4,
         "{} flows listed without a cache",
         rows.len()
+    );
+    Ok(())
+}
+
+/// A row of the README's metrics table for one metric: its type and the
+/// cell that names its labels.
+struct Documented {
+    kind: String,
+    labels: String,
+}
+
+/// The README's metrics table by metric: a row's first column names one or
+/// more metrics, its second their types (one for all, or one each).
+fn readme_metrics() -> std::collections::BTreeMap<String, Documented> {
+    let readme = include_str!("../../README.md");
+    let mut table = std::collections::BTreeMap::new();
+    for row in readme.lines().filter(|l| l.starts_with("| `egress_")) {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let types: Vec<&str> = cells[2].split(", ").collect();
+        for (i, name) in cells[1].split(", ").enumerate() {
+            let kind = types.get(i).or(types.first()).copied().unwrap_or("");
+            let labels = cells[3].to_owned();
+            table.insert(
+                name.trim_matches('`').to_owned(),
+                Documented {
+                    kind: kind.to_owned(),
+                    labels,
+                },
+            );
+        }
+    }
+    table
+}
+
+/// Every metric exported is in the README's table, with its type and
+/// labels, and the table names none that is not exported.
+fn documented(families: &[Family]) -> Result<()> {
+    let readme = readme_metrics();
+    let mut exported = Vec::new();
+    for f in families {
+        // The parser strips a counter's `_total` from its family name.
+        let suffix = if f.kind == "counter" { "_total" } else { "" };
+        let name = format!("{}{suffix}", f.name);
+        let doc = readme
+            .get(&name)
+            .with_context(|| format!("{name} is not in the README's metrics table"))?;
+        ensure!(
+            doc.kind == f.kind,
+            "{name} is a {}, the README says {}",
+            f.kind,
+            doc.kind
+        );
+        for s in &f.samples {
+            for key in s.labels.keys().filter(|k| *k != "le") {
+                ensure!(
+                    doc.labels.contains(&format!("`{key}`")),
+                    "{name}'s label {key} is not in the README's metrics table"
+                );
+            }
+        }
+        exported.push(name);
+    }
+    let stale: Vec<&String> = readme.keys().filter(|n| !exported.contains(n)).collect();
+    ensure!(
+        stale.is_empty(),
+        "the README's metrics table names unexported {stale:?}"
     );
     Ok(())
 }
