@@ -51,7 +51,7 @@ const MAX_CUTS: u32 = 2;
 /// A copy looks for its first fragment as it comes, then after waits that
 /// double from the first to the longest: a first fragment close behind
 /// is found within about a millisecond, and a flood of copies whose first
-/// never comes costs a dozen map lookups each, not one every millisecond.
+/// never comes costs 16 map lookups each, not one every millisecond.
 const FIRST_WAIT: Duration = Duration::from_millis(1);
 const LONGEST_WAIT: Duration = Duration::from_millis(256);
 
@@ -472,6 +472,8 @@ mod tests {
             now = held.next_look;
         }
         assert_eq!(&waits[..10], [1, 2, 4, 8, 16, 32, 64, 128, 256, 256]);
+        // Each look a map lookup: the last one finds it expired.
+        assert_eq!(waits.len() + 1, 16, "looks in all");
         assert!(now.duration_since(since) >= HOLD_FOR);
         assert!(now.duration_since(since) < HOLD_FOR + LONGEST_WAIT);
         assert_eq!(
