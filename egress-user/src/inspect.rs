@@ -49,7 +49,12 @@ impl Pinned {
             let path = dir.join(name);
             MapData::from_pin(&path)
                 .and_then(Map::from_map_data)
-                .with_context(|| format!("cannot open {} (needs root or CAP_BPF)", path.display()))
+                .with_context(|| {
+                    format!(
+                        "cannot open {} (needs root: uid 0 owns the pins; CAP_BPF is enough for it)",
+                        path.display()
+                    )
+                })
         };
         let [flows, mappings, clients, stats, cache, ..] = pinning::PINNED_MAPS;
         let format = |name: &str| format!("{name} in {} has another format", dir.display());
