@@ -13,6 +13,7 @@ pub mod flow;
 pub mod flow_cache;
 pub mod fragment;
 pub mod headers;
+pub mod ip_id;
 pub mod mss;
 pub mod peers;
 pub mod ports;

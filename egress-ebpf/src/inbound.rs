@@ -2,7 +2,6 @@
 //! peer that owns the flow. ICMP errors about a flow take the same way
 //! (see `relay`).
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
 use egress_common::{
     config::Config,
     flow::{DIR_IN, FlowKey, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP},
@@ -20,7 +19,7 @@ use crate::{
     frag,
     icmp::{self, Error},
     l4::{self, Side},
-    mss,
+    maps, mss,
     nat::{self, ETH_LEN, IP_LEN, Outcome, has_df, send},
     packet::Hook,
     relay,
@@ -161,14 +160,14 @@ pub fn encapsulate<H: Hook>(
     // SAFETY: copies out of the packet.
     let (orig, inner) = unsafe { (*pkt.get::<EthHdr>(0)?, *pkt.get::<Ipv4Hdr>(ETH_LEN)?) };
     let df = has_df(&inner);
-    // Only a datagram that may be fragmented needs an ID of its own; one
-    // with DF gets 0, as Linux gives packets no socket owns (RFC 6864: any
-    // value will do), which spares a helper call.
-    // SAFETY: no preconditions.
+    // Only a datagram that may be fragmented needs an ID of its own, the
+    // next of its peer's counter; one with DF gets 0, as Linux gives
+    // packets no socket owns (RFC 6864: any value will do), which spares
+    // the atomic update of a counter all CPUs share.
     let id = if df {
         0
     } else {
-        unsafe { bpf_get_prandom_u32() as u16 }
+        maps::take_ip_ids(peer, hook.segments())
     };
     // No overflow of the length: checked by `route_to_peer`.
     let outer = Ipv4::tunnel(inner.tos, inner.tot_len(), df, id, cfg.tunnel_local, peer);

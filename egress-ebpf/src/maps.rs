@@ -1,5 +1,7 @@
 //! Maps, the load-time configuration and the reason counters.
 
+use core::arch::asm;
+
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     helpers::bpf_get_smp_processor_id,
@@ -11,6 +13,7 @@ use egress_common::{
     flow::{Flow, FlowKey, Mapping, PortKey},
     flow_cache::{CACHE_SLOTS, CachedFlow},
     fragment::{FragEntry, FragKey},
+    ip_id::{IP_ID_BUCKETS, ip_id_bucket},
     peers::PeerSet,
     reason::Reason,
     route::{ROUTE_SLOTS, Route},
@@ -60,6 +63,14 @@ pub static FRAGMENTS: LruHashMap<FragKey, FragEntry> = LruHashMap::pinned(16384,
 /// of the programs writes where the daemon reads.
 #[map]
 pub static HELD_FRAGMENTS: RingBuf = RingBuf::pinned(256 * 1024, 0);
+
+/// The outer IP ID counters (see `egress_common::ip_id`), shared by every
+/// CPU. Pinned, so that a restarted or reloaded gateway counts on (during a
+/// reload's handover, the old and the new programs draw from the same
+/// counters) rather than start again somewhere that repeats the IDs of the
+/// packets just sent; the daemon sets them at random when it makes them.
+#[map]
+pub static IP_IDS: Array<u64> = Array::pinned(IP_ID_BUCKETS, 0);
 
 /// Remembered FIB answers, a direct-mapped cache per CPU (see
 /// `egress_common::route`), [`ROUTE_SLOTS`] per CPU (see [`this_cpus`]).
@@ -135,6 +146,46 @@ pub fn may_send_for(peer: u8, addr: [u8; 4]) -> bool {
     CLIENTS
         .get(&Key::new(32, addr))
         .is_some_and(|peers| peers.contains(peer))
+}
+
+/// Takes `n` consecutive outer IP IDs for packets to `peer` and returns
+/// the first: one per packet that leaves (see `Hook::segments`). Atomic,
+/// so two CPUs sending to one peer never get the same ID.
+#[inline(always)]
+pub fn take_ip_ids(peer: [u8; 4], n: u32) -> u16 {
+    let Some(counter) = IP_IDS.get_ptr_mut(ip_id_bucket(peer)) else {
+        // Never: every bucket is in the array.
+        return 0;
+    };
+    // SAFETY: a valid, aligned map value, which every CPU updates with
+    // this one instruction only.
+    unsafe { fetch_add(counter, u64::from(n)) as u16 }
+}
+
+/// Adds `n` to the counter at `counter` and returns its value before, as
+/// one atomic instruction (BPF_ATOMIC | BPF_FETCH, Linux 5.12+).
+///
+/// Written out: LLVM emits it only for BPF CPU v3, and the data path is
+/// built for rustc's default (v1), where a fetch-and-add fails to compile
+/// ("Invalid usage of the XADD return value"). Building all of it for v3
+/// made LLVM spill a register it had not set, which the verifier refused.
+///
+/// # Safety
+/// `counter` must be valid and 8-byte aligned.
+#[inline(always)]
+unsafe fn fetch_add(counter: *mut u64, n: u64) -> u64 {
+    let mut value = n;
+    // SAFETY: as the caller guarantees; the instruction touches only
+    // `*counter` and `value`'s register.
+    unsafe {
+        asm!(
+            "{value} = atomic_fetch_add((u64 *)({counter} + 0), {value})",
+            counter = in(reg) counter,
+            value = inout(reg) value,
+            options(nostack),
+        );
+    }
+    value
 }
 
 #[inline(always)]

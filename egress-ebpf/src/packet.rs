@@ -111,4 +111,8 @@ pub trait Hook {
     /// leave as, for the MTU check: itself, or one segment of an aggregate
     /// the kernel segments on output (TC's GRO/GSO packets).
     fn largest_segment(&self, ip_len: u16, l4_off: usize, proto: u8) -> u16;
+    /// How many packets this one leaves as (at least 1): itself, or the
+    /// segments of an aggregate the kernel segments on output, each with
+    /// the next outer IP ID after the one the aggregate was given.
+    fn segments(&self) -> u32;
 }

@@ -175,6 +175,13 @@ impl Hook for Tc {
         };
         (headers + gso_size).min(u32::from(ip_len)) as u16
     }
+
+    #[inline(always)]
+    fn segments(&self) -> u32 {
+        // 0 outside an aggregate; read before the head adjustment, which
+        // clears it in one.
+        self.skb().gso_segs.max(1)
+    }
 }
 
 #[classifier]

@@ -77,6 +77,11 @@ impl Hook for Xdp {
         // An XDP frame is one packet on the wire.
         ip_len
     }
+
+    #[inline(always)]
+    fn segments(&self) -> u32 {
+        1
+    }
 }
 
 #[xdp]

@@ -2,6 +2,8 @@
 //! policy maps, attach, read counters and flows.
 
 use std::{
+    fs,
+    io::Read as _,
     net::Ipv4Addr,
     os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
@@ -28,6 +30,7 @@ use egress_common::{
     flow::{Flow, FlowKey, Mapping, PortKey},
     flow_cache::{CACHE_SLOTS, CachedFlow},
     fragment::{FragEntry, FragKey},
+    ip_id::IP_ID_BUCKETS,
     peers::PeerSet,
     reason::Reason,
     route::ROUTE_SLOTS,
@@ -218,6 +221,8 @@ impl Datapath {
                 .insert(&key, &allowed, 0)
                 .with_context(|| format!("cannot add client range {c}"))?;
         }
+
+        seed_ip_ids(&mut ebpf)?;
 
         let mut datapath = Self {
             ebpf,
@@ -679,6 +684,29 @@ fn cpu_numbers() -> anyhow::Result<u32> {
         .parse()
         .with_context(|| format!("{POSSIBLE}: no CPU list: {list:?}"))?;
     Ok(highest + 1)
+}
+
+/// Starts the outer IP ID counters at random places, as Linux starts its
+/// own, unless they have counted already: pinned, an earlier run's go on
+/// where they were.
+fn seed_ip_ids(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let context = "cannot set the outer IP ID counters (the IP_IDS map)";
+    let mut ids: Array<_, u64> = Array::try_from(map(ebpf, "IP_IDS")?)?;
+    let used = ids
+        .iter()
+        .try_fold(false, |used, id| id.map(|id| used || id != 0))
+        .context(context)?;
+    if used {
+        return Ok(());
+    }
+    let mut random = [0u8; 8 * IP_ID_BUCKETS as usize];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut random))
+        .context("cannot read /dev/urandom")?;
+    for (i, seed) in (0..).zip(random.as_chunks::<8>().0) {
+        ids.set(i, &u64::from_ne_bytes(*seed), 0).context(context)?;
+    }
+    Ok(())
 }
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {

@@ -15,7 +15,7 @@ pub const DEFAULT_STATE_DIR: &str = "/sys/fs/bpf/egress";
 /// Where the BPF filesystem lives when the host has one.
 pub const BPFFS: &str = "/sys/fs/bpf";
 /// The maps the data path pins (the `#[map]`s declared `pinned`).
-pub const PINNED_MAPS: [&str; 7] = [
+pub const PINNED_MAPS: [&str; 8] = [
     "FLOWS",
     "MAPPINGS",
     "CLIENT_FLOWS",
@@ -23,6 +23,7 @@ pub const PINNED_MAPS: [&str; 7] = [
     "FLOW_CACHE",
     "FRAGMENTS",
     "HELD_FRAGMENTS",
+    "IP_IDS",
 ];
 /// The maps every version that pinned state at all has pinned: one of
 /// them missing beside others was removed.

@@ -284,20 +284,7 @@ impl Gateway {
     /// The frames the program leaves of `frames`, run in order on CPU
     /// `cpu` (so they meet the same per-CPU flow cache).
     pub fn outputs_on_cpu(&mut self, cpu: usize, frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
-        self.with_runs(|run| {
-            let mut one = CpuSet::new();
-            one.set(cpu).unwrap();
-            sched_setaffinity(Pid::from_raw(0), &one).unwrap();
-            frames
-                .iter()
-                .map(|frame| {
-                    let mut out = vec![0u8; 2048];
-                    let r = run(frame, &mut out);
-                    out.truncate(r.data_size_out as usize);
-                    out
-                })
-                .collect()
-        })
+        self.with_runs(|run| outputs_pinned(cpu, frames, run))
     }
 
     /// Runs the program once on each of `frames`, in order, all on CPU
@@ -314,26 +301,23 @@ impl Gateway {
             .collect()
     }
 
-    /// Runs the frames, in order, on two threads at once: first packets of
-    /// the same flows race each other on the two CPUs.
-    pub fn race(&mut self, frames: &[Vec<u8>]) {
+    /// Runs the frames, in order, on two threads at once, one on CPU 0 and
+    /// one on CPU 1: first packets of the same flows race each other on the
+    /// two CPUs. Returns the frames each thread's runs left.
+    pub fn race(&mut self, frames: &[Vec<u8>]) -> [Vec<Vec<u8>>; 2] {
         let ifindex = self.ifindex;
         let ns = self.ns.clone();
         let prog = &self.program();
-        let run_all = || {
+        let run_all = |cpu| {
             in_netns(&ns, || {
-                let mut out = vec![0u8; 2048];
-                for frame in frames {
-                    prog.run(frame, ifindex, &mut out);
-                }
+                outputs_pinned(cpu, frames, |frame, out| prog.run(frame, ifindex, out))
             })
             .unwrap()
         };
         std::thread::scope(|s| {
-            let other = s.spawn(run_all);
-            run_all();
-            other.join().unwrap();
-        });
+            let other = s.spawn(|| run_all(1));
+            [run_all(0), other.join().unwrap()]
+        })
     }
 
     fn program(&mut self) -> Program<'_> {
@@ -436,6 +420,27 @@ impl Gateway {
     pub fn client_flows(&mut self, client: [u8; 4]) -> u64 {
         self.state().clients.get(&client, 0).unwrap_or(0)
     }
+}
+
+/// The frames `run` leaves of `frames`, run in order from this thread,
+/// pinned to CPU `cpu`.
+fn outputs_pinned(
+    cpu: usize,
+    frames: &[Vec<u8>],
+    mut run: impl FnMut(&[u8], &mut [u8]) -> TestRunResult,
+) -> Vec<Vec<u8>> {
+    let mut one = CpuSet::new();
+    one.set(cpu).unwrap();
+    sched_setaffinity(Pid::from_raw(0), &one).unwrap();
+    frames
+        .iter()
+        .map(|frame| {
+            let mut out = vec![0u8; 2048];
+            let r = run(frame, &mut out);
+            out.truncate(r.data_size_out as usize);
+            out
+        })
+        .collect()
 }
 
 /// One run of the program, unjudged.

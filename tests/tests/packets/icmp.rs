@@ -42,13 +42,13 @@ const INTERNET_ROUTER: [u8; 4] = [198, 51, 100, 1];
 
 /// Asserts that `inner`, sent by a client through the tunnel, was answered
 /// with the ICMP error `kind` from the gateway, encapsulated back to the
-/// peer, quoting what [`quoted`] says.
+/// peer, quoting what [`quoted`] says; returns the answer.
 pub fn assert_answered_through_tunnel(
     gw: &mut Gateway,
     inner: &[u8],
     kind: Icmpv4Type,
     want: Reason,
-) {
+) -> Vec<u8> {
     let (verdict, out, reason) = gw.run(&from_peer(inner));
     assert_eq!((verdict, reason), (Verdict::Tx, want));
     assert_checksums_valid(&out);
@@ -72,6 +72,7 @@ pub fn assert_answered_through_tunnel(
         ethernet(GW_MAC, ROUTER_MAC, &encapsulate(outer, &error)),
         "ICMP error to the client"
     );
+    out
 }
 
 /// How much of IPv4 `packet` the gateway's own errors quote: the header and

@@ -30,6 +30,7 @@ mod gateway;
 mod icmp;
 mod malformed;
 mod mss;
+mod outer_id;
 mod state;
 
 use egress_common::reason::Reason;
@@ -52,7 +53,8 @@ for_each_hook!(
 );
 
 /// Byte range of the outer IPv4 identification in an encapsulated frame:
-/// 0 when DF is set, else a fresh one, the only bytes not predictable.
+/// 0 when DF is set, else the next of the peer's counter, which starts
+/// somewhere random (`outer_id` checks how it counts).
 const OUTER_ID: std::ops::Range<usize> = 18..20;
 
 /// A frame from the peer carrying `inner`.
@@ -152,8 +154,13 @@ fn translated_in(ip: Ip, client: [u8; 4]) -> Ip {
 }
 
 /// Sends the server's IP `packet` to the gateway; asserts it leaves as
-/// `inner` encapsulated to the peer.
-fn inbound_packet(gw: &mut Gateway, packet: &[u8], inner: &[u8]) {
+/// `inner` encapsulated to the peer, and returns the frame.
+fn inbound_packet(gw: &mut Gateway, packet: &[u8], inner: &[u8]) -> Vec<u8> {
+    inbound_packet_to(gw, packet, inner, PEER)
+}
+
+/// As [`inbound_packet`], tunnelled to `peer`.
+fn inbound_packet_to(gw: &mut Gateway, packet: &[u8], inner: &[u8], peer: [u8; 4]) -> Vec<u8> {
     let (verdict, out, reason) = gw.run(&ethernet(ROUTER_MAC, GW_MAC, packet));
     assert_eq!((verdict, reason), (Verdict::Tx, Reason::ReverseHit));
     assert_checksums_valid(&out);
@@ -162,7 +169,7 @@ fn inbound_packet(gw: &mut Gateway, packet: &[u8], inner: &[u8]) {
         id: 0,
         df: inner[6] & 0x40 != 0,
         tos: inner[1],
-        ..Ip::new(GW, PEER)
+        ..Ip::new(GW, peer)
     };
     let mut want = ethernet(GW_MAC, ROUTER_MAC, &encapsulate(outer, inner));
     assert_eq!(out.len(), want.len());
@@ -172,6 +179,7 @@ fn inbound_packet(gw: &mut Gateway, packet: &[u8], inner: &[u8]) {
         want[24..26].copy_from_slice(&out[24..26]);
     }
     assert_eq!(out, want, "encapsulated return frame");
+    out
 }
 
 /// A frame the gateway must not translate: what is wrong with it, the
