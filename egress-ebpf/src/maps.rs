@@ -167,8 +167,9 @@ pub fn take_ip_ids(peer: [u8; 4], n: u32) -> u16 {
 ///
 /// Written out: LLVM emits it only for BPF CPU v3, and the data path is
 /// built for rustc's default (v1), where a fetch-and-add fails to compile
-/// ("Invalid usage of the XADD return value"). Building all of it for v3
-/// made LLVM spill a register it had not set, which the verifier refused.
+/// ("Invalid usage of the XADD return value"). Built for v3 instead, all
+/// of the program's code changed, and the verifier refused it (LLVM stored
+/// a register just after a helper call had clobbered it).
 ///
 /// # Safety
 /// `counter` must be valid and 8-byte aligned.

@@ -687,7 +687,8 @@ fn cpu_numbers() -> anyhow::Result<u32> {
 }
 
 /// Starts the outer IP ID counters at random places, as Linux starts its
-/// own, unless they have counted already: pinned, an earlier run's go on
+/// own, while all are 0: made by this load (or by one that died before it
+/// set them). Counters that have counted, pinned by an earlier run, go on
 /// where they were.
 fn seed_ip_ids(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     let context = "cannot set the outer IP ID counters (the IP_IDS map)";
