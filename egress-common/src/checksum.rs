@@ -89,6 +89,41 @@ pub fn pending_fixed_point(others: u32) -> [u8; 2] {
     }
 }
 
+/// Bytes of a message the data path sums at a time when it verifies a
+/// checksum over more than a header (an ICMP error): the size of the stack
+/// buffer it copies them to, as [`CHUNK_WORDS`] 32-bit words.
+pub const CHUNK: usize = 64;
+pub const CHUNK_WORDS: usize = CHUNK / 4;
+
+/// The sum of one [`CHUNK`] of a message as it lies in memory, a chunk
+/// that ends the message padded with zeros (an odd last byte is then the
+/// high half of a word, as RFC 1071 pads it). 32-bit words of either byte
+/// order add up to the same 16-bit sum once folded (2^16 is 1 modulo
+/// 0xffff, and RFC 1071's byte order independence), so the data path loads
+/// them as they lie, 4 bytes at a time; chunks must start at even offsets.
+#[inline(always)]
+pub fn sum_chunk(words: &[u32; CHUNK_WORDS]) -> u64 {
+    let mut sum = 0u64;
+    let mut i = 0;
+    while i < CHUNK_WORDS {
+        sum += u64::from(words[i]);
+        i += 1;
+    }
+    sum
+}
+
+/// Whether a message whose chunks sum to `sum` ([`sum_chunk`]), its
+/// checksum field included, is intact: its 16-bit words then sum to all
+/// ones, as the kernel checks it (`csum_fold(..) == 0`).
+#[inline(always)]
+pub fn sum_verifies(sum: u64) -> bool {
+    // 2^32 is 1 modulo 0xffff: twice brings any sum of fewer than 2^32
+    // chunks under 2^32.
+    let sum = (sum & 0xffff_ffff) + (sum >> 32);
+    let sum = (sum & 0xffff_ffff) + (sum >> 32);
+    fold(sum as u32) == 0xffff
+}
+
 /// Folds a 32-bit ones'-complement sum into 16 bits.
 #[inline(always)]
 pub fn fold(mut sum: u32) -> u16 {
@@ -148,6 +183,31 @@ mod tests {
         (before, span)
     }
 
+    /// `message` summed as the data path sums it: chunk by chunk, each
+    /// copied to a zeroed buffer and read as 32-bit words in memory order.
+    fn chunked_sum(message: &[u8]) -> u64 {
+        message
+            .chunks(CHUNK)
+            .map(|chunk| {
+                let mut buf = [0u8; CHUNK];
+                buf[..chunk.len()].copy_from_slice(chunk);
+                let words = core::array::from_fn(|i| {
+                    u32::from_ne_bytes(buf[4 * i..4 * i + 4].try_into().unwrap())
+                });
+                sum_chunk(&words)
+            })
+            .sum()
+    }
+
+    #[test]
+    fn sums_of_all_zeros_or_all_ones_verify_as_the_kernel_checks() {
+        // An all-zero message has no valid checksum (it would be 0xffff).
+        assert!(!sum_verifies(chunked_sum(&[0; 36])));
+        assert!(sum_verifies(chunked_sum(&[0xff; 36])));
+        // A long message of all ones: the carries of many chunks fold in.
+        assert!(sum_verifies(chunked_sum(&[0xff; 65534])));
+    }
+
     proptest::proptest! {
         /// A quoted UDP or TCP header whose field holds the fixed point comes
         /// out of the kernel's filling in unchanged, whatever else it holds.
@@ -186,6 +246,35 @@ mod tests {
         #[test]
         fn header_verification_is_the_rfc1071_sum(h in proptest::array::uniform20(proptest::num::u8::ANY)) {
             proptest::prop_assert_eq!(ipv4_header_valid(&words(&h)), full(&h) == [0, 0]);
+        }
+
+        /// An ICMP error of any length, odd or even, as etherparse writes
+        /// it verifies chunk by chunk; any one bit flipped in it anywhere
+        /// (a single-bit error always changes the sum) and it does not.
+        #[test]
+        fn chunked_verification_of_icmp_errors_catches_every_single_bit_error(
+            quote in proptest::collection::vec(proptest::num::u8::ANY, 28..1600),
+            mtu in proptest::num::u16::ANY,
+            flip in proptest::num::usize::ANY,
+        ) {
+            use etherparse::{Icmpv4Header, Icmpv4Type, icmpv4::DestUnreachableHeader};
+            let kind = Icmpv4Type::DestinationUnreachable(
+                DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
+            );
+            let header = Icmpv4Header::with_checksum(kind, &quote);
+            let mut message = [header.to_bytes().to_vec(), quote].concat();
+            proptest::prop_assert!(sum_verifies(chunked_sum(&message)));
+            let bit = flip % (8 * message.len());
+            message[bit / 8] ^= 1 << (bit % 8);
+            proptest::prop_assert!(!sum_verifies(chunked_sum(&message)));
+        }
+
+        /// On any bytes, chunked verification agrees with the RFC 1071 sum.
+        #[test]
+        fn chunked_verification_is_the_rfc1071_sum(
+            message in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+        ) {
+            proptest::prop_assert_eq!(sum_verifies(chunked_sum(&message)), full(&message) == [0, 0]);
         }
 
         /// Any rewrite of an address and a port keeps the checksum equal to a

@@ -82,7 +82,9 @@ pub enum Reason {
     /// handed to the kernel's forwarding path, which fragments it.
     KernelFragments,
     /// An IPv4 header (outer, inner or return) whose checksum is wrong: the
-    /// kernel would drop it too. Transport checksums are not verified.
+    /// kernel would drop it too. Or an ICMP error about a flow whose ICMP
+    /// checksum is wrong (RFC 5508 REQ-3). Other transport checksums are
+    /// not verified.
     BadChecksum,
     /// The inner packet is itself IP-in-IP: one level of tunnel is all the
     /// gateway decapsulates.

@@ -12,10 +12,15 @@
 //! Type and code are kept, and an error never creates or refreshes its
 //! flow. One from the Internet that matches no flow is the kernel's (it may
 //! be about the host's own traffic); one from a client that matches none is
-//! dropped. Neither is ever forwarded elsewhere.
+//! dropped. Neither is ever forwarded elsewhere. One that does match a flow
+//! has its ICMP checksum verified first, over the whole message, and is
+//! dropped if it is wrong (RFC 5508 REQ-3).
 
+use core::{ffi::c_void, mem::MaybeUninit};
+
+use aya_ebpf::helpers::bpf_loop;
 use egress_common::{
-    checksum::Incremental,
+    checksum::{CHUNK, CHUNK_WORDS, Incremental, sum_chunk, sum_verifies},
     config::Config,
     flow::{DIR_IN, DIR_OUT, FlowKey, IPPROTO_ICMP, IPPROTO_UDP},
     fragment::Fragment,
@@ -54,6 +59,7 @@ pub fn from_internet<H: Hook>(hook: &mut H, cfg: &Config) -> Result<Outcome, Out
     // A quote too short to name a flow is the kernel's to judge.
     let key = quoted_flow(pkt, ETH_LEN, len, Side::Src).map_err(|_| Reason::NotOurs)?;
     let flow = state::find(&key).ok_or(Reason::NotOurs)?;
+    intact(hook, ETH_LEN, len)?;
     // Never an ICMP error about an ICMP error (RFC 1122 3.2.2): these two
     // are dropped unanswered.
     if ip.ttl <= 1 {
@@ -81,6 +87,7 @@ pub fn from_client<H: Hook>(hook: &mut H, peer: [u8; 4], len: u16) -> Result<Out
     let flow = state::find(&key)
         .filter(|f| f.peer_addr == peer)
         .ok_or(Reason::IcmpErrorNoFlow)?;
+    intact(hook, FROM_PEER, len)?;
     // SAFETY: a copy of the error's header and one of the Ethernet header.
     let (ip, orig) = unsafe { (*pkt.get::<Ipv4Hdr>(FROM_PEER)?, *pkt.get::<EthHdr>(0)?) };
     if ip.ttl <= 1 {
@@ -202,4 +209,85 @@ fn translate<H: Hook>(
         icmp[3] = c1;
     }
     Ok(())
+}
+
+/// Fails with `BadChecksum` unless the ICMP checksum of the error at `at`
+/// (its IP packet `len` bytes long, within the frame) is right: the
+/// receiver would discard a corrupt error, and a NAT silently discards it
+/// (RFC 5508 REQ-3), rather than translate a quote that may be garbage.
+///
+/// The message is summed [`CHUNK`] bytes at a time, copied to the stack
+/// (wherever they lie: an skb's fragments too), by a `bpf_loop` callback
+/// the verifier checks once for any number of chunks. A function of its
+/// own, off the fast path, so its frame is not the caller's.
+#[inline(never)]
+fn intact<H: Hook>(hook: &H, at: usize, len: u16) -> Result<(), Reason> {
+    let len = usize::from(len).saturating_sub(IP_LEN);
+    let mut summing = Summing {
+        hook,
+        at: at + ICMP_AT,
+        len,
+        sum: 0,
+        failed: false,
+    };
+    let chunks = len.div_ceil(CHUNK) as u32;
+    // SAFETY: the callback takes `summing` for what it is, and only while
+    // this call lasts.
+    let ran = unsafe {
+        bpf_loop(
+            chunks,
+            add_chunk::<H> as *mut c_void,
+            (&raw mut summing).cast(),
+            0,
+        )
+    };
+    if ran != i64::from(chunks) || summing.failed {
+        return Err(Reason::Internal);
+    }
+    if !sum_verifies(summing.sum) {
+        return Err(Reason::BadChecksum);
+    }
+    Ok(())
+}
+
+/// The state of [`intact`]'s loop: the message at `at`, `len` bytes long,
+/// and the sum of its chunks so far.
+struct Summing<'a, H> {
+    hook: &'a H,
+    at: usize,
+    len: usize,
+    sum: u64,
+    failed: bool,
+}
+
+/// Adds chunk `i` of the message to the sum (the `bpf_loop` callback of
+/// [`intact`]): 0 to go on, 1 to stop.
+extern "C" fn add_chunk<H: Hook>(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `intact`'s `Summing`, alive while the loop runs.
+    let summing = unsafe { &mut *ctx.cast::<Summing<H>>() };
+    let from = i as usize * CHUNK;
+    // The loop runs once per chunk, so 1 ≤ left; not past the message's
+    // end, and the size the verifier sees bounded by the buffer.
+    let left = summing.len.wrapping_sub(from);
+    let mut words = MaybeUninit::<[u32; CHUNK_WORDS]>::uninit();
+    let n = if left >= CHUNK {
+        CHUNK
+    } else {
+        // Zeros pad the last chunk, an odd last byte included.
+        words.write([0; CHUNK_WORDS]);
+        (left.wrapping_sub(1) & (CHUNK - 1)) + 1
+    };
+    // SAFETY: `words` takes CHUNK bytes, and 1 ≤ n ≤ CHUNK.
+    let loaded = unsafe {
+        summing
+            .hook
+            .load_bytes(summing.at + from, words.as_mut_ptr().cast(), n)
+    };
+    if loaded.is_err() {
+        summing.failed = true;
+        return 1;
+    }
+    // SAFETY: written whole, by the load or by zeros and the load.
+    summing.sum += sum_chunk(unsafe { words.assume_init_ref() });
+    0
 }

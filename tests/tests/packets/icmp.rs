@@ -18,7 +18,8 @@ for_each_hook!(
     icmp_errors_about_a_flow_reach_its_client_translated_back,
     icmp_errors_about_no_flow_are_left_to_the_kernel,
     icmp_errors_quoting_a_first_fragment_are_relayed_both_ways,
-    relayed_icmp_errors_with_a_wrong_checksum_keep_it_wrong,
+    long_icmp_errors_are_relayed_whole_both_ways,
+    icmp_errors_with_a_wrong_checksum_are_dropped,
     icmp_errors_that_cannot_go_on_are_dropped_unanswered,
     a_relayed_error_does_not_refresh_its_flow,
     icmp_errors_from_a_client_reach_the_remote_translated,
@@ -398,38 +399,126 @@ fn icmp_errors_quoting_a_first_fragment_are_relayed_both_ways(hook: Hook) {
     );
 }
 
-/// The ICMP checksum of a relayed error is updated, not verified (RFC 5508
-/// REQ-3 would drop it): an error that arrives wrong by some amount leaves
-/// wrong by exactly that amount, so its receiver drops it as it would have.
-fn relayed_icmp_errors_with_a_wrong_checksum_keep_it_wrong(hook: Hook) {
+/// A datagram of the [`QUERY`] flow `len` IP bytes long, its payload
+/// counting bytes, from `sport` to `dport`, as `packet` has it sent or
+/// received: what long errors about the flow quote (routers quote up to
+/// 576 bytes of error, RFC 1812 4.3.2.3).
+fn long_datagram(
+    len: usize,
+    sport: u16,
+    dport: u16,
+    packet: fn([u8; 4], L4) -> Vec<u8>,
+    addr: [u8; 4],
+) -> Vec<u8> {
+    let payload: Vec<u8> = (0..len - 28).map(|i| i as u8).collect();
+    let udp = L4::Udp {
+        sport,
+        dport,
+        payload: &payload,
+    };
+    packet(addr, udp)
+}
+
+/// Errors of any length are relayed whole and byte-exact: an odd length
+/// (the last byte summed padded with zero), a router's 576 bytes quoting
+/// part of a longer datagram, and one of 1401 bytes.
+fn long_icmp_errors_are_relayed_whole_both_ways(hook: Hook) {
+    let gw = &mut Gateway::new(hook);
+    let nat_port = outbound(gw, CLIENT, QUERY, Reason::NewFlow);
+    let exceeded = Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit);
+    let client_port = QUERY.sport();
+    let before = gw.flows();
+    for error_len in [61, 576, 1401] {
+        let quoted = error_len - 28;
+        let sent = long_datagram(1000.max(quoted), nat_port, 53, as_sent, GW);
+        let original = long_datagram(1000.max(quoted), client_port, 53, as_sent, CLIENT);
+        let frame = internet_error(INTERNET_ROUTER, exceeded.clone(), &sent[..quoted]);
+        assert_eq!(frame.len(), 14 + error_len);
+        let (verdict, out, reason) = gw.run(&frame);
+        assert_eq!(
+            (verdict, reason),
+            (Verdict::Tx, Reason::IcmpErrorRelayed),
+            "{error_len} bytes from the remote"
+        );
+        assert_checksums_valid(&out);
+        let want = relayed_to_client(&out, INTERNET_ROUTER, exceeded.clone(), &original[..quoted]);
+        assert!(
+            out == want,
+            "{error_len} bytes from the remote: not as relayed"
+        );
+
+        let received = long_datagram(1000.max(quoted), 53, client_port, as_received, CLIENT);
+        let sent = long_datagram(1000.max(quoted), 53, nat_port, as_received, GW);
+        let error = client_error_ip(CLIENT_ROUTER, SERVER);
+        let inner = icmp_error(error, exceeded.clone(), &received[..quoted]);
+        assert_eq!(inner.len(), error_len);
+        let out = outbound_packet(gw, &inner, Reason::IcmpErrorRelayed);
+        let want = ethernet(
+            GW_MAC,
+            ROUTER_MAC,
+            &icmp_error(translated_out(error), exceeded.clone(), &sent[..quoted]),
+        );
+        assert!(
+            out == want,
+            "{error_len} bytes from the client: not as relayed"
+        );
+    }
+    assert_eq!(gw.flows(), before, "an error changed a flow");
+}
+
+/// An error about a flow whose ICMP checksum does not verify over the
+/// whole message is dropped (RFC 5508 REQ-3; its receiver would discard it
+/// anyway), either way, and left as it came: wrong in its checksum field,
+/// or corrupt where the translation never reads (deep in the quote, or its
+/// odd last byte).
+fn icmp_errors_with_a_wrong_checksum_are_dropped(hook: Hook) {
     let gw = &mut Gateway::new(hook);
     let nat_port = outbound(gw, CLIENT, QUERY, Reason::NewFlow);
     let unreachable = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
-    const WRONG_BY: u16 = 0x1234;
-
-    let sent = as_sent(GW, QUERY.with_sport(nat_port));
-    let mut frame = internet_error(SERVER, unreachable.clone(), &sent);
-    add_to_checksum(&mut frame, 14 + 20 + 2, WRONG_BY);
-    let (verdict, out, reason) = gw.run(&frame);
-    assert_eq!((verdict, reason), (Verdict::Tx, Reason::IcmpErrorRelayed));
-    let original = as_sent(CLIENT, QUERY);
-    let mut want = relayed_to_client(&out, SERVER, unreachable.clone(), &original);
-    add_to_checksum(&mut want, 14 + 20 + 20 + 2, WRONG_BY);
-    assert_eq!(out, want, "from the remote: the same error after relaying");
-
-    let error = client_error_ip(CLIENT, SERVER);
-    let mut inner = icmp_error(error, unreachable.clone(), &query_reply());
-    add_to_checksum(&mut inner, 20 + 2, WRONG_BY);
-    let (verdict, out, reason) = gw.run(&from_peer(&inner));
-    assert_eq!((verdict, reason), (Verdict::Tx, Reason::IcmpErrorRelayed));
-    let sent = as_received(GW, QUERY.reply_to(nat_port));
-    let mut want = ethernet(
-        GW_MAC,
-        ROUTER_MAC,
-        &icmp_error(translated_out(error), unreachable, &sent),
-    );
-    add_to_checksum(&mut want, 14 + 20 + 2, WRONG_BY);
-    assert_eq!(out, want, "from the client: the same error after relaying");
+    let client_port = QUERY.sport();
+    // Errors of `len` IP bytes from the remote and from the client, with
+    // `corrupt` applied to their IP packets (the ICMP message at 20).
+    let errors = |len: usize, corrupt: &dyn Fn(&mut Vec<u8>)| {
+        let quoted = len - 28;
+        let sent = long_datagram(1000.max(quoted), nat_port, 53, as_sent, GW);
+        let mut from_remote = icmp_error(
+            internet_error_ip(SERVER),
+            unreachable.clone(),
+            &sent[..quoted],
+        );
+        corrupt(&mut from_remote);
+        let received = long_datagram(1000.max(quoted), 53, client_port, as_received, CLIENT);
+        let mut from_client = port_unreachable(&received[..quoted]);
+        corrupt(&mut from_client);
+        [
+            ethernet(ROUTER_MAC, GW_MAC, &from_remote),
+            from_peer(&from_client),
+        ]
+    };
+    let wrong_by = |p: &mut Vec<u8>| add_to_checksum(p, 20 + 2, 0x1234);
+    let deep = |p: &mut Vec<u8>| p[20 + 8 + 300] ^= 0x01;
+    let last = |p: &mut Vec<u8>| *p.last_mut().unwrap() ^= 0x80;
+    let [wrong_remote, wrong_client] = errors(61, &wrong_by);
+    let [deep_remote, deep_client] = errors(576, &deep);
+    let [last_remote, last_client] = errors(1401, &last);
+    let drop = |what, frame| (what, frame, Verdict::Drop, Reason::BadChecksum);
+    let cases = vec![
+        drop("checksum off by 0x1234, from the remote", wrong_remote),
+        drop("checksum off by 0x1234, from the client", wrong_client),
+        drop(
+            "a bit flipped deep in the quote, from the remote",
+            deep_remote,
+        ),
+        drop(
+            "a bit flipped deep in the quote, from the client",
+            deep_client,
+        ),
+        drop("the odd last byte changed, from the remote", last_remote),
+        drop("the odd last byte changed, from the client", last_client),
+    ];
+    let before = gw.flows();
+    assert_cases(gw, cases);
+    assert_eq!(gw.flows(), before, "an error changed a flow");
 }
 
 /// An error about a flow that expires at the gateway, or does not fit the

@@ -3,7 +3,10 @@
 //! directions, and is left as it came; oddities that are not errors
 //! (transport checksums, UDP surplus, Ethernet padding) are translated.
 
-use etherparse::{Icmpv4Type, icmpv4::TimeExceededCode};
+use etherparse::{
+    Icmpv4Type,
+    icmpv4::{DestUnreachableHeader, TimeExceededCode},
+};
 
 use super::*;
 use crate::frames::{add_to_checksum, fix_ipv4_checksum, icmp_error};
@@ -238,7 +241,23 @@ fn malformed_outbound_frames_are_dropped_with_their_reason(hook: Hook) {
             Reason::Truncated,
         ));
     }
-    assert_cases(&mut Gateway::new(hook), cases);
+    let gw = &mut Gateway::new(hook);
+    let query = L4::Udp {
+        sport: 21000,
+        dport: 53,
+        payload: b"query",
+    };
+    outbound(gw, CLIENT, query, Reason::NewFlow);
+    let answer = ip_packet(Ip::new(SERVER, CLIENT), query.reply_to(21000));
+    let kind = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+    let mut error = icmp_error(Ip::new(CLIENT, SERVER), kind, &answer);
+    add_to_checksum(&mut error, 20 + 2, 1);
+    cases.push(drop(
+        "ICMP error about a flow with a wrong ICMP checksum",
+        from_peer(&error),
+        Reason::BadChecksum,
+    ));
+    assert_cases(gw, cases);
 }
 
 fn malformed_return_frames_get_their_verdict(hook: Hook) {
@@ -261,6 +280,20 @@ fn malformed_return_frames_get_their_verdict(hook: Hook) {
         payload: ANSWER,
     });
     let tcp = reply(L4::tcp(80, 23456, b""));
+    // A time exceeded about a datagram sent from translation port `port`,
+    // its ICMP checksum off by one.
+    let wrong_error = |port| {
+        let udp = L4::Udp {
+            sport: port,
+            dport: 53,
+            payload: b"q",
+        };
+        let sent = ip_packet(Ip::new(GW, SERVER), udp);
+        let kind = Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit);
+        let mut error = icmp_error(Ip::new(ROUTER, GW), kind, &sent);
+        add_to_checksum(&mut error, 20 + 2, 1);
+        ethernet(ROUTER_MAC, GW_MAC, &error)
+    };
     let ip = &[IP_RET];
     let drop = |what, frame, reason| (what, frame, Verdict::Drop, reason);
     let pass = |what, frame| (what, frame, Verdict::Pass, Reason::NotOurs);
@@ -338,6 +371,16 @@ fn malformed_return_frames_get_their_verdict(hook: Hook) {
             "TCP header length beyond the segment",
             edited(&tcp, &[], |f| f[L4_RET + 12] = 0xf0),
             Reason::BadLength,
+        ),
+        drop(
+            "ICMP error about a flow with a wrong ICMP checksum",
+            wrong_error(port),
+            Reason::BadChecksum,
+        ),
+        // The kernel checks the errors about its own traffic.
+        pass(
+            "ICMP error about no flow with a wrong ICMP checksum",
+            wrong_error(port + 1),
         ),
     ];
     assert_cases(gw, cases);
