@@ -25,8 +25,15 @@ const MSS_LEN: usize = 4;
 #[inline(always)]
 pub fn find(len: usize, mut byte: impl FnMut(usize) -> Option<u8>) -> Option<usize> {
     let len = if len < MAX_OPTIONS { len } else { MAX_OPTIONS };
+    // The verifier before Linux 6.8 learns nothing from comparing two
+    // variables (`i < len`), only from comparing with a constant: without
+    // `i < MAX_OPTIONS` too, it walks paths where `i` grows past any
+    // packet (Linux 6.1 rejects the program). The optimizer would drop
+    // that check as implied by `i < len`, were `len`'s bound not hidden.
+    // SAFETY: a read of a local.
+    let len = unsafe { core::ptr::read_volatile(&len) };
     let mut i = 0;
-    while i < len {
+    while i < MAX_OPTIONS && i < len {
         match byte(i)? {
             END_OF_LIST => return None,
             NO_OPERATION => i += 1,
