@@ -94,6 +94,10 @@ pub static PEERS: HashMap<[u8; 4], u8> = HashMap::with_max_entries(MAX_PEERS, 0)
 #[map]
 pub static CLIENTS: LpmTrie<[u8; 4], PeerSet> = LpmTrie::with_max_entries(MAX_CLIENT_RANGES, 0);
 
+/// Where `state::create` builds a new flow's value (off its stack).
+#[map]
+pub static NEW_FLOW: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
+
 /// Packets per [`Reason`].
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::SLOTS, 0);
