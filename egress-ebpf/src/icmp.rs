@@ -84,11 +84,7 @@ pub fn to_client<H: Hook>(hook: &mut H, error: Error, reason: Reason) -> Result<
     if !matches!(hop, NextHop::Resolved { .. }) {
         return Err(reason.into());
     }
-    // The next ID of the peer's counter, as everything sent there without
-    // DF takes (see `maps::take_ip_ids`; taken here, where the stack has
-    // room for the counter's lookup).
-    let outer_id = maps::take_ip_ids(peer, 1);
-    rewrite::<H, true>(hook, error, proto, outer_id)?;
+    rewrite::<H, true>(hook, error, proto)?;
     send(hook.packet(), &hop, &orig, reason)
 }
 
@@ -108,7 +104,7 @@ pub fn to_sender<H: Hook>(hook: &mut H, error: Error, reason: Reason) -> Result<
     if !matches!(hop, NextHop::Resolved { .. }) {
         return Err(reason.into());
     }
-    rewrite::<H, false>(hook, error, ip.proto, 0)?;
+    rewrite::<H, false>(hook, error, ip.proto)?;
     send(hook.packet(), &hop, &orig, reason)
 }
 
@@ -131,8 +127,7 @@ fn error_len(proto: u8) -> usize {
 
 /// Turns the frame in the hook into `error` about the packet of `proto` in
 /// it (`TUNNEL`: the inner packet of a frame from a peer, encapsulated back
-/// to that peer in an outer header with ID `outer_id`), Ethernet header
-/// still to be written.
+/// to that peer), Ethernet header still to be written.
 ///
 /// A function of its own, and off the fast path: inlined, its buffers would
 /// push the program past the 512-byte BPF stack. (It returns no more than
@@ -142,7 +137,6 @@ fn rewrite<H: Hook, const TUNNEL: bool>(
     hook: &mut H,
     error: Error,
     proto: u8,
-    outer_id: u16,
 ) -> Result<(), Reason> {
     let cfg = maps::config();
     // The quoted packet's IP header before the rewrite, the error's after.
@@ -160,14 +154,11 @@ fn rewrite<H: Hook, const TUNNEL: bool>(
     let quote = quoted + IPV4_LEN + ICMP_LEN;
     settle_quoted_checksum(hook, quote + IPV4_LEN, proto)?;
     let pkt = hook.packet();
-    // Without DF, as Linux sends errors. The error's own header takes a
-    // random ID: at under 100 bytes it is never fragmented, and from a
-    // counter an Internet host would learn how much others are sent (Linux
-    // keys and perturbs its counters against that).
-    let header = |tot_len: usize, id, proto, src, dst| Ipv4 {
+    let header = |tot_len: usize, proto, src, dst| Ipv4 {
         tos: TOS_CONTROL,
         tot_len: tot_len as u16,
-        id,
+        // SAFETY: no preconditions.
+        id: unsafe { bpf_get_prandom_u32() } as u16,
         df: false,
         ttl: OUTER_TTL,
         proto,
@@ -181,21 +172,18 @@ fn rewrite<H: Hook, const TUNNEL: bool>(
         // The address the packet was sent to: our translation address.
         let sent_to = [ip[16], ip[17], ip[18], ip[19]];
         // The ICMP header first: the quote's sum is then dead before the
-        // random ID's helper call (kept across it, it overflows the stack).
+        // random IDs' helper calls (kept across them it overflows the stack).
         let quote_sum = sum_words(ip) + transport_sum(pkt, quote + IPV4_LEN, proto)?;
         let Error { kind, code, mtu } = error;
         icmp_error(kind, code, mtu, quote_sum, pkt.get(quoted + IPV4_LEN)?);
         let error_src = if TUNNEL {
-            let len = IPV4_LEN + error_len;
-            let outer = header(len, outer_id, IPPROTO_IPIP, cfg.tunnel_local, peer);
+            let outer = header(IPV4_LEN + error_len, IPPROTO_IPIP, cfg.tunnel_local, peer);
             outer.write(pkt.get(ETH_LEN)?);
             cfg.tunnel_local
         } else {
             sent_to
         };
-        // SAFETY: no preconditions.
-        let id = bpf_get_prandom_u32() as u16;
-        header(error_len, id, IPPROTO_ICMP, error_src, sender).write(pkt.get(quoted)?);
+        header(error_len, IPPROTO_ICMP, error_src, sender).write(pkt.get(quoted)?);
     }
     Ok(())
 }
