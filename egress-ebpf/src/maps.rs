@@ -169,11 +169,12 @@ pub fn take_ip_ids(peer: [u8; 4], n: u32) -> u16 {
 /// Adds `n` to the counter at `counter` and returns its value before, as
 /// one atomic instruction (BPF_ATOMIC | BPF_FETCH, Linux 5.12+).
 ///
-/// Written out: LLVM emits it only for BPF CPU v3, and the data path is
-/// built for rustc's default (v1), where a fetch-and-add fails to compile
-/// ("Invalid usage of the XADD return value"). Built for v3 instead, all
-/// of the program's code changed, and the verifier refused it (LLVM stored
-/// a register just after a helper call had clobbered it).
+/// Written out: LLVM emits it from the intrinsic only for BPF CPU v3, and
+/// the data path is built for v2 (see the workspace `Cargo.toml`), where a
+/// fetch-and-add whose value is used fails to compile ("Invalid usage of
+/// the XADD return value"; tried again after the move to v2). Built for v3
+/// instead, all of the program's code changed, and the verifier refused it
+/// (LLVM stored a register just after a helper call had clobbered it).
 ///
 /// # Safety
 /// `counter` must be valid and 8-byte aligned.
