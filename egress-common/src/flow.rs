@@ -23,7 +23,11 @@ pub const DIR_IN: u8 = 1;
 /// A packet's 5-tuple as seen on the wire. For ICMP echo the identifier takes
 /// the place of the port on the client/translated side and the remote "port"
 /// is 0, so one key layout serves all three protocols.
-#[repr(C)]
+///
+/// Aligned to 8 (its size is 16 either way): the data path copies and
+/// compares keys as two 8-byte words rather than byte by byte, which took
+/// about 300 instructions off the programs and 24 bytes off XDP's frame.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
     pub src: [u8; 4],
