@@ -6,6 +6,9 @@
 use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 
 use crate::{
+    datapath::Attached,
+    host_changes::HostChanges,
+    links,
     netif::{self, Interface, Route},
     pinning::{self, Placement},
     settings::{AttachMode, Settings},
@@ -39,6 +42,8 @@ const CAP_BPF: u32 = 39;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
     Ok,
+    /// Worth knowing, nothing to fix.
+    Info,
     Warning,
     Problem,
 }
@@ -59,6 +64,10 @@ pub struct Report {
 impl Report {
     fn ok(&mut self, what: impl Into<String>) {
         self.add(Level::Ok, what.into(), None);
+    }
+
+    fn info(&mut self, what: impl Into<String>) {
+        self.add(Level::Info, what.into(), None);
     }
 
     fn warn(&mut self, what: impl Into<String>, fix: impl Into<String>) {
@@ -84,6 +93,7 @@ impl Report {
         for f in &self.findings {
             let tag = match f.level {
                 Level::Ok => "ok",
+                Level::Info => "info",
                 Level::Warning => "warning",
                 Level::Problem => "PROBLEM",
             };
@@ -122,6 +132,13 @@ pub struct Facts {
     /// Whether that state fits the data path with these settings (or why
     /// it cannot be read).
     pub state_fit: Result<state_fit::Fit, String>,
+    /// The data path an `egress run` on the state directory attached: its
+    /// links pinned there (hook and interface), and whether a clsact
+    /// filter is recorded (see `host_changes`).
+    pub data_path: Vec<String>,
+    /// Whether a daemon runs on the state directory (`None`: no such
+    /// directory, or it cannot be looked at).
+    pub daemon: Option<bool>,
     /// `net.ipv4.ip_forward`.
     pub ip_forward: Option<bool>,
     /// `net.ipv4.conf.all.rp_filter`.
@@ -187,6 +204,8 @@ impl Facts {
             state_present: pinning::has_state(&settings.state_dir),
             state_fit: state_fit::judge(&settings.state_dir, settings.max_flows)
                 .map_err(|e| format!("{e:#}")),
+            data_path: data_path(&settings.state_dir),
+            daemon: pinning::held(&settings.state_dir),
             ip_forward: read_trimmed(Path::new("/proc/sys/net/ipv4/ip_forward")).map(|v| v != "0"),
             rp_filter_all: read_trimmed(&sysctl::conf_dir("all").join("rp_filter"))
                 .and_then(|v| v.parse().ok()),
@@ -204,6 +223,24 @@ impl Facts {
             internet_route: netif::route_to(INTERNET).ok().flatten(),
         }
     }
+}
+
+/// What is attached from `dir`'s pins and record, as "HOOK on IFACE".
+fn data_path(dir: &Path) -> Vec<String> {
+    let iface = |index| netif::name_of(index).unwrap_or_else(|| format!("interface {index}"));
+    let mut attached: Vec<String> = links::pinned(dir)
+        .unwrap_or_default()
+        .iter()
+        .map(|l| format!("{} on {}", l.hook.as_str(), iface(l.ifindex)))
+        .collect();
+    if let Some(c) = HostChanges::load(dir).ok().and_then(|h| h.clsact) {
+        attached.push(format!(
+            "{} on {}",
+            Attached::Clsact.as_str(),
+            iface(c.ifindex)
+        ));
+    }
+    attached
 }
 
 fn read_trimmed(path: &Path) -> Option<String> {
@@ -375,6 +412,18 @@ fn state_dir(r: &mut Report, dir: &Path, facts: &Facts) {
             dir.display()
         ));
     }
+    if !facts.data_path.is_empty() {
+        let attached = facts.data_path.join(", ");
+        match facts.daemon {
+            Some(true) => r.ok(format!("a gateway runs on {}: {attached}", dir.display())),
+            _ => r.info(format!(
+                "the data path of a stopped `egress run` on {} is attached and translating \
+                 ({attached}), without a daemon: a start takes it over with no gap; `egress \
+                 down` removes it",
+                dir.display()
+            )),
+        }
+    }
     if !fit.missing.is_empty() {
         r.warn(
             format!(
@@ -447,10 +496,8 @@ fn interface(r: &mut Report, s: &Settings, i: &IfaceFacts, facts: &Facts) {
 /// attaching anything.
 fn tc_attach(facts: &Facts) -> &'static str {
     match kernel_version(&facts.kernel) >= Some(TCX_KERNEL) {
-        true => "a TCX link on ingress (Linux 6.6+), which ends with the daemon",
-        false => {
-            "a filter on clsact ingress (no TCX before Linux 6.6), which outlives a killed daemon until the next start removes it"
-        }
+        true => "a TCX link on ingress (Linux 6.6+)",
+        false => "a filter on clsact ingress (no TCX before Linux 6.6)",
     }
 }
 
@@ -512,7 +559,7 @@ fn sysctls(r: &mut Report, s: &Settings, facts: &Facts) {
             .collect();
         match i.sysctls_writable {
             true => r.ok(format!(
-                "net.ipv4.conf.{name}: {} now; the gateway sets {} while it runs",
+                "net.ipv4.conf.{name}: {} now; the gateway sets {} while its data path runs (until `egress down`)",
                 now.join(" "),
                 sysctl::NEEDED.map(|(k, v)| format!("{k}={v}")).join(" ")
             )),
@@ -611,6 +658,8 @@ mod tests {
             state_unwritable: None,
             state_present: false,
             state_fit: Ok(state_fit::Fit::default()),
+            data_path: Vec::new(),
+            daemon: Some(false),
             ip_forward: Some(true),
             rp_filter_all: Some(0),
             no_pmtu_disc: Some(0),
@@ -765,6 +814,30 @@ mod tests {
                 && warnings[0].contains("EPERM"),
             "{warnings:?}"
         );
+    }
+
+    #[test]
+    fn a_data_path_left_running_is_information() {
+        let mut facts = good();
+        facts.data_path = vec!["native XDP on eth0".into()];
+        let report = judge(&settings(""), &facts);
+        assert!(
+            at(&report, Level::Problem).is_empty() && at(&report, Level::Warning).is_empty(),
+            "{}",
+            report.render()
+        );
+        let info = at(&report, Level::Info);
+        assert!(
+            info.len() == 1
+                && info[0].contains("(native XDP on eth0), without a daemon")
+                && info[0].contains("`egress down` removes it"),
+            "{info:?}"
+        );
+        assert!(report.render().contains("\ninfo     the data path"));
+        facts.daemon = Some(true);
+        let report = judge(&settings(""), &facts);
+        assert!(at(&report, Level::Info).is_empty());
+        assert!(report.render().contains("a gateway runs on"));
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! The TC program's attachment on kernels without TCX (before 6.6): a
 //! netlink filter on the clsact qdisc's ingress. The qdisc is added when
-//! missing and, so the host is left as found, removed on drop only if we
-//! added it. Unlike a link, a filter outlives the process that added it,
-//! so ours sits at a fixed place: a reload's new image (or a gateway
-//! after one that was killed) swaps its program into the filter there,
-//! and the gateway's filters elsewhere (from versions that let the kernel
-//! pick the place) are removed before attaching.
+//! missing and, so the host is left as found, removed with the filter
+//! (`egress down`) only if a gateway added it. A filter outlives the
+//! process that added it, as the data path must (see `links`), and ours
+//! sits at a fixed place: the next daemon (a start, or a reload's new
+//! image) swaps its program into the filter there, and the gateway's
+//! filters elsewhere (from versions that let the kernel pick the place)
+//! are removed before attaching.
 
 use std::io;
 
@@ -65,9 +66,9 @@ pub fn ours(ifindex: u32) -> io::Result<SchedClassifierLink> {
 
 /// Removes the filters running `program` on `iface`'s clsact ingress but
 /// the one at our place if `keep_ours`; returns whether that one is there.
-/// Such filters are left by a gateway that did not exit cleanly (killed,
-/// crashed), by versions before TCX support at any priority, or handed
-/// over by a reload: they would go on running their program beside ours.
+/// Such filters are left by an exited daemon at ours (its data path
+/// outlives it) and by versions before TCX support at any priority: they
+/// would go on running their program beside ours.
 /// Filters are matched by the program name their loader gave them, so
 /// other programs' stay.
 pub fn remove_leftovers(
@@ -107,8 +108,8 @@ pub fn remove_leftovers(
 
 /// A running gateway's filter on `ifindex`'s clsact ingress: one running
 /// `program` that a live process other than this one holds open. (A
-/// killed gateway's, or one handed over by a reload's exec, is held by the
-/// filter alone.) Returns its program's id and the holder's pid.
+/// stopped or killed daemon's, or one across a reload's exec, is held by
+/// the filter alone.) Returns its program's id and the holder's pid.
 pub fn running_gateway(ifindex: u32, program: &str) -> io::Result<Option<(u32, u32)>> {
     for filter in filters(ifindex, program)? {
         if let Some(pid) = holder(filter.program_id)? {
@@ -199,12 +200,17 @@ fn filters(ifindex: u32, program: &str) -> io::Result<Vec<Filter>> {
         .collect())
 }
 
-pub struct Clsact {
-    ifindex: u32,
-    added: bool,
+/// Our filter on an interface's clsact ingress, which outlives the daemon
+/// (see `host_changes`), and whether a gateway added the qdisc it hangs
+/// from (to remove with it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClsactRecord {
+    pub ifindex: u32,
+    pub added: bool,
 }
 
-impl Clsact {
+impl ClsactRecord {
+    /// Adds the clsact qdisc to `iface` (index `ifindex`) if it has none.
     pub fn ensure(iface: &str, ifindex: u32) -> anyhow::Result<Self> {
         let added = match tc::qdisc_add_clsact(ifindex) {
             Ok(()) => {
@@ -212,7 +218,7 @@ impl Clsact {
                 true
             }
             Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
-                tracing::info!("{iface} already has a clsact qdisc; it stays after we exit");
+                tracing::info!("{iface} already has a clsact qdisc; it stays after the gateway");
                 false
             }
             Err(e) => {
@@ -222,58 +228,30 @@ impl Clsact {
         Ok(Self { ifindex, added })
     }
 
-    /// Gives the qdisc over to a successor: this one no longer removes it.
-    pub fn hand_over(mut self) -> HandedClsact {
-        HandedClsact {
-            ifindex: self.ifindex,
-            added: std::mem::take(&mut self.added),
+    /// The same filter after `other` was recorded for it: a gateway added
+    /// the qdisc if either says so.
+    pub fn merge(self, other: Option<Self>) -> Self {
+        let added = other.is_some_and(|o| o.ifindex == self.ifindex && o.added);
+        Self {
+            added: self.added || added,
+            ..self
         }
     }
 
-    /// Takes over `handed`, the qdisc on the same interface: removed on
-    /// drop if the daemon that handed it over had added it. False if it
-    /// is about another interface.
-    pub fn adopt(&mut self, handed: HandedClsact) -> bool {
-        let same = handed.ifindex == self.ifindex;
-        self.added |= same && handed.added;
-        same
-    }
-}
-
-/// Our filter on an interface's clsact ingress, left attached for a
-/// successor to swap its program into, and the qdisc it hangs from.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
-pub struct HandedClsact {
-    pub ifindex: u32,
-    /// Whether a daemon added the qdisc (to remove at the last stop).
-    pub added: bool,
-}
-
-impl HandedClsact {
-    /// For a successor that does not take it over: removes the filter, and
-    /// the qdisc if a daemon added it, as a stop would.
+    /// Removes the filter, and the qdisc if a gateway added it.
     pub fn undo(self, program: &str) {
         let iface = format!("interface {}", self.ifindex);
+        // None on an interface that is gone.
         if let Err(e) = remove_leftovers(&iface, self.ifindex, program, false) {
             tracing::warn!("{e:#}");
         }
-        drop(Clsact {
-            ifindex: self.ifindex,
-            added: self.added,
-        });
-    }
-}
-
-impl Drop for Clsact {
-    fn drop(&mut self) {
         if !self.added {
             return;
         }
         match delete_clsact(self.ifindex) {
-            Ok(()) => tracing::info!("removed the clsact qdisc we added"),
-            // The interface went away, and its qdiscs with it.
+            Ok(()) => tracing::info!("removed the clsact qdisc a gateway added"),
             Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {}
-            Err(e) => tracing::warn!("could not remove the clsact qdisc we added: {e}"),
+            Err(e) => tracing::warn!("could not remove the clsact qdisc a gateway added: {e}"),
         }
     }
 }

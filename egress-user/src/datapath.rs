@@ -18,10 +18,10 @@ use aya::{
     },
     programs::{
         LinkOrder, ProgramError, ProgramInfo, SchedClassifier, Xdp, XdpMode,
-        links::FdLink,
+        links::{FdLink, PinnedLink},
         loaded_programs,
-        tc::{SchedClassifierLink, SchedClassifierLinkId, TcAttach, TcAttachType},
-        xdp::{XdpLink, XdpLinkId},
+        tc::{SchedClassifierLink, TcAttach, TcAttachType},
+        xdp::XdpLink,
     },
     sys::SyscallError,
 };
@@ -38,9 +38,8 @@ use egress_common::{
 
 use crate::{
     admission::Admission,
-    clsact::{self, Clsact, HandedClsact},
-    handover::{self, HandedLink},
-    inspect, netif, pinning, reorder,
+    clsact::{self, ClsactRecord},
+    inspect, links, netif, pinning, reorder,
     settings::{AttachMode, PortRange},
     state_fit, upgrade,
 };
@@ -82,6 +81,10 @@ impl Attached {
             Self::Tcx => "tcx",
             Self::Clsact => "clsact",
         }
+    }
+
+    pub fn is_xdp(self) -> bool {
+        matches!(self, Self::NativeXdp | Self::GenericXdp)
     }
 
     /// Whether `mode` may give this hook.
@@ -130,17 +133,32 @@ impl Policy {
 }
 
 pub struct Datapath {
-    // Dropped in this order: the programs detach before the qdisc they
-    // may hang from goes.
     ebpf: Ebpf,
-    clsact: Option<Clsact>,
-    /// The attachment, if it is a link (one a successor can take over).
-    link: Option<LinkId>,
+    /// The attachment: a link pinned in the state directory, also held
+    /// open (see `links`), or our filter on clsact ingress (no link: it
+    /// stays by itself), with whether a gateway added its qdisc.
+    link: Option<HeldLink>,
+    clsact: Option<ClsactRecord>,
 }
 
-enum LinkId {
-    Xdp(XdpLinkId),
-    Tc(SchedClassifierLinkId),
+/// A link pinned at `path`, held open twice: pinning takes a handle and
+/// drops it should the pin fail, so one is spent pinning it again (the
+/// pin removed by hand) while the other keeps it attached.
+struct HeldLink {
+    path: PathBuf,
+    handles: Vec<FdLink>,
+}
+
+impl HeldLink {
+    /// Holds `link`, pinned at `path`, and a second handle from the pin.
+    fn new(path: PathBuf, link: FdLink) -> anyhow::Result<Self> {
+        let spare = PinnedLink::from_pin(&path)
+            .with_context(|| format!("cannot open the link pinned at {}", path.display()))?;
+        Ok(Self {
+            path,
+            handles: vec![link, spare.into()],
+        })
+    }
 }
 
 impl Datapath {
@@ -226,8 +244,8 @@ impl Datapath {
 
         let mut datapath = Self {
             ebpf,
-            clsact: None,
             link: None,
+            clsact: None,
         };
         datapath
             .xdp()?
@@ -240,10 +258,13 @@ impl Datapath {
         Ok(datapath)
     }
 
-    /// Attaches to `iface` (index `ifindex`) as `mode` asks; returns the
-    /// hook it got. A link handed over in `state_dir` (by a previous image
-    /// of the daemon, see `handover`, or the data path this one replaces)
-    /// is taken over: this program replaces its program atomically.
+    /// Attaches to `iface` (index `ifindex`) as `mode` asks, pinning the
+    /// link in `state_dir`; returns the hook it got. The data path an
+    /// earlier daemon left there (see `links`) is taken over: this
+    /// program replaces its program atomically. Links pinned there for
+    /// another interface or hook (the settings changed) are detached once
+    /// this one runs, but an XDP one on `iface` before an XDP attach: an
+    /// interface runs one XDP program at a time.
     pub fn attach(
         &mut self,
         iface: &str,
@@ -251,40 +272,78 @@ impl Datapath {
         mode: AttachMode,
         state_dir: &Path,
     ) -> anyhow::Result<Attached> {
-        let mut handed = None;
-        for h in handover::take_links(state_dir)? {
-            if handed.is_none() && h.ifindex == ifindex && h.hook.fits(mode) {
-                handed = Some(h);
+        let pinned = links::pinned(state_dir)?;
+        let programs = pinned
+            .iter()
+            .map(links::Pinned::program)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        self.refuse_another_gateway(iface, ifindex, &programs)?;
+        let mut ours = None;
+        let (mut first, mut later) = (Vec::new(), Vec::new());
+        for p in pinned {
+            if ours.is_none() && p.ifindex == ifindex && p.hook.fits(mode) {
+                ours = Some(p);
+            } else if p.ifindex == ifindex && p.hook.is_xdp() && mode != AttachMode::Tc {
+                first.push(p);
             } else {
-                // Another interface, or another hook than asked for now:
-                // it goes before this attach (one XDP program at a time).
-                tracing::info!(
-                    "detached the {} program the previous run handed over on interface {}: \
-                     this run attaches {mode:?} to {iface}",
-                    h.hook.as_str(),
-                    h.ifindex
-                );
+                later.push(p);
             }
         }
-        // A handed-over link's interface is not looked at for another
-        // gateway: one that came since would have been refused, seeing the
-        // link's program. (Nor could it be without CAP_SYS_ADMIN: the
-        // program of a TCX link is listed, and its details need it.)
-        if handed.is_none() {
-            self.refuse_another_gateway(iface, ifindex)?;
+        let moved = |p: &links::Pinned| {
+            tracing::info!(
+                "the data path was attached to interface {} as {}: this run attaches {mode:?}                  to {iface}",
+                p.ifindex,
+                p.hook.as_str()
+            );
+        };
+        for p in first {
+            moved(&p);
+            p.detach()?;
         }
-        // A TC filter a gateway left (killed, or handing over on a kernel
-        // without TCX) would run its old program beside (or behind) the
-        // new one: removed in any mode, but the one at our place while the
-        // attach may end on clsact, which swaps its program in there.
-        let may_be_clsact = handed.is_none() && matches!(mode, AttachMode::Tc | AttachMode::Auto);
-        clsact::remove_leftovers(iface, ifindex, TC_PROGRAM, may_be_clsact)?;
-        let hook = match (handed, mode) {
-            (Some(h), _) => self.take_over(h),
-            (None, AttachMode::Native) => self.attach_xdp(ifindex, XdpMode::Driver),
-            (None, AttachMode::Generic) => self.attach_xdp(ifindex, XdpMode::Skb),
-            (None, AttachMode::Tc) => self.attach_tc(iface, ifindex),
-            (None, AttachMode::Auto) => match self.attach_xdp(ifindex, XdpMode::Driver) {
+        // A TC filter a gateway left elsewhere than our place (versions
+        // that let the kernel pick it) would run its old program beside
+        // (or behind) the new one. Ours stays until the new attach runs:
+        // a clsact attach swaps its program in there.
+        clsact::remove_leftovers(iface, ifindex, TC_PROGRAM, true)?;
+        let taken = match ours {
+            Some(p) => match self.take_over(&p) {
+                Ok(hook) => Some(hook),
+                Err(e) => {
+                    tracing::warn!("{e:#}: detaching it, and attaching anew");
+                    p.detach()?;
+                    None
+                }
+            },
+            None => None,
+        };
+        let hook = match taken {
+            Some(hook) => hook,
+            None => self.attach_anew(iface, ifindex, mode, state_dir)?,
+        };
+        if hook != Attached::Clsact {
+            self.clsact = None;
+            clsact::remove_leftovers(iface, ifindex, TC_PROGRAM, false)?;
+        }
+        for p in later {
+            moved(&p);
+            p.detach()?;
+        }
+        Ok(hook)
+    }
+
+    /// Attaches to `iface` as `mode` asks, with nothing to take over.
+    fn attach_anew(
+        &mut self,
+        iface: &str,
+        ifindex: u32,
+        mode: AttachMode,
+        state_dir: &Path,
+    ) -> anyhow::Result<Attached> {
+        match mode {
+            AttachMode::Native => self.attach_xdp(ifindex, XdpMode::Driver, state_dir),
+            AttachMode::Generic => self.attach_xdp(ifindex, XdpMode::Skb, state_dir),
+            AttachMode::Tc => self.attach_tc(iface, ifindex, state_dir),
+            AttachMode::Auto => match self.attach_xdp(ifindex, XdpMode::Driver, state_dir) {
                 Ok(hook) => {
                     tracing::info!("attach auto: {iface}'s driver supports XDP, the fastest hook");
                     Ok(hook)
@@ -295,58 +354,54 @@ impl Datapath {
                     tracing::warn!(
                         "attach auto: no native XDP on {iface} ({e:#}); using TC, which beats generic XDP"
                     );
-                    self.attach_tc(iface, ifindex)
+                    self.attach_tc(iface, ifindex, state_dir)
                 }
             },
-        }?;
-        if may_be_clsact && hook != Attached::Clsact {
-            clsact::remove_leftovers(iface, ifindex, TC_PROGRAM, false)?;
         }
-        Ok(hook)
     }
 
     /// Refuses an interface that another gateway's program runs on: another
-    /// `egress run`, with a state directory of its own (the state lock
-    /// keeps out one with ours). Attached in front of it, or behind, or in
-    /// its clsact filter's place, one would take the other's packets, each
-    /// with its own flows. XDP and TCX attachments end with their process,
-    /// so any is a running gateway's; a clsact filter is one only while a
-    /// live process holds its program.
-    fn refuse_another_gateway(&mut self, iface: &str, ifindex: u32) -> anyhow::Result<()> {
-        let ours = [self.xdp()?.info()?.id(), self.tc()?.info()?.id()];
+    /// `egress run` with a state directory of its own (the state lock
+    /// keeps out one with ours), or the data path one left when it stopped.
+    /// Attached in front of it, or behind, or in its clsact filter's place,
+    /// one would take the other's packets, each with its own flows. An XDP
+    /// or TCX program is ours if this data path loaded it or a link pinned
+    /// in our state directory runs it (`pinned`, an earlier run's); another
+    /// is told by its name, which needs `CAP_SYS_ADMIN` (without it, none
+    /// is refused here, and an XDP attach fails on the other's). A clsact
+    /// filter is a running gateway's while a live process holds its
+    /// program.
+    fn refuse_another_gateway(
+        &mut self,
+        iface: &str,
+        ifindex: u32,
+        pinned: &[u32],
+    ) -> anyhow::Result<()> {
+        let mut ours = vec![self.xdp()?.info()?.id(), self.tc()?.info()?.id()];
+        ours.extend_from_slice(pinned);
+        let mut others = netif::tcx_programs(ifindex)
+            .with_context(|| format!("cannot list the TCX programs on {iface}"))?;
+        others.extend(
+            netif::xdp_programs(ifindex)
+                .with_context(|| format!("cannot list the XDP programs on {iface}"))?,
+        );
+        others.retain(|id| !ours.contains(id));
         let theirs = |p: &ProgramInfo| {
-            !ours.contains(&p.id())
+            others.contains(&p.id())
                 && p.name_as_str()
                     .is_some_and(|n| [XDP_PROGRAM, TC_PROGRAM].contains(&n))
         };
-        let mut found = match SchedClassifier::query_tcx(ifindex, TcAttachType::Ingress) {
-            Ok((_, programs)) => programs.into_iter().find(theirs),
-            // A kernel without TCX (before 6.6), or a program that went
-            // while listed.
-            Err(ProgramError::SyscallError(SyscallError { io_error, .. }))
-                if matches!(io_error.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) =>
-            {
-                None
-            }
-            Err(e) => {
-                return Err(e).with_context(|| format!("cannot list the TCX programs on {iface}"));
-            }
-        };
-        let xdp = netif::xdp_programs(ifindex)
-            .with_context(|| format!("cannot list the XDP programs on {iface}"))?;
-        if found.is_none() && xdp.iter().any(|id| !ours.contains(id)) {
-            // Skipping programs that go while listed.
-            found = loaded_programs()
-                .flatten()
-                .find(|p| xdp.contains(&p.id()) && theirs(p));
-        }
         let refusal = |what: String| {
             anyhow::anyhow!(
                 "another egress gateway runs on {iface} ({what}): an `egress run` with another \
-                 state directory; stop it first (systemctl stop egress)"
+                 state directory, or the data path one left attached when it stopped; stop it \
+                 (systemctl stop egress) and remove it (`egress down` with its settings)"
             )
         };
-        if let Some(p) = found {
+        // Skipping programs that go while listed.
+        if !others.is_empty()
+            && let Some(p) = loaded_programs().flatten().find(theirs)
+        {
             let name = p.name_as_str().unwrap_or_default();
             return Err(refusal(format!("its program {name}, id {}", p.id())));
         }
@@ -362,30 +417,69 @@ impl Datapath {
         }
     }
 
-    fn attach_xdp(&mut self, ifindex: u32, mode: XdpMode) -> anyhow::Result<Attached> {
+    fn attach_xdp(
+        &mut self,
+        ifindex: u32,
+        mode: XdpMode,
+        state_dir: &Path,
+    ) -> anyhow::Result<Attached> {
         let (hook, name) = match mode {
             XdpMode::Driver => (Attached::NativeXdp, "native"),
             _ => (Attached::GenericXdp, "generic"),
         };
-        let id = self
-            .xdp()?
+        let xdp = self.xdp()?;
+        let id = xdp
             .attach(ifindex, mode)
             .with_context(|| format!("{name} XDP attach failed"))?;
-        self.link = Some(LinkId::Xdp(id));
+        let link = xdp.take_link(id)?.try_into()?;
+        self.pin(link, state_dir, hook, ifindex)?;
         Ok(hook)
     }
 
-    /// Swaps this program into a link handed over.
-    fn take_over(&mut self, handed: HandedLink) -> anyhow::Result<Attached> {
-        let context = || format!("cannot take over the {} link", handed.hook.as_str());
-        let HandedLink { hook, link, .. } = handed;
-        self.link = Some(if hook == Attached::Tcx {
+    /// Pins the link this data path attached with (see `links`), in the
+    /// place of any pinned there before, and holds it. Should that fail,
+    /// the link detaches: it would not outlive the daemon.
+    fn pin(
+        &mut self,
+        link: FdLink,
+        state_dir: &Path,
+        hook: Attached,
+        ifindex: u32,
+    ) -> anyhow::Result<()> {
+        let path = links::pin_path(state_dir, hook, ifindex);
+        pinning::unpin(&path)?;
+        let link = link
+            .pin(&path)
+            .with_context(|| format!("cannot pin the link at {}", path.display()))?;
+        self.link = Some(HeldLink::new(path, link.into())?);
+        Ok(())
+    }
+
+    /// Swaps this program into a link pinned by an earlier daemon, and
+    /// holds it.
+    fn take_over(&mut self, pinned: &links::Pinned) -> anyhow::Result<Attached> {
+        let (hook, path) = (pinned.hook, &pinned.path);
+        let context = || {
+            format!(
+                "cannot take over the {} link at {}",
+                hook.as_str(),
+                path.display()
+            )
+        };
+        // A handle of its own: should this fail, the caller detaches it.
+        let link: FdLink = PinnedLink::from_pin(path).with_context(context)?.into();
+        let link: FdLink = if hook == Attached::Tcx {
+            let tc = self.tc()?;
             let link = SchedClassifierLink::try_from(link).with_context(context)?;
-            LinkId::Tc(self.tc()?.attach_to_link(link).with_context(context)?)
+            let id = tc.attach_to_link(link).with_context(context)?;
+            tc.take_link(id)?.try_into()?
         } else {
+            let xdp = self.xdp()?;
             let link = XdpLink::try_from(link).with_context(context)?;
-            LinkId::Xdp(self.xdp()?.attach_to_link(link).with_context(context)?)
-        });
+            let id = xdp.attach_to_link(link).with_context(context)?;
+            xdp.take_link(id)?.try_into()?
+        };
+        self.link = Some(HeldLink::new(path.clone(), link)?);
         tracing::info!(
             "took over the {} link: its program replaced atomically, no packet went to the \
              host's stack",
@@ -394,54 +488,26 @@ impl Datapath {
         Ok(hook)
     }
 
-    /// Hands the attachment (`hook` on interface `ifindex`) over to a
-    /// successor and lets go of it: it stays attached after this data path
-    /// and process. A link is pinned in `state_dir`; a clsact filter
-    /// stays at its place, and what is returned says whether its qdisc is
-    /// the successor's to remove.
-    pub fn hand_over(
+    /// Through a TCX link where the kernel has TCX (6.6+). Older kernels
+    /// get a filter on clsact ingress instead.
+    fn attach_tc(
         &mut self,
-        state_dir: &Path,
-        hook: Attached,
+        iface: &str,
         ifindex: u32,
-    ) -> anyhow::Result<Option<HandedClsact>> {
-        let link: FdLink = match self.link.take() {
-            Some(LinkId::Tc(id)) if hook == Attached::Clsact => {
-                // A filter's link deletes it when dropped.
-                std::mem::forget(self.tc()?.take_link(id)?);
-                return Ok(self.clsact.take().map(Clsact::hand_over));
-            }
-            Some(LinkId::Xdp(id)) => self.xdp()?.take_link(id)?.try_into()?,
-            Some(LinkId::Tc(id)) => self.tc()?.take_link(id)?.try_into()?,
-            None => return Ok(None),
-        };
-        let path = handover::pin_path(state_dir, hook, ifindex);
-        link.pin(&path)
-            .with_context(|| format!("cannot pin the link at {}", path.display()))?;
-        Ok(None)
-    }
-
-    /// Takes over the clsact qdisc a previous data path handed over
-    /// (removed at the end if a daemon added it); false if this one is not
-    /// attached through that interface's clsact qdisc.
-    pub fn adopt_clsact(&mut self, handed: HandedClsact) -> bool {
-        self.clsact.as_mut().is_some_and(|c| c.adopt(handed))
-    }
-
-    /// Through a TCX link where the kernel has TCX (6.6+): like the XDP
-    /// link, it ends with this process, so a killed daemon leaves nothing
-    /// running and a new one never stacks on an old one. Older kernels get
-    /// a filter on clsact ingress instead.
-    fn attach_tc(&mut self, iface: &str, ifindex: u32) -> anyhow::Result<Attached> {
+        state_dir: &Path,
+    ) -> anyhow::Result<Attached> {
         let tcx = TcAttach::Tcx {
             attach_type: TcAttachType::Ingress,
             order: LinkOrder::default(),
         };
-        match self.tc()?.attach(ifindex, tcx) {
+        let tc = self.tc()?;
+        match tc.attach(ifindex, tcx) {
             Ok(id) => {
-                self.link = Some(LinkId::Tc(id));
+                let link = tc.take_link(id)?.try_into()?;
+                self.pin(link, state_dir, Attached::Tcx, ifindex)?;
                 tracing::info!(
-                    "attach tc: TCX link on {iface} ingress (the kernel has TCX; the attachment ends with this process)"
+                    "attach tc: TCX link on {iface} ingress (the kernel has TCX), pinned in {}",
+                    state_dir.display()
                 );
                 Ok(Attached::Tcx)
             }
@@ -465,11 +531,11 @@ impl Datapath {
 
     /// The TC attach of kernels without TCX: a netlink filter on clsact
     /// ingress at our own priority and handle (public so tests reach it on
-    /// kernels with TCX). Our filter found there (a reload's previous image
-    /// handed it over, or a killed gateway left it) gets this program in
-    /// place, with no moment detached.
+    /// kernels with TCX), which stays after this data path and process.
+    /// Our filter found there (an earlier daemon left it) gets this
+    /// program in place, with no moment detached.
     pub fn attach_tc_clsact(&mut self, iface: &str, ifindex: u32) -> anyhow::Result<()> {
-        self.clsact = Some(Clsact::ensure(iface, ifindex)?);
+        let qdisc = ClsactRecord::ensure(iface, ifindex)?;
         let context = || {
             format!(
                 "TC attach on {iface}'s clsact ingress (pref {}, handle {:#x}) failed; \
@@ -493,8 +559,17 @@ impl Datapath {
             tc.attach(ifindex, clsact::ingress_filter())
                 .with_context(context)?
         };
-        self.link = Some(LinkId::Tc(id));
+        // Its link would delete the filter when dropped.
+        std::mem::forget(tc.take_link(id)?);
+        self.link = None;
+        self.clsact = Some(qdisc);
         Ok(())
+    }
+
+    /// Our clsact filter's interface, and whether this data path added its
+    /// qdisc, if it attached through one.
+    pub fn clsact(&self) -> Option<ClsactRecord> {
+        self.clsact
     }
 
     /// The loaded XDP program (for `BPF_PROG_TEST_RUN` in tests and benchmarks).
@@ -589,9 +664,10 @@ impl Datapath {
 
     /// Pins again in `dir` each of the state maps whose pin is gone or
     /// names another map (removed or replaced by hand), so that a restart
-    /// or reload picks up the state this data path runs on; returns their
-    /// names.
-    pub fn keep_pinned(&self, dir: &Path) -> anyhow::Result<Vec<&'static str>> {
+    /// or reload picks up the state this data path runs on, and the link
+    /// it runs from, so that it stays attached after the daemon; returns
+    /// their names.
+    pub fn keep_pinned(&mut self, dir: &Path) -> anyhow::Result<Vec<&'static str>> {
         let mut pinned_again = Vec::new();
         for name in pinning::PINNED_MAPS {
             let ours = self.map_data(name)?;
@@ -606,6 +682,23 @@ impl Datapath {
             }
             ours.pin(&path).with_context(context)?;
             pinned_again.push(name);
+        }
+        if let Some(held) = self.link.as_mut() {
+            let path = &held.path;
+            let ours = held.handles[0].info()?.id();
+            let pinned = PinnedLink::from_pin(path).map(FdLink::from);
+            if !pinned.is_ok_and(|p| p.info().is_ok_and(|i| i.id() == ours)) {
+                let context = || format!("cannot pin the link at {} again", path.display());
+                if held.handles.len() < 2 {
+                    anyhow::bail!("{}: no handle to spare", context());
+                }
+                pinning::unpin(path)?;
+                let spare = held.handles.pop().context("no spare handle")?;
+                spare.pin(path).with_context(context)?;
+                held.handles
+                    .push(PinnedLink::from_pin(path).with_context(context)?.into());
+                pinned_again.push("its link");
+            }
         }
         Ok(pinned_again)
     }

@@ -1,13 +1,17 @@
 //! The gateway's settings as command-line flags, shared by `egress run`,
-//! `egress check` and `egress config`.
+//! `egress check`, `egress config` and `egress down`.
 
 use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, str::FromStr};
 
 use ipnet::Ipv4Net;
 
-use crate::settings::{AttachMode, FileSettings, FileTimeouts, PortRange, Settings};
+use crate::{
+    pinning::DEFAULT_STATE_DIR,
+    settings::{AttachMode, FileSettings, FileTimeouts, PortRange, Settings},
+};
 
-/// The gateway's settings as flags, shared by `run`, `check` and `config`.
+/// The gateway's settings as flags, shared by `run`, `check`, `config` and
+/// `down`.
 #[derive(clap::Args, Default)]
 pub struct GatewayArgs {
     /// TOML file with the same settings; flags override it.
@@ -95,6 +99,21 @@ impl GatewayArgs {
             timeouts,
         };
         Settings::merge(cli, file)
+    }
+
+    /// The state directory and interface these settings name, from the
+    /// flags over the file, nothing else read or checked: `egress down`
+    /// needs no more, and takes down a gateway whatever its settings.
+    pub fn place(&self) -> anyhow::Result<(PathBuf, Option<String>)> {
+        let file = match &self.config {
+            Some(path) => FileSettings::read(path)?,
+            None => FileSettings::default(),
+        };
+        let state_dir = self.state_dir.clone().or(file.state_dir);
+        Ok((
+            state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            self.iface.clone().or(file.iface),
+        ))
     }
 }
 

@@ -5,7 +5,9 @@
 //! address changes and `snat` or `tunnel-local` were defaulted from it, or
 //! its MTU and `mss` was, the programs are loaded again with the new value
 //! (a load-time constant). The connection state lives in pinned maps
-//! throughout, so flows survive all of it.
+//! throughout, so flows survive all of it; the attachment is pinned too
+//! and the host changes are recorded (see `links`, `host_changes`), so
+//! the data path goes on after the daemon, until `egress down`.
 
 use std::{
     net::Ipv4Addr,
@@ -15,15 +17,14 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    clsact::HandedClsact,
-    datapath::{Attached, Datapath, Policy, TC_PROGRAM},
+    datapath::{Attached, Datapath, Policy},
     gc::{Allowed, SharedAllowed},
-    handover::Handover,
+    host_changes::HostChanges,
     neighbours,
     netif::Interface,
     pinning::{self, StateLock},
     settings::{Settings, mss_for_mtu},
-    sysctl::Sysctls,
+    sysctl,
 };
 
 pub struct Gateway {
@@ -32,22 +33,17 @@ pub struct Gateway {
     /// What the sweeps let flows keep using: the policy, replaced before
     /// a data path with a new one is loaded.
     allowed: SharedAllowed,
+    /// What the data path needs changed on the host, recorded in the
+    /// state directory; undone by `egress down`, not by this daemon.
+    changes: HostChanges,
     /// Next hops looked at (see `neighbours`), by interface index, and
-    /// whether this daemon marked their entries managed (to be removed on
-    /// the way out) or found them static.
+    /// whether their entries are managed (marked by a gateway, recorded
+    /// in `changes`) or static.
     next_hops: Vec<(u32, Ipv4Addr, bool)>,
-    /// The sysctls a previous image of the daemon set, to restore with
-    /// ours: adopted at the first attach.
-    handed_sysctls: Option<Sysctls>,
-    /// The clsact filter and qdisc a previous image or data path handed
-    /// over (kernels without TCX), until the next attach takes them over.
-    handed_clsact: Option<HandedClsact>,
-    // Dropped before `attached`: the programs detach before the interface
-    // settings they rely on are restored.
     datapath: Datapath,
     attached: Option<Attachment>,
     // Last: the state is another daemon's to take only once this one has
-    // detached.
+    // let go of the data path.
     state_lock: StateLock,
 }
 
@@ -55,7 +51,6 @@ pub struct Gateway {
 struct Attachment {
     ifindex: u32,
     hook: Attached,
-    sysctls: Sysctls,
 }
 
 /// What to do after looking at the interface again.
@@ -72,13 +67,9 @@ enum Change {
 }
 
 impl Gateway {
-    /// Loads the data path for `settings` and attaches it, taking over from
-    /// the previous image of the daemon if it handed over.
-    pub fn start(
-        settings: Settings,
-        reset_state: bool,
-        handover: Option<&mut Handover>,
-    ) -> anyhow::Result<Self> {
+    /// Loads the data path for `settings` and attaches it, taking over the
+    /// one an earlier daemon left attached, if any.
+    pub fn start(settings: Settings, reset_state: bool) -> anyhow::Result<Self> {
         // Before anything is loaded, reset or attached.
         let state_lock = pinning::claim(&settings.state_dir)?;
         let iface = Interface::find(&settings.iface)?;
@@ -88,21 +79,18 @@ impl Gateway {
         // Later loads pick up the state this one made.
         policy.reset_state = false;
         let allowed = SharedAllowed::new(RwLock::new(Allowed::of(&policy)));
-        let (next_hops, handed_sysctls, handed_clsact) = match handover {
-            Some(h) => (
-                std::mem::take(&mut h.next_hops),
-                Some(h.take_sysctls()),
-                h.clsact.take(),
-            ),
-            None => (Vec::new(), None, None),
-        };
+        let changes = HostChanges::load(&policy.state_dir)?;
+        let next_hops = changes
+            .next_hops
+            .iter()
+            .map(|&(ifindex, hop)| (ifindex, hop, true))
+            .collect();
         let mut gateway = Self {
             settings,
             policy,
             allowed,
+            changes,
             next_hops,
-            handed_sysctls,
-            handed_clsact,
             datapath,
             attached: None,
             state_lock,
@@ -147,11 +135,28 @@ impl Gateway {
         }
     }
 
+    /// What the daemon leaves behind when it exits, for its last log line.
+    pub fn left_behind(&self) -> String {
+        let dir = self.policy.state_dir.display();
+        match &self.attached {
+            Some(a) => format!(
+                "the data path stays attached to {} as {} and goes on translating on the state \
+                 pinned in {dir}, without sweeps, metrics or relays until the next `egress run` \
+                 takes it over; `egress down` removes it",
+                self.settings.iface,
+                a.hook.as_str()
+            ),
+            None => format!(
+                "nothing is attached ({} is gone); the state stays pinned in {dir}; `egress \
+                 down` removes what is left",
+                self.settings.iface
+            ),
+        }
+    }
+
     /// Looks at the interface again and follows what changed; on an
-    /// error the next change tries again. A failed load leaves the old
-    /// programs attached; a failed attach leaves none (the old link,
-    /// handed over, detached), but for a clsact filter, which runs the old
-    /// program on until the next attach or the stop removes it.
+    /// error the next change tries again. A failed load or attach leaves
+    /// the old programs attached (but on an interface that is gone).
     pub fn follow(&mut self) -> anyhow::Result<()> {
         let seen = Interface::lookup(&self.settings.iface)?;
         let change = plan(
@@ -190,7 +195,8 @@ impl Gateway {
                  (the connection state is kept; the next sweep removes flows translated to an \
                  old address)"
             );
-            // The new programs load the state pinned: the old ones'.
+            // The new programs load the state pinned, and take over the
+            // link pinned: the old ones'.
             self.keep_state_pinned()?;
             // Before the load: no sweep may take a flow made under the new
             // policy for one the old one left. Should the load fail, the
@@ -205,20 +211,9 @@ impl Gateway {
             let datapath = Datapath::load(&policy).inspect_err(|_| {
                 set(old);
             })?;
-            // The new programs take the old ones' link over, as a new
-            // image of the daemon does (see `handover`): no packet meets
-            // the host's stack in between.
-            if let Some(a) = self.attached.as_ref().filter(|a| a.ifindex == iface.index) {
-                match self
-                    .datapath
-                    .hand_over(&self.policy.state_dir, a.hook, a.ifindex)
-                {
-                    Ok(clsact) => self.handed_clsact = clsact,
-                    Err(e) => tracing::warn!(
-                        "{e:#}: the old programs detach a moment before the new attach"
-                    ),
-                }
-            }
+            // The old programs run on in the pinned link or filter until
+            // the new ones take it over (see `links`): no packet meets the
+            // host's stack in between.
             self.datapath = datapath;
             self.policy = policy;
         }
@@ -231,19 +226,24 @@ impl Gateway {
     /// Keeps the pinned state the one the data path runs on: the state
     /// directory or pins in it removed or replaced by hand (meaning to start
     /// over, say) would otherwise leave a restart or reload to start with
-    /// empty maps, breaking every connection (`--reset-state` is the way).
-    /// A directory made anew is taken again, unless another daemon took it.
+    /// empty maps, breaking every connection (`--reset-state` is the way),
+    /// the data path to detach with the daemon, and `egress down` nothing
+    /// to restore. A directory made anew is taken again, unless another
+    /// daemon took it.
     pub fn keep_state_pinned(&mut self) -> anyhow::Result<()> {
         let dir = &self.policy.state_dir;
         if !self.state_lock.holds(dir) {
             self.state_lock = pinning::claim(dir)?;
             tracing::warn!(dir = %dir.display(), "the state directory was removed under the running gateway: made again");
         }
-        let pinned = self.datapath.keep_pinned(dir)?;
+        let mut pinned = self.datapath.keep_pinned(dir)?;
+        if self.changes.store(dir)? {
+            pinned.push("the record of its host changes");
+        }
         if !pinned.is_empty() {
             tracing::warn!(
                 dir = %dir.display(),
-                maps = ?pinned,
+                pinned = ?pinned,
                 "the pinned connection state was removed or replaced under the running gateway: \
                  pinned its own again, so that a restart or reload keeps its connections \
                  (--reset-state starts over)"
@@ -252,9 +252,15 @@ impl Gateway {
         Ok(())
     }
 
+    /// Writes the record of host changes to the state directory.
+    fn record(&self) -> anyhow::Result<()> {
+        self.changes.store(&self.policy.state_dir).map(drop)
+    }
+
     /// Marks the neighbour entries of the attached interface's next hops
-    /// managed, those not marked yet. Best effort: without it a next hop's
-    /// new MAC address is learnt only from its own ARP.
+    /// managed, those not marked yet, each recorded first. Best effort:
+    /// without it a next hop's new MAC address is learnt only from its own
+    /// ARP.
     pub fn manage_next_hops(&mut self) {
         let Some(ifindex) = self.attached.as_ref().map(|a| a.ifindex) else {
             return;
@@ -274,6 +280,15 @@ impl Gateway {
             {
                 continue;
             }
+            let recorded = self.changes.next_hops.contains(&(ifindex, hop));
+            if !recorded {
+                self.changes.next_hops.push((ifindex, hop));
+                if let Err(e) = self.record() {
+                    tracing::warn!(next_hop = %hop, "{e:#}: its neighbour entry is left as it is");
+                    self.changes.next_hops.retain(|&h| h != (ifindex, hop));
+                    continue;
+                }
+            }
             match neighbours::manage(ifindex, hop) {
                 Ok(marked) => {
                     if marked {
@@ -282,96 +297,88 @@ impl Gateway {
                         tracing::info!(next_hop = %hop, "the next hop's neighbour entry is static: left as it is");
                     }
                     self.next_hops.push((ifindex, hop, marked));
+                    if !marked && !recorded {
+                        self.unrecord_hop(ifindex, hop);
+                    }
                 }
-                Err(e) => tracing::warn!(
-                    next_hop = %hop,
-                    "cannot mark the next hop's neighbour entry managed: {e}; \
-                     a new MAC address of it is learnt only from its own ARP"
-                ),
+                Err(e) => {
+                    tracing::warn!(
+                        next_hop = %hop,
+                        "cannot mark the next hop's neighbour entry managed: {e}; \
+                         a new MAC address of it is learnt only from its own ARP"
+                    );
+                    if !recorded {
+                        self.unrecord_hop(ifindex, hop);
+                    }
+                }
             }
         }
     }
 
-    /// Attaches to `iface`, setting its sysctls unless they are already set.
+    /// Takes a next hop whose entry no gateway marked out of the record.
+    fn unrecord_hop(&mut self, ifindex: u32, hop: Ipv4Addr) {
+        self.changes.next_hops.retain(|&h| h != (ifindex, hop));
+        if let Err(e) = self.record() {
+            tracing::warn!("{e:#}");
+        }
+    }
+
+    /// Attaches to `iface`, setting its sysctls unless they are already
+    /// set, each recorded first. What the record holds for other
+    /// interfaces, or a clsact filter no longer used, is undone once the
+    /// data path runs here: it no longer runs there.
     fn attach(&mut self, iface: &Interface) -> anyhow::Result<Attached> {
-        let sysctls = match self.attached.take() {
-            Some(a) => a.sysctls,
-            None => {
-                let mut sysctls = Sysctls::apply(&iface.name)?;
-                if let Some(earlier) = self.handed_sysctls.take() {
-                    sysctls.adopt(earlier);
+        let mut added = Vec::new();
+        sysctl::apply(&iface.name, iface.index, |changes| {
+            let before = self.changes.sysctls.len();
+            self.changes.add_sysctls(changes);
+            added = self.changes.sysctls[before..].to_vec();
+            self.record()
+        })?;
+        let attached = self.datapath.attach(
+            &iface.name,
+            iface.index,
+            self.settings.attach,
+            &self.policy.state_dir,
+        );
+        let hook = match attached {
+            Ok(hook) => hook,
+            Err(e) => {
+                // Not needed by a data path that is not there.
+                if !added.is_empty() {
+                    self.changes.sysctls.retain(|s| !added.contains(s));
+                    sysctl::restore(added);
+                    if let Err(e) = self.record() {
+                        tracing::warn!("{e:#}");
+                    }
                 }
-                sysctls
+                return Err(e).with_context(|| format!("cannot attach to {}", iface.name));
             }
         };
-        let hook = self
-            .datapath
-            .attach(
-                &iface.name,
-                iface.index,
-                self.settings.attach,
-                &self.policy.state_dir,
-            )
-            .with_context(|| format!("cannot attach to {}", iface.name))?;
-        if let Some(handed) = self.handed_clsact.take()
-            && !self.datapath.adopt_clsact(handed)
-        {
-            handed.undo(TC_PROGRAM);
+        let clsact = self.datapath.clsact();
+        self.changes.undo_unused(iface.index, clsact.is_some());
+        if let Some(clsact) = clsact {
+            self.changes.clsact = Some(clsact.merge(self.changes.clsact));
+        }
+        self.next_hops.retain(|&(i, _, _)| i == iface.index);
+        if let Err(e) = self.record() {
+            tracing::warn!("{e:#}: `egress down` may not restore all of it");
         }
         self.attached = Some(Attachment {
             ifindex: iface.index,
             hook,
-            sysctls,
         });
         Ok(hook)
-    }
-
-    /// Hands the data path over to a successor (see `handover`): pins its
-    /// link, and gives up what this daemon would undo on its way out. The
-    /// programs stay attached after this process.
-    pub fn hand_over(&mut self) -> anyhow::Result<Handover> {
-        let dir = &self.policy.state_dir;
-        // Or the filter the programs' last reload handed over, if their
-        // attach failed: it runs on, and its qdisc may be a daemon's.
-        let clsact = match &self.attached {
-            Some(a) => self.datapath.hand_over(dir, a.hook, a.ifindex)?,
-            None => None,
-        }
-        .or_else(|| self.handed_clsact.take());
-        // Only once nothing can fail: on an error, this daemon restores
-        // them. (Those a previous image handed over were adopted at the
-        // first attach.)
-        let sysctls = match self.attached.as_mut() {
-            Some(a) => std::mem::replace(&mut a.sysctls, Sysctls::saved(Vec::new())).forget(),
-            None => Vec::new(),
-        };
-        Ok(Handover {
-            state_dir: dir.clone(),
-            sysctls,
-            next_hops: std::mem::take(&mut self.next_hops),
-            clsact,
-        })
     }
 
     /// Drops the attachment to an interface that no longer exists: there
     /// is nothing to detach or restore on it.
     fn forget_attachment(&mut self) {
         if let Some(a) = self.attached.take() {
-            a.sysctls.forget();
-        }
-    }
-}
-
-impl Drop for Gateway {
-    /// Leaves the next hops' neighbour entries to the kernel again, and
-    /// removes a handed-over clsact filter no attach took over.
-    fn drop(&mut self) {
-        if let Some(handed) = self.handed_clsact.take() {
-            handed.undo(TC_PROGRAM);
-        }
-        for (ifindex, hop, _) in self.next_hops.drain(..).filter(|&(_, _, marked)| marked) {
-            if let Err(e) = neighbours::forget(ifindex, hop) {
-                tracing::debug!(next_hop = %hop, "cannot remove the managed neighbour entry: {e}");
+            self.changes.forget_interface(a.ifindex);
+            self.next_hops.retain(|&(i, _, _)| i != a.ifindex);
+            if let Err(e) = self.record() {
+                tracing::warn!("{e:#}");
             }
         }
     }

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use egress_common::reason::Reason;
 use egress_user::{
-    check, commands,
+    check, commands, down,
     flags::GatewayArgs,
     gateway::{self, Gateway},
     gc,
@@ -41,9 +41,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Attach the gateway to an interface and run until SIGINT/SIGTERM;
-    /// SIGHUP reloads (settings and binary) without detaching.
+    /// Attach the gateway to an interface and run its control plane until
+    /// SIGINT/SIGTERM, which leave the data path attached and translating
+    /// (`egress down` removes it); SIGHUP reloads (settings and binary).
     Run(Box<RunArgs>),
+    /// Remove the gateway a stopped `egress run` left: detach its data
+    /// path and restore what it changed on the host (keeps the connection
+    /// state unless --reset-state).
+    Down(Box<DownArgs>),
     /// Check the settings and this host (kernel, interface, bpffs, sysctls,
     /// routes, MTU); print a fix for each problem, exit non-zero if any.
     Check(Box<GatewayArgs>),
@@ -61,6 +66,17 @@ struct RunArgs {
     gateway: GatewayArgs,
     /// Start with empty connection state instead of the previous run's
     /// (live connections through the gateway break).
+    #[arg(long)]
+    reset_state: bool,
+}
+
+#[derive(clap::Args)]
+struct DownArgs {
+    /// The gateway's settings: only its state directory and interface are
+    /// used.
+    #[command(flatten)]
+    gateway: GatewayArgs,
+    /// Remove the connection state too.
     #[arg(long)]
     reset_state: bool,
 }
@@ -84,23 +100,20 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    // First, so that an image started by a reload undoes the handover
-    // however it ends (arguments or settings this binary refuses
-    // included) unless it takes it over. Read before any thread starts:
-    // this clears the environment.
-    let handover = Handover::receive();
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => {
-            drop(handover);
-            e.exit()
-        }
-    };
+    // First, so that what an older image handed over is recorded however
+    // this one ends (arguments or settings it refuses included). Read
+    // before any thread starts: this clears the environment.
+    let reloaded = Handover::receive().is_some();
+    let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => args
             .gateway
             .settings()
-            .and_then(|s| run(s, args.reset_state, handover)),
+            .and_then(|s| run(s, args.reset_state, reloaded)),
+        Command::Down(args) => args
+            .gateway
+            .place()
+            .and_then(|(dir, iface)| down::down(&dir, iface.as_deref(), args.reset_state)),
         Command::Check(args) => return check(*args),
         Command::Config(args) => config(*args),
         Command::Stats(args) => commands::stats(&args),
@@ -153,15 +166,11 @@ fn reread_settings() -> anyhow::Result<Settings> {
     }
 }
 
-fn run(
-    settings: Settings,
-    mut reset_state: bool,
-    mut handover: Option<Handover>,
-) -> anyhow::Result<()> {
+fn run(settings: Settings, mut reset_state: bool, reloaded: bool) -> anyhow::Result<()> {
     for warning in settings.warnings() {
         tracing::warn!("{warning}");
     }
-    if handover.is_some() && reset_state {
+    if reloaded && reset_state {
         tracing::warn!("--reset-state ignored on a reload: the connection state is kept");
         reset_state = false;
     }
@@ -189,7 +198,7 @@ fn run(
         .context("cannot start the runtime")?;
     let _in_runtime = runtime.enter();
     // Caught from here on, so a stop requested while the gateway starts
-    // (or just after it reports ready) still detaches it.
+    // (or just after it reports ready) still stops it cleanly.
     let mut shutdown = Shutdown::catch()?;
     // A previous image blocked them for the handover; any that came in
     // the meantime are delivered now.
@@ -198,9 +207,7 @@ fn run(
     // Subscribed before attaching, so no change in between goes unseen.
     let events = HostEvents::subscribe().context("cannot follow the interface over netlink")?;
     let (timeouts, top_flows) = (settings.timeouts, settings.metrics_top_flows);
-    let mut gateway = Gateway::start(settings, reset_state, handover.as_mut())?;
-    // Taken over: nothing of the previous image's is left to undo.
-    drop(handover);
+    let mut gateway = Gateway::start(settings, reset_state)?;
     let collector = match metrics_listener {
         Some(listener) => {
             let policy = gateway.policy();
@@ -224,14 +231,16 @@ fn run(
     };
     notify(&notify::ready(&gateway.status()));
 
-    let mut exit = runtime.block_on(serve(
-        &mut gateway,
-        events,
-        &timeouts,
-        collector,
-        &notify,
-        &mut shutdown,
-    ))?;
+    let mut exit = runtime
+        .block_on(serve(
+            &mut gateway,
+            events,
+            &timeouts,
+            collector,
+            &notify,
+            &mut shutdown,
+        ))
+        .inspect_err(|_| tracing::info!("{}", gateway.left_behind()))?;
     if exit == Exit::Reload {
         // Held from here until the new image can handle them (the mask
         // and pending signals survive exec, and no other thread takes
@@ -248,16 +257,16 @@ fn run(
     if exit == Exit::Reload {
         notify(&notify::reloading());
         // Returns only if the new image could not be started.
-        let e = reload(&mut gateway, &exe);
+        let e = reload(&gateway, &exe);
         tracing::error!("reload failed: {e:#}; stopping");
         notify(notify::STOPPING);
-        drop(gateway);
+        tracing::info!("{}", gateway.left_behind());
         return Err(e);
     }
     notify(notify::STOPPING);
-    // For the next start.
+    // For the next start, and so that the data path stays.
     if let Err(e) = gateway.keep_state_pinned() {
-        tracing::warn!("{e:#}: the next start will not find the connection state");
+        tracing::warn!("{e:#}: the next start may not find the connection state");
     }
 
     for (reason, packets) in gateway.datapath().stats()? {
@@ -270,20 +279,16 @@ fn run(
             );
         }
     }
-    tracing::info!("detaching");
-    drop(gateway);
+    tracing::info!("stopped: {}", gateway.left_behind());
     Ok(())
 }
 
 /// Hands the data path over to a new image of this program (see
 /// `handover`), started with the same arguments, the handled signals
-/// blocked; returns only if that fails, having undone the handover.
-fn reload(gateway: &mut Gateway, exe: &Path) -> anyhow::Error {
-    let (handover, env) = match gateway.hand_over().and_then(|h| {
-        let env = h.to_env()?;
-        Ok((h, env))
-    }) {
-        Ok(h) => h,
+/// blocked; returns only if that fails, the data path still attached.
+fn reload(gateway: &Gateway, exe: &Path) -> anyhow::Error {
+    let env = match Handover::new(&gateway.policy().state_dir).to_env() {
+        Ok(env) => env,
         Err(e) => return e.context("cannot hand the data path over"),
     };
     let mut args = std::env::args_os();
@@ -293,9 +298,6 @@ fn reload(gateway: &mut Gateway, exe: &Path) -> anyhow::Error {
     }
     tracing::info!(exe = %exe.display(), "handing the data path over to a new image");
     let e = command.args(args).env(handover::ENV, env).exec();
-    // Undone: the link unpinned (it detaches with this process's
-    // programs), the sysctls and neighbour entries left to restore.
-    drop(handover);
     let _ = sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&handled_signals()), None);
     anyhow::Error::new(e).context(format!("cannot run {}", exe.display()))
 }

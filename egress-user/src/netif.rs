@@ -47,12 +47,12 @@ impl Interface {
 
     /// The interface called `name`, or `None` if there is none.
     pub fn lookup(name: &str) -> anyhow::Result<Option<Self>> {
-        let cname = CString::new(name).context("interface name contains a NUL byte")?;
-        // SAFETY: `cname` is a valid NUL-terminated string.
-        let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
-        if index == 0 {
-            return Ok(None);
+        if name.contains('\0') {
+            bail!("interface name contains a NUL byte");
         }
+        let Some(index) = index_of(name) else {
+            return Ok(None);
+        };
         let mut primary = None;
         let mut up = false;
         for a in nix::ifaddrs::getifaddrs()
@@ -114,6 +114,67 @@ pub fn xdp_programs(index: u32) -> io::Result<Vec<u32>> {
         .filter(|(k, _)| IFLA_XDP_MODE_PROG_IDS.contains(k))
         .filter_map(|(_, v)| attr_u32(v))
         .collect())
+}
+
+/// The ids of the programs on interface `index`'s TCX ingress, in the
+/// order they run; none on a kernel without TCX (before 6.6). Ids only,
+/// which `BPF_PROG_QUERY` gives with `CAP_NET_ADMIN`: a program's details
+/// (its name) need `CAP_SYS_ADMIN`, which the unit does not grant.
+pub fn tcx_programs(index: u32) -> io::Result<Vec<u32>> {
+    /// `bpf(2)` command and attach type.
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_TCX_INGRESS: u32 = 46;
+    /// `union bpf_attr`'s `query` (Linux 6.6), up to `revision`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct Query {
+        target_ifindex: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        count: u32,
+        _pad: u32,
+        prog_attach_flags: u64,
+        link_ids: u64,
+        link_attach_flags: u64,
+        revision: u64,
+    }
+    let mut ids = [0u32; 64];
+    let mut query = Query {
+        target_ifindex: index,
+        attach_type: BPF_TCX_INGRESS,
+        prog_ids: ids.as_mut_ptr() as u64,
+        count: ids.len() as u32,
+        ..Query::default()
+    };
+    // SAFETY: `query` is a valid `bpf_attr` prefix of the size passed, and
+    // `prog_ids` points to `count` writable u32s that outlive the call.
+    let done = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            &raw mut query,
+            std::mem::size_of::<Query>(),
+        )
+    };
+    if done < 0 {
+        let e = io::Error::last_os_error();
+        // A kernel without TCX knows no such attach type.
+        return match e.raw_os_error() {
+            Some(libc::EINVAL) => Ok(Vec::new()),
+            _ => Err(e),
+        };
+    }
+    Ok(ids[..(query.count as usize).min(ids.len())].to_vec())
+}
+
+/// The index of interface `name`, if there is one.
+pub fn index_of(name: &str) -> Option<u32> {
+    let name = CString::new(name).ok()?;
+    // SAFETY: `name` is a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
 }
 
 /// What the kernel says about interface `index` (`RTM_GETLINK`).

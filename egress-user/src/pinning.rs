@@ -41,14 +41,45 @@ pub struct StateLock {
 /// who has it.
 pub fn claim(dir: &Path) -> anyhow::Result<StateLock> {
     prepare(dir, false)?;
-    let file = fs::File::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
-    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => Ok(StateLock { lock }),
-        Err((_, nix::Error::EWOULDBLOCK)) => bail!(
-            "another `egress run` is using the state in {}: stop it first \
-             (systemctl stop egress), or give this one its own --state-dir",
+    match lock(dir, FlockArg::LockExclusiveNonblock)? {
+        Some(lock) => Ok(lock),
+        None => bail!(
+            "another `egress run` (or an `egress down`) is using the state in {}: stop it \
+             first (systemctl stop egress), or give this one its own --state-dir",
             dir.display()
         ),
+    }
+}
+
+/// Takes `dir`, which exists, for `egress down`: no daemon may start on
+/// it meanwhile. Refuses while one runs on it.
+pub fn claim_for_down(dir: &Path) -> anyhow::Result<StateLock> {
+    match lock(dir, FlockArg::LockExclusiveNonblock)? {
+        Some(lock) => Ok(lock),
+        None => bail!(
+            "a gateway (`egress run`) is running on the state in {}: it would attach again \
+             whatever `egress down` removed; stop it first (systemctl stop egress; the data \
+             path stays attached), then run `egress down` again",
+            dir.display()
+        ),
+    }
+}
+
+/// Whether a daemon holds `dir` now, without keeping it from one: a
+/// shared lock, let go at once, is refused while one holds it. `None`
+/// if `dir` cannot be looked at.
+pub fn held(dir: &Path) -> Option<bool> {
+    lock(dir, FlockArg::LockSharedNonblock)
+        .ok()
+        .map(|lock| lock.is_none())
+}
+
+/// `dir` locked as `how` asks; `None` if another process holds it.
+fn lock(dir: &Path, how: FlockArg) -> anyhow::Result<Option<StateLock>> {
+    let file = fs::File::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
+    match Flock::lock(file, how) {
+        Ok(lock) => Ok(Some(StateLock { lock })),
+        Err((_, nix::Error::EWOULDBLOCK)) => Ok(None),
         Err((_, e)) => Err(e).with_context(|| format!("cannot lock {}", dir.display())),
     }
 }
@@ -146,16 +177,20 @@ pub fn elsewhere_fix(dir: &Path) -> String {
     )
 }
 
-/// Removes the pinned state in `dir`.
-fn remove(dir: &Path) -> anyhow::Result<()> {
+/// Removes the pin at `path`, if there is one; returns whether there was.
+pub fn unpin(path: &Path) -> anyhow::Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("cannot remove {}", path.display())),
+    }
+}
+
+/// Removes the pinned connection state in `dir`.
+pub fn remove(dir: &Path) -> anyhow::Result<()> {
     let mut removed = 0;
     for name in PINNED_MAPS {
-        let pin = dir.join(name);
-        match fs::remove_file(&pin) {
-            Ok(()) => removed += 1,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("cannot remove {}", pin.display())),
-        }
+        removed += usize::from(unpin(&dir.join(name))?);
     }
     if removed > 0 {
         tracing::info!(dir = %dir.display(), "removed the previous run's connection state");

@@ -1,9 +1,13 @@
-//! Per-interface kernel settings the data path depends on, set for the
-//! daemon's lifetime and restored on exit so the host is left as found.
+//! Per-interface kernel settings the data path depends on, set while it
+//! runs (after the daemon too) and restored when it is removed, so the
+//! host is left as found (see `host_changes`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use crate::netif;
 
 /// What the gateway needs on its interface, and why:
 /// - `forwarding`: `bpf_fib_lookup` refuses to route packets arriving on an
@@ -18,58 +22,96 @@ pub fn conf_dir(iface: &str) -> PathBuf {
     PathBuf::from(format!("/proc/sys/net/ipv4/conf/{iface}"))
 }
 
-pub struct Sysctls {
-    saved: Vec<(PathBuf, String)>,
+/// A sysctl file of interface `ifindex` that the gateway set, and the
+/// value it had before.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedSysctl {
+    pub ifindex: u32,
+    pub path: PathBuf,
+    pub value: String,
 }
 
-impl Sysctls {
-    /// Sets what [`NEEDED`] lists on `iface`. On an error, what was set
-    /// already is restored (as the returned value is on drop).
-    pub fn apply(iface: &str) -> anyhow::Result<Self> {
-        let mut applied = Self { saved: Vec::new() };
-        for (key, value) in NEEDED {
-            let path = conf_dir(iface).join(key);
-            let old = std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            let old = old.trim().to_owned();
-            if old != value {
-                std::fs::write(&path, value)
-                    .with_context(|| format!("cannot set {} to {value}", path.display()))?;
-                tracing::info!("set net.ipv4.conf.{iface}.{key}={value} (was {old})");
-                applied.saved.push((path, old));
-            }
+impl SavedSysctl {
+    /// Whether `other` is about the same file of the same interface.
+    pub fn same_setting(&self, other: &Self) -> bool {
+        (self.ifindex, &self.path) == (other.ifindex, &other.path)
+    }
+}
+
+/// Sets what [`NEEDED`] lists on `iface` (index `ifindex`), each file that
+/// differs: `record` hears of them, with the values they have, before any
+/// is written. Returns them. On an error, what was set already is
+/// restored.
+pub fn apply(
+    iface: &str,
+    ifindex: u32,
+    record: impl FnOnce(&[SavedSysctl]) -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<SavedSysctl>> {
+    let mut changes = Vec::new();
+    for (key, value) in NEEDED {
+        let path = conf_dir(iface).join(key);
+        let old = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let old = old.trim();
+        if old != value {
+            changes.push(SavedSysctl {
+                ifindex,
+                path,
+                value: old.to_owned(),
+            });
         }
-        Ok(applied)
     }
+    if changes.is_empty() {
+        return Ok(changes);
+    }
+    record(&changes)?;
+    for (done, change) in changes.iter().enumerate() {
+        let value = needed(&change.path);
+        if let Err(e) = std::fs::write(&change.path, value) {
+            restore(changes[..done].to_vec());
+            return Err(e)
+                .with_context(|| format!("cannot set {} to {value}", change.path.display()));
+        }
+        let key = change.path.file_name().unwrap_or_default().display();
+        tracing::info!(
+            "set net.ipv4.conf.{iface}.{key}={value} (was {})",
+            change.value
+        );
+    }
+    Ok(changes)
 }
 
-impl Sysctls {
-    /// Values to restore on drop: `(file, value)`.
-    pub fn saved(saved: Vec<(PathBuf, String)>) -> Self {
-        Self { saved }
-    }
-
-    /// Restores `earlier`'s values on drop too (set by a daemon before this
-    /// one, which found them set already).
-    pub fn adopt(&mut self, mut earlier: Self) {
-        earlier.saved.append(&mut self.saved);
-        self.saved = std::mem::take(&mut earlier.saved);
-    }
-
-    /// Gives up the saved values without restoring them: the interface
-    /// they belong to is gone, or they go to a successor.
-    pub fn forget(mut self) -> Vec<(PathBuf, String)> {
-        std::mem::take(&mut self.saved)
-    }
+/// The value [`NEEDED`] gives the file at `path`.
+fn needed(path: &Path) -> &'static str {
+    let key = path.file_name().and_then(|k| k.to_str());
+    NEEDED
+        .iter()
+        .find(|(k, _)| Some(*k) == key)
+        .map_or("1", |(_, v)| v)
 }
 
-impl Drop for Sysctls {
-    fn drop(&mut self) {
-        for (path, old) in self.saved.drain(..).rev() {
-            match std::fs::write(&path, &old) {
-                Ok(()) => tracing::info!("restored {} to {old}", path.display()),
-                Err(e) => tracing::warn!("could not restore {} to {old}: {e}", path.display()),
-            }
+/// Writes the saved values back, last set first; skips those of an
+/// interface that is gone (or replaced under its name: a new index),
+/// whose settings went with it.
+pub fn restore(saved: Vec<SavedSysctl>) {
+    for s in saved.into_iter().rev() {
+        // `…/conf/IFACE/key`
+        let iface = s
+            .path
+            .parent()
+            .and_then(Path::file_name)
+            .and_then(|n| n.to_str());
+        let current = iface.and_then(netif::index_of);
+        if current != Some(s.ifindex) {
+            tracing::info!(
+                "{} is of an interface that is gone: not restored",
+                s.path.display()
+            );
+            continue;
+        }
+        match std::fs::write(&s.path, &s.value) {
+            Ok(()) => tracing::info!("restored {} to {}", s.path.display(), s.value),
+            Err(e) => tracing::warn!("could not restore {} to {}: {e}", s.path.display(), s.value),
         }
     }
 }
