@@ -44,8 +44,8 @@ pub fn claim(dir: &Path) -> anyhow::Result<StateLock> {
     match lock(dir, FlockArg::LockExclusiveNonblock)? {
         Some(lock) => Ok(lock),
         None => bail!(
-            "another `egress run` (or an `egress down`) is using the state in {}: stop it \
-             first (systemctl stop egress), or give this one its own --state-dir",
+            "another `egress run` is using the state in {}: stop it first (systemctl stop \
+             egress), or give this one its own --state-dir",
             dir.display()
         ),
     }

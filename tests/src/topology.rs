@@ -3,12 +3,13 @@
 
 use crate::addrs::*;
 use crate::daemon::Daemon;
-use crate::netns::{Lab, exec};
+use crate::netns::{Lab, exec, exec_output};
 use crate::tiny_bpf::{Hook, Program, programs};
 use anyhow::Result;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
+use std::process::Output;
 use std::time::Duration;
 
 /// Loading and verifying the XDP programs can take a while on a busy machine.
@@ -185,6 +186,33 @@ impl Topology {
         Ok(gw)
     }
 
+    /// Runs `egress down` (with `extra` arguments) for the gateway's
+    /// interface and state directory, in its namespace; returns its
+    /// output whatever its exit status.
+    pub fn egress_down(&self, bin: &Path, extra: &str) -> Result<Output> {
+        exec_output(
+            &self.gateway,
+            &format!(
+                "{} down --iface {HOST_IFACE} --state-dir {} {extra}",
+                bin.display(),
+                self.lab.state_dir()?.display()
+            ),
+        )
+    }
+
+    /// Takes the gateway down (`egress down`, which must succeed) once its
+    /// daemon has stopped; returns what it printed, stdout then stderr.
+    pub fn take_down(&self, bin: &Path) -> Result<String> {
+        let out = self.egress_down(bin, "")?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        anyhow::ensure!(out.status.success(), "egress down failed: {text}");
+        Ok(text)
+    }
+
     /// Serves `dir` over HTTP on the server's address.
     pub fn start_http_server(&self, dir: &Path) -> Result<Daemon> {
         start_http_server(&self.lab, &self.server, SERVER_IP, dir)
@@ -248,6 +276,13 @@ impl Stack {
                 self.topo.lab.state_dir()?.display()
             ),
         )
+    }
+
+    /// Stops the gateway's daemon and takes the gateway down (`egress
+    /// down`), as the demo does on its way out; returns what that printed.
+    pub fn take_down(&mut self, egress_bin: &Path) -> Result<String> {
+        self.gateway.stop();
+        self.topo.take_down(egress_bin)
     }
 
     /// Stops the gateway and starts it again, as an upgrade does.

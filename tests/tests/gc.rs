@@ -135,7 +135,7 @@ fn exits_cleanly(gw: &mut Daemon) -> Result<()> {
         gw.log()
     );
     ensure!(
-        gw.log().contains("detaching"),
+        gw.log().contains("stopped: the data path stays attached"),
         "no clean shutdown:\n{}",
         gw.log()
     );

@@ -199,7 +199,7 @@ fn a_reload_waits_for_its_interface() -> Result<()> {
 /// was removed and replaced under it): loaded again, the programs cannot
 /// take the place, and the old ones go on in the filter handed over. Then
 /// that filter is gone, and a reload's new image attaches. The clsact
-/// qdisc the first image added must still go at the last stop.
+/// qdisc the first image added must still go with `egress down`.
 #[test]
 fn without_tcx_a_reload_after_a_failed_follow_removes_the_qdisc_it_added() -> Result<()> {
     require_root()?;
@@ -246,10 +246,11 @@ fn without_tcx_a_reload_after_a_failed_follow_removes_the_qdisc_it_added() -> Re
         let seen = Attachments::of(gw, HOST_IFACE)?;
         ensure!(seen.gateway_tc() == 1, "after the reload: {seen:?}");
         gateway.terminate(FOLLOW)?;
+        let down = topo.take_down(&egress)?;
         let left = Attachments::of(gw, HOST_IFACE)?;
         ensure!(
             left == untouched,
-            "the gateway left {left:?}\n{}",
+            "the gateway left {left:?}\n{}{down}",
             gateway.log()
         );
         Ok(())

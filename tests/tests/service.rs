@@ -4,7 +4,8 @@
 //! `READY=1` once attached and `STOPPING=1` on the way out; its reload
 //! (`egress check`, then SIGHUP) passes beside the running gateway and
 //! says `RELOADING=1`, then `READY=1` from the new image, which keeps
-//! the capabilities. Needs root.
+//! the capabilities. A stop leaves the data path translating, and a start
+//! takes it over, with those capabilities too. Needs root.
 
 use std::{net::SocketAddr, os::unix::net::UnixDatagram, path::Path, time::Duration};
 
@@ -102,7 +103,7 @@ fn with_the_units_capabilities(attach: Attach, hook: &str) -> Result<()> {
             .iter()
             .map(|c| Ok(1 << cap_bit(c)?))
             .sum::<Result<u64>>()?;
-        let capabilities_kept = || -> Result<()> {
+        let capabilities_kept = |gateway: &tests::Daemon| -> Result<()> {
             let status = std::fs::read_to_string(format!("/proc/{}/status", gateway.pid()))?;
             let effective = status
                 .lines()
@@ -115,7 +116,7 @@ fn with_the_units_capabilities(attach: Attach, hook: &str) -> Result<()> {
             );
             Ok(())
         };
-        capabilities_kept()?;
+        capabilities_kept(&gateway)?;
 
         let mut buf = [0u8; 512];
         let ready = || -> Result<()> {
@@ -161,7 +162,7 @@ fn with_the_units_capabilities(attach: Attach, hook: &str) -> Result<()> {
             "{reloading:?}"
         );
         ready()?;
-        capabilities_kept()?;
+        capabilities_kept(&gateway)?;
         translated()?;
 
         gateway.stop();
@@ -172,7 +173,23 @@ fn with_the_units_capabilities(attach: Attach, hook: &str) -> Result<()> {
             String::from_utf8_lossy(&buf[..n])
         );
         let log = gateway.log();
-        ensure!(log.contains("detaching"), "no clean exit:\n{log}");
+        ensure!(
+            log.contains("stopped: the data path stays attached"),
+            "no clean exit:\n{log}"
+        );
+        translated().context("the data path went with the daemon")?;
+
+        // `systemctl start` again: the new daemon takes the data path over
+        // with the same capabilities (it tells its own program from
+        // another gateway's without CAP_SYS_ADMIN).
+        gateway = topo.start_gateway_under(&launcher, &egress, attach, "")?;
+        ready()?;
+        capabilities_kept(&gateway)?;
+        translated()?;
+        let log = gateway.log();
+        ensure!(log.contains("took over the"), "no takeover:\n{log}");
+        gateway.stop();
+        topo.take_down(&egress)?;
         Ok(())
     })();
     topo.lab.keep_logs_on_err(result)

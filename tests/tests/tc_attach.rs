@@ -1,8 +1,10 @@
 //! The TC program's attachment through the daemon's own loader, in a
 //! namespace, checked from outside (`ip`, `tc`, the kernel's TCX query): a
-//! filter a killed gateway left is removed before any attach, other
-//! programs' filters stay, the clsact filter of kernels without TCX sits
-//! at one fixed place so it cannot stack, and the host is left as found.
+//! gateway's filter elsewhere than its fixed place (older versions) is
+//! removed before any attach, other programs' filters stay, the clsact
+//! filter of kernels without TCX sits at one fixed place so it cannot
+//! stack, the attachment stays after its data path (the daemon), and
+//! `egress down` leaves the host as found.
 //! This kernel has TCX, so the clsact path is entered directly, where a
 //! kernel without TCX falls back to it. Needs root.
 
@@ -12,6 +14,8 @@ use egress_user::{
     admission::Admission,
     clsact,
     datapath::{Attached, Datapath, Policy, TC_PROGRAM},
+    down,
+    host_changes::HostChanges,
     settings::{AttachMode, PortRange},
 };
 use tests::{
@@ -95,6 +99,13 @@ impl Host {
         Attachments::of(&self.ns, IFACE)
     }
 
+    /// `egress down` on this host's state directory.
+    fn down(&self) -> Result<()> {
+        in_netns(&self.ns, || {
+            down::down(&self.policy.state_dir, Some(IFACE), false)
+        })?
+    }
+
     /// The clsact qdisc, as a killed gateway or another tool added it.
     fn add_clsact(&self) -> Result<()> {
         exec(&self.ns, &format!("tc qdisc add dev {IFACE} clsact"))?;
@@ -166,7 +177,7 @@ fn without_tcx_a_killed_gateways_filter_is_replaced_and_other_filters_stay() -> 
         ensure!(seen.gateway_tc() == 2 && seen.clsact.len() == 3, "{seen:?}");
         let left = program_at_our_place(&seen);
 
-        host.with_datapath(|dp| {
+        let record = host.with_datapath(|dp| {
             dp.attach_tc_clsact(IFACE, host.ifindex)?;
             let seen = host.attachments()?;
             let ours = Some(dp.tc()?.info()?.id());
@@ -176,9 +187,14 @@ fn without_tcx_a_killed_gateways_filter_is_replaced_and_other_filters_stay() -> 
                 clsact::PRIORITY
             );
             ensure!(seen.clsact.len() == 2 && seen.tcx.is_empty(), "{seen:?}");
-            Ok(())
+            dp.clsact().context("no clsact filter recorded")
         })?;
-        // Detached; the qdisc was there before, so it stays.
+        // It outlives its data path; removed, the qdisc that was there
+        // before stays.
+        let seen = host.attachments()?;
+        ensure!(seen.gateway_tc() == 1, "after the data path: {seen:?}");
+        ensure!(!record.added, "{record:?}");
+        in_netns(&host.ns, || record.undo(TC_PROGRAM))?;
         let seen = host.attachments()?;
         ensure!(
             other_filter_only(&seen) && seen.clsact_qdisc,
@@ -211,48 +227,43 @@ fn without_tcx_another_programs_filter_at_our_place_stays() -> Result<()> {
     })
 }
 
-/// A reload on a kernel without TCX: the outgoing data path hands its
-/// filter over (it stays attached without it), the next one swaps its
-/// program into that filter, with the qdisc the first added, which goes
-/// at the last stop. A handover no one takes is undone.
+/// On a kernel without TCX the filter stays after its data path (a daemon
+/// that exits), the next one swaps its program into it, keeping the
+/// record that a gateway added the qdisc, which goes with the filter.
 #[test]
-fn without_tcx_a_reload_swaps_the_program_into_the_filter() -> Result<()> {
+fn without_tcx_the_next_data_path_swaps_its_program_into_the_filter() -> Result<()> {
     Host::test(|host| {
         let untouched = host.attachments()?;
-        let dir = &host.policy.state_dir;
-        let hand_over = || {
+        let attach = || {
             host.with_datapath(|dp| {
                 dp.attach_tc_clsact(IFACE, host.ifindex)?;
-                let handed = dp.hand_over(dir, Attached::Clsact, host.ifindex)?;
-                Ok((handed, dp.tc()?.info()?.id()))
+                let record = dp.clsact().context("no clsact filter recorded")?;
+                Ok((record, dp.tc()?.info()?.id()))
             })
         };
-        let (handed, first) = hand_over()?;
+        let (first_record, first) = attach()?;
         let seen = host.attachments()?;
         ensure!(
             seen.gateway_tc() == 1 && program_at_our_place(&seen) == Some(first),
-            "the handed-over filter should stay with program {first}: {seen:?}"
+            "the filter should stay with program {first}: {seen:?}"
         );
-        let handed = handed.context("no clsact handed over")?;
-        ensure!(handed.added, "the qdisc was added: {handed:?}");
+        ensure!(first_record.added, "the qdisc was added: {first_record:?}");
 
-        host.with_datapath(|dp| {
-            dp.attach_tc_clsact(IFACE, host.ifindex)?;
-            ensure!(dp.adopt_clsact(handed), "{handed:?} not adopted");
-            let seen = host.attachments()?;
-            let second = dp.tc()?.info()?.id();
-            ensure!(
-                seen.gateway_tc() == 1 && program_at_our_place(&seen) == Some(second),
-                "expected the filter to run program {second} (was {first}): {seen:?}"
-            );
-            Ok(())
-        })?;
-        ensure!(host.attachments()? == untouched, "after the last stop");
-
-        let (handed, _) = hand_over()?;
-        let handed = handed.context("no clsact handed over")?;
-        in_netns(&host.ns, || handed.undo(TC_PROGRAM))?;
-        ensure!(host.attachments()? == untouched, "after an undone handover");
+        let (second_record, second) = attach()?;
+        let seen = host.attachments()?;
+        ensure!(
+            seen.gateway_tc() == 1 && program_at_our_place(&seen) == Some(second),
+            "expected the filter to run program {second} (was {first}): {seen:?}"
+        );
+        let record = second_record.merge(Some(first_record));
+        ensure!(record.added, "{record:?}");
+        HostChanges {
+            clsact: Some(record),
+            ..HostChanges::default()
+        }
+        .store(&host.policy.state_dir)?;
+        host.down()?;
+        ensure!(host.attachments()? == untouched, "after egress down");
         Ok(())
     })
 }
@@ -276,6 +287,7 @@ fn any_attach_removes_a_killed_gateways_filter() -> Result<()> {
                 ok && seen.clsact.is_empty(),
                 "{mode:?} attached as {hook:?}: {seen:?}"
             );
+            host.down()?;
             let after = host.attachments()?;
             ensure!(after.is_empty(), "{mode:?} left {after:?}");
         }
@@ -298,16 +310,25 @@ fn the_host_is_left_as_found() -> Result<()> {
             );
             host.attachments()
         })?;
-        // TCX needs no qdisc.
+        // TCX needs no qdisc; its link, pinned, stays after the data path.
         ensure!(seen.tcx == [TC_PROGRAM] && !seen.clsact_qdisc, "{seen:?}");
+        ensure!(host.attachments()? == seen, "after the TCX data path");
+        host.down()?;
         ensure!(host.attachments()? == untouched, "TCX detach");
 
-        let seen = host.with_datapath(|dp| {
+        let (seen, record) = host.with_datapath(|dp| {
             dp.attach_tc_clsact(IFACE, host.ifindex)?;
-            host.attachments()
+            Ok((host.attachments()?, dp.clsact()))
         })?;
         ensure!(seen.clsact_qdisc && seen.gateway_tc() == 1, "{seen:?}");
-        // The qdisc we added goes with us.
+        ensure!(host.attachments()? == seen, "after the clsact data path");
+        // The qdisc we added goes with the filter.
+        HostChanges {
+            clsact: record,
+            ..HostChanges::default()
+        }
+        .store(&host.policy.state_dir)?;
+        host.down()?;
         ensure!(host.attachments()? == untouched, "clsact detach");
         Ok(())
     })
