@@ -201,13 +201,14 @@ impl Topology {
     }
 
     /// Takes the gateway down (`egress down`, which must succeed) once its
-    /// daemon has stopped; returns what it printed, stdout then stderr.
+    /// daemon has stopped; returns what it printed, its log then its
+    /// summary.
     pub fn take_down(&self, bin: &Path) -> Result<String> {
         let out = self.egress_down(bin, "")?;
         let text = format!(
             "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
         );
         anyhow::ensure!(out.status.success(), "egress down failed: {text}");
         Ok(text)

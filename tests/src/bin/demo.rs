@@ -1,6 +1,7 @@
 //! `cargo xtask run`: builds the client/router/gateway/server topology, starts
 //! the gateway (`EGRESS_BIN`), fetches a page from the "Internet" through it,
-//! explains how to look around, and cleans up on Ctrl-C.
+//! explains how to look around, and cleans up on Ctrl-C (`egress down`,
+//! then the namespaces).
 
 use anyhow::{Result, ensure};
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
@@ -58,7 +59,7 @@ fn run() -> Result<()> {
     let egress = egress_bin()?;
     catch_stop_signals()?;
     println!("building the topology and starting the gateway...");
-    let stack = Stack::start(&egress, &ipip_peer_bin()?, Attach::Native)?;
+    let mut stack = Stack::start(&egress, &ipip_peer_bin()?, Attach::Native)?;
     let topo = &stack.topo;
     let www = topo.lab.dir().join("www");
     std::fs::create_dir(&www)?;
@@ -90,7 +91,10 @@ fn run() -> Result<()> {
     while !STOP.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(200));
     }
-    println!("\ncleaning up...");
+    // The daemon's data path outlives it: `egress down` removes it, as an
+    // operator would, before the namespaces go.
+    println!("\ncleaning up: stopping the gateway, then egress down...");
+    print!("{}", stack.take_down(&egress)?);
     Ok(())
 }
 
@@ -128,7 +132,8 @@ Look around from another terminal:
   ip netns exec {router} tcpdump -ni {ROUTER_GATEWAY_IFACE} # IP-in-IP on the wire (apt install tcpdump)
 Logs (gateway, ipip-peer, http): {logs}
 
-Ctrl-C stops everything and removes the namespaces."#
+Ctrl-C stops the gateway (and `egress down` removes its data path, which
+outlives the daemon) and removes the namespaces."#
     );
     Ok(())
 }
