@@ -291,7 +291,7 @@ impl Datapath {
         }
         let moved = |p: &links::Pinned| {
             tracing::info!(
-                "the data path was attached to interface {} as {}: this run attaches {mode:?}                  to {iface}",
+                "the data path was attached to interface {} as {}: this run attaches {mode:?} to {iface}",
                 p.ifindex,
                 p.hook.as_str()
             );
@@ -316,9 +316,12 @@ impl Datapath {
             },
             None => None,
         };
-        let hook = match taken {
-            Some(hook) => hook,
-            None => self.attach_anew(iface, ifindex, mode, state_dir)?,
+        let hook = match (taken, mode) {
+            (Some(hook), _) => hook,
+            (None, AttachMode::Native) => self.attach_xdp(ifindex, XdpMode::Driver, state_dir)?,
+            (None, AttachMode::Generic) => self.attach_xdp(ifindex, XdpMode::Skb, state_dir)?,
+            (None, AttachMode::Tc) => self.attach_tc(iface, ifindex, state_dir)?,
+            (None, AttachMode::Auto) => self.attach_auto(iface, ifindex, state_dir)?,
         };
         if hook != Attached::Clsact {
             self.clsact = None;
@@ -331,32 +334,26 @@ impl Datapath {
         Ok(hook)
     }
 
-    /// Attaches to `iface` as `mode` asks, with nothing to take over.
-    fn attach_anew(
+    /// Native XDP where the driver has it, else TC.
+    fn attach_auto(
         &mut self,
         iface: &str,
         ifindex: u32,
-        mode: AttachMode,
         state_dir: &Path,
     ) -> anyhow::Result<Attached> {
-        match mode {
-            AttachMode::Native => self.attach_xdp(ifindex, XdpMode::Driver, state_dir),
-            AttachMode::Generic => self.attach_xdp(ifindex, XdpMode::Skb, state_dir),
-            AttachMode::Tc => self.attach_tc(iface, ifindex, state_dir),
-            AttachMode::Auto => match self.attach_xdp(ifindex, XdpMode::Driver, state_dir) {
-                Ok(hook) => {
-                    tracing::info!("attach auto: {iface}'s driver supports XDP, the fastest hook");
-                    Ok(hook)
-                }
-                Err(e) => {
-                    // Generic XDP is slower than TC, and mishandles GRO
-                    // aggregates and offloaded checksums, which TC handles.
-                    tracing::warn!(
-                        "attach auto: no native XDP on {iface} ({e:#}); using TC, which beats generic XDP"
-                    );
-                    self.attach_tc(iface, ifindex, state_dir)
-                }
-            },
+        match self.attach_xdp(ifindex, XdpMode::Driver, state_dir) {
+            Ok(hook) => {
+                tracing::info!("attach auto: {iface}'s driver supports XDP, the fastest hook");
+                Ok(hook)
+            }
+            Err(e) => {
+                // Generic XDP is slower than TC, and mishandles GRO
+                // aggregates and offloaded checksums, which TC handles.
+                tracing::warn!(
+                    "attach auto: no native XDP on {iface} ({e:#}); using TC, which beats generic XDP"
+                );
+                self.attach_tc(iface, ifindex, state_dir)
+            }
         }
     }
 

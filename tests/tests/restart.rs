@@ -292,11 +292,11 @@ fn flows_while_down(launcher: &str, attach: Attach, signal: Signal) -> Result<()
             "expected the gateway attached once after {rounds} rounds: {seen:?}"
         );
 
-        let down = stack.take_down(&bin)?;
-        left_as_found(&gw, &found, &down)?;
+        stack.gateway.stop();
+        down_leaves_as_found(&stack.topo, &bin, &found, &stack.gateway.log())?;
         ensure!(
             !neighbours()?.contains("managed"),
-            "managed neighbour entries left: {}\n{down}",
+            "managed neighbour entries left: {}",
             neighbours()?
         );
         Ok(())
@@ -393,6 +393,14 @@ fn left_as_found(ns: &str, found: &[String], log: &str) -> Result<()> {
     Ok(())
 }
 
+/// Takes the gateway down (`egress down`) once its daemon has exited, and
+/// checks it left the host as `found` (see [`left_as_found`]); `log` (the
+/// daemon's) explains.
+fn down_leaves_as_found(topo: &Topology, bin: &Path, found: &[String], log: &str) -> Result<()> {
+    let down = topo.take_down(bin)?;
+    left_as_found(&topo.gateway, found, &format!("{log}{down}"))
+}
+
 /// The values of [`SYSCTLS`] before the gateway set them, from its log
 /// (one it found set already is not logged).
 fn sysctls_before(log: &str) -> Vec<String> {
@@ -468,9 +476,7 @@ fn survives_reload_under(launcher: &str, attach: Attach) -> Result<()> {
             link_of(&stack)? == after,
             "the data path did not stay after the daemon"
         );
-        let down = stack.topo.take_down(&bin)?;
-        left_as_found(&stack.topo.gateway, &found, &down)?;
-        Ok(())
+        down_leaves_as_found(&stack.topo, &bin, &found, "")
     })();
     stack.topo.lab.keep_logs_on_err(result)
 }
@@ -751,8 +757,7 @@ fn refused_reload(extra: &str, why: &str) -> Result<()> {
         );
         topo.udp_translated(server)
             .with_context(|| format!("the data path went with the image:\n{log}"))?;
-        let down = topo.take_down(&bin)?;
-        left_as_found(&topo.gateway, &found, &down)?;
+        down_leaves_as_found(&topo, &bin, &found, &log)?;
         let pins: Vec<_> = std::fs::read_dir(topo.lab.state_dir()?)?
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
             .filter(|n| n.starts_with("handover-") || n == "HOST_CHANGES")
@@ -791,9 +796,7 @@ fn a_stop_requested_with_a_reload_stops() -> Result<()> {
         let log = stack.gateway.log();
         let status = status.with_context(|| format!("the stop was lost:\n{log}"))?;
         ensure!(status.success(), "the gateway exited {status}:\n{log}");
-        let down = stack.topo.take_down(&bin)?;
-        left_as_found(&stack.topo.gateway, &found, &format!("{log}{down}"))?;
-        Ok(())
+        down_leaves_as_found(&stack.topo, &bin, &found, &log)
     })();
     stack.topo.lab.keep_logs_on_err(result)
 }
