@@ -25,7 +25,9 @@ use anyhow::{Context as _, Result, ensure};
 use nix::sys::signal::Signal;
 use tests::{
     Attach, Attachments, Stack, Topology,
-    addrs::{CLIENT_TUN_IP, CLIENT_UNDERLAY_IP, GATEWAY_IP, HOST_IFACE, SERVER_IP},
+    addrs::{
+        CLIENT_TUN_IP, CLIENT_UNDERLAY_IP, GATEWAY_IP, HOST_IFACE, ROUTER_GATEWAY_IP, SERVER_IP,
+    },
     attached::gateway_link,
     echo::{udp_request, udp_server},
     egress_bin, exec, exec_output, in_netns, require_root,
@@ -298,6 +300,66 @@ fn flows_while_down(launcher: &str, attach: Attach, signal: Signal) -> Result<()
             !neighbours()?.contains("managed"),
             "managed neighbour entries left: {}",
             neighbours()?
+        );
+        Ok(())
+    })();
+    stack.topo.lab.keep_logs_on_err(result)
+}
+
+/// A reload from the version before the data path outlived the daemon:
+/// that image pinned its link as `handover-HOOK-IFINDEX` (the name kept)
+/// and passed what it would restore in `EGRESS_HANDOVER`, with no record
+/// in the state directory. Played here by a killed gateway whose record is
+/// removed, and a new one started with that variable: it must take the
+/// link over and record the list, so that `egress down` restores the host
+/// as the first gateway found it.
+#[test]
+fn a_handover_from_the_previous_version_is_taken_over_and_recorded() -> Result<()> {
+    require_root()?;
+    let bin = egress_bin()?;
+    let ipip_peer = Path::new(env!("CARGO_BIN_EXE_ipip-peer"));
+    let mut stack = Stack::start(&bin, ipip_peer, Attach::Native)?;
+    let result = (|| {
+        let gw = stack.topo.gateway.clone();
+        let found = sysctls_before(&stack.gateway.log());
+        let link = gateway_link(&gw, HOST_IFACE)?;
+        stack.gateway.kill()?;
+        let state = stack.topo.lab.state_dir()?;
+        std::fs::remove_file(state.join("HOST_CHANGES"))?;
+        let ifindex: u32 = exec(&gw, &format!("cat /sys/class/net/{HOST_IFACE}/ifindex"))?
+            .trim()
+            .parse()?;
+        let conf = format!("/proc/sys/net/ipv4/conf/{HOST_IFACE}");
+        let handover = serde_json::json!({
+            "state_dir": state,
+            "sysctls": SYSCTLS.iter().zip(&found)
+                .map(|(key, was)| (format!("{conf}/{key}"), was))
+                .collect::<Vec<_>>(),
+            "next_hops": [[ifindex, ROUTER_GATEWAY_IP, true]],
+            "clsact": null,
+        });
+        stack.gateway = stack.topo.start_gateway_under(
+            &format!("env EGRESS_HANDOVER={handover}"),
+            &bin,
+            Attach::Native,
+            "",
+        )?;
+        let log = stack.gateway.log();
+        ensure!(
+            log.contains("recorded the host changes the previous daemon handed over")
+                && log.contains("took over the native XDP link"),
+            "the handover was not taken:\n{log}"
+        );
+        let taken = gateway_link(&gw, HOST_IFACE)?;
+        ensure!(
+            taken.1 == link.1,
+            "not the same link: {link:?}, then {taken:?}"
+        );
+        stack.gateway.stop();
+        down_leaves_as_found(&stack.topo, &bin, &found, &stack.gateway.log())?;
+        ensure!(
+            !exec(&gw, &format!("ip neigh show dev {HOST_IFACE}"))?.contains("managed"),
+            "the handed-over next hop is still managed"
         );
         Ok(())
     })();
