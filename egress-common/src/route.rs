@@ -45,9 +45,14 @@ impl RouteKey {
     }
 }
 
+/// The routing generation while no daemon watches the host's routes (set
+/// by a daemon that exits and leaves the data path running): no answer is
+/// remembered then, so every packet asks the FIB, which is always current.
+pub const UNWATCHED: u64 = u64::MAX;
+
 /// One slot: a resolved FIB answer for `key`, valid while `generation` is
-/// the current one and for packets of up to `mtu` bytes. An empty slot has
-/// `mtu` 0, which no packet fits.
+/// the current one (and not [`UNWATCHED`]) and for packets of up to `mtu`
+/// bytes. An empty slot has `mtu` 0, which no packet fits.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 pub struct Route {
@@ -64,7 +69,10 @@ impl Route {
     /// Whether this slot answers `key` for a packet of `tot_len` bytes.
     #[inline(always)]
     pub fn answers(&self, key: &RouteKey, generation: u64, tot_len: u16) -> bool {
-        self.key == *key && self.generation == generation && tot_len <= self.mtu
+        self.key == *key
+            && self.generation == generation
+            && generation != UNWATCHED
+            && tot_len <= self.mtu
     }
 }
 
@@ -110,5 +118,16 @@ mod tests {
         assert!(!route.answers(&key([198, 51, 100, 7]), 4, 1500));
         assert!(!route.answers(&key([198, 51, 100, 7]), 3, 1501));
         assert!(!Route::default().answers(&RouteKey::default(), 0, 20));
+    }
+
+    #[test]
+    fn nothing_is_answered_from_memory_while_routes_are_unwatched() {
+        let route = Route {
+            key: key([198, 51, 100, 7]),
+            mtu: 1500,
+            generation: UNWATCHED,
+            ..Default::default()
+        };
+        assert!(!route.answers(&key([198, 51, 100, 7]), UNWATCHED, 1500));
     }
 }

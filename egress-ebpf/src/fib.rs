@@ -5,7 +5,10 @@
 //! (about half its cost), yet its answer only changes when the host's
 //! routes, neighbours, links or addresses do. The daemon bumps
 //! [`ROUTES_GENERATION`](crate::maps::ROUTES_GENERATION) on every such
-//! netlink notification, which retires every remembered answer at once.
+//! netlink notification, which retires every remembered answer at once;
+//! a daemon that exits and leaves the data path running sets it to
+//! [`UNWATCHED`](egress_common::route::UNWATCHED), which no answer is
+//! remembered under: until the next daemon, every packet asks the FIB.
 
 use aya_ebpf::bindings::{
     BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
@@ -78,7 +81,9 @@ pub fn lookup<H: Hook>(
                 return Err(Reason::Internal);
             }
             match code as u32 {
-                BPF_FIB_LKUP_RET_SUCCESS => answer(slot).ok_or(Reason::Internal)?,
+                // Just written there (unless unwatched, the generation
+                // lets the next packets take it too).
+                BPF_FIB_LKUP_RET_SUCCESS => ROUTES.get(slot).ok_or(Reason::Internal)?,
                 BPF_FIB_LKUP_RET_NO_NEIGH => return Ok(NextHop::Unresolved),
                 BPF_FIB_LKUP_RET_BLACKHOLE
                 | BPF_FIB_LKUP_RET_UNREACHABLE

@@ -33,7 +33,7 @@ use egress_common::{
     ip_id::IP_ID_BUCKETS,
     peers::PeerSet,
     reason::Reason,
-    route::ROUTE_SLOTS,
+    route::{self, ROUTE_SLOTS},
 };
 
 use crate::{
@@ -600,9 +600,21 @@ impl Datapath {
     /// Retires every FIB answer the data path remembers: routes, rules,
     /// neighbours, links or addresses changed.
     pub fn routes_changed(&mut self) -> anyhow::Result<()> {
+        self.set_routes_generation(|now| now.wrapping_add(1))
+    }
+
+    /// Stops the data path remembering FIB answers, for as long as no
+    /// daemon hears of route changes: every packet asks the kernel's FIB,
+    /// dearer but never stale (a next hop's new MAC address, say). The
+    /// next daemon's programs start with answers of their own.
+    pub fn routes_unwatched(&mut self) -> anyhow::Result<()> {
+        self.set_routes_generation(|_| route::UNWATCHED)
+    }
+
+    fn set_routes_generation(&mut self, next: impl FnOnce(u64) -> u64) -> anyhow::Result<()> {
         let mut generation: Array<_, u64> =
             Array::try_from(map(&mut self.ebpf, "ROUTES_GENERATION")?)?;
-        let next = generation.get(&0, 0)?.wrapping_add(1);
+        let next = next(generation.get(&0, 0)?);
         generation.set(0, &next, 0)?;
         Ok(())
     }

@@ -135,8 +135,17 @@ impl Gateway {
         }
     }
 
-    /// What the daemon leaves behind when it exits, for its last log line.
-    pub fn left_behind(&self) -> String {
+    /// Readies the data path to run on without a daemon, as the daemon
+    /// exits: nothing then hears of route changes, so it stops remembering
+    /// FIB answers (see `Datapath::routes_unwatched`). Returns what is left
+    /// behind, for the daemon's last log line.
+    pub fn leave(&mut self) -> String {
+        if let Err(e) = self.datapath.routes_unwatched() {
+            tracing::warn!(
+                "{e:#}: the data path goes on using the routes it remembers, which no daemon \
+                 keeps current until the next start"
+            );
+        }
         let dir = self.policy.state_dir.display();
         match &self.attached {
             Some(a) => format!(

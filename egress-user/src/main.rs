@@ -240,7 +240,7 @@ fn run(settings: Settings, mut reset_state: bool, reloaded: bool) -> anyhow::Res
             &notify,
             &mut shutdown,
         ))
-        .inspect_err(|_| tracing::info!("{}", gateway.left_behind()))?;
+        .inspect_err(|_| tracing::info!("{}", gateway.leave()))?;
     if exit == Exit::Reload {
         // Held from here until the new image can handle them (the mask
         // and pending signals survive exec, and no other thread takes
@@ -260,7 +260,7 @@ fn run(settings: Settings, mut reset_state: bool, reloaded: bool) -> anyhow::Res
         let e = reload(&gateway, &exe);
         tracing::error!("reload failed: {e:#}; stopping");
         notify(notify::STOPPING);
-        tracing::info!("{}", gateway.left_behind());
+        tracing::info!("{}", gateway.leave());
         return Err(e);
     }
     notify(notify::STOPPING);
@@ -279,7 +279,7 @@ fn run(settings: Settings, mut reset_state: bool, reloaded: bool) -> anyhow::Res
             );
         }
     }
-    tracing::info!("stopped: {}", gateway.left_behind());
+    tracing::info!("stopped: {}", gateway.leave());
     Ok(())
 }
 

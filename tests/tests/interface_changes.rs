@@ -330,20 +330,38 @@ fn follows_a_new_mac_address_of_its_next_hop() -> Result<()> {
     require_root()?;
     let egress = egress_bin()?;
     let mut stack = stack(&egress, Attach::Native)?;
+    let result = across(&mut stack, &egress, new_next_hop_mac);
+    stack.topo.lab.keep_logs_on_err(result)
+}
+
+/// As [`follows_a_new_mac_address_of_its_next_hop`], the daemon stopped
+/// first (its data path left attached): with no daemon to hear of the
+/// change, the data path must answer from the FIB, not from the next hops
+/// it remembered.
+#[test]
+fn follows_a_new_mac_address_of_its_next_hop_while_no_daemon_runs() -> Result<()> {
+    require_root()?;
+    let egress = egress_bin()?;
+    let mut stack = stack(&egress, Attach::Native)?;
     let result = across(&mut stack, &egress, |stack| {
-        exec(
-            &stack.topo.router,
-            &format!("ip link set dev {ROUTER_GATEWAY_IFACE} address {NEW_ROUTER_MAC}"),
-        )?;
-        exec(
-            &stack.topo.gateway,
-            &format!(
-                "ip neigh replace {ROUTER_GATEWAY_IP} lladdr {NEW_ROUTER_MAC} dev {HOST_IFACE}"
-            ),
-        )?;
-        Ok(())
+        stack.gateway.stop();
+        new_next_hop_mac(stack)
     });
     stack.topo.lab.keep_logs_on_err(result)
+}
+
+/// Gives the router's interface toward the gateway a new MAC address, and
+/// teaches it to the gateway's neighbour entry.
+fn new_next_hop_mac(stack: &mut Stack) -> Result<()> {
+    exec(
+        &stack.topo.router,
+        &format!("ip link set dev {ROUTER_GATEWAY_IFACE} address {NEW_ROUTER_MAC}"),
+    )?;
+    exec(
+        &stack.topo.gateway,
+        &format!("ip neigh replace {ROUTER_GATEWAY_IP} lladdr {NEW_ROUTER_MAC} dev {HOST_IFACE}"),
+    )?;
+    Ok(())
 }
 
 /// The gateway's neighbour entry for the router, with its flags.
