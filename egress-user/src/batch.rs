@@ -1,8 +1,8 @@
-//! Whole-map reads and bulk deletes with the kernel's batch commands
-//! (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_DELETE_BATCH`, Linux 5.6), which aya
-//! does not wrap: a sweep of a million flows costs a few hundred system
-//! calls instead of several million, a read of the flow cache one instead
-//! of a thousand.
+//! Whole-map reads, bulk inserts and bulk deletes with the kernel's batch
+//! commands (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_UPDATE_BATCH`,
+//! `BPF_MAP_DELETE_BATCH`, Linux 5.6), which aya does not wrap: a sweep of
+//! a million flows costs a few hundred system calls instead of several
+//! million, a read of the flow cache one instead of a thousand.
 
 use std::{
     borrow::Borrow,
@@ -18,6 +18,7 @@ use aya::{
 };
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 /// Entries per system call.
 pub const CHUNK: usize = 4096;
@@ -144,6 +145,23 @@ fn lookups<K: Pod, V: Pod>(
         let n = a.count as usize;
         Some(Ok((keys[..n].to_vec(), values[..n * per_key].to_vec())))
     })
+}
+
+/// Puts `entries` in `map` (replacing those there), [`CHUNK`] per call;
+/// stops at the first that does not go in (`E2BIG`: the map is full).
+pub fn insert<T: Borrow<MapData>, K: Pod, V: Pod>(
+    map: &HashMap<T, K, V>,
+    entries: &[(K, V)],
+) -> io::Result<()> {
+    for chunk in entries.chunks(CHUNK) {
+        let (keys, values): (Vec<K>, Vec<V>) = chunk.iter().copied().unzip();
+        let mut a = attr(map.map());
+        a.keys = keys.as_ptr() as u64;
+        a.values = values.as_ptr() as u64;
+        a.count = chunk.len() as u32;
+        bpf(BPF_MAP_UPDATE_BATCH, &mut a)?;
+    }
+    Ok(())
 }
 
 /// Deletes `keys` from `map`, in order; keys already gone are skipped.

@@ -406,6 +406,8 @@ fn state_dir(r: &mut Report, dir: &Path, facts: &Facts) {
     };
     if let Some((what, fix)) = fit.refusal(dir) {
         r.problem(what, fix);
+    } else if let Some(resize) = fit.resize.describe(dir) {
+        r.info(resize);
     } else if facts.state_present {
         r.ok(format!(
             "connection state of an earlier run in {}: the gateway resumes it",
@@ -634,7 +636,7 @@ fn routes(r: &mut Report, s: &Settings, facts: &Facts) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::settings::for_test as settings;
+    use crate::{resize, settings::for_test as settings};
 
     fn route() -> Option<Route> {
         Some(Route {
@@ -786,8 +788,51 @@ mod tests {
         state_fit::Fit {
             unfit: vec!["FLOWS: max_entries is 4096, expected 2097152".into()],
             made_with: Some(2048),
-            missing: Vec::new(),
+            ..Default::default()
         }
+    }
+
+    /// The state a gateway with `max-flows` 2048 pinned, holding `flows`
+    /// flows, judged for `max_flows`.
+    fn resized(flows: u32, max_flows: u32) -> state_fit::Fit {
+        let pinned = resize::sizes(2048).map(|(name, max_entries)| resize::Pinned {
+            name,
+            max_entries,
+            entries: flows * resize::per_flow(name).unwrap_or(1),
+        });
+        state_fit::Fit {
+            resize: resize::plan(&pinned, max_flows),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_resize_is_information_and_a_shrink_below_the_flows_a_problem() {
+        let mut facts = good();
+        facts.state_present = true;
+        facts.state_fit = Ok(resized(3, 4096));
+        let report = judge(&settings(""), &facts);
+        assert!(
+            at(&report, Level::Problem).is_empty() && at(&report, Level::Warning).is_empty(),
+            "{}",
+            report.render()
+        );
+        let info = at(&report, Level::Info);
+        assert!(
+            info.len() == 1
+                && info[0].contains("was made with max-flows 2048: a start resizes it to max-flows 4096, copying its 3 flows"),
+            "{info:?}"
+        );
+        assert!(report.render().contains("\ninfo     the connection state"));
+
+        facts.state_fit = Ok(resized(300, 100));
+        let problems = at(&judge(&settings(""), &facts), Level::Problem);
+        assert!(
+            problems.len() == 1
+                && problems[0].contains("holds 300 flows, more than max-flows 100 holds")
+                && problems[0].contains("run with max-flows 300 or more"),
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -40,6 +40,7 @@ use crate::{
     admission::Admission,
     clsact::{self, ClsactRecord},
     inspect, links, netif, pinning, reorder,
+    resize::{self, Pending},
     settings::{AttachMode, PortRange},
     state_fit, upgrade,
 };
@@ -139,6 +140,8 @@ pub struct Datapath {
     /// stays by itself), with whether a gateway added its qdisc.
     link: Option<HeldLink>,
     clsact: Option<ClsactRecord>,
+    /// A resize of the connection state, until the old maps are caught up.
+    resized: Option<Pending>,
 }
 
 /// A link pinned at `path`, held open twice: pinning takes a handle and
@@ -184,6 +187,7 @@ impl Datapath {
                 "the connection state lacks maps (removed by hand?): made anew, empty"
             );
         }
+        let resized = resize::apply(&policy.state_dir, &fit.resize)?;
         let config = policy.config();
         let mut loader = EbpfLoader::new();
         for (name, entries) in map_sizes(policy.max_flows)? {
@@ -246,6 +250,7 @@ impl Datapath {
             ebpf,
             link: None,
             clsact: None,
+            resized,
         };
         datapath
             .xdp()?
@@ -255,7 +260,20 @@ impl Datapath {
             .tc()?
             .load()
             .context("the kernel verifier rejected the TC program")?;
+        // What the previous data path made while these were verified.
+        if let Some(resized) = &mut datapath.resized {
+            resized.catch_up("before the attach");
+        }
         Ok(datapath)
+    }
+
+    /// Finishes a resize of the connection state once this data path is
+    /// attached (see `resize`): copies what the previous one made on the
+    /// old maps until this one took its place, then lets them go.
+    pub fn finish_resize(&mut self) {
+        if let Some(resized) = self.resized.take() {
+            resized.finish();
+        }
     }
 
     /// Attaches to `iface` (index `ifindex`) as `mode` asks, pinning the
@@ -760,14 +778,12 @@ impl State {
 /// The sizes the loader gives the maps whose size the settings or the
 /// host decide (the object's are placeholders).
 pub fn map_sizes(max_flows: u32) -> anyhow::Result<[(&'static str, u32); 5]> {
-    // Two entries per flow (outbound and return half), and at most one
-    // mapping (two entries) per flow.
-    let entries = max_flows.saturating_mul(2);
+    let [flows, mappings, clients] = resize::sizes(max_flows);
     let cpus = cpu_numbers()?;
     Ok([
-        ("FLOWS", entries),
-        ("MAPPINGS", entries),
-        ("CLIENT_FLOWS", max_flows),
+        flows,
+        mappings,
+        clients,
         // The caches the data path keeps per CPU, a block of slots for
         // each CPU number (see the data path's `maps::this_cpus`).
         ("FLOW_CACHE", CACHE_SLOTS * cpus),

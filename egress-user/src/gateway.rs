@@ -96,6 +96,7 @@ impl Gateway {
             state_lock,
         };
         let hook = gateway.attach(&iface)?;
+        gateway.datapath.finish_resize();
         gateway.manage_next_hops();
         let policy = &gateway.policy;
         tracing::info!(

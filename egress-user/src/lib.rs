@@ -23,6 +23,7 @@ pub mod netlink;
 pub mod notify;
 pub mod pinning;
 pub mod reorder;
+pub mod resize;
 pub mod settings;
 pub mod state_fit;
 pub mod sweeper;

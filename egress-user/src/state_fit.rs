@@ -1,9 +1,11 @@
 //! Whether the connection state pinned in a state directory fits the data
 //! path this binary loads with given settings. The loader refuses a pinned
-//! map of another size (made with another `max-flows`) or layout (another
-//! version's); judged here without loading anything, `egress check` and a
-//! reload find out first, so a reload never hands a running gateway over
-//! to an image that cannot start.
+//! map of another size or layout (another version's); a start resizes the
+//! maps sized from `max-flows` when their size is all that differs (see
+//! `resize`), unless they hold more than the new size does. Judged here
+//! without loading anything, `egress check` and a reload find out first,
+//! so a reload never hands a running gateway over to an image that cannot
+//! start.
 
 use std::{io, path::Path};
 
@@ -15,7 +17,7 @@ use aya_obj::{
     maps::PinningType,
 };
 
-use crate::{datapath, pinning, upgrade};
+use crate::{datapath, pinning, resize, upgrade};
 
 /// What a state directory holds, judged against this binary's data path.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -29,6 +31,9 @@ pub struct Fit {
     /// Connection-state maps missing beside others that are there (removed
     /// by hand): a start makes them anew, empty.
     pub missing: Vec<&'static str>,
+    /// What a start does with the maps sized from `max-flows` (when
+    /// nothing else differs).
+    pub resize: resize::Plan,
 }
 
 impl Fit {
@@ -36,7 +41,7 @@ impl Fit {
     /// about it, if it could not.
     pub fn refusal(&self, dir: &Path) -> Option<(String, String)> {
         if self.unfit.is_empty() {
-            return None;
+            return self.resize.refusal(dir);
         }
         let (what, fix) = unfit(dir, self.made_with);
         Some((format!("{what}: {}", self.unfit.join("; ")), fix))
@@ -52,6 +57,10 @@ pub fn judge(dir: &Path, max_flows: u32) -> anyhow::Result<Fit> {
     // Whether only sizes differ, and the pinned flow table's size (twice
     // the `max-flows` it was made with).
     let (mut sizes_only, mut flows) = (true, None);
+    // The maps sized from `max-flows` whose size alone differs, and
+    // whether nothing else does: then a start resizes them.
+    let (mut resizable, mut only_resizable) = (Vec::new(), true);
+    let mut unfit = Vec::new();
     let mut pinned_maps: Vec<_> = object
         .maps
         .iter()
@@ -92,6 +101,7 @@ pub fn judge(dir: &Path, max_flows: u32) -> anyhow::Result<Fit> {
             _ => map.value_size(),
         };
         let access = BPF_F_RDONLY | BPF_F_WRONLY;
+        let mut differs = Vec::new();
         for (property, expected, actual) in [
             ("map_type", map.map_type(), map_type as u32),
             ("key_size", map.key_size(), info.key_size()),
@@ -105,14 +115,39 @@ pub fn judge(dir: &Path, max_flows: u32) -> anyhow::Result<Fit> {
         ] {
             if expected != actual {
                 sizes_only &= property == "max_entries";
-                fit.unfit.push(format!(
+                differs.push(property);
+                unfit.push(format!(
                     "{name}: {property} is {actual}, expected {expected}"
                 ));
             }
         }
+        match differs[..] {
+            [] => {}
+            ["max_entries"] if resize::per_flow(name).is_some() => {
+                resizable.push((name.as_str(), info.max_entries(), pinned));
+            }
+            _ => only_resizable = false,
+        }
     }
-    if sizes_only && !fit.unfit.is_empty() {
-        fit.made_with = flows.map(|entries| entries / 2).filter(|&n| n != max_flows);
+    if only_resizable {
+        let mut counted = Vec::new();
+        for (name, max_entries, data) in resizable {
+            let (name, _) = *resize::SIZED
+                .iter()
+                .find(|(n, _)| *n == name)
+                .context("a map sized from max-flows")?;
+            counted.push(resize::Pinned {
+                name,
+                max_entries,
+                entries: resize::count(name, data)?,
+            });
+        }
+        fit.resize = resize::plan(&counted, max_flows);
+    } else {
+        fit.unfit = unfit;
+        if sizes_only {
+            fit.made_with = flows.map(|entries| entries / 2).filter(|&n| n != max_flows);
+        }
     }
     if present {
         fit.missing = pinning::ALWAYS_PINNED

@@ -1,0 +1,871 @@
+//! Connection state pinned with another `max-flows` than the one
+//! configured, brought to the configured size at start (or on a reload's
+//! new image), so that a change of `max-flows` keeps every flow.
+//!
+//! The maps sized from `max-flows` (flows, mappings, per-client counts)
+//! are made anew with the configured size, the same type and flags, and
+//! every entry is copied over in bulk. Then they take the old ones' pins,
+//! where the loader picks them up. A previous data path may still run on
+//! the old maps until the new programs take its place (a reload's, or one
+//! left attached): what it adds meanwhile is copied after the copy
+//! ([`Pending::catch_up`]) and once more after the attach
+//! ([`Pending::finish`]), which then lets the old maps go.
+//!
+//! Against a crash part way, the pins change in steps that each leave a
+//! state the next start can finish: the new maps are pinned under
+//! temporary names (`resize-new-NAME`), the old ones a second time
+//! (`resize-old-NAME-ID`), and `rename(2)` moves each new pin over the old
+//! one. At the next start a `resize-new-` pin (never moved) goes, and so
+//! does a `resize-old-` pin of the map still pinned as `NAME` (not
+//! replaced); one of a replaced map is an old map whose entries are
+//! caught up, as above. (Dots, which bpffs reserves, are left out.)
+
+use std::{
+    collections::HashSet,
+    fmt::Write as _,
+    fs,
+    hash::Hash,
+    io,
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use anyhow::Context as _;
+use aya::{
+    Pod,
+    maps::{HashMap, IterableMap as _, Map, MapData, MapError},
+};
+use aya_obj::generated::{BPF_F_RDONLY, BPF_F_WRONLY};
+use egress_common::flow::{DIR_IN, Flow, FlowKey, Mapping, PortKey};
+
+use crate::batch;
+
+/// `BPF_NOEXIST`: insert only a key that is not there.
+const BPF_NOEXIST: u64 = 1;
+/// Pin names of a resize under way (see the module's docs).
+const NEW_PIN: &str = "resize-new-";
+const OLD_PIN: &str = "resize-old-";
+/// Kernel memory of the state maps per flow of `max-flows` (about 480 MiB
+/// per million, see the README's benchmarks).
+const BYTES_PER_FLOW: u64 = 480 * 1024 * 1024 / 1_000_000;
+
+/// The maps sized from `max-flows`, with their entries per flow (a flow's
+/// two halves, its mapping's two entries, at most one client count), in
+/// the order the connection state is told of.
+pub const SIZED: [(&str, u32); 3] = [
+    (Flows::NAME, Flows::PER_FLOW),
+    (Mappings::NAME, Mappings::PER_FLOW),
+    (Clients::NAME, Clients::PER_FLOW),
+];
+
+/// The size of each map sized from `max_flows`.
+pub fn sizes(max_flows: u32) -> [(&'static str, u32); 3] {
+    SIZED.map(|(name, per_flow)| (name, max_flows.saturating_mul(per_flow)))
+}
+
+/// Entries per flow of the map `name`, if it is sized from `max-flows`.
+pub fn per_flow(name: &str) -> Option<u32> {
+    SIZED.iter().find(|(n, _)| *n == name).map(|&(_, p)| p)
+}
+
+/// A map sized from `max-flows`, as pinned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pinned {
+    pub name: &'static str,
+    pub max_entries: u32,
+    /// Entries in it.
+    pub entries: u32,
+}
+
+/// A map to make anew.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub name: &'static str,
+    /// Its size now, and the configured one.
+    pub from: u32,
+    pub to: u32,
+    /// Entries to copy.
+    pub entries: u32,
+}
+
+/// What a start does with the maps sized from `max-flows`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Plan {
+    /// They have the configured size.
+    #[default]
+    Keep,
+    /// They are made anew with the configured size, every entry copied.
+    Resize {
+        /// The `max-flows` they were made with.
+        made_with: u32,
+        max_flows: u32,
+        maps: Vec<Change>,
+    },
+    /// Refused: they hold more than the configured size does.
+    TooSmall {
+        made_with: u32,
+        max_flows: u32,
+        /// The flows in the state.
+        flows: u32,
+        /// The smallest `max-flows` that holds the state.
+        smallest: u32,
+    },
+}
+
+/// What to do with `pinned` (the maps sized from `max-flows`, in the order
+/// of [`SIZED`]) for `max_flows`.
+pub fn plan(pinned: &[Pinned], max_flows: u32) -> Plan {
+    let per = |name| per_flow(name).unwrap_or(1);
+    let maps: Vec<Change> = pinned
+        .iter()
+        .map(|p| Change {
+            name: p.name,
+            from: p.max_entries,
+            to: max_flows.saturating_mul(per(p.name)),
+            entries: p.entries,
+        })
+        .filter(|c| c.from != c.to)
+        .collect();
+    let Some(first) = maps.first() else {
+        return Plan::Keep;
+    };
+    let made_with = first.from / per(first.name);
+    if maps.iter().all(|c| c.entries <= c.to) {
+        return Plan::Resize {
+            made_with,
+            max_flows,
+            maps,
+        };
+    }
+    let holds = |c: &Change| c.entries.div_ceil(per(c.name));
+    let smallest = maps.iter().map(holds).max().unwrap_or(1).max(1);
+    Plan::TooSmall {
+        made_with,
+        max_flows,
+        flows: maps
+            .iter()
+            .find(|c| c.name == Flows::NAME)
+            .map_or(smallest, holds),
+        smallest,
+    }
+}
+
+impl Plan {
+    /// Why a start refuses the state in `dir`, and what to do, if it does.
+    pub fn refusal(&self, dir: &Path) -> Option<(String, String)> {
+        let &Plan::TooSmall {
+            made_with,
+            max_flows,
+            flows,
+            smallest,
+        } = self
+        else {
+            return None;
+        };
+        Some((
+            format!(
+                "the connection state in {} holds {flows} flows, more than max-flows \
+                 {max_flows} holds (it was made with max-flows {made_with}): nothing was changed",
+                dir.display()
+            ),
+            format!(
+                "run with max-flows {smallest} or more (the smallest that holds them; the \
+                 state is resized to it), or start over with --reset-state (live connections \
+                 through the gateway will break)"
+            ),
+        ))
+    }
+
+    /// What a start does to the state in `dir`, if it resizes it.
+    pub fn describe(&self, dir: &Path) -> Option<String> {
+        let Plan::Resize {
+            made_with,
+            max_flows,
+            maps,
+        } = self
+        else {
+            return None;
+        };
+        let entries: u64 = maps.iter().map(|c| u64::from(c.entries)).sum();
+        let flows = maps
+            .iter()
+            .find(|c| c.name == Flows::NAME)
+            .map_or(0, |c| c.entries.div_ceil(Flows::PER_FLOW));
+        let mib = (u64::from(*max_flows) * BYTES_PER_FLOW).div_ceil(1024 * 1024);
+        Some(format!(
+            "the connection state in {} was made with max-flows {made_with}: a start resizes \
+             it to max-flows {max_flows}, copying its {flows} flows ({entries} entries: {}); \
+             the old and the new tables both exist during the copy (the new about {mib} MiB)",
+            dir.display(),
+            tally(maps.iter().map(|c| (c.name, u64::from(c.entries))))
+        ))
+    }
+}
+
+/// `NAME n, NAME n, …`.
+fn tally(counts: impl Iterator<Item = (&'static str, u64)>) -> String {
+    let mut out = String::new();
+    for (name, n) in counts {
+        let sep = if out.is_empty() { "" } else { ", " };
+        let _ = write!(out, "{sep}{name} {n}");
+    }
+    out
+}
+
+/// The entries in the map `data` pinned as `name` (one of [`SIZED`]).
+pub fn count(name: &str, data: MapData) -> anyhow::Result<u32> {
+    let context = || format!("cannot count the entries of {name}");
+    let entries = match name {
+        Flows::NAME => entries::<Flows>(data),
+        Mappings::NAME => entries::<Mappings>(data),
+        Clients::NAME => entries::<Clients>(data),
+        _ => anyhow::bail!("{name} is not sized from max-flows"),
+    };
+    entries.with_context(context)
+}
+
+fn entries<L: Layout>(data: MapData) -> anyhow::Result<u32> {
+    let map = L::open(data)?;
+    Ok(batch::batches(&map).try_fold(0, |n, b| b.map(|b| n + b.len() as u32))?)
+}
+
+/// How the entries of a map sized from `max-flows` go in.
+trait Layout: 'static {
+    const NAME: &'static str;
+    const PER_FLOW: u32;
+    type K: Pod + Eq + Hash;
+    type V: Pod;
+
+    /// Whether the entry under `key` goes in only after its twin, and
+    /// only if the twin is its own: a flow's outbound half after its
+    /// return half, a client's mapping after its port's reservation, as
+    /// the data path inserts them (its `state::create`).
+    fn second(_key: &Self::K) -> bool {
+        false
+    }
+
+    /// Whether the twin of (`key`, `value`) in `map` is its own.
+    fn twin_is_ours(_map: &Table<Self>, _key: &Self::K, _value: &Self::V) -> bool {
+        true
+    }
+
+    fn open(data: MapData) -> Result<Table<Self>, MapError> {
+        HashMap::try_from(Map::from_map_data(data)?)
+    }
+}
+
+type Table<L> = HashMap<MapData, <L as Layout>::K, <L as Layout>::V>;
+
+struct Flows;
+struct Mappings;
+struct Clients;
+
+impl Layout for Flows {
+    const NAME: &'static str = "FLOWS";
+    const PER_FLOW: u32 = 2;
+    type K = FlowKey;
+    type V = Flow;
+
+    fn second(key: &FlowKey) -> bool {
+        key.dir != DIR_IN
+    }
+
+    fn twin_is_ours(map: &Table<Self>, _: &FlowKey, out: &Flow) -> bool {
+        let ends = |f: &Flow| (f.client_addr, f.client_port, f.nat_addr, f.nat_port);
+        map.get(&out.in_key(), 0)
+            .is_ok_and(|inb| ends(&inb) == ends(out))
+    }
+}
+
+impl Layout for Mappings {
+    const NAME: &'static str = "MAPPINGS";
+    const PER_FLOW: u32 = 2;
+    type K = PortKey;
+    type V = Mapping;
+
+    fn second(key: &PortKey) -> bool {
+        key.dir != DIR_IN
+    }
+
+    fn twin_is_ours(map: &Table<Self>, client: &PortKey, nat: &Mapping) -> bool {
+        let reservation = PortKey {
+            addr: nat.addr,
+            port: nat.port,
+            proto: client.proto,
+            dir: DIR_IN,
+        };
+        map.get(&reservation, 0)
+            .is_ok_and(|m| (m.addr, m.port) == (client.addr, client.port))
+    }
+}
+
+impl Layout for Clients {
+    const NAME: &'static str = "CLIENT_FLOWS";
+    const PER_FLOW: u32 = 1;
+    type K = [u8; 4];
+    type V = u64;
+}
+
+/// A resize's work left for after the copy: entries the old maps gain
+/// until the previous data path stops using them.
+pub struct Pending {
+    maps: Vec<Box<dyn CatchUp>>,
+}
+
+/// Counts of one catch-up.
+#[derive(Default)]
+struct Caught {
+    /// Copied into the new map.
+    copied: u64,
+    /// Not copied: the new data path made them meanwhile, or they are
+    /// second halves whose twin in the new map is another's.
+    skipped: u64,
+    /// Not copied: the new map is full.
+    full: u64,
+}
+
+/// A map sized from `max-flows` with old maps to catch up from.
+trait CatchUp {
+    fn name(&self) -> &'static str;
+    fn catch_up(&mut self) -> anyhow::Result<Caught>;
+    /// Lets the old maps go: their pins are removed.
+    fn release(&mut self) -> anyhow::Result<()>;
+}
+
+/// An old map, pinned at `pin` until its entries are caught up.
+struct Source<L: Layout> {
+    map: Table<L>,
+    pin: PathBuf,
+}
+
+/// The map pinned as `L::NAME` and the old maps it takes entries from.
+struct Resized<L: Layout> {
+    map: Table<L>,
+    sources: Vec<Source<L>>,
+    /// Keys `map` is known to hold, so a catch-up reads the old maps
+    /// alone; read from `map` at the first catch-up if not known.
+    known: Option<HashSet<L::K>>,
+}
+
+impl<L: Layout> CatchUp for Resized<L> {
+    fn name(&self) -> &'static str {
+        L::NAME
+    }
+
+    fn catch_up(&mut self) -> anyhow::Result<Caught> {
+        let known = match &mut self.known {
+            Some(known) => known,
+            None => self.known.insert(
+                batch::dump(&self.map)?
+                    .into_iter()
+                    .map(|(k, _)| k)
+                    .collect(),
+            ),
+        };
+        let mut missing = Vec::new();
+        for source in &self.sources {
+            for entries in batch::batches(&source.map) {
+                missing.extend(entries?.into_iter().filter(|(k, _)| !known.contains(k)));
+            }
+        }
+        // Return halves and reservations first (a stable sort).
+        missing.sort_by_key(|(k, _)| L::second(k));
+        let mut caught = Caught::default();
+        for (key, value) in missing {
+            if L::second(&key) && !L::twin_is_ours(&self.map, &key, &value) {
+                caught.skipped += 1;
+                continue;
+            }
+            match self.map.insert(&key, &value, BPF_NOEXIST) {
+                Ok(()) => caught.copied += 1,
+                Err(MapError::SyscallError(e)) => match e.io_error.raw_os_error() {
+                    Some(libc::EEXIST) => caught.skipped += 1,
+                    Some(libc::E2BIG) => {
+                        caught.full += 1;
+                        continue;
+                    }
+                    _ => return Err(e.into()),
+                },
+                Err(e) => return Err(e.into()),
+            }
+            known.insert(key);
+        }
+        Ok(caught)
+    }
+
+    fn release(&mut self) -> anyhow::Result<()> {
+        for source in self.sources.drain(..) {
+            unpin(&source.pin)?;
+        }
+        Ok(())
+    }
+}
+
+impl Pending {
+    /// Copies into the new maps what the old ones gained since the last
+    /// copy (`when`: at what point, for the log).
+    pub fn catch_up(&mut self, when: &str) {
+        let started = Instant::now();
+        let (mut copied, mut full, mut failed) = (Vec::new(), 0, false);
+        for map in &mut self.maps {
+            match map.catch_up() {
+                Ok(c) => {
+                    copied.push((map.name(), c.copied));
+                    full += c.full;
+                    tracing::debug!(
+                        map = map.name(),
+                        copied = c.copied,
+                        skipped = c.skipped,
+                        full = c.full,
+                        "caught up"
+                    );
+                }
+                Err(e) => {
+                    failed = true;
+                    tracing::warn!(
+                        "{e:#}: cannot copy the entries the previous data path made in {} \
+                         since the copy ({when}): its connections made meanwhile may break",
+                        map.name()
+                    );
+                }
+            }
+        }
+        let total: u64 = copied.iter().map(|&(_, n)| n).sum();
+        let ms = started.elapsed().as_millis();
+        if full > 0 {
+            tracing::warn!(
+                entries = full,
+                "the resized connection state is full: entries the previous data path made \
+                 since the copy ({when}) do not fit, and their connections break"
+            );
+        }
+        if !failed {
+            tracing::info!(
+                entries = total,
+                ms,
+                "caught up the resized connection state {when}: copied what the previous data \
+                 path made since ({})",
+                tally(copied.into_iter())
+            );
+        }
+    }
+
+    /// The last catch-up, once the new programs have taken the previous
+    /// ones' place: then the old maps go (their memory with them, once no
+    /// program uses them).
+    pub fn finish(mut self) {
+        self.catch_up("after the attach");
+        for map in &mut self.maps {
+            if let Err(e) = map.release() {
+                tracing::warn!(
+                    "{e:#}: the old {} map stays pinned, holding its memory, until the next start",
+                    map.name()
+                );
+            }
+        }
+    }
+}
+
+/// Brings the state in `dir` to `plan`, and takes up an interrupted
+/// resize's old maps (see the module's docs). Returns the catch-ups left
+/// for after the copy, if any.
+pub fn apply(dir: &Path, plan: &Plan) -> anyhow::Result<Option<Pending>> {
+    let mut leftovers = tidy(dir)?;
+    let changes = match plan {
+        Plan::Resize { maps, .. } => maps.as_slice(),
+        _ => &[],
+    };
+    if changes.is_empty() && leftovers.is_empty() {
+        return Ok(None);
+    }
+    let started = Instant::now();
+    let mut maps = Vec::new();
+    for (name, _) in SIZED {
+        let change = changes.iter().find(|c| c.name == name);
+        let old = leftovers
+            .extract_if(.., |(n, _)| *n == name)
+            .map(|(_, p)| p);
+        let made = match name {
+            Flows::NAME => resized::<Flows>(dir, change, old),
+            Mappings::NAME => resized::<Mappings>(dir, change, old),
+            _ => resized::<Clients>(dir, change, old),
+        };
+        match made {
+            Ok(Some(map)) => maps.push(map),
+            Ok(None) => {}
+            Err(e) => {
+                // None replaced yet: as before.
+                if let Err(e) = tidy(dir) {
+                    tracing::warn!("{e:#}");
+                }
+                return Err(e);
+            }
+        }
+    }
+    // The step that counts: each map replaced at once.
+    for c in changes {
+        let (new, pin) = (dir.join(format!("{NEW_PIN}{}", c.name)), dir.join(c.name));
+        fs::rename(&new, &pin).with_context(|| {
+            format!(
+                "cannot pin the resized {} in place of the old one ({} -> {}); the next \
+                 start finishes the resize",
+                c.name,
+                new.display(),
+                pin.display()
+            )
+        })?;
+    }
+    if let Plan::Resize {
+        made_with,
+        max_flows,
+        maps: changes,
+    } = plan
+    {
+        let sizes: Vec<String> = changes
+            .iter()
+            .map(|c| format!("{} {} -> {}", c.name, c.from, c.to))
+            .collect();
+        tracing::info!(
+            dir = %dir.display(),
+            entries = changes.iter().map(|c| u64::from(c.entries)).sum::<u64>(),
+            ms = started.elapsed().as_millis(),
+            "resized the connection state from max-flows {made_with} to {max_flows} \
+             ({}), every entry copied ({}); what the previous data path makes until the new \
+             one takes its place is copied after",
+            sizes.join(", "),
+            tally(changes.iter().map(|c| (c.name, u64::from(c.entries)))),
+        );
+    }
+    Ok(Some(Pending { maps }))
+}
+
+/// The map `L::NAME` in `dir` made anew as `change` says (every entry
+/// copied, pinned as `resize-new-NAME`, the old one also as
+/// `resize-old-NAME-ID`), with `old` maps of earlier resizes to catch up
+/// from; `None` if there is nothing to do.
+fn resized<L: Layout>(
+    dir: &Path,
+    change: Option<&Change>,
+    old: impl Iterator<Item = PathBuf>,
+) -> anyhow::Result<Option<Box<dyn CatchUp>>> {
+    let mut sources = old
+        .map(|pin| {
+            let map = L::open(MapData::from_pin(&pin)?)?;
+            Ok(Source { map, pin })
+        })
+        .collect::<Result<Vec<_>, MapError>>()
+        .with_context(|| format!("cannot open an old {} map", L::NAME))?;
+    let pin = dir.join(L::NAME);
+    let Some(change) = change else {
+        if sources.is_empty() {
+            return Ok(None);
+        }
+        let map = L::open(MapData::from_pin(&pin)?)?;
+        return Ok(Some(Box::new(Resized::<L> {
+            map,
+            sources,
+            known: None,
+        })));
+    };
+    let context = || format!("cannot resize {}", pin.display());
+    let old = MapData::from_pin(&pin).with_context(context)?;
+    let info = old.info().with_context(context)?;
+    let params = aya_obj::Map::new_from_params(
+        info.map_type().with_context(context)? as u32,
+        info.key_size(),
+        info.value_size(),
+        change.to,
+        info.map_flags() & !(BPF_F_RDONLY | BPF_F_WRONLY),
+    );
+    let new = MapData::create(params, L::NAME, None).map_err(|e| match e {
+        MapError::CreateError { io_error, .. }
+            if matches!(io_error.raw_os_error(), Some(libc::ENOMEM | libc::E2BIG)) =>
+        {
+            anyhow::anyhow!(
+                "cannot create {} anew with {} entries: {io_error}: during the copy the old \
+                 and the new tables both take kernel memory (about 480 MiB per million \
+                 flows); lower --max-flows",
+                L::NAME,
+                change.to
+            )
+        }
+        e => anyhow::Error::new(e).context(context()),
+    })?;
+    let (old, new) = (L::open(old)?, L::open(new)?);
+    let mut known = HashSet::new();
+    for entries in batch::batches(&old) {
+        let entries = entries.with_context(context)?;
+        batch::insert(&new, &entries).map_err(|e| match e.raw_os_error() {
+            Some(libc::E2BIG) => anyhow::anyhow!(
+                "{} gained entries past {} while being resized (the data path runs on): \
+                 nothing was changed; give a larger max-flows",
+                L::NAME,
+                change.to
+            ),
+            _ => anyhow::Error::new(e).context(context()),
+        })?;
+        known.extend(entries.into_iter().map(|(k, _)| k));
+    }
+    let old_pin = dir.join(format!("{OLD_PIN}{}-{}", L::NAME, info.id()));
+    new.map()
+        .pin(dir.join(format!("{NEW_PIN}{}", L::NAME)))
+        .with_context(context)?;
+    old.map().pin(&old_pin).with_context(context)?;
+    sources.push(Source {
+        map: old,
+        pin: old_pin,
+    });
+    Ok(Some(Box::new(Resized::<L> {
+        map: new,
+        sources,
+        known: Some(known),
+    })))
+}
+
+/// A pin of a resize left in a state directory.
+#[derive(Debug, PartialEq, Eq)]
+enum Leftover<'a> {
+    /// A new map never put in place.
+    New,
+    /// An old map of `name`.
+    Old { name: &'a str },
+}
+
+fn leftover(pin: &str) -> Option<Leftover<'_>> {
+    if pin.strip_prefix(NEW_PIN).is_some() {
+        return Some(Leftover::New);
+    }
+    let (name, id) = pin.strip_prefix(OLD_PIN)?.rsplit_once('-')?;
+    id.parse::<u32>().ok()?;
+    Some(Leftover::Old { name })
+}
+
+/// Removes the pins of an interrupted resize that changed nothing (see
+/// the module's docs); returns those of old maps a resize replaced, whose
+/// entries are to be caught up, by map name.
+fn tidy(dir: &Path) -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
+    let listed = match fs::read_dir(dir) {
+        Ok(listed) => listed,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
+    };
+    let mut old = Vec::new();
+    for entry in listed {
+        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+        let pin = entry.path();
+        let file_name = entry.file_name();
+        let Some(found) = file_name.to_str().and_then(leftover) else {
+            continue;
+        };
+        let sized = match found {
+            Leftover::New => None,
+            Leftover::Old { name } => SIZED.iter().find(|(n, _)| *n == name),
+        };
+        let replaced = match sized {
+            Some(&(name, _)) => replaced(dir, name, &pin)?.then_some(name),
+            None => None,
+        };
+        match replaced {
+            Some(name) => old.push((name, pin)),
+            None => {
+                unpin(&pin)?;
+                tracing::info!(pin = %pin.display(), "removed a pin an interrupted resize left");
+            }
+        }
+    }
+    if !old.is_empty() {
+        tracing::warn!(
+            dir = %dir.display(),
+            old = ?old.iter().map(|(_, p)| p.display().to_string()).collect::<Vec<_>>(),
+            "a resize of the connection state was interrupted after its maps were replaced: \
+             what the old maps hold beyond the new ones is copied"
+        );
+    }
+    Ok(old)
+}
+
+/// Whether the old map pinned at `old` was replaced by the one pinned as
+/// `name` in `dir`, of the same layout (and not removed: `--reset-state`).
+fn replaced(dir: &Path, name: &str, old: &Path) -> anyhow::Result<bool> {
+    let current = match MapData::from_pin(dir.join(name)) {
+        Ok(current) => current.info()?,
+        Err(MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
+            return Ok(false);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let old = MapData::from_pin(old)?.info()?;
+    Ok(old.id() != current.id()
+        && (old.map_type()? as u32, old.key_size(), old.value_size())
+            == (
+                current.map_type()? as u32,
+                current.key_size(),
+                current.value_size(),
+            ))
+}
+
+fn unpin(pin: &Path) -> anyhow::Result<()> {
+    match fs::remove_file(pin) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot remove {}", pin.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pinned(flows: (u32, u32), mappings: (u32, u32), clients: (u32, u32)) -> [Pinned; 3] {
+        let p = |name, (max_entries, entries)| Pinned {
+            name,
+            max_entries,
+            entries,
+        };
+        [
+            p("FLOWS", flows),
+            p("MAPPINGS", mappings),
+            p("CLIENT_FLOWS", clients),
+        ]
+    }
+
+    #[test]
+    fn maps_of_the_configured_size_are_kept() {
+        assert_eq!(plan(&[], 1024), Plan::Keep);
+        let state = pinned((2048, 10), (2048, 10), (1024, 1));
+        assert_eq!(plan(&state, 1024), Plan::Keep);
+    }
+
+    #[test]
+    fn a_larger_max_flows_resizes_every_sized_map() {
+        let state = pinned((8, 6), (8, 6), (4, 2));
+        let Plan::Resize {
+            made_with,
+            max_flows,
+            maps,
+        } = plan(&state, 16)
+        else {
+            panic!("expected a resize");
+        };
+        assert_eq!((made_with, max_flows), (4, 16));
+        let sizes: Vec<_> = maps
+            .iter()
+            .map(|c| (c.name, c.from, c.to, c.entries))
+            .collect();
+        assert_eq!(
+            sizes,
+            [
+                ("FLOWS", 8, 32, 6),
+                ("MAPPINGS", 8, 32, 6),
+                ("CLIENT_FLOWS", 4, 16, 2)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_shrink_that_holds_every_entry_resizes() {
+        // Full to the last entry is still every flow kept.
+        let state = pinned((64, 8), (64, 8), (32, 4));
+        assert!(matches!(
+            plan(&state, 4),
+            Plan::Resize { made_with: 32, .. }
+        ));
+    }
+
+    #[test]
+    fn a_shrink_below_the_entries_is_refused_naming_the_smallest_that_holds_them() {
+        // 5 flows (10 halves), 3 mappings, 4 clients.
+        let state = pinned((64, 10), (64, 6), (32, 4));
+        assert_eq!(
+            plan(&state, 4),
+            Plan::TooSmall {
+                made_with: 32,
+                max_flows: 4,
+                flows: 5,
+                smallest: 5,
+            }
+        );
+        // The client table can decide too (a lone flow half rounds up).
+        let state = pinned((64, 7), (64, 2), (32, 6));
+        assert!(matches!(
+            plan(&state, 2),
+            Plan::TooSmall {
+                flows: 4,
+                smallest: 6,
+                ..
+            }
+        ));
+        let (what, fix) = plan(&state, 2)
+            .refusal(Path::new("/sys/fs/bpf/egress"))
+            .unwrap();
+        assert_eq!(
+            what,
+            "the connection state in /sys/fs/bpf/egress holds 4 flows, more than max-flows 2 \
+             holds (it was made with max-flows 32): nothing was changed"
+        );
+        assert!(fix.starts_with("run with max-flows 6 or more"), "{fix}");
+        assert!(fix.contains("--reset-state"), "{fix}");
+    }
+
+    #[test]
+    fn only_maps_of_another_size_are_resized() {
+        // As an interrupted resize might leave them: the flows done.
+        let state = pinned((32, 6), (8, 6), (4, 2));
+        let Plan::Resize {
+            made_with, maps, ..
+        } = plan(&state, 16)
+        else {
+            panic!("expected a resize");
+        };
+        assert_eq!(made_with, 4);
+        let names: Vec<_> = maps.iter().map(|c| c.name).collect();
+        assert_eq!(names, ["MAPPINGS", "CLIENT_FLOWS"]);
+    }
+
+    #[test]
+    fn a_resize_is_described_with_its_entries_and_memory() {
+        let state = pinned((2_097_152, 6), (2_097_152, 4), (1_048_576, 1));
+        let text = plan(&state, 2_000_000)
+            .describe(Path::new("/sys/fs/bpf/egress"))
+            .unwrap();
+        assert_eq!(
+            text,
+            "the connection state in /sys/fs/bpf/egress was made with max-flows 1048576: a \
+             start resizes it to max-flows 2000000, copying its 3 flows (11 entries: FLOWS 6, \
+             MAPPINGS 4, CLIENT_FLOWS 1); the old and the new tables both exist during the \
+             copy (the new about 960 MiB)"
+        );
+        assert_eq!(Plan::Keep.describe(Path::new("/x")), None);
+        assert_eq!(Plan::Keep.refusal(Path::new("/x")), None);
+    }
+
+    #[test]
+    fn sizes_follow_max_flows() {
+        assert_eq!(
+            sizes(1000),
+            [("FLOWS", 2000), ("MAPPINGS", 2000), ("CLIENT_FLOWS", 1000)]
+        );
+        assert_eq!(sizes(u32::MAX)[0].1, u32::MAX);
+        assert_eq!(per_flow("FLOWS"), Some(2));
+        assert_eq!(per_flow("STATS"), None);
+    }
+
+    #[test]
+    fn only_a_resize_s_own_pins_are_leftovers() {
+        assert_eq!(leftover("resize-new-FLOWS"), Some(Leftover::New));
+        assert_eq!(
+            leftover("resize-old-CLIENT_FLOWS-4711"),
+            Some(Leftover::Old {
+                name: "CLIENT_FLOWS"
+            })
+        );
+        for other in [
+            "FLOWS",
+            "handover-tcx-3",
+            "resize-old-FLOWS",
+            "resize-old-FLOWS-x",
+        ] {
+            assert_eq!(leftover(other), None, "{other}");
+        }
+    }
+}

@@ -1,0 +1,413 @@
+//! A gateway started (or reloaded) with another `max-flows` than its
+//! pinned connection state was made with resizes the state, keeping every
+//! flow: the same translations, data both ways, the counters `egress
+//! flows` shows, and a table of the new size. A shrink below the flows
+//! the state holds is refused before anything changes. Needs root.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, anyhow, ensure};
+use aya::maps::MapData;
+use nix::sys::signal::Signal;
+use tests::{
+    Attach, Stack, Topology,
+    addrs::{CLIENT_CIDRS, CLIENT_TUN_IP, CLIENT_UNDERLAY_IP, GATEWAY_IP, HOST_IFACE, SERVER_IP},
+    echo::{UdpClient, udp_server},
+    egress_bin, exec_output, in_netns, require_root,
+};
+
+const IPIP_PEER: &str = env!("CARGO_BIN_EXE_ipip-peer");
+const TCP_PORT: u16 = 9500;
+const UDP_PORT: u16 = 9501;
+const WAIT: Duration = Duration::from_secs(10);
+/// Longer than Linux's largest delayed-ACK timeout (200 ms): a restart's
+/// gap then meets no segment, which the host's own stack would answer
+/// with a reset (see README, "Restarts").
+const QUIET: Duration = Duration::from_secs(1);
+/// The maps sized from `max-flows`, and their entries per flow.
+const SIZED: [(&str, u32); 3] = [("FLOWS", 2), ("MAPPINGS", 2), ("CLIENT_FLOWS", 1)];
+
+fn udp_server_addr() -> SocketAddr {
+    SocketAddr::from((SERVER_IP, UDP_PORT))
+}
+
+/// A TCP connection through the gateway, both of its ends.
+struct Tcp {
+    client: TcpStream,
+    server: TcpStream,
+}
+
+impl Tcp {
+    /// Connects the client to `listener` (on the server); returns the
+    /// connection and the translated address the server saw.
+    fn open(stack: &Stack, listener: &TcpListener) -> Result<(Self, SocketAddr)> {
+        let to = listener.local_addr()?;
+        let client = in_netns(&stack.topo.client, || TcpStream::connect_timeout(&to, WAIT))??;
+        let (server, seen) = listener.accept()?;
+        client.set_read_timeout(Some(WAIT))?;
+        server.set_read_timeout(Some(WAIT))?;
+        Ok((Self { client, server }, seen))
+    }
+
+    /// Sends a block of `fill` each way at once, and checks both arrive.
+    fn exchange(&mut self, fill: u8) -> Result<()> {
+        let (up, down) = (vec![fill; 16 * 1024], vec![!fill; 16 * 1024]);
+        self.client.write_all(&up)?;
+        self.server.write_all(&down)?;
+        let mut got = vec![0; up.len()];
+        self.server
+            .read_exact(&mut got)
+            .context("client to server")?;
+        ensure!(got == up, "the server got other bytes");
+        self.client
+            .read_exact(&mut got)
+            .context("server to client")?;
+        ensure!(got == down, "the client got other bytes");
+        Ok(())
+    }
+}
+
+/// A new UDP flow: a client socket, answered, and the translated address
+/// the server saw it from.
+fn udp_flow(client_ns: &str) -> Result<(UdpClient, SocketAddr)> {
+    let client = UdpClient::bind(client_ns, CLIENT_TUN_IP)?;
+    let seen = client.request(udp_server_addr(), b"new")?.seen;
+    ensure!(seen.ip() == GATEWAY_IP, "the server saw {seen}");
+    Ok((client, seen))
+}
+
+/// Each client's next request leaves from the translation it had.
+fn same_translations(flows: &[(UdpClient, SocketAddr)]) -> Result<()> {
+    for (client, before) in flows {
+        let now = client.request(udp_server_addr(), b"again")?.seen;
+        ensure!(
+            now == *before,
+            "a UDP flow lost its translation: {before}, now {now}"
+        );
+    }
+    Ok(())
+}
+
+/// The flows `egress flows` lists, by translation: protocol, packets out
+/// and in.
+fn listed(stack: &Stack, bin: &Path) -> Result<BTreeMap<String, (String, u64, u64)>> {
+    let out = stack.egress_cli(bin, "flows --json")?;
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).context("flows --json")?;
+    let count = |row: &serde_json::Value, leg: &str| row[leg]["packets"].as_u64().unwrap_or(0);
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r["translation"].as_str().unwrap_or_default().to_owned(),
+                (
+                    r["proto"].as_str().unwrap_or_default().to_owned(),
+                    count(r, "out"),
+                    count(r, "in"),
+                ),
+            )
+        })
+        .collect())
+}
+
+fn state_dir(stack: &Stack) -> Result<PathBuf> {
+    stack.topo.lab.state_dir()
+}
+
+/// Whether the maps sized from `max-flows` pinned in the gateway's state
+/// directory have the size of `max_flows`, and no resize left pins there.
+fn sized_for(stack: &Stack, max_flows: u32) -> Result<()> {
+    let dir = state_dir(stack)?;
+    for (name, per_flow) in SIZED {
+        let size = MapData::from_pin(dir.join(name))?.info()?.max_entries();
+        ensure!(
+            size == max_flows * per_flow,
+            "{name} has {size} entries, not those of max-flows {max_flows}"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("resize-"))
+        .collect();
+    ensure!(left.is_empty(), "pins left: {left:?}");
+    Ok(())
+}
+
+/// `egress VERB` with the gateway's settings and `extra` in its namespace:
+/// whether it succeeded, and what it printed.
+fn egress(stack: &Stack, bin: &Path, verb: &str, extra: &str) -> Result<(bool, String)> {
+    let cidrs: Vec<String> = CLIENT_CIDRS
+        .iter()
+        .map(|c| format!("--client-cidr {c}"))
+        .collect();
+    let out = exec_output(
+        &stack.topo.gateway,
+        &format!(
+            "timeout 60 {} {verb} --iface {HOST_IFACE} --peer {CLIENT_UNDERLAY_IP} {} \
+             --snat {GATEWAY_IP} --attach {} --state-dir {} {extra}",
+            bin.display(),
+            cidrs.join(" "),
+            stack.attach.flag(),
+            state_dir(stack)?.display()
+        ),
+    )?;
+    let printed = [out.stdout, out.stderr].concat();
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&printed).into(),
+    ))
+}
+
+/// Packets counted under `reason` (`egress stats`).
+fn counted(stack: &Stack, bin: &Path, reason: &str) -> Result<u64> {
+    let out = stack.egress_cli(bin, "stats --json")?;
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out)?;
+    rows.iter()
+        .find(|r| r["reason"] == reason)
+        .and_then(|r| r["packets"].as_u64())
+        .with_context(|| format!("no {reason} in {out}"))
+}
+
+/// Whether a new UDP flow is refused for lack of room.
+fn refused(stack: &Stack, bin: &Path) -> Result<()> {
+    let before = counted(stack, bin, "table_full")?;
+    ensure!(
+        udp_flow(&stack.topo.client).is_err(),
+        "a new flow got through a full table"
+    );
+    ensure!(
+        counted(stack, bin, "table_full")? > before,
+        "the new flow was not refused as table_full"
+    );
+    Ok(())
+}
+
+mod a_larger_max_flows_keeps_every_flow {
+    #[test]
+    fn native() -> anyhow::Result<()> {
+        super::grows(tests::Attach::Native)
+    }
+
+    #[test]
+    fn tc() -> anyhow::Result<()> {
+        super::grows(tests::Attach::Tc)
+    }
+}
+
+/// A gateway with a table of 3 flows, full (a TCP connection and two UDP
+/// flows; a fourth is refused), is stopped and started with `max-flows`
+/// 8: its flows go on with their translations and counters, and 5 more
+/// fit.
+fn grows(attach: Attach) -> Result<()> {
+    require_root()?;
+    let bin = egress_bin()?;
+    let mut stack = Stack::start_with(&bin, Path::new(IPIP_PEER), attach, "--max-flows 3")?;
+    let result = (|| {
+        let _udp = udp_server(&stack.topo.server, udp_server_addr())?;
+        let listener = in_netns(&stack.topo.server, || {
+            TcpListener::bind((SERVER_IP, TCP_PORT))
+        })??;
+        let (mut tcp, tcp_seen) = Tcp::open(&stack, &listener)?;
+        tcp.exchange(1)?;
+        let mut udp = vec![udp_flow(&stack.topo.client)?, udp_flow(&stack.topo.client)?];
+        refused(&stack, &bin)?;
+        let before = listed(&stack, &bin)?;
+        ensure!(
+            before.len() == 3 && before.contains_key(&tcp_seen.to_string()),
+            "expected the 3 flows listed: {before:?}"
+        );
+
+        std::thread::sleep(QUIET);
+        stack.gateway.stop();
+        stack.gateway = stack
+            .topo
+            .start_gateway_with(&bin, attach, "--max-flows 8")?;
+        let log = stack.gateway.log();
+        ensure!(
+            log.contains("resized the connection state from max-flows 3 to 8")
+                && log.contains("caught up the resized connection state after the attach"),
+            "the gateway did not resize its state:\n{log}"
+        );
+        sized_for(&stack, 8)?;
+
+        // Without its flow the client's next segment would leave from
+        // another port, and the server answer with a reset.
+        tcp.exchange(2)?;
+        same_translations(&udp)?;
+        let after = listed(&stack, &bin)?;
+        for (translation, (proto, out, back)) in &before {
+            let now = after.get(translation);
+            ensure!(
+                now.is_some_and(|(p, o, b)| p == proto && o > out && b > back),
+                "{proto} flow {translation} ({out} packets out, {back} in) is now {now:?}"
+            );
+        }
+        // Room for 8: five more, then no more.
+        for _ in 0..5 {
+            udp.push(udp_flow(&stack.topo.client)?);
+        }
+        refused(&stack, &bin)?;
+        ensure!(listed(&stack, &bin)?.len() == 8, "expected 8 flows listed");
+        tcp.exchange(3)?;
+        same_translations(&udp)
+    })();
+    stack.topo.lab.keep_logs_on_err(result)
+}
+
+/// A gateway with 4 flows in a table of 8, stopped: `max-flows` 2 is
+/// refused (by `egress check` and by `egress run`, which changes
+/// nothing), with the smallest that holds them; `max-flows` 4 resizes the
+/// table, full, with every flow.
+#[test]
+fn a_shrink_below_the_flows_is_refused_and_one_that_holds_them_works() -> Result<()> {
+    require_root()?;
+    let bin = egress_bin()?;
+    let mut stack = Stack::start_with(&bin, Path::new(IPIP_PEER), Attach::Native, "--max-flows 8")?;
+    let result = (|| {
+        let _udp = udp_server(&stack.topo.server, udp_server_addr())?;
+        let udp = (0..4)
+            .map(|_| udp_flow(&stack.topo.client))
+            .collect::<Result<Vec<_>>>()?;
+        stack.gateway.stop();
+        let before = listed(&stack, &bin)?;
+        let dir = state_dir(&stack)?.display().to_string();
+
+        let refusal = format!(
+            "the connection state in {dir} holds 4 flows, more than max-flows 2 holds (it \
+             was made with max-flows 8): nothing was changed"
+        );
+        let fix = "run with max-flows 4 or more (the smallest that holds them";
+        let (passed, report) = egress(&stack, &bin, "check", "--max-flows 2")?;
+        ensure!(
+            !passed && report.contains(&format!("PROBLEM  {refusal}")) && report.contains(fix),
+            "check did not refuse the shrink:\n{report}"
+        );
+        let (ran, out) = egress(&stack, &bin, "run", "--max-flows 2")?;
+        ensure!(
+            !ran && out.contains(&refusal) && out.contains(fix),
+            "run did not refuse the shrink:\n{out}"
+        );
+        sized_for(&stack, 8)?;
+        ensure!(
+            listed(&stack, &bin)? == before,
+            "the refused start changed the flows"
+        );
+
+        let (_, report) = egress(&stack, &bin, "check", "--max-flows 4")?;
+        let info = format!(
+            "info     the connection state in {dir} was made with max-flows 8: a start \
+             resizes it to max-flows 4, copying its 4 flows"
+        );
+        ensure!(report.contains(&info), "no {info:?} in:\n{report}");
+        stack.gateway = stack
+            .topo
+            .start_gateway_with(&bin, Attach::Native, "--max-flows 4")?;
+        let log = stack.gateway.log();
+        ensure!(
+            log.contains("resized the connection state from max-flows 8 to 4"),
+            "the gateway did not resize its state:\n{log}"
+        );
+        sized_for(&stack, 4)?;
+        same_translations(&udp)?;
+        refused(&stack, &bin)?;
+        ensure!(listed(&stack, &bin)?.len() == 4, "expected 4 flows listed");
+        Ok(())
+    })();
+    stack.topo.lab.keep_logs_on_err(result)
+}
+
+/// A reload (SIGHUP) with a larger `max-flows` while a client opens new
+/// UDP flows one after another: the new image resizes the state while
+/// the old programs still translate on the old tables, then copies what
+/// they made until it took their place. Every flow keeps its translation.
+#[test]
+fn a_reload_with_a_larger_max_flows_keeps_the_flows_made_during_it() -> Result<()> {
+    require_root()?;
+    let bin = egress_bin()?;
+    let topo = Topology::new()?;
+    let config = topo.lab.dir().join("gateway.toml");
+    let state = topo.lab.state_dir()?;
+    let configure = |max_flows: u32| {
+        let settings = format!(
+            "state-dir = \"{}\"\nmax-flows = {max_flows}\n",
+            state.display()
+        );
+        std::fs::write(&config, settings).context("cannot write the settings")
+    };
+    configure(1024)?;
+    let peer = topo.start_ipip_peer(Path::new(IPIP_PEER))?;
+    let gateway = topo.start_gateway_configured(&bin, Attach::Native, &config)?;
+    let mut stack = Stack {
+        gateway,
+        peer,
+        topo,
+        attach: Attach::Native,
+    };
+    let result = (|| {
+        let _udp = udp_server(&stack.topo.server, udp_server_addr())?;
+        let (stop, opened) = (AtomicBool::new(false), Mutex::new(Vec::new()));
+        let client = stack.topo.client.clone();
+        let opened_now = || opened.lock().map_or(0, |o| o.len());
+        std::thread::scope(|scope| {
+            let opener = scope.spawn(|| -> Result<()> {
+                while !stop.load(Ordering::Relaxed) {
+                    let flow = udp_flow(&client)?;
+                    opened.lock().map_err(|_| anyhow!("poisoned"))?.push(flow);
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok(())
+            });
+            let mut reload = || -> Result<()> {
+                let more_than = |n: usize| -> Result<()> {
+                    for _ in 0..1000 {
+                        if opened_now() > n || opener.is_finished() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    ensure!(opened_now() > n, "no new flows are opened");
+                    Ok(())
+                };
+                more_than(5)?;
+                configure(4096)?;
+                stack.gateway.signal(Signal::SIGHUP)?;
+                stack
+                    .gateway
+                    .wait_for_times("gateway ready", 2, Duration::from_secs(60))?;
+                more_than(opened_now() + 5)
+            };
+            let reloaded = reload();
+            stop.store(true, Ordering::Relaxed);
+            let opening = opener.join().map_err(|_| anyhow!("the opener panicked"))?;
+            opening.context("a new flow failed")?;
+            reloaded
+        })?;
+        let log = stack.gateway.log();
+        ensure!(
+            log.contains("resized the connection state from max-flows 1024 to 4096")
+                && log.contains("caught up the resized connection state after the attach"),
+            "the new image did not resize the state:\n{log}"
+        );
+        sized_for(&stack, 4096)?;
+        let opened = opened.into_inner().map_err(|_| anyhow!("poisoned"))?;
+        same_translations(&opened)?;
+        let flows = listed(&stack, &bin)?;
+        ensure!(
+            flows.len() == opened.len(),
+            "{} flows opened, {} listed",
+            opened.len(),
+            flows.len()
+        );
+        Ok(())
+    })();
+    stack.topo.lab.keep_logs_on_err(result)
+}
