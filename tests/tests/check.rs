@@ -4,7 +4,7 @@
 
 use anyhow::{Context as _, Result, ensure};
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use egress_common::flow::{Flow, FlowKey};
+use egress_common::flow::{Flow, FlowKey, PortKey};
 use nix::mount::{MsFlags, mount};
 use tests::{Lab, exec, exec_output, require_root};
 
@@ -146,28 +146,43 @@ fn a_read_only_state_dir_is_a_problem() -> Result<()> {
 }
 
 /// State pinned with another `max-flows` (a flow table of 2 x 2048
-/// entries) is a problem: `egress run` would refuse it, and a reload
-/// (`systemctl reload` runs `egress check` first) would stop the gateway.
-/// The problem names the `max-flows` the state was made with. A state
-/// lacking maps (removed by hand) is a warning.
+/// entries, holding 3 flows) is information: a start resizes it, and the
+/// line says what it copies. A `max-flows` below its flows is a problem:
+/// `egress run` would refuse it, and a reload (`systemctl reload` runs
+/// `egress check` first) would stop the gateway; so is a map of another
+/// layout (another version's state format). A state lacking maps
+/// (removed by hand) is a warning.
 #[test]
-fn a_state_made_with_another_max_flows_is_a_problem() -> Result<()> {
+fn a_state_made_with_another_max_flows_is_resized_unless_it_does_not_fit() -> Result<()> {
     require_root()?;
     let mut lab = Lab::new()?;
     let ns = lab.add_ns("check-state")?;
     let result = (|| {
         let dir = lab.state_dir()?;
         std::fs::create_dir_all(&dir)?;
-        let flows = BpfHashMap::<MapData, FlowKey, Flow>::create(4096, 0)?;
+        let mut flows = BpfHashMap::<MapData, FlowKey, Flow>::create(4096, 0)?;
+        for port in 1..=6u16 {
+            let key = FlowKey {
+                sport: port.to_be_bytes(),
+                ..FlowKey::default()
+            };
+            flows.insert(&key, &Flow::default(), 0)?;
+        }
         flows.pin(dir.join("FLOWS"))?;
 
         let (_, report) = check_with(&lab, &ns, "--max-flows 65536")?;
-        let problem = format!(
-            "the connection state in {} was made with max-flows 2048: \
-             FLOWS: max_entries is 4096, expected 131072",
+        let info = format!(
+            "info     the connection state in {} was made with max-flows 2048: a start \
+             resizes it to max-flows 65536, copying its 3 flows (6 entries: FLOWS 6)",
             dir.display()
         );
-        has_problem(&report, &problem, "fix: run with max-flows 2048")?;
+        ensure!(
+            report.contains(&info)
+                && findings(&report, "PROBLEM")
+                    .iter()
+                    .all(|p| !p.contains("connection state")),
+            "no {info:?} in:\n{report}"
+        );
         let lacks = "lacks MAPPINGS, CLIENT_FLOWS, STATS (removed by hand?)";
         ensure!(
             findings(&report, "warning")
@@ -176,11 +191,31 @@ fn a_state_made_with_another_max_flows_is_a_problem() -> Result<()> {
             "no warning {lacks:?} in:\n{report}"
         );
 
+        let (_, report) = check_with(&lab, &ns, "--max-flows 2")?;
+        let problem = format!(
+            "the connection state in {} holds 3 flows, more than max-flows 2 holds (it was \
+             made with max-flows 2048)",
+            dir.display()
+        );
+        has_problem(&report, &problem, "fix: run with max-flows 3 or more")?;
+
         let (_, report) = check_with(&lab, &ns, "--max-flows 2048")?;
         ensure!(
             !report.contains("was made with") && report.contains("the gateway resumes it"),
             "the state fits max-flows 2048:\n{report}"
         );
+
+        // Another layout is refused, as are the sizes with it.
+        let mappings = BpfHashMap::<MapData, PortKey, u64>::create(4096, 0)?;
+        mappings.pin(dir.join("MAPPINGS"))?;
+        let (_, report) = check_with(&lab, &ns, "--max-flows 65536")?;
+        let problem = format!(
+            "the connection state in {} was made with other settings (--max-flows) or by a \
+             version with another state format: FLOWS: max_entries is 4096, expected 131072; \
+             MAPPINGS: value_size is 8, expected 16",
+            dir.display()
+        );
+        has_problem(&report, &problem, "fix: run with those settings")?;
         Ok(())
     })();
     lab.keep_logs_on_err(result)

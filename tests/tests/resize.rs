@@ -17,10 +17,12 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, ensure};
-use aya::maps::MapData;
+use aya::maps::{HashMap as BpfHashMap, IterableMap as _, MapData};
+use egress_common::flow::{Flow, FlowKey, IPPROTO_UDP, Mapping, PortKey};
+use egress_user::{resize, state_fit};
 use nix::sys::signal::Signal;
 use tests::{
-    Attach, Stack, Topology,
+    Attach, Lab, Stack, Topology,
     addrs::{CLIENT_CIDRS, CLIENT_TUN_IP, CLIENT_UNDERLAY_IP, GATEWAY_IP, HOST_IFACE, SERVER_IP},
     echo::{UdpClient, udp_server},
     egress_bin, exec_output, in_netns, require_root,
@@ -34,8 +36,8 @@ const WAIT: Duration = Duration::from_secs(10);
 /// gap then meets no segment, which the host's own stack would answer
 /// with a reset (see README, "Restarts").
 const QUIET: Duration = Duration::from_secs(1);
-/// The maps sized from `max-flows`, and their entries per flow.
-const SIZED: [(&str, u32); 3] = [("FLOWS", 2), ("MAPPINGS", 2), ("CLIENT_FLOWS", 1)];
+/// `BPF_F_NO_PREALLOC`, as the client counts are made.
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 fn udp_server_addr() -> SocketAddr {
     SocketAddr::from((SERVER_IP, UDP_PORT))
@@ -123,18 +125,17 @@ fn state_dir(stack: &Stack) -> Result<PathBuf> {
     stack.topo.lab.state_dir()
 }
 
-/// Whether the maps sized from `max-flows` pinned in the gateway's state
-/// directory have the size of `max_flows`, and no resize left pins there.
-fn sized_for(stack: &Stack, max_flows: u32) -> Result<()> {
-    let dir = state_dir(stack)?;
-    for (name, per_flow) in SIZED {
+/// Whether the maps sized from `max-flows` pinned in `dir` have the size
+/// of `max_flows`, and no resize left pins there.
+fn sized_for(dir: &Path, max_flows: u32) -> Result<()> {
+    for (name, per_flow) in resize::SIZED {
         let size = MapData::from_pin(dir.join(name))?.info()?.max_entries();
         ensure!(
             size == max_flows * per_flow,
             "{name} has {size} entries, not those of max-flows {max_flows}"
         );
     }
-    let left: Vec<_> = std::fs::read_dir(&dir)?
+    let left: Vec<_> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|n| n.starts_with("resize-"))
         .collect();
@@ -237,7 +238,7 @@ fn grows(attach: Attach) -> Result<()> {
                 && log.contains("caught up the resized connection state after the attach"),
             "the gateway did not resize its state:\n{log}"
         );
-        sized_for(&stack, 8)?;
+        sized_for(&state_dir(&stack)?, 8)?;
 
         // Without its flow the client's next segment would leave from
         // another port, and the server answer with a reset.
@@ -296,7 +297,7 @@ fn a_shrink_below_the_flows_is_refused_and_one_that_holds_them_works() -> Result
             !ran && out.contains(&refusal) && out.contains(fix),
             "run did not refuse the shrink:\n{out}"
         );
-        sized_for(&stack, 8)?;
+        sized_for(&state_dir(&stack)?, 8)?;
         ensure!(
             listed(&stack, &bin)? == before,
             "the refused start changed the flows"
@@ -316,7 +317,7 @@ fn a_shrink_below_the_flows_is_refused_and_one_that_holds_them_works() -> Result
             log.contains("resized the connection state from max-flows 8 to 4"),
             "the gateway did not resize its state:\n{log}"
         );
-        sized_for(&stack, 4)?;
+        sized_for(&state_dir(&stack)?, 4)?;
         same_translations(&udp)?;
         refused(&stack, &bin)?;
         ensure!(listed(&stack, &bin)?.len() == 4, "expected 4 flows listed");
@@ -397,7 +398,7 @@ fn a_reload_with_a_larger_max_flows_keeps_the_flows_made_during_it() -> Result<(
                 && log.contains("caught up the resized connection state after the attach"),
             "the new image did not resize the state:\n{log}"
         );
-        sized_for(&stack, 4096)?;
+        sized_for(&state_dir(&stack)?, 4096)?;
         let opened = opened.into_inner().map_err(|_| anyhow!("poisoned"))?;
         same_translations(&opened)?;
         let flows = listed(&stack, &bin)?;
@@ -410,4 +411,125 @@ fn a_reload_with_a_larger_max_flows_keeps_the_flows_made_during_it() -> Result<(
         Ok(())
     })();
     stack.topo.lab.keep_logs_on_err(result)
+}
+
+/// A resize interrupted part way (the daemon killed between its steps) is
+/// finished by the next start. Here the flow table was replaced by its
+/// copy, made before the old data path added flow `b`, and the mapping
+/// table's copy was pinned aside but not moved into place: every entry
+/// ends in maps of the new size, `b` copied from the old table, and no
+/// pin of the resize is left. A leftover pin of a state started over
+/// (`--reset-state`) just goes.
+#[test]
+fn an_interrupted_resize_is_finished_by_the_next_start() -> Result<()> {
+    require_root()?;
+    let lab = Lab::new()?;
+    let result = (|| {
+        let dir = lab.state_dir()?;
+        std::fs::create_dir_all(&dir)?;
+        let flow = |port: u16| Flow {
+            client_addr: CLIENT_TUN_IP.octets(),
+            nat_addr: GATEWAY_IP.octets(),
+            remote_addr: SERVER_IP.octets(),
+            peer_addr: CLIENT_UNDERLAY_IP.octets(),
+            client_port: port.to_be_bytes(),
+            nat_port: (port - 20000).to_be_bytes(),
+            remote_port: UDP_PORT.to_be_bytes(),
+            proto: IPPROTO_UDP,
+            packets: u64::from(port),
+            ..Flow::default()
+        };
+        let (a, b) = (flow(40000), flow(40001));
+        let halves = |f: Flow| [(f.in_key(), f), (f.out_key(), f)];
+        let pin = |map: &MapData, name: &str| map.pin(dir.join(name));
+        // The state of max-flows 8.
+        let mut flows = BpfHashMap::<MapData, FlowKey, Flow>::create(16, 0)?;
+        let mut mappings = BpfHashMap::<MapData, PortKey, Mapping>::create(16, 0)?;
+        let mut clients = BpfHashMap::<MapData, [u8; 4], u64>::create(8, BPF_F_NO_PREALLOC)?;
+        for f in [a, b] {
+            for (key, half) in halves(f) {
+                flows.insert(&key, &half, 0)?;
+            }
+            let pair = Mapping::pair(
+                f.proto,
+                (f.client_addr, f.client_port),
+                (f.nat_addr, f.nat_port),
+                0,
+            );
+            for (key, mapping) in pair {
+                mappings.insert(&key, &mapping, 0)?;
+            }
+        }
+        clients.insert(&CLIENT_TUN_IP.octets(), &2, 0)?;
+        for (map, name) in [
+            (flows.map(), "FLOWS"),
+            (mappings.map(), "MAPPINGS"),
+            (clients.map(), "CLIENT_FLOWS"),
+        ] {
+            pin(map, name)?;
+        }
+        let old = |map: &MapData, name: &str| -> Result<()> {
+            Ok(pin(
+                map,
+                &format!("resize-old-{name}-{}", map.info()?.id()),
+            )?)
+        };
+        // Killed part way to max-flows 16.
+        let mut copied = BpfHashMap::<MapData, FlowKey, Flow>::create(32, 0)?;
+        for (key, half) in halves(a) {
+            copied.insert(&key, &half, 0)?;
+        }
+        old(flows.map(), "FLOWS")?;
+        pin(copied.map(), "resize-new-FLOWS")?;
+        std::fs::rename(dir.join("resize-new-FLOWS"), dir.join("FLOWS"))?;
+        let aside = BpfHashMap::<MapData, PortKey, Mapping>::create(32, 0)?;
+        old(mappings.map(), "MAPPINGS")?;
+        pin(aside.map(), "resize-new-MAPPINGS")?;
+        drop((flows, mappings, clients, copied, aside));
+
+        let fit = state_fit::judge(&dir, 16)?;
+        ensure!(fit.refusal(&dir).is_none(), "refused: {fit:?}");
+        let pending = resize::apply(&dir, &fit.resize)?.context("nothing to finish")?;
+        pending.finish();
+        sized_for(&dir, 16)?;
+        let open = |name: &str| -> Result<MapData> { Ok(MapData::from_pin(dir.join(name))?) };
+        let flows = BpfHashMap::<MapData, FlowKey, Flow>::try_from(aya::maps::Map::from_map_data(
+            open("FLOWS")?,
+        )?)?;
+        for f in [a, b] {
+            for (key, half) in halves(f) {
+                let now = flows.get(&key, 0).ok();
+                ensure!(now == Some(half), "{key:?} was {half:?}, is {now:?}");
+            }
+        }
+        let mappings = BpfHashMap::<MapData, PortKey, Mapping>::try_from(
+            aya::maps::Map::from_map_data(open("MAPPINGS")?)?,
+        )?;
+        ensure!(
+            mappings.keys().count() == 4,
+            "the mappings were not all copied"
+        );
+        let clients = BpfHashMap::<MapData, [u8; 4], u64>::try_from(
+            aya::maps::Map::from_map_data(open("CLIENT_FLOWS")?)?,
+        )?;
+        ensure!(
+            clients.get(&CLIENT_TUN_IP.octets(), 0)? == 2,
+            "the client count changed"
+        );
+
+        // Started over: nothing to catch up into.
+        std::fs::remove_file(dir.join("FLOWS"))?;
+        pin(mappings.map(), "resize-old-FLOWS-1")?;
+        ensure!(
+            resize::apply(&dir, &resize::Plan::Keep)?.is_none(),
+            "a reset state was caught up"
+        );
+        sized_for(&dir, 16).err().context("the FLOWS pin is back")?;
+        ensure!(
+            !dir.join("resize-old-FLOWS-1").exists(),
+            "the leftover pin stayed"
+        );
+        Ok(())
+    })();
+    lab.keep_logs_on_err(result)
 }
