@@ -21,7 +21,6 @@
 //! caught up, as above. (Dots, which bpffs reserves, are left out.)
 
 use std::{
-    collections::HashSet,
     fmt::Write as _,
     fs,
     hash::Hash,
@@ -37,6 +36,7 @@ use aya::{
 };
 use aya_obj::generated::{BPF_F_RDONLY, BPF_F_WRONLY};
 use egress_common::flow::{DIR_IN, Flow, FlowKey, Mapping, PortKey};
+use rustc_hash::FxHashSet;
 
 use crate::batch;
 
@@ -233,8 +233,8 @@ fn entries<L: Layout>(data: MapData) -> anyhow::Result<u32> {
 trait Layout: 'static {
     const NAME: &'static str;
     const PER_FLOW: u32;
-    type K: Pod + Eq + Hash;
-    type V: Pod;
+    type K: Pod + Eq + Hash + Send;
+    type V: Pod + Send;
 
     /// Whether the entry under `key` goes in only after its twin, and
     /// only if the twin is its own: a flow's outbound half after its
@@ -309,7 +309,7 @@ impl Layout for Clients {
 /// A resize's work left for after the copy: entries the old maps gain
 /// until the previous data path stops using them.
 pub struct Pending {
-    maps: Vec<Box<dyn CatchUp>>,
+    maps: Vec<Box<dyn CatchUp + Send>>,
 }
 
 /// Counts of one catch-up.
@@ -344,7 +344,7 @@ struct Resized<L: Layout> {
     sources: Vec<Source<L>>,
     /// Keys `map` is known to hold, so a catch-up reads the old maps
     /// alone; read from `map` at the first catch-up if not known.
-    known: Option<HashSet<L::K>>,
+    known: Option<FxHashSet<L::K>>,
 }
 
 impl<L: Layout> CatchUp for Resized<L> {
@@ -407,8 +407,17 @@ impl Pending {
     pub fn catch_up(&mut self, when: &str) {
         let started = Instant::now();
         let (mut copied, mut full, mut failed) = (Vec::new(), 0, false);
-        for map in &mut self.maps {
-            match map.catch_up() {
+        // A thread each: most of it is the kernel reading the old maps.
+        let caught: Vec<_> = std::thread::scope(|scope| {
+            let threads: Vec<_> = self
+                .maps
+                .iter_mut()
+                .map(|map| scope.spawn(|| map.catch_up()))
+                .collect();
+            threads.into_iter().map(joined).collect()
+        });
+        for (map, caught) in self.maps.iter().zip(caught) {
+            match caught {
                 Ok(c) => {
                     copied.push((map.name(), c.copied));
                     full += c.full;
@@ -479,17 +488,30 @@ pub fn apply(dir: &Path, plan: &Plan) -> anyhow::Result<Option<Pending>> {
         return Ok(None);
     }
     let started = Instant::now();
-    let mut maps = Vec::new();
-    for (name, _) in SIZED {
+    let work = SIZED.map(|(name, _)| {
         let change = changes.iter().find(|c| c.name == name);
-        let old = leftovers
+        let old: Vec<_> = leftovers
             .extract_if(.., |(n, _)| *n == name)
-            .map(|(_, p)| p);
-        let made = match name {
-            Flows::NAME => resized::<Flows>(dir, change, old),
-            Mappings::NAME => resized::<Mappings>(dir, change, old),
-            _ => resized::<Clients>(dir, change, old),
-        };
+            .map(|(_, p)| p)
+            .collect();
+        (name, change, old)
+    });
+    // A thread each, as in a catch-up.
+    let made: Vec<_> = std::thread::scope(|scope| {
+        let threads: Vec<_> = work
+            .into_iter()
+            .map(|(name, change, old)| {
+                scope.spawn(move || match name {
+                    Flows::NAME => resized::<Flows>(dir, change, old),
+                    Mappings::NAME => resized::<Mappings>(dir, change, old),
+                    _ => resized::<Clients>(dir, change, old),
+                })
+            })
+            .collect();
+        threads.into_iter().map(joined).collect()
+    });
+    let mut maps = Vec::new();
+    for made in made {
         match made {
             Ok(Some(map)) => maps.push(map),
             Ok(None) => {}
@@ -539,6 +561,13 @@ pub fn apply(dir: &Path, plan: &Plan) -> anyhow::Result<Option<Pending>> {
     Ok(Some(Pending { maps }))
 }
 
+/// What a thread returned; its panic as an error.
+fn joined<T>(thread: std::thread::ScopedJoinHandle<'_, anyhow::Result<T>>) -> anyhow::Result<T> {
+    thread
+        .join()
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("a resize thread panicked")))
+}
+
 /// The map `L::NAME` in `dir` made anew as `change` says (every entry
 /// copied, pinned as `resize-new-NAME`, the old one also as
 /// `resize-old-NAME-ID`), with `old` maps of earlier resizes to catch up
@@ -546,9 +575,10 @@ pub fn apply(dir: &Path, plan: &Plan) -> anyhow::Result<Option<Pending>> {
 fn resized<L: Layout>(
     dir: &Path,
     change: Option<&Change>,
-    old: impl Iterator<Item = PathBuf>,
-) -> anyhow::Result<Option<Box<dyn CatchUp>>> {
+    old: Vec<PathBuf>,
+) -> anyhow::Result<Option<Box<dyn CatchUp + Send>>> {
     let mut sources = old
+        .into_iter()
         .map(|pin| {
             let map = L::open(MapData::from_pin(&pin)?)?;
             Ok(Source { map, pin })
@@ -592,7 +622,7 @@ fn resized<L: Layout>(
         e => anyhow::Error::new(e).context(context()),
     })?;
     let (old, new) = (L::open(old)?, L::open(new)?);
-    let mut known = HashSet::new();
+    let mut known = FxHashSet::default();
     for entries in batch::batches(&old) {
         let entries = entries.with_context(context)?;
         batch::insert(&new, &entries).map_err(|e| match e.raw_os_error() {

@@ -143,6 +143,19 @@ fn sized_for(dir: &Path, max_flows: u32) -> Result<()> {
     Ok(())
 }
 
+/// Whether the gateway said it resized its state from `from` to `to`
+/// `max-flows`, and caught it up once attached, and the state is so.
+fn resized(stack: &Stack, from: u32, to: u32) -> Result<()> {
+    let log = stack.gateway.log();
+    ensure!(
+        log.contains(&format!(
+            "resized the connection state from max-flows {from} to {to}"
+        )) && log.contains("caught up the resized connection state after the attach"),
+        "the gateway did not resize its state:\n{log}"
+    );
+    sized_for(&state_dir(stack)?, to)
+}
+
 /// `egress VERB` with the gateway's settings and `extra` in its namespace:
 /// whether it succeeded, and what it printed.
 fn egress(stack: &Stack, bin: &Path, verb: &str, extra: &str) -> Result<(bool, String)> {
@@ -232,13 +245,7 @@ fn grows(attach: Attach) -> Result<()> {
         stack.gateway = stack
             .topo
             .start_gateway_with(&bin, attach, "--max-flows 8")?;
-        let log = stack.gateway.log();
-        ensure!(
-            log.contains("resized the connection state from max-flows 3 to 8")
-                && log.contains("caught up the resized connection state after the attach"),
-            "the gateway did not resize its state:\n{log}"
-        );
-        sized_for(&state_dir(&stack)?, 8)?;
+        resized(&stack, 3, 8)?;
 
         // Without its flow the client's next segment would leave from
         // another port, and the server answer with a reset.
@@ -312,12 +319,7 @@ fn a_shrink_below_the_flows_is_refused_and_one_that_holds_them_works() -> Result
         stack.gateway = stack
             .topo
             .start_gateway_with(&bin, Attach::Native, "--max-flows 4")?;
-        let log = stack.gateway.log();
-        ensure!(
-            log.contains("resized the connection state from max-flows 8 to 4"),
-            "the gateway did not resize its state:\n{log}"
-        );
-        sized_for(&state_dir(&stack)?, 4)?;
+        resized(&stack, 8, 4)?;
         same_translations(&udp)?;
         refused(&stack, &bin)?;
         ensure!(listed(&stack, &bin)?.len() == 4, "expected 4 flows listed");
@@ -392,13 +394,7 @@ fn a_reload_with_a_larger_max_flows_keeps_the_flows_made_during_it() -> Result<(
             opening.context("a new flow failed")?;
             reloaded
         })?;
-        let log = stack.gateway.log();
-        ensure!(
-            log.contains("resized the connection state from max-flows 1024 to 4096")
-                && log.contains("caught up the resized connection state after the attach"),
-            "the new image did not resize the state:\n{log}"
-        );
-        sized_for(&state_dir(&stack)?, 4096)?;
+        resized(&stack, 1024, 4096)?;
         let opened = opened.into_inner().map_err(|_| anyhow!("poisoned"))?;
         same_translations(&opened)?;
         let flows = listed(&stack, &bin)?;
