@@ -10,6 +10,8 @@ use nix::{
     sys::statfs,
 };
 
+use crate::resize;
+
 /// The default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/sys/fs/bpf/egress";
 /// Where the BPF filesystem lives when the host has one.
@@ -186,9 +188,10 @@ pub fn unpin(path: &Path) -> anyhow::Result<bool> {
     }
 }
 
-/// Removes the pinned connection state in `dir`.
+/// Removes the pinned connection state in `dir` (an interrupted resize's
+/// pins too).
 pub fn remove(dir: &Path) -> anyhow::Result<()> {
-    let mut removed = 0;
+    let mut removed = resize::discard(dir)?;
     for name in PINNED_MAPS {
         removed += usize::from(unpin(&dir.join(name))?);
     }

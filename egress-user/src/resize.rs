@@ -38,7 +38,7 @@ use aya_obj::generated::{BPF_F_RDONLY, BPF_F_WRONLY};
 use egress_common::flow::{DIR_IN, Flow, FlowKey, Mapping, PortKey};
 use rustc_hash::FxHashSet;
 
-use crate::batch;
+use crate::{batch, pinning};
 
 /// `BPF_NOEXIST`: insert only a key that is not there.
 const BPF_NOEXIST: u64 = 1;
@@ -395,7 +395,7 @@ impl<L: Layout> CatchUp for Resized<L> {
 
     fn release(&mut self) -> anyhow::Result<()> {
         for source in self.sources.drain(..) {
-            unpin(&source.pin)?;
+            pinning::unpin(&source.pin)?;
         }
         Ok(())
     }
@@ -670,35 +670,38 @@ fn leftover(pin: &str) -> Option<Leftover<'_>> {
     Some(Leftover::Old { name })
 }
 
-/// Removes the pins of an interrupted resize that changed nothing (see
-/// the module's docs); returns those of old maps a resize replaced, whose
-/// entries are to be caught up, by map name.
-fn tidy(dir: &Path) -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
+/// The pins of a resize in `dir`, each with the map it holds an old one
+/// of (`None`: one to remove, a new map never put in place or an old map
+/// this version does not resize).
+fn pins(dir: &Path) -> anyhow::Result<Vec<(PathBuf, Option<&'static str>)>> {
     let listed = match fs::read_dir(dir) {
         Ok(listed) => listed,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
     };
-    let mut old = Vec::new();
+    let mut pins = Vec::new();
     for entry in listed {
         let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
-        let pin = entry.path();
-        let file_name = entry.file_name();
-        let Some(found) = file_name.to_str().and_then(leftover) else {
-            continue;
+        let old = match entry.file_name().to_str().and_then(leftover) {
+            Some(Leftover::New) => None,
+            Some(Leftover::Old { name }) => SIZED.iter().find(|(n, _)| *n == name).map(|s| s.0),
+            None => continue,
         };
-        let sized = match found {
-            Leftover::New => None,
-            Leftover::Old { name } => SIZED.iter().find(|(n, _)| *n == name),
-        };
-        let replaced = match sized {
-            Some(&(name, _)) => replaced(dir, name, &pin)?.then_some(name),
-            None => None,
-        };
-        match replaced {
-            Some(name) => old.push((name, pin)),
-            None => {
-                unpin(&pin)?;
+        pins.push((entry.path(), old));
+    }
+    Ok(pins)
+}
+
+/// Removes the pins of an interrupted resize that changed nothing (see
+/// the module's docs); returns those of old maps a resize replaced, whose
+/// entries are to be caught up, by map name.
+fn tidy(dir: &Path) -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
+    let mut old = Vec::new();
+    for (pin, found) in pins(dir)? {
+        match found {
+            Some(name) if replaced(dir, name, &pin)? => old.push((name, pin)),
+            _ => {
+                pinning::unpin(&pin)?;
                 tracing::info!(pin = %pin.display(), "removed a pin an interrupted resize left");
             }
         }
@@ -712,6 +715,16 @@ fn tidy(dir: &Path) -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
         );
     }
     Ok(old)
+}
+
+/// Removes every pin of a resize in `dir` (the state removed with them);
+/// returns how many there were.
+pub fn discard(dir: &Path) -> anyhow::Result<usize> {
+    let pins = pins(dir)?;
+    for (pin, _) in &pins {
+        pinning::unpin(pin)?;
+    }
+    Ok(pins.len())
 }
 
 /// Whether the old map pinned at `old` was replaced by the one pinned as
@@ -732,14 +745,6 @@ fn replaced(dir: &Path, name: &str, old: &Path) -> anyhow::Result<bool> {
                 current.key_size(),
                 current.value_size(),
             ))
-}
-
-fn unpin(pin: &Path) -> anyhow::Result<()> {
-    match fs::remove_file(pin) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("cannot remove {}", pin.display())),
-    }
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, ensure};
 use aya::maps::{HashMap as BpfHashMap, IterableMap as _, MapData};
 use egress_common::flow::{Flow, FlowKey, IPPROTO_UDP, Mapping, PortKey};
-use egress_user::{resize, state_fit};
+use egress_user::{pinning, resize, state_fit};
 use nix::sys::signal::Signal;
 use tests::{
     Attach, Lab, Stack, Topology,
@@ -328,12 +328,34 @@ fn a_shrink_below_the_flows_is_refused_and_one_that_holds_them_works() -> Result
     stack.topo.lab.keep_logs_on_err(result)
 }
 
-/// A reload (SIGHUP) with a larger `max-flows` while a client opens new
-/// UDP flows one after another: the new image resizes the state while
-/// the old programs still translate on the old tables, then copies what
-/// they made until it took their place. Every flow keeps its translation.
-#[test]
-fn a_reload_with_a_larger_max_flows_keeps_the_flows_made_during_it() -> Result<()> {
+/// How the gateway takes its new settings.
+#[derive(Clone, Copy)]
+enum Change {
+    /// SIGHUP: a new image of the daemon, the old one's programs attached
+    /// until it takes their place.
+    Reload,
+    /// The daemon stopped, its data path left attached, and started again.
+    Restart,
+}
+
+mod flows_made_during_a_resize_are_kept {
+    #[test]
+    fn by_a_reload() -> anyhow::Result<()> {
+        super::made_during(super::Change::Reload)
+    }
+
+    #[test]
+    fn by_a_restart() -> anyhow::Result<()> {
+        super::made_during(super::Change::Restart)
+    }
+}
+
+/// The gateway takes a larger `max-flows` (`change`) while a client opens
+/// new UDP flows one after another: the starting daemon resizes the state
+/// while the old programs still translate on the old tables, then copies
+/// what they made until it took their place. Every flow keeps its
+/// translation.
+fn made_during(change: Change) -> Result<()> {
     require_root()?;
     let bin = egress_bin()?;
     let topo = Topology::new()?;
@@ -369,7 +391,7 @@ fn a_reload_with_a_larger_max_flows_keeps_the_flows_made_during_it() -> Result<(
                 }
                 Ok(())
             });
-            let mut reload = || -> Result<()> {
+            let mut resize = || -> Result<()> {
                 let more_than = |n: usize| -> Result<()> {
                     for _ in 0..1000 {
                         if opened_now() > n || opener.is_finished() {
@@ -382,17 +404,31 @@ fn a_reload_with_a_larger_max_flows_keeps_the_flows_made_during_it() -> Result<(
                 };
                 more_than(5)?;
                 configure(4096)?;
-                stack.gateway.signal(Signal::SIGHUP)?;
-                stack
-                    .gateway
-                    .wait_for_times("gateway ready", 2, Duration::from_secs(60))?;
+                match change {
+                    Change::Reload => {
+                        stack.gateway.signal(Signal::SIGHUP)?;
+                        stack.gateway.wait_for_times(
+                            "gateway ready",
+                            2,
+                            Duration::from_secs(60),
+                        )?;
+                    }
+                    Change::Restart => {
+                        stack.gateway.stop();
+                        more_than(opened_now() + 5)?;
+                        stack.gateway =
+                            stack
+                                .topo
+                                .start_gateway_configured(&bin, Attach::Native, &config)?;
+                    }
+                }
                 more_than(opened_now() + 5)
             };
-            let reloaded = reload();
+            let resized = resize();
             stop.store(true, Ordering::Relaxed);
             let opening = opener.join().map_err(|_| anyhow!("the opener panicked"))?;
             opening.context("a new flow failed")?;
-            reloaded
+            resized
         })?;
         resized(&stack, 1024, 4096)?;
         let opened = opened.into_inner().map_err(|_| anyhow!("poisoned"))?;
@@ -415,7 +451,7 @@ fn a_reload_with_a_larger_max_flows_keeps_the_flows_made_during_it() -> Result<(
 /// table's copy was pinned aside but not moved into place: every entry
 /// ends in maps of the new size, `b` copied from the old table, and no
 /// pin of the resize is left. A leftover pin of a state started over
-/// (`--reset-state`) just goes.
+/// (`--reset-state`) just goes, and removing the state takes them all.
 #[test]
 fn an_interrupted_resize_is_finished_by_the_next_start() -> Result<()> {
     require_root()?;
@@ -525,6 +561,16 @@ fn an_interrupted_resize_is_finished_by_the_next_start() -> Result<()> {
             !dir.join("resize-old-FLOWS-1").exists(),
             "the leftover pin stayed"
         );
+        // `egress down --reset-state` (or a start with it) takes a resize's
+        // pins with the state.
+        pin(mappings.map(), "resize-old-MAPPINGS-1")?;
+        pin(mappings.map(), "resize-new-CLIENT_FLOWS")?;
+        pinning::remove(&dir)?;
+        let left: Vec<_> = std::fs::read_dir(&dir)?
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        ensure!(left.is_empty(), "left in the state directory: {left:?}");
         Ok(())
     })();
     lab.keep_logs_on_err(result)
