@@ -792,6 +792,18 @@ mod tests {
         }
     }
 
+    /// The information `facts` give with the default settings, which must
+    /// be neither problems nor warnings, and the report as printed.
+    fn info_only(facts: &Facts) -> (Vec<String>, String) {
+        let report = judge(&settings(""), facts);
+        assert!(
+            at(&report, Level::Problem).is_empty() && at(&report, Level::Warning).is_empty(),
+            "{}",
+            report.render()
+        );
+        (at(&report, Level::Info), report.render())
+    }
+
     /// The state a gateway with `max-flows` 2048 pinned, holding `flows`
     /// flows, judged for `max_flows`.
     fn resized(flows: u32, max_flows: u32) -> state_fit::Fit {
@@ -811,19 +823,13 @@ mod tests {
         let mut facts = good();
         facts.state_present = true;
         facts.state_fit = Ok(resized(3, 4096));
-        let report = judge(&settings(""), &facts);
-        assert!(
-            at(&report, Level::Problem).is_empty() && at(&report, Level::Warning).is_empty(),
-            "{}",
-            report.render()
-        );
-        let info = at(&report, Level::Info);
+        let (info, rendered) = info_only(&facts);
         assert!(
             info.len() == 1
                 && info[0].contains("was made with max-flows 2048: a start resizes it to max-flows 4096, copying its 3 flows"),
             "{info:?}"
         );
-        assert!(report.render().contains("\ninfo     the connection state"));
+        assert!(rendered.contains("\ninfo     the connection state"));
 
         facts.state_fit = Ok(resized(300, 100));
         let problems = at(&judge(&settings(""), &facts), Level::Problem);
@@ -865,20 +871,14 @@ mod tests {
     fn a_data_path_left_running_is_information() {
         let mut facts = good();
         facts.data_path = vec!["native XDP on eth0".into()];
-        let report = judge(&settings(""), &facts);
-        assert!(
-            at(&report, Level::Problem).is_empty() && at(&report, Level::Warning).is_empty(),
-            "{}",
-            report.render()
-        );
-        let info = at(&report, Level::Info);
+        let (info, rendered) = info_only(&facts);
         assert!(
             info.len() == 1
                 && info[0].contains("(native XDP on eth0), without a daemon")
                 && info[0].contains("`egress down` removes it"),
             "{info:?}"
         );
-        assert!(report.render().contains("\ninfo     the data path"));
+        assert!(rendered.contains("\ninfo     the data path"));
         facts.daemon = Some(true);
         let report = judge(&settings(""), &facts);
         assert!(at(&report, Level::Info).is_empty());
