@@ -810,7 +810,7 @@ mod tests {
         let pinned = resize::sizes(2048).map(|(name, max_entries)| resize::Pinned {
             name,
             max_entries,
-            entries: flows * resize::per_flow(name).unwrap_or(1),
+            entries: flows * resize::sized(name).map_or(1, |(_, per_flow)| per_flow),
         });
         state_fit::Fit {
             resize: resize::plan(&pinned, max_flows),

@@ -63,9 +63,10 @@ pub fn sizes(max_flows: u32) -> [(&'static str, u32); 3] {
     SIZED.map(|(name, per_flow)| (name, max_flows.saturating_mul(per_flow)))
 }
 
-/// Entries per flow of the map `name`, if it is sized from `max-flows`.
-pub fn per_flow(name: &str) -> Option<u32> {
-    SIZED.iter().find(|(n, _)| *n == name).map(|&(_, p)| p)
+/// The map `name` as [`SIZED`] has it (its name, entries per flow), if
+/// it is sized from `max-flows`.
+pub fn sized(name: &str) -> Option<(&'static str, u32)> {
+    SIZED.iter().find(|(n, _)| *n == name).copied()
 }
 
 /// A map sized from `max-flows`, as pinned.
@@ -115,7 +116,7 @@ pub enum Plan {
 /// What to do with `pinned` (the maps sized from `max-flows`, in the order
 /// of [`SIZED`]) for `max_flows`.
 pub fn plan(pinned: &[Pinned], max_flows: u32) -> Plan {
-    let per = |name| per_flow(name).unwrap_or(1);
+    let per = |name| sized(name).map_or(1, |(_, per_flow)| per_flow);
     let maps: Vec<Change> = pinned
         .iter()
         .map(|p| Change {
@@ -355,12 +356,13 @@ impl<L: Layout> CatchUp for Resized<L> {
     fn catch_up(&mut self) -> anyhow::Result<Caught> {
         let known = match &mut self.known {
             Some(known) => known,
-            None => self.known.insert(
-                batch::dump(&self.map)?
-                    .into_iter()
-                    .map(|(k, _)| k)
-                    .collect(),
-            ),
+            None => {
+                let mut keys = FxHashSet::default();
+                for entries in batch::batches(&self.map) {
+                    keys.extend(entries?.into_iter().map(|(k, _)| k));
+                }
+                self.known.insert(keys)
+            }
         };
         let mut missing = Vec::new();
         for source in &self.sources {
@@ -684,7 +686,7 @@ fn pins(dir: &Path) -> anyhow::Result<Vec<(PathBuf, Option<&'static str>)>> {
         let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
         let old = match entry.file_name().to_str().and_then(leftover) {
             Some(Leftover::New) => None,
-            Some(Leftover::Old { name }) => SIZED.iter().find(|(n, _)| *n == name).map(|s| s.0),
+            Some(Leftover::Old { name }) => sized(name).map(|(name, _)| name),
             None => continue,
         };
         pins.push((entry.path(), old));
@@ -881,8 +883,8 @@ mod tests {
             [("FLOWS", 2000), ("MAPPINGS", 2000), ("CLIENT_FLOWS", 1000)]
         );
         assert_eq!(sizes(u32::MAX)[0].1, u32::MAX);
-        assert_eq!(per_flow("FLOWS"), Some(2));
-        assert_eq!(per_flow("STATS"), None);
+        assert_eq!(sized("FLOWS"), Some(("FLOWS", 2)));
+        assert_eq!(sized("STATS"), None);
     }
 
     #[test]

@@ -25,8 +25,9 @@ pub struct Fit {
     /// The maps the loader would refuse, a line each, as aya words it
     /// (`FLOWS: max_entries is 4096, expected 131072`).
     pub unfit: Vec<String>,
-    /// The `max-flows` the pinned flow table was made with, when its size
-    /// is all that differs.
+    /// The `max-flows` the pinned flow table was made with, when sizes are
+    /// all that differs yet a start cannot resize (a map not sized from
+    /// `max-flows` has another size too).
     pub made_with: Option<u32>,
     /// Connection-state maps missing beside others that are there (removed
     /// by hand): a start makes them anew, empty.
@@ -121,10 +122,10 @@ pub fn judge(dir: &Path, max_flows: u32) -> anyhow::Result<Fit> {
                 ));
             }
         }
-        match differs[..] {
-            [] => {}
-            ["max_entries"] if resize::per_flow(name).is_some() => {
-                resizable.push((name.as_str(), info.max_entries(), pinned));
+        match (&differs[..], resize::sized(name)) {
+            ([], _) => {}
+            (["max_entries"], Some((name, _))) => {
+                resizable.push((name, info.max_entries(), pinned));
             }
             _ => only_resizable = false,
         }
@@ -132,10 +133,6 @@ pub fn judge(dir: &Path, max_flows: u32) -> anyhow::Result<Fit> {
     if only_resizable {
         let mut counted = Vec::new();
         for (name, max_entries, data) in resizable {
-            let (name, _) = *resize::SIZED
-                .iter()
-                .find(|(n, _)| *n == name)
-                .context("a map sized from max-flows")?;
             counted.push(resize::Pinned {
                 name,
                 max_entries,
