@@ -2,10 +2,14 @@
 
 mod bench;
 mod build;
+mod debian;
+mod initrd;
+mod oldest_kernel;
 mod packages;
 mod run;
 mod test;
 mod toolchain;
+mod vm;
 mod workspace;
 
 use std::process::ExitCode;
@@ -27,8 +31,19 @@ enum Command {
         #[arg(long)]
         release: bool,
     },
-    /// fmt, clippy (host and BPF), unit tests, then the packet/namespace tests (root).
-    Test,
+    /// fmt, clippy (host and BPF), unit tests, the packet/namespace tests
+    /// (root), then packet tests on Linux 6.1 in a QEMU VM.
+    Test {
+        /// Leave out the Linux 6.1 VM (a few minutes).
+        #[arg(long)]
+        skip_oldest_kernel: bool,
+    },
+    /// Only the packet tests on Linux 6.1, in a QEMU VM (root).
+    OldestKernel {
+        /// All of them (about half an hour under emulation), not the usual subset.
+        #[arg(long)]
+        all: bool,
+    },
     /// Run the demo from the `tests` crate against the debug gateway (root).
     Run,
     /// Run the `tests` crate's benchmarks in release (root).
@@ -57,7 +72,8 @@ fn dispatch(command: Command) -> Result<()> {
     let mut ws = workspace::Workspace::load()?;
     match command {
         Command::Build { release } => build::build(&mut ws, release),
-        Command::Test => test::test(&mut ws),
+        Command::Test { skip_oldest_kernel } => test::test(&mut ws, !skip_oldest_kernel),
+        Command::OldestKernel { all } => test::oldest_kernel(&mut ws, all),
         Command::Run => run::run(&mut ws),
         Command::Bench { only } => bench::bench(&mut ws, &only),
     }

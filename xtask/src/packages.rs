@@ -20,6 +20,14 @@ pub const TEST: &[Package] = &[
 /// What the benchmark adds: the classic kernel NAT it compares against.
 pub const BENCH: &[Package] = &[("nft", "nftables", "1.0.6-2+deb12u2")];
 
+/// What the Linux 6.1 VM runs in (the kernel and busybox are only
+/// unpacked, see `oldest_kernel`).
+pub const VM: &[Package] = &[(
+    "qemu-system-x86_64",
+    "qemu-system-x86",
+    "1:7.2+dfsg-7+deb12u18+b3",
+)];
+
 /// (module the tests import, PyPI package providing it, pinned version)
 const PYTHON_PACKAGES: &[(&str, &str, &str)] = &[
     // An independent Prometheus text-format parser for the metrics tests.

@@ -4,10 +4,11 @@ use anyhow::Result;
 
 use crate::{
     build::{build_bins, prepare_privileged},
+    oldest_kernel::{self, Scope},
     workspace::{Workspace, step},
 };
 
-pub fn test(ws: &mut Workspace) -> Result<()> {
+pub fn test(ws: &mut Workspace, oldest_kernel: bool) -> Result<()> {
     prepare_privileged(ws, "test")?;
     step("fmt", ws.cargo().args(["fmt", "--all", "--", "--check"]))?;
     step(
@@ -46,5 +47,15 @@ pub fn test(ws: &mut Workspace) -> Result<()> {
         ws.cargo()
             .args(["test", "-p", "tests", "--", "--test-threads=1"])
             .env("EGRESS_BIN", egress),
-    )
+    )?;
+    if oldest_kernel {
+        oldest_kernel::test(ws, Scope::Subset)?;
+    }
+    Ok(())
+}
+
+/// `cargo xtask oldest-kernel`: the Linux 6.1 step alone.
+pub fn oldest_kernel(ws: &mut Workspace, all: bool) -> Result<()> {
+    prepare_privileged(ws, "oldest-kernel")?;
+    oldest_kernel::test(ws, if all { Scope::All } else { Scope::Subset })
 }

@@ -8,7 +8,7 @@ use std::{fs, io, os::unix::fs::symlink, path::Path, process::Command};
 
 use anyhow::{Context, Result, bail};
 
-use crate::workspace::{Workspace, step};
+use crate::workspace::{Workspace, capture, step};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -89,18 +89,4 @@ fn link_rust_llvm(ws: &Workspace, lib_dir: &Path) -> Result<()> {
         symlink(&llvm, &link).with_context(|| format!("linking {}", link.display()))?;
     }
     Ok(())
-}
-
-fn capture(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {:?}", cmd.get_program()))?;
-    if !out.status.success() {
-        bail!(
-            "{:?} failed: {}",
-            cmd.get_program(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8(out.stdout)?)
 }

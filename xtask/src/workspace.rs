@@ -50,6 +50,10 @@ impl Workspace {
         })
     }
 
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     pub fn prepend_path(&mut self, dir: PathBuf) {
         self.path.insert(0, dir);
     }
@@ -104,6 +108,22 @@ pub fn step(name: &str, cmd: &mut Command) -> Result<()> {
         bail!("step `{name}` failed ({status})");
     }
     Ok(())
+}
+
+/// Runs `cmd` and returns its standard output; fails with its standard
+/// error if it fails.
+pub fn capture(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!(
+            "{:?} failed: {}",
+            cmd.get_program(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
 }
 
 /// The privileged steps load eBPF programs and create network namespaces.

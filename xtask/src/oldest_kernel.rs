@@ -1,0 +1,411 @@
+//! The packet tests on Linux 6.1, the oldest kernel the README claims: its
+//! verifier refuses programs that the host's kernel loads (bounds it cannot
+//! follow, stack frames counted rounded up to 32 bytes). Debian 12's own
+//! 6.1 kernel boots in QEMU on the host's root file system, and the
+//! `packets` test binary runs there as it does on the host.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    debian::{Cache, Pinned, single_entry},
+    initrd,
+    packages::{self, ensure_packages},
+    vm::{Accel, Outcome, Vm},
+    workspace::{Workspace, capture},
+};
+
+/// Debian 12's generic 6.1 kernel (the cloud flavour lacks 9p).
+const KERNEL: (&str, &str) = ("linux-image-6.1.0-56-amd64-unsigned", "6.1.192-2");
+/// The same flavour at any 6.1 ABI: Debian drops a kernel package from its
+/// mirror some time after a newer one supersedes it, and any 6.1 verifier
+/// will do.
+const KERNEL_FAMILY: &str = r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$";
+/// Runs the guest's init and unpacks its modules' index (`depmod`).
+const BUSYBOX: (&str, &str) = ("busybox-static", "1:1.35.0-4+deb12u1+b1");
+
+/// The packet tests run on 6.1 by default: under software emulation each
+/// test's load of both programs takes seconds, and the whole binary is
+/// too slow for every CI run (`cargo xtask oldest-kernel --all` runs it).
+/// Both programs load in every test; these cover each hook's main paths,
+/// and what 6.1 was seen refusing (the MSS walk, the ICMP checksum's
+/// `bpf_loop`, the outer ID's atomic add, the tunnel error's rewrite).
+const PACKET_TESTS: &[&str] = &[
+    "xdp::tcp_outbound_and_return",
+    "tc::tcp_outbound_and_return",
+    "xdp::udp_outbound_and_return_with_port_change",
+    "tc::icmp_echo_outbound_and_return",
+    "tc::route_via_another_interface_is_redirected_there",
+    "icmp::xdp::outbound_packets_too_big_for_the_route",
+    "icmp::tc::return_packets_too_big_for_the_tunnel",
+    "icmp::xdp::long_icmp_errors_are_relayed_whole_both_ways",
+    "icmp::tc::icmp_errors_with_a_wrong_checksum_are_dropped",
+    "outer_id::xdp::two_cpus_at_once_never_take_the_same_id",
+    "outer_id::tc::what_goes_to_a_peer_without_df_takes_the_next_id_of_its_counter",
+    "state::xdp::a_full_table_refuses_new_flows_and_keeps_old_ones",
+    "state::tc::restart_keeps_flows_and_reset_clears_them",
+    "mss::xdp::syn_and_syn_ack_are_clamped_both_ways",
+    "mss::tc::an_mss_at_an_odd_offset_is_clamped",
+    "fragments::xdp::later_fragments_before_their_first_are_translated_by_address",
+    "malformed::tc::malformed_outbound_frames_are_dropped_with_their_reason",
+];
+
+/// How long the VM may run: a hung guest is killed.
+const LIMIT_SUBSET: Duration = Duration::from_secs(600);
+const LIMIT_ALL: Duration = Duration::from_secs(3600);
+/// A guest under KVM speaks within seconds; one that does not is taken as
+/// KVM not working here, and the run starts again under emulation.
+const KVM_BOOT_LIMIT: Duration = Duration::from_secs(30);
+
+/// Which packet tests run in the VM.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Subset,
+    All,
+}
+
+pub fn test(ws: &Workspace, scope: Scope) -> Result<()> {
+    let started = Instant::now();
+    eprintln!("==> xtask: Linux 6.1 VM: preparing");
+    ensure_packages(ws, packages::VM)?;
+    let dir = ws.target_dir.join("linux-6.1");
+    let mut cache = Cache::new(ws, dir.join("debs"));
+    let busybox = cache
+        .unpack(&Pinned::new(BUSYBOX.0, BUSYBOX.1), |_| Ok(()))?
+        .join("bin/busybox");
+    let kernel = pick_kernel(&mut cache)?;
+    let kernel_dir = cache.unpack(&kernel, |dir| depmod(&busybox, dir))?;
+    let vmlinuz = single_entry(&kernel_dir.join("boot"), "vmlinuz-")?;
+    let modules = single_entry(&kernel_dir.join("lib/modules"), "")?;
+
+    let initrd_path = dir.join("initrd.cpio");
+    write_if_changed(&initrd_path, &initrd::build(&busybox, &modules)?)?;
+    let packets = packets_binary(ws)?;
+
+    let out_dir = dir.join("out");
+    if out_dir.exists() {
+        fs::remove_dir_all(&out_dir)?;
+    }
+    fs::create_dir_all(&out_dir)?;
+    let script = dir.join("guest.sh");
+    let log = out_dir.join("packets.log");
+    fs::write(&script, guest_script(ws, &packets, &log, scope))?;
+    let vm = Vm {
+        kernel: vmlinuz,
+        initrd: initrd_path,
+        append: [
+            ("egrun", &script),
+            ("egout", &out_dir),
+            ("egmods", &modules),
+        ]
+        .iter()
+        .map(|(key, path)| kernel_arg(key, path))
+        .collect::<Result<Vec<_>>>()?
+        .join(" "),
+        out_dir,
+        console_log: dir.join("console.log"),
+    };
+    let prepared = started.elapsed();
+
+    let limit = match scope {
+        Scope::Subset => LIMIT_SUBSET,
+        Scope::All => LIMIT_ALL,
+    };
+    let echo = |line: &str| eprintln!("    6.1 | {line}");
+    let mut outcome = Outcome::NoBoot("KVM not tried".into());
+    if kvm_usable() {
+        eprintln!("==> xtask: Linux 6.1 VM: {} under KVM", kernel.name);
+        outcome = vm.run(ws, Accel::Kvm, KVM_BOOT_LIMIT, limit, echo)?;
+    }
+    if let Outcome::NoBoot(why) = outcome {
+        eprintln!(
+            "==> xtask: Linux 6.1 VM: {} under emulation (TCG; KVM: {why})",
+            kernel.name
+        );
+        outcome = vm.run(ws, Accel::Tcg, limit, limit, echo)?;
+    }
+    let status = match outcome {
+        Outcome::Exited(status) => status,
+        Outcome::NoBoot(why) => bail!(
+            "the Linux 6.1 VM did not boot: {why}; the kernel's console: {}",
+            vm.console_log.display()
+        ),
+    };
+    eprintln!(
+        "==> xtask: Linux 6.1 VM: {:.0} s to prepare, {:.0} s in the VM",
+        prepared.as_secs_f64(),
+        (started.elapsed() - prepared).as_secs_f64()
+    );
+    judge(&log, status, scope, &kernel)
+}
+
+/// The pinned kernel if apt still has it (or it is unpacked already), else
+/// the newest of its flavour, with a warning naming both.
+fn pick_kernel(cache: &mut Cache) -> Result<Pinned> {
+    let pinned = Pinned::new(KERNEL.0, KERNEL.1);
+    if cache.is_unpacked(&pinned) || cache.offers(&pinned)? {
+        return Ok(pinned);
+    }
+    let names = cache.names_matching(KERNEL_FAMILY)?;
+    let Some(newest) = cache.newest_of(&names)? else {
+        bail!(
+            "apt offers neither {} {} nor any other package matching {KERNEL_FAMILY}",
+            pinned.name,
+            pinned.version
+        );
+    };
+    eprintln!(
+        "xtask: warning: {} {} (pinned in xtask/src/oldest_kernel.rs) is no longer offered; \
+         using {} {}, the newest 6.1 kernel of the same flavour",
+        pinned.name, pinned.version, newest.name, newest.version
+    );
+    Ok(newest)
+}
+
+/// Writes modules.dep (which the package leaves to its install scripts)
+/// into an unpacked kernel package.
+fn depmod(busybox: &Path, dir: &Path) -> Result<()> {
+    let modules = single_entry(&dir.join("lib/modules"), "")?;
+    let version = modules
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("module directory without a name")?;
+    capture(
+        std::process::Command::new(busybox)
+            .args(["depmod", "-b"])
+            .arg(dir)
+            .arg(version),
+    )
+    .map(drop)
+}
+
+fn write_if_changed(path: &Path, bytes: &[u8]) -> Result<()> {
+    if fs::read(path).is_ok_and(|old| old == bytes) {
+        return Ok(());
+    }
+    fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Builds the `packets` test binary and returns its path.
+fn packets_binary(ws: &Workspace) -> Result<PathBuf> {
+    let out = capture(ws.cargo().args([
+        "test",
+        "-p",
+        "tests",
+        "--test",
+        "packets",
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+    ]))?;
+    out.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|msg| msg["reason"] == "compiler-artifact" && msg["target"]["name"] == "packets")
+        .and_then(|msg| msg["executable"].as_str().map(PathBuf::from))
+        .context("cargo built no `packets` test executable")
+}
+
+/// What runs in the guest: the packet tests, their whole output to `log`,
+/// each test's line on the way as it finishes.
+fn guest_script(ws: &Workspace, packets: &Path, log: &Path, scope: Scope) -> String {
+    let filter = match scope {
+        Scope::Subset => format!("--exact {}", PACKET_TESTS.join(" ")),
+        Scope::All => String::new(),
+    };
+    let status = log.with_file_name("status");
+    format!(
+        "cd {root}\n\
+         ({bin} --test-threads=1 -Z unstable-options --report-time {filter}; echo $? > {status}) 2>&1 \
+         | tee {log} | grep --line-buffered -E '^(running|test )'\n\
+         exit $(cat {status})\n",
+        root = ws.root().display(),
+        bin = packets.display(),
+        status = status.display(),
+        log = log.display(),
+    )
+}
+
+/// `key=path` for the kernel command line, which splits at spaces.
+fn kernel_arg(key: &str, path: &Path) -> Result<String> {
+    let path = path.to_str().context("non-UTF-8 path")?;
+    if path.contains(char::is_whitespace) {
+        bail!("the VM cannot take a path with spaces: {path}");
+    }
+    Ok(format!("{key}={path}"))
+}
+
+/// Whether /dev/kvm can make a VM at all (a host can have it and still
+/// not run guests: see [`KVM_BOOT_LIMIT`]).
+fn kvm_usable() -> bool {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// Fails unless every test ran and passed; prints the failures' output,
+/// each cut to its start and its end (where the verifier's message is).
+fn judge(log: &Path, status: i32, scope: Scope, kernel: &Pinned) -> Result<()> {
+    let text = fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    let results = Results::parse(&text);
+    if !results.failed.is_empty() {
+        eprintln!("{}", results.failure_report(log));
+    }
+    let kernel = format!("{} {}", kernel.name, kernel.version);
+    if scope == Scope::Subset {
+        let missing: Vec<&str> = PACKET_TESTS
+            .iter()
+            .copied()
+            .filter(|t| !results.ran(t))
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "packet tests named in xtask/src/oldest_kernel.rs did not run on {kernel} \
+                 (renamed or gone?): {}",
+                missing.join(", ")
+            );
+        }
+    }
+    if !results.failed.is_empty() {
+        bail!(
+            "{} of {} packet tests failed on {kernel}: {}",
+            results.failed.len(),
+            results.passed.len() + results.failed.len(),
+            results.failed.join(", ")
+        );
+    }
+    if status != 0 || results.passed.is_empty() {
+        bail!(
+            "the packet tests on {kernel} exited with {status}, {} passed; the whole output: {}",
+            results.passed.len(),
+            log.display()
+        );
+    }
+    eprintln!(
+        "==> xtask: Linux 6.1 VM: {} packet tests passed on {kernel}",
+        results.passed.len()
+    );
+    Ok(())
+}
+
+/// What libtest said about each test.
+#[derive(Debug, Default)]
+struct Results<'a> {
+    passed: Vec<&'a str>,
+    failed: Vec<&'a str>,
+    /// Each failed test's captured output, in order.
+    outputs: Vec<(&'a str, Vec<&'a str>)>,
+}
+
+/// A failure's output longer than this is cut: the verifier's log of a
+/// refused program runs to thousands of lines, its verdict at the end.
+const HEAD_LINES: usize = 12;
+const TAIL_LINES: usize = 40;
+
+impl<'a> Results<'a> {
+    fn parse(text: &'a str) -> Self {
+        let mut results = Self::default();
+        let mut current: Option<(&str, Vec<&str>)> = None;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("test ") {
+                // "test NAME ... ok <1.234s>"
+                if let Some((name, verdict)) = rest.split_once(" ... ") {
+                    match verdict.split_whitespace().next() {
+                        Some("ok") => results.passed.push(name),
+                        Some("FAILED") => results.failed.push(name),
+                        _ => {}
+                    }
+                    continue;
+                }
+            }
+            if let Some(name) = line
+                .strip_prefix("---- ")
+                .and_then(|l| l.strip_suffix(" stdout ----"))
+            {
+                results.outputs.extend(current.take());
+                current = Some((name, Vec::new()));
+            } else if line == "failures:" || line.starts_with("test result:") {
+                results.outputs.extend(current.take());
+            } else if let Some((_, lines)) = current.as_mut() {
+                lines.push(line);
+            }
+        }
+        results.outputs.extend(current);
+        results
+    }
+
+    fn ran(&self, name: &str) -> bool {
+        self.passed.contains(&name) || self.failed.contains(&name)
+    }
+
+    fn failure_report(&self, log: &Path) -> String {
+        let mut report = String::new();
+        for (name, lines) in &self.outputs {
+            report.push_str(&format!("---- {name} on Linux 6.1 ----\n"));
+            if lines.len() > HEAD_LINES + TAIL_LINES {
+                let left_out = lines.len() - HEAD_LINES - TAIL_LINES;
+                report.push_str(&lines[..HEAD_LINES].join("\n"));
+                report.push_str(&format!(
+                    "\n[... {left_out} lines left out; the whole output: {} ...]\n",
+                    log.display()
+                ));
+                report.push_str(&lines[lines.len() - TAIL_LINES..].join("\n"));
+            } else {
+                report.push_str(&lines.join("\n"));
+            }
+            report.push('\n');
+        }
+        report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOG: &str = "\
+running 2 tests
+test xdp::a ... ok <1.5s>
+test tc::b ... FAILED <2.0s>
+
+failures:
+
+---- tc::b stdout ----
+thread 'tc::b' panicked at tests/tests/packets/gateway.rs:150:50:
+called `Result::unwrap()` on an `Err` value: the kernel verifier rejected the TC program
+
+failures:
+    tc::b
+
+test result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 3.50s
+";
+
+    #[test]
+    fn results_name_each_test_and_keep_failures_output() {
+        let results = Results::parse(LOG);
+        assert_eq!(results.passed, ["xdp::a"]);
+        assert_eq!(results.failed, ["tc::b"]);
+        assert!(results.ran("tc::b") && !results.ran("tc::c"));
+        assert_eq!(results.outputs.len(), 1);
+        let (name, lines) = &results.outputs[0];
+        assert_eq!(*name, "tc::b");
+        assert_eq!(lines.len(), 3);
+        assert!(lines[1].contains("verifier rejected the TC program"));
+    }
+
+    #[test]
+    fn long_failure_output_keeps_its_start_and_end() {
+        let body: String = (0..200).map(|i| format!("line {i}\n")).collect();
+        let log = format!("---- tc::b stdout ----\n{body}\nfailures:\n");
+        let report = Results::parse(&log).failure_report(Path::new("/x.log"));
+        assert!(report.contains("line 0\n") && report.contains("line 11\n"));
+        assert!(!report.contains("line 12\n") && !report.contains("line 160\n"));
+        assert!(report.contains("149 lines left out; the whole output: /x.log"));
+        assert!(report.contains("line 161\n") && report.contains("line 199\n"));
+    }
+}
