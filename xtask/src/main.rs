@@ -8,6 +8,7 @@ mod oldest_kernel;
 mod packages;
 mod run;
 mod test;
+mod test_output;
 mod toolchain;
 mod vm;
 mod workspace;
