@@ -57,5 +57,6 @@ pub fn test(ws: &mut Workspace, oldest_kernel: bool) -> Result<()> {
 /// `cargo xtask oldest-kernel`: the Linux 6.1 step alone.
 pub fn oldest_kernel(ws: &mut Workspace, all: bool) -> Result<()> {
     prepare_privileged(ws, "oldest-kernel")?;
+    build_bins(ws, false)?;
     oldest_kernel::test(ws, if all { Scope::All } else { Scope::Subset })
 }

@@ -36,15 +36,16 @@ pub struct Vm {
 }
 
 pub enum Outcome {
-    /// The guest's script ended with this status.
-    Exited(i32),
+    /// The guest's script ran to its end (it leaves its results in the
+    /// `out` share).
+    Finished,
     /// The guest said nothing within the boot deadline, or QEMU ended first.
     NoBoot(String),
 }
 
 /// The guest's first line, once its init runs.
 const UP: &str = "egress-vm: Linux ";
-/// Its last, with the script's status.
+/// Its last, once the script has ended.
 const EXIT: &str = "egress-vm: exit ";
 
 impl Vm {
@@ -74,7 +75,7 @@ impl Vm {
 
         let started = Instant::now();
         let mut booted = false;
-        let mut status = None;
+        let mut finished = false;
         let mut last = String::new();
         loop {
             let deadline = if booted { limit } else { boot_limit.min(limit) };
@@ -82,9 +83,7 @@ impl Vm {
             match received.recv_timeout(left) {
                 Ok(line) => {
                     booted |= line.starts_with(UP);
-                    if let Some(code) = line.strip_prefix(EXIT) {
-                        status = code.trim().parse().ok();
-                    }
+                    finished |= line.starts_with(EXIT);
                     on_line(&line);
                     last = line;
                 }
@@ -99,25 +98,28 @@ impl Vm {
                     }
                     bail!(
                         "the VM did not finish within {} s and was killed; its last line: \
-                         {last:?}; the kernel's console: {}",
+                         {last:?}; the kernel console's last lines ({}):\n{}",
                         limit.as_secs(),
-                        self.console_log.display()
+                        self.console_log.display(),
+                        tail(&self.console_log, 20)
                     );
                 }
             }
         }
         let exit = qemu.wait()?;
-        match status {
-            Some(code) => Ok(Outcome::Exited(code)),
-            None if !booted => Ok(Outcome::NoBoot(format!(
+        if finished {
+            Ok(Outcome::Finished)
+        } else if !booted {
+            Ok(Outcome::NoBoot(format!(
                 "QEMU ended ({exit}) before the guest spoke"
-            ))),
-            None => bail!(
+            )))
+        } else {
+            bail!(
                 "the VM stopped before its script finished (QEMU: {exit}); the kernel console's \
                  last lines ({}):\n{}",
                 self.console_log.display(),
-                tail(&self.console_log, 30)
-            ),
+                tail(&self.console_log, 20)
+            )
         }
     }
 
@@ -143,7 +145,7 @@ impl Vm {
             .arg("-append")
             // panic=-1: a panicking kernel reboots at once, which
             // -no-reboot turns into QEMU's exit.
-            .arg(format!("console=ttyS0 panic=-1 loglevel=4 {}", self.append))
+            .arg(format!("console=ttyS0 panic=-1 loglevel=6 {}", self.append))
             .arg("-virtfs")
             .arg(share(
                 Path::new("/"),
@@ -169,7 +171,7 @@ fn stop(qemu: &mut Child) {
 }
 
 /// The last `n` lines of a file, or a note that it cannot be read.
-pub fn tail(path: &Path, n: usize) -> String {
+fn tail(path: &Path, n: usize) -> String {
     match fs::read(path) {
         Ok(bytes) => {
             let text = String::from_utf8_lossy(&bytes);
