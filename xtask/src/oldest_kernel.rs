@@ -120,22 +120,26 @@ pub fn test(ws: &Workspace, scope: Scope) -> Result<()> {
         Scope::Subset => LIMIT_SUBSET,
         Scope::All => LIMIT_ALL,
     };
-    let echo = |line: &str| eprintln!("    6.1 | {line}");
-    let mut outcome = Outcome::NoBoot("KVM not tried".into());
-    if kvm_usable() {
-        eprintln!("==> xtask: Linux 6.1 VM: {} under KVM", kernel.name);
-        outcome = vm
-            .run(ws, Accel::Kvm, KVM_BOOT_LIMIT, limit, echo)
-            .context("the Linux 6.1 VM under KVM")?;
-    }
-    if let Outcome::NoBoot(why) = outcome {
+    let boot = |accel: Accel, boot_limit: Duration, why_here: &str| {
         eprintln!(
-            "==> xtask: Linux 6.1 VM: {} under emulation (TCG; KVM: {why})",
+            "==> xtask: Linux 6.1 VM: {} under {accel:?}{why_here}",
             kernel.name
         );
-        outcome = vm
-            .run(ws, Accel::Tcg, limit, limit, echo)
-            .context("the Linux 6.1 VM under emulation")?;
+        vm.run(ws, accel, boot_limit, limit, |line| {
+            eprintln!("    6.1 | {line}")
+        })
+        .with_context(|| format!("the Linux 6.1 VM under {accel:?}"))
+    };
+    let mut outcome = Outcome::NoBoot("not tried: /dev/kvm does not open".into());
+    if kvm_usable() {
+        outcome = boot(Accel::Kvm, KVM_BOOT_LIMIT, "")?;
+    }
+    if let Outcome::NoBoot(why) = outcome {
+        outcome = boot(
+            Accel::Tcg,
+            limit,
+            &format!(" (software emulation; KVM: {why})"),
+        )?;
     }
     if let Outcome::NoBoot(why) = outcome {
         bail!(

@@ -161,71 +161,53 @@ fn shorten(lines: &[&str], log: &Path) -> Vec<String> {
 mod tests {
     use super::*;
 
-    /// Two tests refused alike, as libtest prints them (the verifier's log
-    /// shortened to a few lines).
-    const REFUSED: &str = "\
-running 3 tests
-test xdp::a ... ok <1.5s>
-test tc::b ... FAILED <2.0s>
-test tc::c ... FAILED <2.1s>
-
-failures:
-
----- tc::b stdout ----
-
-thread 'tc::b' (125) panicked at tests/tests/packets/gateway.rs:157:48:
-called `Result::unwrap()` on an `Err` value: the kernel verifier rejected the XDP program
-
-Caused by:
-    0: the BPF_PROG_LOAD syscall returned Permission denied (os error 13). Verifier output: 0: R1=ctx(off=0,imm=0) R10=fp0
-       1: (18) r2 = 0xff31000cfba6b310
-@LOG@
-       2719: (71) r8 = *(u8 *)(r2 +0)
-       invalid access to packet, off=74 size=1, R2(id=1898,off=74,r=0)
-       R2 offset is outside of the packet
-       verification time 837553 usec
-       processed 17760 insns (limit 1000000) max_states_per_insn 4 total_states 630 peak_states 130 mark_read 59
-       
-    1: Permission denied (os error 13)
-note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace
-logs kept in /tmp/egt-122-0
-
----- tc::c stdout ----
-
-thread 'tc::c' (151) panicked at tests/tests/packets/gateway.rs:157:48:
-called `Result::unwrap()` on an `Err` value: the kernel verifier rejected the XDP program
-
-Caused by:
-    0: the BPF_PROG_LOAD syscall returned Permission denied (os error 13). Verifier output: 0: R1=ctx(off=0,imm=0) R10=fp0
-       1: (18) r2 = 0xff31000cc0a2d910
-@LOG@
-       2719: (71) r8 = *(u8 *)(r2 +0)
-       invalid access to packet, off=74 size=1, R2(id=1898,off=74,r=0)
-       R2 offset is outside of the packet
-       verification time 837001 usec
-       processed 17760 insns (limit 1000000) max_states_per_insn 4 total_states 630 peak_states 130 mark_read 59
-       
-    1: Permission denied (os error 13)
-logs kept in /tmp/egt-122-1
-
-
-failures:
-    tc::b
-    tc::c
-
-test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 3.50s
-";
-
-    fn refused() -> String {
-        let log: String = (2..2000)
+    /// A test's output as libtest prints it when the verifier refused the
+    /// XDP program, its log shortened to `log_lines` lines and the last few.
+    fn refused(name: &str, thread: u32, address: &str, usec: u32, log_lines: u32) -> String {
+        let log: String = (2..log_lines)
             .map(|i| format!("       {i}: (b7) r0 = 0\n"))
             .collect();
-        REFUSED.replace("@LOG@\n", &log)
+        format!(
+            "---- {name} stdout ----
+
+thread '{name}' ({thread}) panicked at tests/tests/packets/gateway.rs:157:48:
+called `Result::unwrap()` on an `Err` value: the kernel verifier rejected the XDP program
+
+Caused by:
+    0: the BPF_PROG_LOAD syscall returned Permission denied (os error 13). Verifier output: 0: R1=ctx(off=0,imm=0) R10=fp0
+       1: (18) r2 = {address}
+{log}       2719: (71) r8 = *(u8 *)(r2 +0)
+       invalid access to packet, off=74 size=1, R2(id=1898,off=74,r=0)
+       R2 offset is outside of the packet
+       verification time {usec} usec
+       processed 17760 insns (limit 1000000) max_states_per_insn 4 total_states 630 peak_states 130 mark_read 59
+       
+    1: Permission denied (os error 13)
+logs kept in /tmp/egt-122-{thread}
+
+"
+        )
+    }
+
+    /// Two tests refused alike (but for what changes between runs), and
+    /// one that passed.
+    fn two_refused() -> String {
+        let first = refused("tc::b", 125, "0xff31000cfba6b310", 837553, 2000).replace(
+            "logs kept in",
+            "note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\nlogs kept in",
+        );
+        let second = refused("tc::c", 151, "0xff31000cc0a2d910", 837001, 2000);
+        format!(
+            "running 3 tests\ntest xdp::a ... ok <1.5s>\ntest tc::b ... FAILED <2.0s>\n\
+             test tc::c ... FAILED <2.1s>\n\nfailures:\n\n{first}{second}\nfailures:\n    tc::b\n    tc::c\n\n\
+             test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; \
+             finished in 3.50s\n"
+        )
     }
 
     #[test]
     fn results_name_each_test() {
-        let text = refused();
+        let text = two_refused();
         let results = Results::parse(&text);
         assert_eq!(results.passed, ["xdp::a"]);
         assert_eq!(results.failed, ["tc::b", "tc::c"]);
@@ -234,7 +216,7 @@ test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; 
 
     #[test]
     fn a_refused_program_is_reported_once_by_the_verifiers_verdict() {
-        let text = refused();
+        let text = two_refused();
         let report = Results::parse(&text).failure_report("on 6.1", Path::new("/x.log"));
         assert_eq!(report.matches("---- ").count(), 1, "{report}");
         assert!(
@@ -255,7 +237,7 @@ test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; 
             "invalid access to packet, off=74",
             "processed 17760 insns",
             "    1: Permission denied",
-            "logs kept in /tmp/egt-122-0",
+            "logs kept in /tmp/egt-122-125",
         ] {
             assert!(report.contains(kept), "{kept} missing from:\n{report}");
         }
