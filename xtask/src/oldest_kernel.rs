@@ -27,7 +27,7 @@ const KERNEL: (&str, &str) = ("linux-image-6.1.0-56-amd64-unsigned", "6.1.192-2"
 /// mirror some time after a newer one supersedes it, and any 6.1 verifier
 /// will do.
 const KERNEL_FAMILY: &str = r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$";
-/// Runs the guest's init and unpacks its modules' index (`depmod`).
+/// Runs the guest's init, and writes the kernel modules' index (`depmod`).
 const BUSYBOX: (&str, &str) = ("busybox-static", "1:1.35.0-4+deb12u1+b1");
 
 /// The packet tests run on 6.1 by default: under software emulation each
@@ -122,13 +122,14 @@ pub fn test(ws: &Workspace, scope: Scope) -> Result<()> {
     };
     let boot = |accel: Accel, boot_limit: Duration, why_here: &str| {
         eprintln!(
-            "==> xtask: Linux 6.1 VM: {} under {accel:?}{why_here}",
-            kernel.name
+            "==> xtask: Linux 6.1 VM: {} under {}{why_here}",
+            kernel.name,
+            accel.name()
         );
         vm.run(ws, accel, boot_limit, limit, |line| {
             eprintln!("    6.1 | {line}")
         })
-        .with_context(|| format!("the Linux 6.1 VM under {accel:?}"))
+        .with_context(|| format!("the Linux 6.1 VM under {}", accel.name()))
     };
     let mut outcome = Outcome::NoBoot("not tried: /dev/kvm does not open".into());
     if kvm_usable() {

@@ -24,6 +24,15 @@ pub enum Accel {
     Tcg,
 }
 
+impl Accel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "KVM",
+            Accel::Tcg => "TCG",
+        }
+    }
+}
+
 pub struct Vm {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
