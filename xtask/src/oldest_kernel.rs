@@ -31,7 +31,7 @@ const KERNEL_FAMILY: &str = r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$";
 const BUSYBOX: (&str, &str) = ("busybox-static", "1:1.35.0-4+deb12u1+b1");
 
 /// The packet tests run on 6.1 by default: under software emulation each
-/// takes about 12 s (its namespace's set-up and the load of both
+/// takes 8 to 14 s (its namespace's set-up and the load of both
 /// programs), and all of them about half an hour (`cargo xtask
 /// oldest-kernel --all`). Both programs load in every test; these run
 /// each hook's main paths and what 6.1 was seen refusing (the MSS walk, the
