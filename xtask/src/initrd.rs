@@ -12,9 +12,11 @@ use anyhow::{Context, Result, bail};
 const BOOT_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p"];
 
 /// What `init` does: mount the host's root read-only over 9p (tag
-/// `hostroot`) with the kernel's full module tree and a writable `out`
-/// share in place, run the script `egrun=` names in it (as root, in a
-/// chroot, so every path is the host's), and power off. The guest's
+/// `hostroot`) with the kernel's full module tree (`egmods=`), fresh
+/// tmpfs on /tmp, /run and /var/tmp (but for the paths `egkeep=` names
+/// under them) and a writable `out` share (at `egout=`) in place, run the
+/// script `egrun=` names in it (as root, in a chroot, so every path is
+/// the host's), and power off. The guest's
 /// second serial port (ttyS1) carries the script's output and a closing
 /// `egress-vm: exit N` line; the first, the kernel's console.
 const INIT: &str = r#"#!/bin/busybox sh
@@ -24,14 +26,23 @@ mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 echo /bin/modprobe > /proc/sys/kernel/modprobe
 exec >/dev/ttyS1 2>&1
 for a in $(cat /proc/cmdline); do
-  case $a in egrun=*) RUN=${a#egrun=};; egout=*) OUT=${a#egout=};; egmods=*) MODS=${a#egmods=};; esac
+  case $a in
+    egrun=*) RUN=${a#egrun=};; egout=*) OUT=${a#egout=};; egmods=*) MODS=${a#egmods=};;
+    egkeep=*) KEEP="$KEEP ${a#egkeep=}";;
+  esac
 done
 echo "egress-vm: Linux $(uname -r) up"
 @INSMOD@
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 hostroot /root || echo "egress-vm: 9p mount of the host's root failed"
 K=$(uname -r)
 mkdir -p /lib/modules/$K && mount --bind /root$MODS /lib/modules/$K
+mkdir -p /host && mount --bind /root /host
 for d in tmp run var/tmp; do mount -t tmpfs tmpfs /root/$d; done
+# What the guest needs of the host's files (the workspace, its target
+# directory) is put back where a tmpfs above covered it.
+for p in $KEEP; do
+  [ -e /root$p ] || { mkdir -p /root$p && mount --bind /host$p /root$p; }
+done
 mount -t proc proc /root/proc; mount -t sysfs sys /root/sys; mount -t devtmpfs dev /root/dev
 mkdir -p /root/dev/shm /root/dev/pts; mount -t tmpfs tmpfs /root/dev/shm; mount -t devpts devpts /root/dev/pts
 mount -t bpf bpf /root/sys/fs/bpf

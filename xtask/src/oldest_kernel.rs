@@ -103,9 +103,11 @@ pub fn test(ws: &Workspace, scope: Scope) -> Result<()> {
         kernel: vmlinuz,
         initrd: initrd_path,
         append: [
-            ("egrun", &script),
+            ("egrun", script.as_path()),
             ("egout", &out_dir),
             ("egmods", &modules),
+            ("egkeep", ws.root()),
+            ("egkeep", &ws.target_dir),
         ]
         .iter()
         .map(|(key, path)| kernel_arg(key, path))
