@@ -39,7 +39,8 @@ enum Command {
         #[arg(long)]
         skip_oldest_kernel: bool,
     },
-    /// Only the packet tests on Linux 6.1, in a QEMU VM (root).
+    /// Only the Linux 6.1 step: packet tests, then `egress check` and
+    /// `egress run`, in a QEMU VM (root).
     OldestKernel {
         /// All of them (about half an hour under emulation), not the usual subset.
         #[arg(long)]
