@@ -68,8 +68,8 @@ fn every_call_chain_fits_linux_6_1_stack_limit() {
                 let f = &functions[key];
                 total += counted(f.depth);
                 format!(
-                    "  {total:>4}  {} ({} bytes, counted {})",
-                    f.name,
+                    "  {total:>4}  {:#} ({} bytes, counted {})",
+                    rustc_demangle::demangle(&f.name),
                     f.depth,
                     counted(f.depth)
                 )
