@@ -20,4 +20,5 @@ pub mod ports;
 pub mod reason;
 pub mod rewrite;
 pub mod route;
+pub mod state_format;
 pub mod tcp;

@@ -173,12 +173,12 @@ impl Datapath {
         policy.admission.validate()?;
         pinning::prepare(&policy.state_dir, policy.reset_state)?;
         let resumed = pinning::has_state(&policy.state_dir);
-        if resumed {
-            upgrade::flow_cache(&policy.state_dir)?;
-        }
         let fit = state_fit::judge(&policy.state_dir, policy.max_flows)?;
         if let Some((what, fix)) = fit.refusal(&policy.state_dir) {
             anyhow::bail!("{what}; {fix}");
+        }
+        if resumed {
+            upgrade::flow_cache(&policy.state_dir)?;
         }
         if !fit.missing.is_empty() {
             tracing::warn!(
@@ -228,6 +228,7 @@ impl Datapath {
         if resumed {
             tracing::info!(dir = %policy.state_dir.display(), "resuming the connection state of the previous run");
         }
+        pinning::record_format(&policy.state_dir)?;
 
         let mut peers: HashMap<_, [u8; 4], u8> = HashMap::try_from(map(&mut ebpf, "PEERS")?)?;
         for (p, index) in policy.admission.peer_indices() {

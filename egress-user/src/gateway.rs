@@ -250,6 +250,9 @@ impl Gateway {
         if self.changes.store(dir)? {
             pinned.push("the record of its host changes");
         }
+        if pinning::record_format(dir)? {
+            pinned.push("the record of its state format");
+        }
         if !pinned.is_empty() {
             tracing::warn!(
                 dir = %dir.display(),

@@ -4,6 +4,8 @@
 use std::{fs, io, path::Path};
 
 use anyhow::{Context as _, bail};
+use aya::maps::{Array, Map, MapData, MapError};
+use egress_common::state_format::STATE_FORMAT;
 use nix::{
     fcntl::{Flock, FlockArg},
     mount::MsFlags,
@@ -27,6 +29,9 @@ pub const PINNED_MAPS: [&str; 8] = [
     "HELD_FRAGMENTS",
     "IP_IDS",
 ];
+/// The one-entry map that records the state's format (see
+/// `egress_common::state_format`).
+pub const FORMAT: &str = "STATE_FORMAT";
 /// The maps every version that pinned state at all has pinned: one of
 /// them missing beside others was removed.
 pub const ALWAYS_PINNED: [&str; 4] = ["FLOWS", "MAPPINGS", "CLIENT_FLOWS", "STATS"];
@@ -192,13 +197,46 @@ pub fn unpin(path: &Path) -> anyhow::Result<bool> {
 /// pins too).
 pub fn remove(dir: &Path) -> anyhow::Result<()> {
     let mut removed = resize::discard(dir)?;
-    for name in PINNED_MAPS {
+    for name in PINNED_MAPS.iter().chain([&FORMAT]) {
         removed += usize::from(unpin(&dir.join(name))?);
     }
     if removed > 0 {
         tracing::info!(dir = %dir.display(), "removed the previous run's connection state");
     }
     Ok(())
+}
+
+/// The format of the state in `dir` as recorded there; `None` if there
+/// is no record: no state, or state of the versions before the record,
+/// which is format 1.
+pub fn recorded_format(dir: &Path) -> anyhow::Result<Option<u32>> {
+    let path = dir.join(FORMAT);
+    let context = || format!("cannot read {}", path.display());
+    let map = match MapData::from_pin(&path) {
+        Ok(map) => map,
+        Err(MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e).with_context(context),
+    };
+    let array: Array<_, u32> = Array::try_from(Map::from_map_data(map)?).with_context(context)?;
+    array.get(&0, 0).map(Some).with_context(context)
+}
+
+/// Records this version's state format in `dir` (once the data path has
+/// pinned its maps there), unless it is recorded already; returns whether
+/// it pinned the record.
+pub fn record_format(dir: &Path) -> anyhow::Result<bool> {
+    if recorded_format(dir)? == Some(STATE_FORMAT) {
+        return Ok(false);
+    }
+    let path = dir.join(FORMAT);
+    let context = || format!("cannot record the state format in {}", path.display());
+    unpin(&path)?;
+    let mut array = Array::<MapData, u32>::create(1, 0).with_context(context)?;
+    array.set(0, &STATE_FORMAT, 0).with_context(context)?;
+    array.pin(&path).with_context(context)?;
+    Ok(true)
 }
 
 /// Whether pinned state from an earlier run is present in `dir`.

@@ -7,7 +7,7 @@
 //! so a reload never hands a running gateway over to an image that cannot
 //! start.
 
-use std::{io, path::Path};
+use std::{cmp::Ordering, io, path::Path};
 
 use anyhow::Context as _;
 use aya::maps::{MapData, MapError, MapType};
@@ -16,6 +16,7 @@ use aya_obj::{
     generated::{BPF_F_RDONLY, BPF_F_WRONLY},
     maps::PinningType,
 };
+use egress_common::state_format::STATE_FORMAT;
 
 use crate::{datapath, pinning, resize, upgrade};
 
@@ -35,12 +36,17 @@ pub struct Fit {
     /// What a start does with the maps sized from `max-flows` (when
     /// nothing else differs).
     pub resize: resize::Plan,
+    /// The state format recorded in the directory, if one is.
+    pub format: Option<u32>,
 }
 
 impl Fit {
     /// Why the data path could not load on this state, and what to do
     /// about it, if it could not.
     pub fn refusal(&self, dir: &Path) -> Option<(String, String)> {
+        if let Some(refusal) = self.format.and_then(|format| other_format(dir, format)) {
+            return Some(refusal);
+        }
         if self.unfit.is_empty() {
             return self.resize.refusal(dir);
         }
@@ -53,7 +59,10 @@ impl Fit {
 pub fn judge(dir: &Path, max_flows: u32) -> anyhow::Result<Fit> {
     let object = Object::parse(datapath::OBJECT).context("cannot read the eBPF object")?;
     let sizes = datapath::map_sizes(max_flows)?;
-    let mut fit = Fit::default();
+    let mut fit = Fit {
+        format: pinning::recorded_format(dir)?,
+        ..Fit::default()
+    };
     let mut present = false;
     // Whether only sizes differ, and the pinned flow table's size (twice
     // the `max-flows` it was made with).
@@ -153,6 +162,26 @@ pub fn judge(dir: &Path, max_flows: u32) -> anyhow::Result<Fit> {
             .collect();
     }
     Ok(fit)
+}
+
+/// Why this version cannot read state of `format`, and what to do, if
+/// it cannot.
+fn other_format(dir: &Path, format: u32) -> Option<(String, String)> {
+    let by = match format.cmp(&STATE_FORMAT) {
+        Ordering::Equal => return None,
+        Ordering::Greater => "a newer version of egress",
+        Ordering::Less => "an older version of egress, whose state this one cannot bring over",
+    };
+    Some((
+        format!(
+            "the connection state in {} is in format {format}, written by {by} (this one \
+             reads format {STATE_FORMAT})",
+            dir.display()
+        ),
+        "run the version that wrote it, or start over with --reset-state (live connections \
+         through the gateway will break)"
+            .to_owned(),
+    ))
 }
 
 /// What it means that the state in `dir` does not fit (made with

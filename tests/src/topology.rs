@@ -9,7 +9,7 @@ use anyhow::Result;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::process::Output;
+use std::process::{ExitStatus, Output};
 use std::time::Duration;
 
 /// Loading and verifying the XDP programs can take a while on a busy machine.
@@ -166,14 +166,7 @@ impl Topology {
         attach: Attach,
         extra: &str,
     ) -> Result<Daemon> {
-        let cidrs: String = CLIENT_CIDRS
-            .iter()
-            .map(|c| format!(" --client-cidr {c}"))
-            .collect();
-        let args = format!(
-            "run --iface {HOST_IFACE} --peer {CLIENT_UNDERLAY_IP}{cidrs} --snat {GATEWAY_IP} --attach {} {extra}",
-            attach.flag()
-        );
+        let args = run_args(attach, extra);
         let mut gw = match launcher.split_once(' ') {
             None if launcher.is_empty() => self.lab.spawn(&self.gateway, "gateway", bin, &args)?,
             split => {
@@ -184,6 +177,26 @@ impl Topology {
         };
         gw.wait_for("ready", GATEWAY_READY)?;
         Ok(gw)
+    }
+
+    /// Runs `egress run` in native mode on the gateway's state directory,
+    /// for a start that is to be refused: waits up to `timeout` for it to
+    /// end (stopping it if it has not, an error); returns how it ended and
+    /// what it printed.
+    pub fn run_gateway_refused(
+        &self,
+        bin: &Path,
+        timeout: Duration,
+    ) -> Result<(ExitStatus, String)> {
+        let state = format!("--state-dir {}", self.lab.state_dir()?.display());
+        let mut gw = self.lab.spawn(
+            &self.gateway,
+            "refused",
+            bin,
+            &run_args(Attach::Native, &state),
+        )?;
+        let status = gw.wait_exit(timeout)?;
+        Ok((status, gw.log()))
     }
 
     /// Runs `egress down` (with `extra` arguments) for the gateway's
@@ -316,6 +329,19 @@ fn link_gateway(router: &str, gateway: &str) -> Result<OwnedFd> {
 
 /// A veth pair, `a_if` in `a` and `HOST_IFACE` in `b`, on one /24; `b`'s
 /// default route points at `a`.
+/// The arguments of `egress run` for the topology's gateway in `attach`
+/// mode, with `extra` ones after them.
+fn run_args(attach: Attach, extra: &str) -> String {
+    let cidrs: String = CLIENT_CIDRS
+        .iter()
+        .map(|c| format!(" --client-cidr {c}"))
+        .collect();
+    format!(
+        "run --iface {HOST_IFACE} --peer {CLIENT_UNDERLAY_IP}{cidrs} --snat {GATEWAY_IP} --attach {} {extra}",
+        attach.flag()
+    )
+}
+
 pub fn veth_link(a: &str, a_if: &str, a_ip: Ipv4Addr, b: &str, b_ip: Ipv4Addr) -> Result<()> {
     exec(
         a,

@@ -22,6 +22,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
+use aya::maps::{Array, Map, MapData};
+use egress_common::state_format::STATE_FORMAT;
 use nix::sys::signal::Signal;
 use tests::{
     Attach, Attachments, Stack, Topology,
@@ -787,6 +789,89 @@ mod a_new_image_that_refuses_its_settings_leaves_the_data_path_running {
             "holds 2 flows, more than max-flows 1 holds",
         )
     }
+}
+
+/// The state records its format. State of another format (a newer
+/// version's, found after a rollback) is refused by a start and named by
+/// `egress check`, rather than read as garbage, and the data path left
+/// running goes on translating; a start with `--reset-state` begins anew,
+/// in this version's format.
+#[test]
+fn state_of_another_format_is_refused() -> Result<()> {
+    require_root()?;
+    let bin = egress_bin()?;
+    let topo = Topology::new()?;
+    let result = (|| {
+        let _peer = topo.start_ipip_peer(Path::new(env!("CARGO_BIN_EXE_ipip-peer")))?;
+        let state = topo.lab.state_dir()?;
+        let mut gateway = topo.start_gateway(&bin, Attach::Native)?;
+        let server = SocketAddr::from((SERVER_IP, UDP_PORT));
+        let _udp = udp_server(&topo.server, server)?;
+        topo.udp_translated(server)?;
+        gateway.terminate(WAIT)?;
+        ensure!(
+            recorded_format(&state)? == STATE_FORMAT,
+            "the start recorded no format {STATE_FORMAT}"
+        );
+
+        let newer = STATE_FORMAT + 1;
+        std::fs::remove_file(state.join("STATE_FORMAT"))?;
+        let mut record = Array::<MapData, u32>::create(1, 0)?;
+        record.set(0, &newer, 0)?;
+        record.pin(state.join("STATE_FORMAT"))?;
+        let why = format!(
+            "the connection state in {} is in format {newer}, written by a newer version of \
+             egress (this one reads format {STATE_FORMAT}); run the version that wrote it, or \
+             start over with --reset-state",
+            state.display()
+        );
+        let (status, log) = topo.run_gateway_refused(&bin, WAIT)?;
+        ensure!(
+            !status.success() && log.contains(&why),
+            "the start was not refused saying {why:?} ({status}):\n{log}"
+        );
+        let check = exec_output(
+            &topo.gateway,
+            &format!(
+                "{} check --iface {HOST_IFACE} --peer {CLIENT_UNDERLAY_IP} --client-cidr \
+                 10.0.0.0/16 --state-dir {}",
+                bin.display(),
+                state.display()
+            ),
+        )?;
+        let report = String::from_utf8_lossy(&check.stdout);
+        let named = format!("is in format {newer}, written by a newer version of egress");
+        ensure!(
+            !check.status.success()
+                && report
+                    .lines()
+                    .any(|l| l.starts_with("PROBLEM") && l.contains(&named)),
+            "check did not name the format:\n{report}"
+        );
+        ensure!(
+            recorded_format(&state)? == newer,
+            "the refused start changed the record"
+        );
+        topo.udp_translated(server)
+            .context("the data path left running stopped translating")?;
+
+        let mut gateway = topo.start_gateway_with(&bin, Attach::Native, "--reset-state")?;
+        topo.udp_translated(server)?;
+        gateway.terminate(WAIT)?;
+        ensure!(
+            recorded_format(&state)? == STATE_FORMAT,
+            "the reset state is not in format {STATE_FORMAT}"
+        );
+        topo.take_down(&bin)?;
+        Ok(())
+    })();
+    topo.lab.keep_logs_on_err(result)
+}
+
+/// The state format recorded in `state`.
+fn recorded_format(state: &Path) -> Result<u32> {
+    let pin = MapData::from_pin(state.join("STATE_FORMAT"))?;
+    Ok(Array::<_, u32>::try_from(Map::from_map_data(pin)?)?.get(&0, 0)?)
 }
 
 /// Starts the gateway from a copy of the binary, puts in its place a
