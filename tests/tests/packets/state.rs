@@ -29,6 +29,8 @@ for_each_hook!(
     simultaneous_open_passes_both_ways_and_establishes,
     replies_follow_a_moved_flow_at_once_on_its_cpu,
     unsolicited_inbound_packets_create_no_state,
+    only_the_flows_own_remote_reaches_its_translation,
+    packets_either_way_refresh_their_flow,
     mapping_is_endpoint_independent,
     udp_and_echo_mappings_are_endpoint_independent,
     exhausted_ports_refuse_new_flows_and_keep_old_ones,
@@ -160,6 +162,68 @@ fn unsolicited_inbound_packets_create_no_state(hook: Hook) {
     }
     assert_eq!(gw.flow_entries(), 0);
     assert!(gw.mappings().is_empty());
+}
+
+/// RFC 4787 REQ-8, as the gateway filters (address and port dependent):
+/// while a client's flow lives, a packet to its translation address and
+/// port from another port of its server, or from another host, is not
+/// translated: the host's stack gets it untouched, and no flow is made.
+fn only_the_flows_own_remote_reaches_its_translation(hook: Hook) {
+    let mut gw = Gateway::new(hook);
+    let port = outbound(&mut gw, CLIENT, udp(21000), Reason::NewFlow);
+    let reply = |sport| udp(21000).reply_to(port).with_sport(sport);
+    inbound(&mut gw, reply(53), CLIENT, udp(21000).reply_to(21000));
+    for (remote, sport) in [(SERVER, 54), (SERVER2, 53)] {
+        let frame = ethernet(
+            ROUTER_MAC,
+            GW_MAC,
+            &ip_packet(Ip::new(remote, GW), reply(sport)),
+        );
+        let (verdict, out, reason) = gw.run(&frame);
+        assert_eq!(
+            (verdict, reason),
+            (Verdict::Pass, Reason::NotOurs),
+            "from {remote:?}:{sport}"
+        );
+        assert_eq!(out, frame);
+    }
+    assert_eq!(gw.flow_entries(), 2, "the one flow");
+}
+
+/// RFC 4787 REQ-6 and 6a: a flow's packets refresh it, outbound and return
+/// ones alike. A UDP flow last seen 4 minutes ago (its timeout is 5) gets
+/// one packet, one way: it lives on until 5 minutes after that packet.
+fn packets_either_way_refresh_their_flow(hook: Hook) {
+    for outbound_refreshes in [true, false] {
+        let mut gw = Gateway::new(hook);
+        let port = outbound(&mut gw, CLIENT, udp(21000), Reason::NewFlow);
+        let (reply, to_client) = (udp(21000).reply_to(port), udp(21000).reply_to(21000));
+        inbound(&mut gw, reply, CLIENT, to_client);
+        let aged = clock::monotonic_ns() - 240 * 1_000_000_000;
+        let (mut out, mut inb) = halves(&mut gw);
+        (out.last_seen_ns, inb.last_seen_ns) = (aged, aged);
+        let mut state = gw.state();
+        state.flows.insert(&out.out_key(), &out, 0).unwrap();
+        state.flows.insert(&inb.in_key(), &inb, 0).unwrap();
+        // Past a tick, whatever the kernel's HZ: a CPU's flow cache serves
+        // a flow's packets within a tick without its table entry.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        if outbound_refreshes {
+            outbound(&mut gw, CLIENT, udp(21000), Reason::Translated);
+        } else {
+            inbound(&mut gw, reply, CLIENT, to_client);
+        }
+        let sent = clock::monotonic_ns();
+        let way = if outbound_refreshes {
+            "outbound"
+        } else {
+            "return"
+        };
+        gw.sweep(sent + 120 * 1_000_000_000);
+        assert_eq!(gw.flow_entries(), 2, "2 min after the {way} packet");
+        gw.sweep(sent + 301 * 1_000_000_000);
+        assert_eq!(gw.flow_entries(), 0, "5 min after the {way} packet");
+    }
 }
 
 fn mapping_is_endpoint_independent(hook: Hook) {
