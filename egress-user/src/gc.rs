@@ -44,7 +44,7 @@ pub struct Timeouts {
     pub tcp_reset: Duration,
     /// RFC 4787 REQ-5: at least 2 min, 5 min recommended.
     pub udp: Duration,
-    /// RFC 5508 REQ-1: ICMP query mappings, at least 60 s.
+    /// RFC 5508 REQ-2: ICMP query mappings, at least 60 s.
     pub icmp: Duration,
 }
 

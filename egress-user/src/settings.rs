@@ -353,7 +353,7 @@ impl Settings {
             ("tcp-established", t.tcp_established, rfc.tcp_established, "RFC 5382 REQ-5"),
             ("tcp-transitory", t.tcp_transitory, rfc.tcp_transitory, "RFC 5382 REQ-5"),
             ("udp", t.udp, Duration::from_secs(120), "RFC 4787 REQ-5"),
-            ("icmp", t.icmp, rfc.icmp, "RFC 5508 REQ-1"),
+            ("icmp", t.icmp, rfc.icmp, "RFC 5508 REQ-2"),
         ]
         .into_iter()
         .filter(|&(_, d, min, _)| d < min)

@@ -254,7 +254,7 @@ fn mapping_is_endpoint_independent(hook: Hook) {
     );
 }
 
-/// RFC 4787 REQ-1 and RFC 5508 REQ-2 (echo identifiers): a client's
+/// RFC 4787 REQ-1 and RFC 5508 REQ-1a (echo identifiers): a client's
 /// second destination sees the translation its first did.
 fn udp_and_echo_mappings_are_endpoint_independent(hook: Hook) {
     let mut gw = Gateway::new(hook);
