@@ -33,6 +33,7 @@ for_each_hook!(
     packets_either_way_refresh_their_flow,
     mapping_is_endpoint_independent,
     udp_and_echo_mappings_are_endpoint_independent,
+    a_pool_gives_each_client_one_address,
     exhausted_ports_refuse_new_flows_and_keep_old_ones,
     a_full_table_refuses_new_flows_and_keeps_old_ones,
     a_client_at_its_cap_is_refused_and_others_are_not,
@@ -53,6 +54,8 @@ for_each_hook!(
 
 /// A second Internet host, routed like the first.
 const SERVER2: [u8; 4] = [198, 51, 100, 20];
+/// A second translation address.
+const GW2: [u8; 4] = [10, 1, 1, 11];
 
 fn udp(sport: u16) -> L4<'static> {
     L4::Udp {
@@ -285,6 +288,57 @@ fn udp_and_echo_mappings_are_endpoint_independent(hook: Hook) {
         }
     }
     assert_eq!(gw.flow_entries(), 8);
+}
+
+/// RFC 4787 REQ-2 (paired pooling): with two translation addresses, every
+/// flow of a client, TCP, UDP and echo alike, leaves from one of them, the
+/// clients spread over both, and replies to either reach their client.
+fn a_pool_gives_each_client_one_address(hook: Hook) {
+    let mut gw = Gateway::with(hook, |p| p.snat.push(GW2.into()));
+    let mut used = HashSet::new();
+    for host in 1..=8 {
+        let client = [10, 0, 3, host];
+        let mut addrs = HashSet::new();
+        for l4 in [
+            L4::syn(30000, 80),
+            udp(30001),
+            L4::EchoRequest { id: 30002, seq: 1 },
+        ] {
+            let ip = Ip::new(client, SERVER);
+            let out = outbound_packet(&mut gw, &ip_packet(ip, l4), Reason::NewFlow);
+            let parsed = etherparse::SlicedPacket::from_ethernet(&out).unwrap();
+            let Some(etherparse::NetSlice::Ipv4(v4)) = parsed.net else {
+                panic!("not IPv4: {out:?}")
+            };
+            let addr = v4.header().source();
+            let port = match parsed.transport.unwrap() {
+                etherparse::TransportSlice::Tcp(t) => t.source_port(),
+                etherparse::TransportSlice::Udp(u) => u.source_port(),
+                etherparse::TransportSlice::Icmpv4(i) => match i.icmp_type() {
+                    Icmpv4Type::EchoRequest(e) => e.id,
+                    t => panic!("{t:?}"),
+                },
+                t => panic!("{t:?}"),
+            };
+            let translated = Ip {
+                src: addr,
+                ..translated_out(ip)
+            };
+            let want = ip_packet(translated, l4.with_sport(port));
+            assert_eq!(out, ethernet(GW_MAC, ROUTER_MAC, &want), "{client:?}");
+            addrs.insert(addr);
+
+            let reply = Ip {
+                df: false,
+                ..Ip::new(SERVER, addr)
+            };
+            let inner = ip_packet(translated_in(reply, client), l4.reply_to(l4.sport()));
+            inbound_packet(&mut gw, &ip_packet(reply, l4.reply_to(port)), &inner);
+        }
+        assert_eq!(addrs.len(), 1, "{client:?} used {addrs:?}");
+        used.extend(addrs);
+    }
+    assert_eq!(used, HashSet::from([GW, GW2]), "8 clients on one address");
 }
 
 /// Asserts that `frame`, refused, came back as ICMP destination
