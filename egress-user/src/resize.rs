@@ -110,6 +110,9 @@ pub enum Plan {
         flows: u32,
         /// The smallest `max-flows` that holds the state.
         smallest: u32,
+        /// The table that does not fit when the flows would (client
+        /// counts a daemon killed part way through a sweep left, say).
+        crowded: Option<Change>,
     },
 }
 
@@ -140,14 +143,16 @@ pub fn plan(pinned: &[Pinned], max_flows: u32) -> Plan {
     }
     let holds = |c: &Change| c.entries.div_ceil(per(c.name));
     let smallest = maps.iter().map(holds).max().unwrap_or(1).max(1);
+    let flows = maps.iter().find(|c| c.name == Flows::NAME);
     Plan::TooSmall {
         made_with,
         max_flows,
-        flows: maps
-            .iter()
-            .find(|c| c.name == Flows::NAME)
-            .map_or(smallest, holds),
+        flows: flows.map_or(smallest, holds),
         smallest,
+        crowded: flows
+            .is_none_or(|c| c.entries <= c.to)
+            .then(|| maps.iter().find(|c| c.entries > c.to).copied())
+            .flatten(),
     }
 }
 
@@ -159,14 +164,22 @@ impl Plan {
             max_flows,
             flows,
             smallest,
+            crowded,
         } = self
         else {
             return None;
         };
+        let holds = match crowded {
+            None => format!("holds {flows} flows, more than max-flows {max_flows} holds"),
+            Some(c) => format!(
+                "holds {} entries in {}, more than the {} max-flows {max_flows} gives it",
+                c.entries, c.name, c.to
+            ),
+        };
         Some((
             format!(
-                "the connection state in {} holds {flows} flows, more than max-flows \
-                 {max_flows} holds (it was made with max-flows {made_with}): nothing was changed",
+                "the connection state in {} {holds} (it was made with max-flows {made_with}): \
+                 nothing was changed",
                 dir.display()
             ),
             format!(
@@ -820,6 +833,7 @@ mod tests {
                 max_flows: 4,
                 flows: 5,
                 smallest: 5,
+                crowded: None,
             }
         );
         // The client table can decide too (a lone flow half rounds up).
@@ -842,6 +856,22 @@ mod tests {
         );
         assert!(fix.starts_with("run with max-flows 6 or more"), "{fix}");
         assert!(fix.contains("--reset-state"), "{fix}");
+    }
+
+    #[test]
+    fn a_shrink_the_flows_fit_is_refused_naming_the_table_they_do_not() {
+        // One flow, but counts of 6 clients (a daemon killed part way
+        // through a sweep leaves them until the next one).
+        let state = pinned((64, 2), (64, 2), (32, 6));
+        let (what, fix) = plan(&state, 2)
+            .refusal(Path::new("/sys/fs/bpf/egress"))
+            .unwrap();
+        assert_eq!(
+            what,
+            "the connection state in /sys/fs/bpf/egress holds 6 entries in CLIENT_FLOWS, more \
+             than the 2 max-flows 2 gives it (it was made with max-flows 32): nothing was changed"
+        );
+        assert!(fix.starts_with("run with max-flows 6 or more"), "{fix}");
     }
 
     #[test]
