@@ -10,6 +10,10 @@
 /// that an upgrade keeps every flow.
 pub const STATE_FORMAT: u32 = 1;
 
+/// The format of state that has no record: the versions before the record
+/// wrote none.
+pub const UNRECORDED_FORMAT: u32 = 1;
+
 #[cfg(test)]
 mod tests {
     use core::mem::{offset_of, size_of};

@@ -180,6 +180,9 @@ impl Datapath {
         if resumed {
             upgrade::flow_cache(&policy.state_dir)?;
         }
+        // Before the maps: a start killed once it made them leaves them
+        // recorded.
+        pinning::record_format(&policy.state_dir)?;
         if !fit.missing.is_empty() {
             tracing::warn!(
                 dir = %policy.state_dir.display(),
@@ -228,7 +231,6 @@ impl Datapath {
         if resumed {
             tracing::info!(dir = %policy.state_dir.display(), "resuming the connection state of the previous run");
         }
-        pinning::record_format(&policy.state_dir)?;
 
         let mut peers: HashMap<_, [u8; 4], u8> = HashMap::try_from(map(&mut ebpf, "PEERS")?)?;
         for (p, index) in policy.admission.peer_indices() {

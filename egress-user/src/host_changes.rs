@@ -32,8 +32,10 @@ pub const PIN: &str = "HOST_CHANGES";
 const SIZE: usize = 16 * 1024;
 type Blob = [u8; SIZE];
 
-/// The host changes in force for a state directory's data path.
+/// The host changes in force for a state directory's data path. A field
+/// missing from a record (written by a version before the field) is empty.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct HostChanges {
     /// Interface sysctls set, with the values they had before.
     pub sysctls: Vec<SavedSysctl>,
@@ -161,5 +163,17 @@ impl HostChanges {
             }
         }
         sysctl::restore(std::mem::take(&mut self.sysctls));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record of a version before a field reads with that field empty.
+    #[test]
+    fn a_record_without_a_field_reads_it_empty() {
+        let record: HostChanges = serde_json::from_str(r#"{"sysctls":[]}"#).unwrap();
+        assert_eq!(record, HostChanges::default());
     }
 }

@@ -207,8 +207,8 @@ pub fn remove(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// The format of the state in `dir` as recorded there; `None` if there
-/// is no record: no state, or state of the versions before the record,
-/// which is format 1.
+/// is no record: no state, or state of the versions before the record
+/// (`UNRECORDED_FORMAT`).
 pub fn recorded_format(dir: &Path) -> anyhow::Result<Option<u32>> {
     let path = dir.join(FORMAT);
     let context = || format!("cannot read {}", path.display());
@@ -223,9 +223,8 @@ pub fn recorded_format(dir: &Path) -> anyhow::Result<Option<u32>> {
     array.get(&0, 0).map(Some).with_context(context)
 }
 
-/// Records this version's state format in `dir` (once the data path has
-/// pinned its maps there), unless it is recorded already; returns whether
-/// it pinned the record.
+/// Records this version's state format in `dir`, unless it is recorded
+/// already; returns whether it pinned the record.
 pub fn record_format(dir: &Path) -> anyhow::Result<bool> {
     if recorded_format(dir)? == Some(STATE_FORMAT) {
         return Ok(false);

@@ -16,7 +16,7 @@ use aya_obj::{
     generated::{BPF_F_RDONLY, BPF_F_WRONLY},
     maps::PinningType,
 };
-use egress_common::state_format::STATE_FORMAT;
+use egress_common::state_format::{STATE_FORMAT, UNRECORDED_FORMAT};
 
 use crate::{datapath, pinning, resize, upgrade};
 
@@ -36,7 +36,7 @@ pub struct Fit {
     /// What a start does with the maps sized from `max-flows` (when
     /// nothing else differs).
     pub resize: resize::Plan,
-    /// The state format recorded in the directory, if one is.
+    /// The format of the state in the directory, if there is state.
     pub format: Option<u32>,
 }
 
@@ -59,10 +59,8 @@ impl Fit {
 pub fn judge(dir: &Path, max_flows: u32) -> anyhow::Result<Fit> {
     let object = Object::parse(datapath::OBJECT).context("cannot read the eBPF object")?;
     let sizes = datapath::map_sizes(max_flows)?;
-    let mut fit = Fit {
-        format: pinning::recorded_format(dir)?,
-        ..Fit::default()
-    };
+    let mut fit = Fit::default();
+    let recorded = pinning::recorded_format(dir)?;
     let mut present = false;
     // Whether only sizes differ, and the pinned flow table's size (twice
     // the `max-flows` it was made with).
@@ -155,6 +153,7 @@ pub fn judge(dir: &Path, max_flows: u32) -> anyhow::Result<Fit> {
             fit.made_with = flows.map(|entries| entries / 2).filter(|&n| n != max_flows);
         }
     }
+    fit.format = recorded.or(present.then_some(UNRECORDED_FORMAT));
     if present {
         fit.missing = pinning::ALWAYS_PINNED
             .into_iter()
