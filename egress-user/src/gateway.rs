@@ -228,6 +228,9 @@ impl Gateway {
             self.policy = policy;
         }
         self.attach(&iface)?;
+        // As at a start: a load that found a resize's old tables left over
+        // copies what they gained, then lets them go.
+        self.datapath.finish_resize();
         tracing::info!(index = iface.index, "re-attached: {}", self.status());
         self.manage_next_hops();
         Ok(())
