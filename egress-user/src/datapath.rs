@@ -99,6 +99,14 @@ impl Attached {
     }
 }
 
+/// Which programs a load verifies: both for the daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Programs {
+    Both,
+    Xdp,
+    Tc,
+}
+
 /// Everything the data path is configured with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
@@ -169,6 +177,14 @@ impl Datapath {
     /// pinned by an earlier run unless told to reset it, and fills the
     /// policy maps.
     pub fn load(policy: &Policy) -> anyhow::Result<Self> {
+        Self::load_programs(policy, Programs::Both)
+    }
+
+    /// As [`Datapath::load`], verifying only `programs`: tests that run
+    /// one program (`BPF_PROG_TEST_RUN`) need not wait for the verifier
+    /// on the other, about half of a load. One not loaded cannot run or
+    /// attach.
+    pub fn load_programs(policy: &Policy, programs: Programs) -> anyhow::Result<Self> {
         // Settings are checked before; a policy made in code is checked here.
         policy.admission.validate()?;
         pinning::prepare(&policy.state_dir, policy.reset_state)?;
@@ -255,14 +271,18 @@ impl Datapath {
             clsact: None,
             resized,
         };
-        datapath
-            .xdp()?
-            .load()
-            .context("the kernel verifier rejected the XDP program")?;
-        datapath
-            .tc()?
-            .load()
-            .context("the kernel verifier rejected the TC program")?;
+        if programs != Programs::Tc {
+            datapath
+                .xdp()?
+                .load()
+                .context("the kernel verifier rejected the XDP program")?;
+        }
+        if programs != Programs::Xdp {
+            datapath
+                .tc()?
+                .load()
+                .context("the kernel verifier rejected the TC program")?;
+        }
         // What the previous data path made while these were verified.
         if let Some(resized) = &mut datapath.resized {
             resized.catch_up("before the attach");

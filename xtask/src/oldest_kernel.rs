@@ -31,13 +31,15 @@ const KERNEL_FAMILY: &str = r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$";
 const BUSYBOX: (&str, &str) = ("busybox-static", "1:1.35.0-4+deb12u1+b1");
 
 /// The packet tests run on 6.1 by default: under software emulation each
-/// takes 8 to 14 s (its namespace's set-up and the load of both
-/// programs), and all of them about half an hour (`cargo xtask
-/// oldest-kernel --all`). Both programs load in every test; these run
-/// each hook's main paths and what 6.1 was seen refusing (the MSS walk, the
-/// ICMP checksum's `bpf_loop`, the outer IDs' atomic add, the tunnel
-/// error's rewrite) and the helpers behind them (FIB lookup, redirect,
-/// head and tail adjustment, map pinning across a restart).
+/// takes 8 to 14 s (its namespace's set-up and the load of its
+/// program), and all of them about half an hour (`cargo xtask
+/// oldest-kernel --all`). A test loads the program of its hook alone, so
+/// each policy here (the default, a full table, a restart on the pinned
+/// state) has a test for either hook; these run each hook's main paths and
+/// what 6.1 was seen refusing (the MSS walk, the ICMP checksum's
+/// `bpf_loop`, the outer IDs' atomic add, the tunnel error's rewrite) and
+/// the helpers behind them (FIB lookup, redirect, head and tail
+/// adjustment, map pinning across a restart).
 const PACKET_TESTS: &[&str] = &[
     "xdp::tcp_outbound_and_return",
     "tc::tcp_outbound_and_return",
@@ -50,6 +52,8 @@ const PACKET_TESTS: &[&str] = &[
     "outer_id::xdp::two_cpus_at_once_never_take_the_same_id",
     "outer_id::tc::what_goes_to_a_peer_without_df_takes_the_next_id_of_its_counter",
     "state::xdp::a_full_table_refuses_new_flows_and_keeps_old_ones",
+    "state::tc::a_full_table_refuses_new_flows_and_keeps_old_ones",
+    "state::xdp::restart_keeps_flows_and_reset_clears_them",
     "state::tc::restart_keeps_flows_and_reset_clears_them",
     "mss::xdp::syn_and_syn_ack_are_clamped_both_ways",
     "fragments::xdp::later_fragments_before_their_first_are_translated_by_address",

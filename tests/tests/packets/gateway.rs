@@ -16,7 +16,7 @@ use egress_common::{
 };
 use egress_user::{
     admission::Admission,
-    datapath::{Datapath, Policy, State},
+    datapath::{Datapath, Policy, Programs, State},
     gc,
     settings::PortRange,
 };
@@ -67,6 +67,17 @@ const TC_ACT_REDIRECT: u32 = 7;
 pub enum Hook {
     Xdp,
     Tc,
+}
+
+impl Hook {
+    /// The one program a gateway under test loads: each case runs once
+    /// per hook, so every policy still meets the verifier with both.
+    fn programs(self) -> Programs {
+        match self {
+            Hook::Xdp => Programs::Xdp,
+            Hook::Tc => Programs::Tc,
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
@@ -154,7 +165,7 @@ impl Gateway {
             reset_state: false,
         };
         adjust(&mut policy);
-        let datapath = Datapath::load(&policy).unwrap();
+        let datapath = Datapath::load_programs(&policy, hook.programs()).unwrap();
         Self {
             hook,
             datapath,
@@ -171,7 +182,7 @@ impl Gateway {
         self.policy.reset_state = reset;
         // The old instance is dropped only once the new one is loaded, like
         // an upgrade that starts the new daemon before the old one exits.
-        self.datapath = Datapath::load(&self.policy).unwrap();
+        self.datapath = Datapath::load_programs(&self.policy, self.hook.programs()).unwrap();
     }
 
     /// Loads the data path again under the policy as `adjust` changes it,
