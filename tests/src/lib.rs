@@ -16,7 +16,7 @@ pub mod topology;
 
 pub use attached::Attachments;
 pub use daemon::Daemon;
-pub use netns::{Lab, exec, exec_output, in_netns};
+pub use netns::{Lab, exec, exec_output, ifindex, in_netns, ip_batch, sysctl};
 pub use topology::{Attach, Stack, Topology};
 
 use anyhow::{Result, bail};

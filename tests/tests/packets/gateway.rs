@@ -25,7 +25,7 @@ use nix::{
     unistd::Pid,
 };
 use tests::tiny_bpf::xdp_md;
-use tests::{Lab, exec, in_netns};
+use tests::{Lab, ifindex, in_netns, ip_batch, sysctl};
 
 pub const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x10];
 pub const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -107,44 +107,39 @@ impl Gateway {
         tests::require_root().unwrap();
         let mut lab = Lab::new().unwrap();
         let ns = lab.add_ns("pkt").unwrap();
-        for cmd in [
-            "ip link add eth0 type veth peer name p0".to_owned(),
-            format!("ip link set eth0 address {}", mac(GW_MAC)),
-            "ip link set eth0 up".into(),
-            "ip link set p0 up".into(),
-            format!("ip addr add {}/24 dev eth0", ip(GW)),
-            format!("ip route add default via {}", ip(ROUTER)),
-            format!("ip route add {}/32 via 10.1.1.2", ip(UNRESOLVED)),
+        let setup = [
+            "link add eth0 type veth peer name p0".to_owned(),
+            format!("link set eth0 address {}", mac(GW_MAC)),
+            "link set eth0 up".into(),
+            "link set p0 up".into(),
+            format!("addr add {}/24 dev eth0", ip(GW)),
+            format!("route add default via {}", ip(ROUTER)),
+            format!("route add {}/32 via 10.1.1.2", ip(UNRESOLVED)),
             format!(
-                "ip route add {}/32 via {} mtu lock {SMALL_MTU}",
+                "route add {}/32 via {} mtu lock {SMALL_MTU}",
                 ip(BEHIND_SMALL_MTU),
                 ip(ROUTER)
             ),
-            "ip link add eth1 type veth peer name p1".into(),
-            format!("ip link set eth1 address {}", mac(ETH1_MAC)),
-            "ip link set eth1 up".into(),
-            "ip link set p1 up".into(),
-            "ip addr add 192.0.2.1/24 dev eth1".into(),
+            "link add eth1 type veth peer name p1".into(),
+            format!("link set eth1 address {}", mac(ETH1_MAC)),
+            "link set eth1 up".into(),
+            "link set p1 up".into(),
+            "addr add 192.0.2.1/24 dev eth1".into(),
             format!(
-                "ip neigh replace 192.0.2.2 lladdr {} dev eth1 nud permanent",
+                "neigh replace 192.0.2.2 lladdr {} dev eth1 nud permanent",
                 mac(ETH1_NEXT_HOP_MAC)
             ),
-            format!("ip route add {}/32 via 192.0.2.2", ip(BEYOND_ETH1)),
+            format!("route add {}/32 via 192.0.2.2", ip(BEYOND_ETH1)),
             format!(
-                "ip neigh replace {} lladdr {} dev eth0 nud permanent",
+                "neigh replace {} lladdr {} dev eth0 nud permanent",
                 ip(ROUTER),
                 mac(ROUTER_MAC)
             ),
-            // bpf_fib_lookup routes only for interfaces with forwarding on.
-            "sysctl -qw net.ipv4.conf.eth0.forwarding=1".into(),
-        ] {
-            exec(&ns, &cmd).unwrap();
-        }
-        let ifindex: u32 = exec(&ns, "cat /sys/class/net/eth0/ifindex")
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        ];
+        ip_batch(&ns, &setup).unwrap();
+        // bpf_fib_lookup routes only for interfaces with forwarding on.
+        sysctl(&ns, "net/ipv4/conf/eth0/forwarding", "1").unwrap();
+        let ifindex = ifindex(&ns, "eth0").unwrap();
         let state_dir = lab.state_dir().unwrap();
         let mut policy = Policy {
             tunnel_local: GW.into(),
