@@ -31,15 +31,16 @@ const KERNEL_FAMILY: &str = r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$";
 const BUSYBOX: (&str, &str) = ("busybox-static", "1:1.35.0-4+deb12u1+b1");
 
 /// The packet tests run on 6.1 by default: under software emulation each
-/// takes 8 to 14 s (its namespace's set-up and the load of its
-/// program), and all of them about half an hour (`cargo xtask
-/// oldest-kernel --all`). A test loads the program of its hook alone, so
-/// each policy here (the default, a full table, a restart on the pinned
-/// state) has a test for either hook; these run each hook's main paths and
-/// what 6.1 was seen refusing (the MSS walk, the ICMP checksum's
-/// `bpf_loop`, the outer IDs' atomic add, the tunnel error's rewrite) and
-/// the helpers behind them (FIB lookup, redirect, head and tail
-/// adjustment, map pinning across a restart).
+/// takes 4 to 6 s (most of it the load of its program); all of them
+/// (`cargo xtask oldest-kernel --all`) took half an hour when each test
+/// loaded both programs and set its namespace up with `ip netns exec`. A
+/// test loads the program of its hook alone, so each policy here (the
+/// default, a full table, a restart on the pinned state) has a test for
+/// either hook; these run each hook's main paths and what 6.1 was seen
+/// refusing (the MSS walk, the ICMP checksum's `bpf_loop`, the outer IDs'
+/// atomic add, the tunnel error's rewrite) and the helpers behind them
+/// (FIB lookup, redirect, head and tail adjustment, map pinning across a
+/// restart).
 const PACKET_TESTS: &[&str] = &[
     "xdp::tcp_outbound_and_return",
     "tc::tcp_outbound_and_return",
