@@ -1,16 +1,19 @@
 //! Connection state: endpoint-independent mappings, the flows created from
 //! them, and what each packet records in its flow.
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use core::{
+    ffi::c_void,
+    intrinsics::{AtomicOrdering, atomic_xadd},
+};
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_loop},
 };
 use egress_common::{
     config::Config,
     flow::{DIR_OUT, Flow, FlowKey, Mapping, PortKey},
-    ports::{PORT_TRIES, candidate},
+    ports::{candidate, tries},
     reason::Reason,
     tcp,
 };
@@ -160,36 +163,103 @@ fn mapping(key: &FlowKey, cfg: &Config, now: u64) -> Result<([u8; 4], [u8; 2]), 
         return Ok((m.addr, m.port));
     }
     let nat_addr = cfg.snat_for(key.src);
-    // SAFETY: no preconditions.
-    let random = unsafe { bpf_get_prandom_u32() };
-    let client_port = u16::from_be_bytes(key.sport);
-    for attempt in 0..PORT_TRIES {
-        let port =
-            candidate(client_port, cfg.port_min, cfg.port_max, random, attempt).to_be_bytes();
-        let [(out_key, out), (in_key, inb)] =
-            Mapping::pair(key.proto, (key.src, key.sport), (nat_addr, port), now);
-        match MAPPINGS.insert(&in_key, &inb, NOEXIST) {
-            Ok(()) => {}
-            Err(e) if e == -EEXIST => continue,
-            Err(_) => return Err(Reason::TableFull),
-        }
-        return match MAPPINGS.insert(&out_key, &out, NOEXIST) {
-            Ok(()) => Ok((nat_addr, port)),
-            Err(e) => {
-                // The reservation is ours alone: nothing else can be using it.
-                let _ = MAPPINGS.remove(&in_key);
-                if e != -EEXIST {
-                    return Err(Reason::TableFull);
-                }
-                // SAFETY: a plain read of the winner's mapping.
-                match unsafe { MAPPINGS.get(&out_key) } {
-                    Some(m) => Ok((m.addr, m.port)),
-                    None => Err(Reason::Internal),
-                }
+    let port = reserve_port(key, nat_addr, cfg, now)?;
+    let [(out_key, out), (in_key, _)] =
+        Mapping::pair(key.proto, (key.src, key.sport), (nat_addr, port), now);
+    match MAPPINGS.insert(&out_key, &out, NOEXIST) {
+        Ok(()) => Ok((nat_addr, port)),
+        Err(e) => {
+            // The reservation is ours alone: nothing else can be using it.
+            let _ = MAPPINGS.remove(&in_key);
+            if e != -EEXIST {
+                return Err(Reason::TableFull);
             }
-        };
+            // SAFETY: a plain read of the winner's mapping.
+            match unsafe { MAPPINGS.get(&out_key) } {
+                Some(m) => Ok((m.addr, m.port)),
+                None => Err(Reason::Internal),
+            }
+        }
     }
-    Err(Reason::PortsExhausted)
+}
+
+/// Reserves a free translation port on `nat_addr` for the client side of
+/// `key`: inserts the translated-side entry of the first candidate port
+/// (see [`candidate`]) not in use, by a `bpf_loop` callback the verifier
+/// checks once for any number of tries.
+#[inline(always)]
+fn reserve_port(
+    key: &FlowKey,
+    nat_addr: [u8; 4],
+    cfg: &Config,
+    now: u64,
+) -> Result<[u8; 2], Reason> {
+    let mut search = PortSearch {
+        client: (key.src, key.sport),
+        proto: key.proto,
+        nat_addr,
+        min: cfg.port_min,
+        max: cfg.port_max,
+        // SAFETY: no preconditions.
+        random: unsafe { bpf_get_prandom_u32() },
+        now,
+        reserved: Err(Reason::PortsExhausted),
+    };
+    // SAFETY: the callback takes `search` for what it is, and only while
+    // this call lasts.
+    let ran = unsafe {
+        bpf_loop(
+            tries(cfg.port_min, cfg.port_max),
+            try_port as *mut c_void,
+            (&raw mut search).cast(),
+            0,
+        )
+    };
+    if ran < 0 {
+        return Err(Reason::Internal);
+    }
+    search.reserved
+}
+
+/// The state of [`reserve_port`]'s loop: what the candidates are made from,
+/// and the port reserved (or why none is, once the loop stopped).
+struct PortSearch {
+    client: ([u8; 4], [u8; 2]),
+    proto: u8,
+    nat_addr: [u8; 4],
+    min: u16,
+    max: u16,
+    random: u32,
+    now: u64,
+    reserved: Result<[u8; 2], Reason>,
+}
+
+/// Tries candidate `attempt` (the `bpf_loop` callback of [`reserve_port`]):
+/// 0 to go on to the next (the port is in use), 1 to stop.
+extern "C" fn try_port(attempt: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `reserve_port`'s `PortSearch`, alive while the loop runs.
+    let search = unsafe { &mut *ctx.cast::<PortSearch>() };
+    let client_port = u16::from_be_bytes(search.client.1);
+    let port = candidate(
+        client_port,
+        search.min,
+        search.max,
+        search.random,
+        attempt as u32,
+    )
+    .to_be_bytes();
+    let [_, (in_key, inb)] = Mapping::pair(
+        search.proto,
+        search.client,
+        (search.nat_addr, port),
+        search.now,
+    );
+    search.reserved = match MAPPINGS.insert(&in_key, &inb, NOEXIST) {
+        Ok(()) => Ok(port),
+        Err(e) if e == -EEXIST => return 0,
+        Err(_) => Err(Reason::TableFull),
+    };
+    1
 }
 
 /// Sends the return traffic of the flow whose outbound half is `out` to

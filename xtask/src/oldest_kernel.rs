@@ -35,10 +35,10 @@ const BUSYBOX: (&str, &str) = ("busybox-static", "1:1.35.0-4+deb12u1+b1");
 /// (`cargo xtask oldest-kernel --all`) took half an hour when each test
 /// loaded both programs and set its namespace up with `ip netns exec`. A
 /// test loads the program of its hook alone, so each policy here (the
-/// default, a full table, a restart on the pinned state) has a test for
+/// default, a full table, a small port range, a restart on the pinned state) has a test for
 /// either hook; these run each hook's main paths and what 6.1 was seen
 /// refusing (the MSS walk, the ICMP checksum's `bpf_loop`, the outer IDs'
-/// atomic add, the tunnel error's rewrite) and the helpers behind them
+/// atomic add, the port search's `bpf_loop`, the tunnel error's rewrite) and the helpers behind them
 /// (FIB lookup, redirect, head and tail adjustment, map pinning across a
 /// restart).
 const PACKET_TESTS: &[&str] = &[
@@ -54,6 +54,8 @@ const PACKET_TESTS: &[&str] = &[
     "outer_id::tc::what_goes_to_a_peer_without_df_takes_the_next_id_of_its_counter",
     "state::xdp::a_full_table_refuses_new_flows_and_keeps_old_ones",
     "state::tc::a_full_table_refuses_new_flows_and_keeps_old_ones",
+    "state::xdp::the_last_free_ports_of_a_range_are_found",
+    "state::tc::the_last_free_ports_of_a_range_are_found",
     "state::xdp::restart_keeps_flows_and_reset_clears_them",
     "state::tc::restart_keeps_flows_and_reset_clears_them",
     "mss::xdp::syn_and_syn_ack_are_clamped_both_ways",

@@ -35,6 +35,7 @@ for_each_hook!(
     udp_and_echo_mappings_are_endpoint_independent,
     a_pool_gives_each_client_one_address,
     exhausted_ports_refuse_new_flows_and_keep_old_ones,
+    the_last_free_ports_of_a_range_are_found,
     a_full_table_refuses_new_flows_and_keeps_old_ones,
     a_client_at_its_cap_is_refused_and_others_are_not,
     sweeps_remove_exactly_the_flows_past_their_timeout,
@@ -377,6 +378,29 @@ fn exhausted_ports_refuse_new_flows_and_keep_old_ones(hook: Hook) {
     let echo = L4::EchoRequest { id: 9, seq: 1 };
     outbound(&mut gw, CLIENT, echo, Reason::NewFlow);
     assert_eq!(gw.flow_entries(), 6);
+}
+
+/// A range of 256 ports, as many as a new flow tries: with all but two in
+/// use, two new flows still get those two (16 candidates would both find
+/// them about one time in 300), and only once every port is in use is a
+/// flow refused.
+fn the_last_free_ports_of_a_range_are_found(hook: Hook) {
+    let (min, max) = (20000, 20255);
+    let mut gw = Gateway::with(hook, |p| p.ports = PortRange { min, max });
+    let free = [20077, 20201];
+    // Each takes its own port (kept, as it lies in the range).
+    for port in (min..=max).filter(|p| !free.contains(p)) {
+        assert_eq!(outbound(&mut gw, CLIENT, udp(port), Reason::NewFlow), port);
+    }
+    // Their own ports are in use: they walk the range to the free ones.
+    let clients = [CLIENT2, [10, 0, 2, 3]];
+    let got = clients.map(|c| outbound(&mut gw, c, udp(min), Reason::NewFlow));
+    assert_eq!(HashSet::from(got), HashSet::from(free));
+    assert_refused(&mut gw, CLIENT2, udp(min + 1), Reason::PortsExhausted);
+    assert_eq!(
+        outbound(&mut gw, clients[1], udp(min), Reason::Translated),
+        got[1]
+    );
 }
 
 fn a_full_table_refuses_new_flows_and_keeps_old_ones(hook: Hook) {
