@@ -1,7 +1,8 @@
 //! The TC program's attachment on kernels without TCX (before 6.6): a
 //! netlink filter on the clsact qdisc's ingress. The qdisc is added when
 //! missing and, so the host is left as found, removed with the filter
-//! (`egress down`) only if a gateway added it. A filter outlives the
+//! (`egress down`) only if a gateway added it; both are recorded before
+//! they are made (see [`ClsactRecord::intent`]). A filter outlives the
 //! process that added it, as the data path must (see `links`), and ours
 //! sits at a fixed place: the next daemon (a start, or a reload's new
 //! image) swaps its program into the filter there, and the gateway's
@@ -64,11 +65,20 @@ pub fn ours(ifindex: u32) -> io::Result<SchedClassifierLink> {
     )
 }
 
+/// What [`remove_leftovers`] found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Leftovers {
+    /// Our filter is there, and stays.
+    pub kept_ours: bool,
+    /// The filters removed.
+    pub removed: usize,
+}
+
 /// Removes the filters running `program` on `iface`'s clsact ingress but
-/// the one at our place if `keep_ours`; returns whether that one is there.
-/// Such filters are left by an exited daemon at ours (its data path
-/// outlives it) and by versions before TCX support at any priority: they
-/// would go on running their program beside ours.
+/// the one at our place if `keep_ours`. Such filters are left by an
+/// exited daemon at ours (its data path outlives it) and by versions
+/// before TCX support at any priority: they would go on running their
+/// program beside ours.
 /// Filters are matched by the program name their loader gave them, so
 /// other programs' stay.
 pub fn remove_leftovers(
@@ -76,16 +86,16 @@ pub fn remove_leftovers(
     ifindex: u32,
     program: &str,
     keep_ours: bool,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Leftovers> {
     let context =
         || format!("cannot look for a leftover {program} filter on {iface}'s clsact ingress");
-    let mut kept = false;
+    let mut found = Leftovers::default();
     for Filter {
         priority, handle, ..
     } in filters(ifindex, program).with_context(context)?
     {
         if keep_ours && (priority, handle) == (PRIORITY, u32::from(HANDLE)) {
-            kept = true;
+            found.kept_ours = true;
             continue;
         }
         SchedClassifierLink::attached(
@@ -102,8 +112,9 @@ pub fn remove_leftovers(
             "removed the {program} filter (pref {priority}, handle {handle:#x}) that a gateway \
              left on {iface}'s clsact ingress"
         );
+        found.removed += 1;
     }
-    Ok(kept)
+    Ok(found)
 }
 
 /// A running gateway's filter on `ifindex`'s clsact ingress: one running
@@ -210,6 +221,20 @@ pub struct ClsactRecord {
 }
 
 impl ClsactRecord {
+    /// What attaching our filter to `iface` (index `ifindex`) may leave,
+    /// to record before the attach makes anything (see `host_changes`):
+    /// the filter, and the clsact qdisc, which [`Self::ensure`] adds if
+    /// the interface has none now. (Only a `tc` run at the same moment
+    /// can make this look and that add disagree.)
+    pub fn intent(iface: &str, ifindex: u32) -> anyhow::Result<Self> {
+        let there = has_qdisc(ifindex)
+            .with_context(|| format!("cannot look for a clsact qdisc on {iface}"))?;
+        Ok(Self {
+            ifindex,
+            added: !there,
+        })
+    }
+
     /// Adds the clsact qdisc to `iface` (index `ifindex`) if it has none.
     pub fn ensure(iface: &str, ifindex: u32) -> anyhow::Result<Self> {
         let added = match tc::qdisc_add_clsact(ifindex) {
@@ -238,22 +263,51 @@ impl ClsactRecord {
         }
     }
 
-    /// Removes the filter, and the qdisc if a gateway added it.
-    pub fn undo(self, program: &str) {
+    /// Removes the filter, and the qdisc if a gateway added it; either
+    /// may be gone already (or never made: recorded before the attach).
+    /// Returns whether it removed a filter.
+    pub fn undo(self, program: &str) -> bool {
         let iface = format!("interface {}", self.ifindex);
         // None on an interface that is gone.
-        if let Err(e) = remove_leftovers(&iface, self.ifindex, program, false) {
-            tracing::warn!("{e:#}");
+        let removed = match remove_leftovers(&iface, self.ifindex, program, false) {
+            Ok(found) => found.removed > 0,
+            Err(e) => {
+                tracing::warn!("{e:#}");
+                false
+            }
+        };
+        if self.added {
+            match delete_clsact(self.ifindex) {
+                Ok(()) => tracing::info!("removed the clsact qdisc a gateway added"),
+                // No such interface, no qdisc, or the builtin one left
+                // after a delete (handle 0).
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENODEV | libc::ENOENT | libc::EINVAL)
+                    ) => {}
+                Err(e) => tracing::warn!("could not remove the clsact qdisc a gateway added: {e}"),
+            }
         }
-        if !self.added {
-            return;
-        }
-        match delete_clsact(self.ifindex) {
-            Ok(()) => tracing::info!("removed the clsact qdisc a gateway added"),
-            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {}
-            Err(e) => tracing::warn!("could not remove the clsact qdisc a gateway added: {e}"),
-        }
+        removed
     }
+}
+
+/// Whether `ifindex` has a qdisc in clsact's place: clsact, or `ingress`,
+/// which keeps clsact out (adding it fails with `EEXIST` as when there).
+fn has_qdisc(ifindex: u32) -> io::Result<bool> {
+    let mut tcmsg = [0u8; TCMSG_LEN];
+    tcmsg[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
+    let dump = Request::new(libc::RTM_GETQDISC, &tcmsg).flags(libc::NLM_F_DUMP);
+    let answer = Socket::open(libc::NETLINK_ROUTE, 0)?.request(dump)?;
+    // A dump may list every interface's.
+    Ok(answer
+        .iter()
+        .filter(|m| m.kind == libc::RTM_NEWQDISC)
+        .any(|m| {
+            m.payload.get(4..8).and_then(attr_u32) == Some(ifindex)
+                && m.payload.get(12..16).and_then(attr_u32) == Some(TC_H_CLSACT)
+        }))
 }
 
 /// `RTM_DELQDISC` for the clsact qdisc (aya can add the qdisc but not

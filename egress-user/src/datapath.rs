@@ -141,6 +141,12 @@ impl Policy {
     }
 }
 
+/// Records what a clsact attach may leave (the filter, and the qdisc if
+/// it adds one) before it makes either: a filter outlives the daemon, and
+/// one killed between making it and recording it would leave it (and a
+/// qdisc it added) for nobody to remove. The attach stops if this fails.
+pub type RecordClsact<'a> = &'a mut dyn FnMut(ClsactRecord) -> anyhow::Result<()>;
+
 pub struct Datapath {
     ebpf: Ebpf,
     /// The attachment: a link pinned in the state directory, also held
@@ -305,13 +311,15 @@ impl Datapath {
     /// program replaces its program atomically. Links pinned there for
     /// another interface or hook (the settings changed) are detached once
     /// this one runs, but an XDP one on `iface` before an XDP attach: an
-    /// interface runs one XDP program at a time.
+    /// interface runs one XDP program at a time. A clsact attach calls
+    /// `record` first (see [`RecordClsact`]).
     pub fn attach(
         &mut self,
         iface: &str,
         ifindex: u32,
         mode: AttachMode,
         state_dir: &Path,
+        record: RecordClsact<'_>,
     ) -> anyhow::Result<Attached> {
         let pinned = links::pinned(state_dir)?;
         let programs = pinned
@@ -361,8 +369,8 @@ impl Datapath {
             (Some(hook), _) => hook,
             (None, AttachMode::Native) => self.attach_xdp(ifindex, XdpMode::Driver, state_dir)?,
             (None, AttachMode::Generic) => self.attach_xdp(ifindex, XdpMode::Skb, state_dir)?,
-            (None, AttachMode::Tc) => self.attach_tc(iface, ifindex, state_dir)?,
-            (None, AttachMode::Auto) => self.attach_auto(iface, ifindex, state_dir)?,
+            (None, AttachMode::Tc) => self.attach_tc(iface, ifindex, state_dir, record)?,
+            (None, AttachMode::Auto) => self.attach_auto(iface, ifindex, state_dir, record)?,
         };
         if hook != Attached::Clsact {
             self.clsact = None;
@@ -381,6 +389,7 @@ impl Datapath {
         iface: &str,
         ifindex: u32,
         state_dir: &Path,
+        record: RecordClsact<'_>,
     ) -> anyhow::Result<Attached> {
         match self.attach_xdp(ifindex, XdpMode::Driver, state_dir) {
             Ok(hook) => {
@@ -393,7 +402,7 @@ impl Datapath {
                 tracing::warn!(
                     "attach auto: no native XDP on {iface} ({e:#}); using TC, which beats generic XDP"
                 );
-                self.attach_tc(iface, ifindex, state_dir)
+                self.attach_tc(iface, ifindex, state_dir, record)
             }
         }
     }
@@ -533,6 +542,7 @@ impl Datapath {
         iface: &str,
         ifindex: u32,
         state_dir: &Path,
+        record: RecordClsact<'_>,
     ) -> anyhow::Result<Attached> {
         let tcx = TcAttach::Tcx {
             attach_type: TcAttachType::Ingress,
@@ -554,7 +564,7 @@ impl Datapath {
             Err(ProgramError::SyscallError(SyscallError { io_error, .. }))
                 if io_error.raw_os_error() == Some(libc::EINVAL) =>
             {
-                self.attach_tc_clsact(iface, ifindex)?;
+                self.attach_tc_clsact(iface, ifindex, record)?;
                 tracing::info!(
                     "attach tc: filter on {iface}'s clsact ingress, pref {} handle {:#x} \
                      (the kernel refused a TCX link: {io_error}; TCX came in Linux 6.6)",
@@ -571,8 +581,15 @@ impl Datapath {
     /// ingress at our own priority and handle (public so tests reach it on
     /// kernels with TCX), which stays after this data path and process.
     /// Our filter found there (an earlier daemon left it) gets this
-    /// program in place, with no moment detached.
-    pub fn attach_tc_clsact(&mut self, iface: &str, ifindex: u32) -> anyhow::Result<()> {
+    /// program in place, with no moment detached. What it may leave is
+    /// given to `record` before anything is made.
+    pub fn attach_tc_clsact(
+        &mut self,
+        iface: &str,
+        ifindex: u32,
+        record: RecordClsact<'_>,
+    ) -> anyhow::Result<()> {
+        record(ClsactRecord::intent(iface, ifindex)?)?;
         let qdisc = ClsactRecord::ensure(iface, ifindex)?;
         let context = || {
             format!(
@@ -582,7 +599,7 @@ impl Datapath {
                 u32::from(clsact::HANDLE),
             )
         };
-        let found = clsact::remove_leftovers(iface, ifindex, TC_PROGRAM, true)?;
+        let found = clsact::remove_leftovers(iface, ifindex, TC_PROGRAM, true)?.kept_ours;
         let tc = self.tc()?;
         let id = if found {
             let id = tc

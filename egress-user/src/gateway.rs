@@ -340,9 +340,10 @@ impl Gateway {
     }
 
     /// Attaches to `iface`, setting its sysctls unless they are already
-    /// set, each recorded first. What the record holds for other
-    /// interfaces, or a clsact filter no longer used, is undone once the
-    /// data path runs here: it no longer runs there.
+    /// set, each recorded first, as is what a clsact attach may leave.
+    /// What the record holds for other interfaces, or a clsact filter no
+    /// longer used, is undone once the data path runs here: it no longer
+    /// runs there.
     fn attach(&mut self, iface: &Interface) -> anyhow::Result<Attached> {
         let mut added = Vec::new();
         sysctl::apply(&iface.name, iface.index, |changes| {
@@ -351,11 +352,16 @@ impl Gateway {
             added = self.changes.sysctls[before..].to_vec();
             self.record()
         })?;
+        let (changes, dir) = (&mut self.changes, &self.policy.state_dir);
         let attached = self.datapath.attach(
             &iface.name,
             iface.index,
             self.settings.attach,
-            &self.policy.state_dir,
+            dir,
+            &mut |intent| {
+                changes.attaching(intent);
+                changes.store(dir).map(drop)
+            },
         );
         let hook = match attached {
             Ok(hook) => hook,
@@ -371,11 +377,7 @@ impl Gateway {
                 return Err(e).with_context(|| format!("cannot attach to {}", iface.name));
             }
         };
-        let clsact = self.datapath.clsact();
-        self.changes.undo_unused(iface.index, clsact.is_some());
-        if let Some(clsact) = clsact {
-            self.changes.clsact = Some(clsact.merge(self.changes.clsact));
-        }
+        self.changes.attached(iface.index, self.datapath.clsact());
         self.next_hops.retain(|&(i, _, _)| i == iface.index);
         if let Err(e) = self.record() {
             tracing::warn!("{e:#}: `egress down` may not restore all of it");

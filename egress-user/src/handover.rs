@@ -96,6 +96,7 @@ impl Handover {
                 .map(|&(ifindex, hop, _)| (ifindex, hop))
                 .collect(),
             clsact: self.clsact,
+            ..HostChanges::default()
         };
         if handed.is_empty() {
             return Ok(());

@@ -11,7 +11,11 @@
 //! files): it goes where the pinned link goes, with a reboot or the
 //! state directory's file system, and a unit's `ProtectSystem=strict`
 //! leaves /sys/fs/bpf writable. Each change is recorded before it is
-//! made, so a daemon killed in between leaves nothing unrecorded.
+//! made, so a daemon killed in between leaves nothing unrecorded: a
+//! clsact filter, and the qdisc its attach adds if the interface has
+//! none, as what the attach may leave (`clsact_attaching`), which the
+//! attach makes the record of the filter once its data path runs. Undoing
+//! takes what was recorded but never made, or removed since, as done.
 
 use std::{io, net::Ipv4Addr, path::Path};
 
@@ -44,6 +48,11 @@ pub struct HostChanges {
     /// The clsact filter left attached, and whether a gateway added its
     /// qdisc.
     pub clsact: Option<ClsactRecord>,
+    /// clsact filters being attached, recorded before their attach made
+    /// anything: made, not made, or made in part (a daemon killed, or an
+    /// attach that failed). Beside `clsact`, which may be another
+    /// interface's (the data path moves once the new one runs).
+    pub clsact_attaching: Vec<ClsactRecord>,
 }
 
 impl HostChanges {
@@ -101,6 +110,14 @@ impl HostChanges {
         pinning::unpin(&dir.join(PIN)).map(drop)
     }
 
+    /// Whether a clsact filter on interface `ifindex` is recorded.
+    pub fn has_clsact_on(&self, ifindex: u32) -> bool {
+        self.clsact
+            .iter()
+            .chain(&self.clsact_attaching)
+            .any(|c| c.ifindex == ifindex)
+    }
+
     /// Whether there is anything to undo.
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
@@ -117,18 +134,42 @@ impl HostChanges {
         }
     }
 
+    /// Records what a clsact attach may leave (see `datapath::RecordClsact`)
+    /// with what an earlier one on its interface recorded: a gateway added
+    /// the qdisc if either says so.
+    pub fn attaching(&mut self, intent: ClsactRecord) {
+        match self
+            .clsact_attaching
+            .iter_mut()
+            .find(|a| a.ifindex == intent.ifindex)
+        {
+            Some(earlier) => *earlier = intent.merge(Some(*earlier)),
+            None => self.clsact_attaching.push(intent),
+        }
+    }
+
     /// Drops what is recorded for interface `ifindex` without undoing it:
     /// the interface is gone, and what was set on it with it.
     pub fn forget_interface(&mut self, ifindex: u32) {
         self.sysctls.retain(|s| s.ifindex != ifindex);
         self.next_hops.retain(|&(i, _)| i != ifindex);
         self.clsact.take_if(|c| c.ifindex == ifindex);
+        self.clsact_attaching.retain(|a| a.ifindex != ifindex);
     }
 
-    /// Undoes what is recorded for other interfaces than `ifindex`, and a
-    /// clsact filter unless `clsact_in_use` (the data path runs there):
-    /// the data path no longer runs there.
-    pub fn undo_unused(&mut self, ifindex: u32, clsact_in_use: bool) {
+    /// The data path runs on interface `ifindex` now, through the clsact
+    /// filter `clsact` if it attached so: that is recorded (with what its
+    /// attach, and earlier ones, recorded of it), and what is recorded for
+    /// other interfaces, or a clsact filter not used, is undone: the data
+    /// path no longer runs there.
+    pub fn attached(&mut self, ifindex: u32, clsact: Option<ClsactRecord>) {
+        let in_force = clsact.map(|c| {
+            let intent = self
+                .clsact_attaching
+                .extract_if(.., |a| a.ifindex == c.ifindex)
+                .next();
+            c.merge(intent).merge(self.clsact)
+        });
         let mut unused = Self {
             sysctls: self
                 .sysctls
@@ -140,16 +181,23 @@ impl HostChanges {
                 .collect(),
             clsact: self
                 .clsact
-                .take_if(|c| c.ifindex != ifindex || !clsact_in_use),
+                .take_if(|c| c.ifindex != ifindex || clsact.is_none()),
+            clsact_attaching: std::mem::take(&mut self.clsact_attaching),
         };
         unused.undo();
+        self.clsact = in_force;
     }
 
-    /// Undoes every change recorded, last first: the clsact filter, the
+    /// Undoes every change recorded, last first: the clsact filters, the
     /// managed neighbour entries, the sysctls. Best effort, each failure
     /// logged; a change on an interface that is gone went with it.
     pub fn undo(&mut self) {
-        if let Some(clsact) = self.clsact.take() {
+        for clsact in self
+            .clsact
+            .take()
+            .into_iter()
+            .chain(self.clsact_attaching.drain(..))
+        {
             clsact.undo(TC_PROGRAM);
         }
         for (ifindex, hop) in self.next_hops.drain(..) {
@@ -175,5 +223,21 @@ mod tests {
     fn a_record_without_a_field_reads_it_empty() {
         let record: HostChanges = serde_json::from_str(r#"{"sysctls":[]}"#).unwrap();
         assert_eq!(record, HostChanges::default());
+    }
+
+    /// An attach recorded again (a daemon killed part way, then started
+    /// again) finds the qdisc the first added: it stays the gateway's.
+    #[test]
+    fn an_attach_recorded_again_keeps_that_a_gateway_added_the_qdisc() {
+        let record = |ifindex, added| ClsactRecord { ifindex, added };
+        let mut changes = HostChanges::default();
+        changes.attaching(record(2, true));
+        changes.attaching(record(2, false));
+        changes.attaching(record(3, false));
+        assert_eq!(
+            changes.clsact_attaching,
+            [record(2, true), record(3, false)]
+        );
+        assert!(changes.has_clsact_on(3) && !changes.has_clsact_on(4));
     }
 }

@@ -4,24 +4,31 @@
 //! removed before any attach, other programs' filters stay, the clsact
 //! filter of kernels without TCX sits at one fixed place so it cannot
 //! stack, the attachment stays after its data path (the daemon), and
-//! `egress down` leaves the host as found.
+//! `egress down` leaves the host as found, detaches the data path even
+//! when it cannot read the record of host changes, and says what it
+//! removed.
 //! This kernel has TCX, so the clsact path is entered directly, where a
 //! kernel without TCX falls back to it. Needs root.
 
-use anyhow::{Context as _, Result, ensure};
-use aya::programs::tc::{NlOptions, TcAttach, TcAttachType};
+use std::sync::Mutex;
+
+use anyhow::{Context as _, Result, bail, ensure};
+use aya::{
+    maps::{Array, MapData},
+    programs::tc::{NlOptions, TcAttach, TcAttachType},
+};
 use egress_user::{
     admission::Admission,
-    clsact,
+    clsact::{self, ClsactRecord},
     datapath::{Attached, Datapath, Policy, TC_PROGRAM},
     down,
-    host_changes::HostChanges,
+    host_changes::{self, HostChanges},
     settings::{AttachMode, PortRange},
 };
 use tests::{
     Attachments, Lab,
     attached::{filter_program, is_gateway_filter},
-    exec, in_netns, require_root,
+    exec, exec_output, in_netns, require_root,
 };
 
 const IFACE: &str = "eth0";
@@ -106,6 +113,29 @@ impl Host {
         })?
     }
 
+    /// `egress down` run as an operator runs it: whether it succeeded,
+    /// what it printed, and what it logged.
+    fn egress_down(&self) -> Result<(bool, String, String)> {
+        let out = exec_output(
+            &self.ns,
+            &format!(
+                "{} down --iface {IFACE} --state-dir {}",
+                tests::egress_bin()?.display(),
+                self.policy.state_dir.display()
+            ),
+        )?;
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        Ok((out.status.success(), text(&out.stdout), text(&out.stderr)))
+    }
+
+    /// Records what a clsact attach may leave, as the gateway does.
+    fn record_attaching(&self, intent: ClsactRecord) -> Result<()> {
+        let mut changes = HostChanges::load(&self.policy.state_dir)?;
+        changes.attaching(intent);
+        changes.store(&self.policy.state_dir)?;
+        Ok(())
+    }
+
     /// The clsact qdisc, as a killed gateway or another tool added it.
     fn add_clsact(&self) -> Result<()> {
         exec(&self.ns, &format!("tc qdisc add dev {IFACE} clsact"))?;
@@ -139,6 +169,12 @@ impl Host {
             Ok(())
         })
     }
+}
+
+/// A clsact attach's record that records nothing, for tests of the attach
+/// alone.
+fn unrecorded(_: ClsactRecord) -> Result<()> {
+    Ok(())
 }
 
 /// Where gateways before TCX support attached: the kernel's choice.
@@ -178,7 +214,7 @@ fn without_tcx_a_killed_gateways_filter_is_replaced_and_other_filters_stay() -> 
         let left = program_at_our_place(&seen);
 
         let record = host.with_datapath(|dp| {
-            dp.attach_tc_clsact(IFACE, host.ifindex)?;
+            dp.attach_tc_clsact(IFACE, host.ifindex, &mut unrecorded)?;
             let seen = host.attachments()?;
             let ours = Some(dp.tc()?.info()?.id());
             ensure!(
@@ -216,8 +252,11 @@ fn without_tcx_another_programs_filter_at_our_place_stays() -> Result<()> {
             u32::from(clsact::HANDLE)
         ))?;
         let before = host.attachments()?;
-        let attached =
-            host.with_datapath(|dp| Ok(dp.attach_tc_clsact(IFACE, host.ifindex).is_ok()))?;
+        let attached = host.with_datapath(|dp| {
+            Ok(dp
+                .attach_tc_clsact(IFACE, host.ifindex, &mut unrecorded)
+                .is_ok())
+        })?;
         let after = host.attachments()?;
         ensure!(
             !attached && after == before && before.clsact.len() == 1 && before.gateway_tc() == 0,
@@ -236,7 +275,7 @@ fn without_tcx_the_next_data_path_swaps_its_program_into_the_filter() -> Result<
         let untouched = host.attachments()?;
         let attach = || {
             host.with_datapath(|dp| {
-                dp.attach_tc_clsact(IFACE, host.ifindex)?;
+                dp.attach_tc_clsact(IFACE, host.ifindex, &mut unrecorded)?;
                 let record = dp.clsact().context("no clsact filter recorded")?;
                 Ok((record, dp.tc()?.info()?.id()))
             })
@@ -275,7 +314,13 @@ fn any_attach_removes_a_killed_gateways_filter() -> Result<()> {
         for mode in [AttachMode::Tc, AttachMode::Generic] {
             host.leave_filter(automatic_priority())?;
             let (hook, seen) = host.with_datapath(|dp| {
-                let hook = dp.attach(IFACE, host.ifindex, mode, &host.policy.state_dir)?;
+                let hook = dp.attach(
+                    IFACE,
+                    host.ifindex,
+                    mode,
+                    &host.policy.state_dir,
+                    &mut unrecorded,
+                )?;
                 Ok((hook, host.attachments()?))
             })?;
             let ok = match hook {
@@ -305,8 +350,13 @@ fn the_host_is_left_as_found() -> Result<()> {
         );
         let seen = host.with_datapath(|dp| {
             ensure!(
-                dp.attach(IFACE, host.ifindex, AttachMode::Tc, &host.policy.state_dir)?
-                    == Attached::Tcx
+                dp.attach(
+                    IFACE,
+                    host.ifindex,
+                    AttachMode::Tc,
+                    &host.policy.state_dir,
+                    &mut unrecorded
+                )? == Attached::Tcx
             );
             host.attachments()
         })?;
@@ -317,7 +367,7 @@ fn the_host_is_left_as_found() -> Result<()> {
         ensure!(host.attachments()? == untouched, "TCX detach");
 
         let (seen, record) = host.with_datapath(|dp| {
-            dp.attach_tc_clsact(IFACE, host.ifindex)?;
+            dp.attach_tc_clsact(IFACE, host.ifindex, &mut unrecorded)?;
             Ok((host.attachments()?, dp.clsact()))
         })?;
         ensure!(seen.clsact_qdisc && seen.gateway_tc() == 1, "{seen:?}");
@@ -330,6 +380,125 @@ fn the_host_is_left_as_found() -> Result<()> {
         .store(&host.policy.state_dir)?;
         host.down()?;
         ensure!(host.attachments()? == untouched, "clsact detach");
+        Ok(())
+    })
+}
+
+/// What a clsact attach may leave is recorded before it makes anything:
+/// a daemon killed just after recording it leaves it recorded but not
+/// made, which `egress down` passes over without a warning; one killed
+/// after the attach but before recording it as done leaves the qdisc it
+/// added recorded, which `egress down` removes.
+#[test]
+fn without_tcx_what_an_attach_may_leave_is_recorded_before_it_is_made() -> Result<()> {
+    Host::test(|host| {
+        let untouched = host.attachments()?;
+        ensure!(!untouched.clsact_qdisc, "{untouched:?}");
+        // Killed right after the record.
+        let attached = host.with_datapath(|dp| {
+            Ok(dp
+                .attach_tc_clsact(IFACE, host.ifindex, &mut |intent| {
+                    host.record_attaching(intent)?;
+                    bail!("killed")
+                })
+                .is_ok())
+        })?;
+        ensure!(!attached && host.attachments()? == untouched);
+        let (ok, out, log) = host.egress_down()?;
+        ensure!(
+            ok && !log.contains("WARN") && host.attachments()? == untouched,
+            "egress down on what was recorded but not made: {out}{log}"
+        );
+
+        // The next start, killed once attached: the record holds what its
+        // attach recorded first, which it saw before anything was made.
+        let seen = Mutex::new(Vec::new());
+        host.with_datapath(|dp| {
+            dp.attach_tc_clsact(IFACE, host.ifindex, &mut |intent| {
+                seen.lock().unwrap().push((intent, host.attachments()?));
+                host.record_attaching(intent)
+            })
+        })?;
+        let seen = seen.into_inner().unwrap();
+        ensure!(
+            matches!(&seen[..], [(intent, then)] if intent.added && *then == untouched),
+            "recorded after something was made: {seen:?}"
+        );
+        let attached = host.attachments()?;
+        ensure!(
+            attached.clsact_qdisc && attached.gateway_tc() == 1,
+            "{attached:?}"
+        );
+        let (ok, out, log) = host.egress_down()?;
+        ensure!(
+            ok && out.contains("gateway down: its data path is detached")
+                && host.attachments()? == untouched,
+            "egress down left {:?}: {out}{log}",
+            host.attachments()?
+        );
+        Ok(())
+    })
+}
+
+/// `egress down` detaches the data path even when the record of what the
+/// gateway changed on the host cannot be read (here a map of another
+/// shape pinned in its place), and fails naming what it could not
+/// restore; the record stays.
+#[test]
+fn egress_down_detaches_the_data_path_without_its_record() -> Result<()> {
+    Host::test(|host| {
+        let dir = &host.policy.state_dir;
+        host.with_datapath(|dp| {
+            dp.attach(IFACE, host.ifindex, AttachMode::Tc, dir, &mut unrecorded)
+        })?;
+        // And a filter a killed gateway left.
+        host.add_clsact()?;
+        host.leave_filter(clsact::ingress_filter())?;
+        ensure!(host.attachments()?.gateway_tc() == 2);
+        let record = dir.join(host_changes::PIN);
+        Array::<MapData, u32>::create(1, 0)?.pin(&record)?;
+
+        let (ok, out, log) = host.egress_down()?;
+        let seen = host.attachments()?;
+        ensure!(
+            !ok && seen.is_empty(),
+            "egress down (ok: {ok}) left {seen:?}: {out}{log}"
+        );
+        let record = record.display();
+        for words in [
+            format!("the host settings the gateway changed are not restored (cannot read {record}"),
+            "/proc/sys/net/ipv4/conf/eth0/forwarding".into(),
+            format!("rm {record}"),
+        ] {
+            ensure!(log.contains(&words), "no {words:?} in: {log}");
+        }
+        ensure!(
+            out.contains(
+                "the egress_tc filter a gateway left unrecorded on eth0's clsact ingress is removed"
+            ),
+            "{out}"
+        );
+        ensure!(dir.join(host_changes::PIN).exists(), "the record went");
+        Ok(())
+    })
+}
+
+/// A filter a gateway left without recording it is removed by `egress
+/// down`, which says so (it said "nothing attached").
+#[test]
+fn egress_down_names_the_unrecorded_filter_it_removes() -> Result<()> {
+    Host::test(|host| {
+        std::fs::create_dir_all(&host.policy.state_dir)?;
+        host.add_clsact()?;
+        host.leave_filter(clsact::ingress_filter())?;
+        let (ok, out, log) = host.egress_down()?;
+        ensure!(
+            ok && out.starts_with(
+                "gateway down: the egress_tc filter a gateway left unrecorded on eth0's clsact \
+                 ingress is removed;"
+            ) && host.attachments()?.gateway_tc() == 0,
+            "{out}{log}"
+        );
         Ok(())
     })
 }
