@@ -11,6 +11,7 @@ use crate::{
     links,
     netif::{self, Interface, Route},
     pinning::{self, Placement},
+    resize::{self, Remnant},
     settings::{AttachMode, Settings},
     state_fit, sysctl,
 };
@@ -132,6 +133,9 @@ pub struct Facts {
     /// Whether that state fits the data path with these settings (or why
     /// it cannot be read).
     pub state_fit: Result<state_fit::Fit, String>,
+    /// The pins an interrupted resize of the state left (or why they
+    /// cannot be read, which stops a start too).
+    pub resize_remnants: Result<Vec<Remnant>, String>,
     /// The data path an `egress run` on the state directory attached: its
     /// links pinned there (hook and interface), and whether a clsact
     /// filter is recorded (see `host_changes`).
@@ -204,6 +208,7 @@ impl Facts {
             state_present: pinning::has_state(&settings.state_dir),
             state_fit: state_fit::judge(&settings.state_dir, settings.max_flows)
                 .map_err(|e| format!("{e:#}")),
+            resize_remnants: resize::remnants(&settings.state_dir).map_err(|e| format!("{e:#}")),
             data_path: data_path(&settings.state_dir),
             daemon: pinning::held(&settings.state_dir),
             ip_forward: read_trimmed(Path::new("/proc/sys/net/ipv4/ip_forward")).map(|v| v != "0"),
@@ -290,6 +295,7 @@ pub fn judge(settings: &Settings, facts: &Facts) -> Report {
     kernel(&mut r, facts);
     privileges(&mut r, facts);
     state_dir(&mut r, &settings.state_dir, facts);
+    resize_remnants(&mut r, &settings.state_dir, facts);
     match &facts.iface {
         Some(i) => interface(&mut r, settings, i, facts),
         None => r.problem(
@@ -439,6 +445,63 @@ fn state_dir(r: &mut Report, dir: &Path, facts: &Facts) {
              gateway's are lost)",
         );
     }
+}
+
+/// An interrupted resize's pins: the next start finishes the resize with
+/// them (or drops them), so they are a warning, unless unreadable, which
+/// stops a start.
+fn resize_remnants(r: &mut Report, dir: &Path, facts: &Facts) {
+    let remnants = match &facts.resize_remnants {
+        Ok(remnants) if remnants.is_empty() => return,
+        Ok(remnants) => remnants,
+        Err(e) => {
+            return r.problem(
+                format!(
+                    "cannot read what an interrupted resize of the connection state left in \
+                     {}: {e}; a start stops there too",
+                    dir.display()
+                ),
+                "remove the pin named (rm PATH; connections only an old table holds break), \
+                 or start over with --reset-state",
+            );
+        }
+    };
+    let name = |pin: &Path| {
+        pin.file_name()
+            .map_or_else(|| pin.display().to_string(), |n| n.display().to_string())
+    };
+    let each: Vec<String> = remnants
+        .iter()
+        .map(|Remnant { pin, replaced }| match replaced {
+            Some(map) => format!(
+                "{} (the old {map} table, replaced by its copy: the next start copies what the \
+                 previous data path added to it after the copy, then removes it)",
+                name(pin)
+            ),
+            None => format!(
+                "{} (a table the resize left unused: the next start removes it)",
+                name(pin)
+            ),
+        })
+        .collect();
+    let paths: Vec<String> = remnants
+        .iter()
+        .map(|Remnant { pin, .. }| pin.display().to_string())
+        .collect();
+    r.warn(
+        format!(
+            "an interrupted resize of the connection state left tables pinned in {}, holding \
+             kernel memory until the next start: {}",
+            dir.display(),
+            each.join(", ")
+        ),
+        format!(
+            "none needed: the next `egress run` finishes the resize; to drop them now instead: \
+             rm {} (connections only an old table holds break), or `egress down \
+             --reset-state` (the gateway and all its connection state)",
+            paths.join(" ")
+        ),
+    );
 }
 
 fn interface(r: &mut Report, s: &Settings, i: &IfaceFacts, facts: &Facts) {
@@ -660,6 +723,7 @@ mod tests {
             state_unwritable: None,
             state_present: false,
             state_fit: Ok(state_fit::Fit::default()),
+            resize_remnants: Ok(Vec::new()),
             data_path: Vec::new(),
             daemon: Some(false),
             ip_forward: Some(true),
@@ -864,6 +928,51 @@ mod tests {
             warnings[0].contains("cannot read the connection state")
                 && warnings[0].contains("EPERM"),
             "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn an_interrupted_resize_is_a_warning_unless_unreadable() {
+        let mut facts = good();
+        let dir = Path::new("/sys/fs/bpf/egress");
+        facts.resize_remnants = Ok(vec![
+            Remnant {
+                pin: dir.join("resize-old-FLOWS-42"),
+                replaced: Some("FLOWS"),
+            },
+            Remnant {
+                pin: dir.join("resize-new-MAPPINGS"),
+                replaced: None,
+            },
+        ]);
+        let report = judge(&settings(""), &facts);
+        assert!(
+            at(&report, Level::Problem).is_empty(),
+            "{}",
+            report.render()
+        );
+        let warnings = at(&report, Level::Warning);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        for words in [
+            "an interrupted resize of the connection state left tables pinned in \
+             /sys/fs/bpf/egress, holding kernel memory until the next start: \
+             resize-old-FLOWS-42 (the old FLOWS table, replaced by its copy: the next start \
+             copies what the previous data path added to it after the copy, then removes it), \
+             resize-new-MAPPINGS (a table the resize left unused: the next start removes it)",
+            "fix: none needed: the next `egress run` finishes the resize",
+            "rm /sys/fs/bpf/egress/resize-old-FLOWS-42 /sys/fs/bpf/egress/resize-new-MAPPINGS",
+        ] {
+            assert!(warnings[0].contains(words), "{words:?} not in {warnings:?}");
+        }
+
+        facts.resize_remnants =
+            Err("cannot read /sys/fs/bpf/egress/resize-old-FLOWS-42: EINVAL".into());
+        let problems = at(&judge(&settings(""), &facts), Level::Problem);
+        assert!(
+            problems.len() == 1
+                && problems[0].contains("resize-old-FLOWS-42: EINVAL; a start stops there too")
+                && problems[0].contains("rm PATH"),
+            "{problems:?}"
         );
     }
 

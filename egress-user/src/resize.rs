@@ -18,7 +18,8 @@
 //! one. At the next start a `resize-new-` pin (never moved) goes, and so
 //! does a `resize-old-` pin of the map still pinned as `NAME` (not
 //! replaced); one of a replaced map is an old map whose entries are
-//! caught up, as above. (Dots, which bpffs reserves, are left out.)
+//! caught up, as above; until then `egress check` names them
+//! ([`remnants`]). (Dots, which bpffs reserves, are left out.)
 
 use std::{
     fmt::Write as _,
@@ -707,15 +708,42 @@ fn pins(dir: &Path) -> anyhow::Result<Vec<(PathBuf, Option<&'static str>)>> {
     Ok(pins)
 }
 
+/// A pin an interrupted resize left in a state directory (see the
+/// module's docs), as the next start takes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Remnant {
+    pub pin: PathBuf,
+    /// The map it holds an old table of, replaced by its copy: the next
+    /// start copies what it holds beyond the copy, then removes it.
+    /// `None`: one the next start removes (a copy never put in place, or
+    /// an old table that was not replaced).
+    pub replaced: Option<&'static str>,
+}
+
+/// The pins an interrupted resize left in `dir`; an error is one that
+/// stops the next start too.
+pub fn remnants(dir: &Path) -> anyhow::Result<Vec<Remnant>> {
+    pins(dir)?
+        .into_iter()
+        .map(|(pin, found)| {
+            let replaced = match found {
+                Some(name) if replaced(dir, name, &pin)? => Some(name),
+                _ => None,
+            };
+            Ok(Remnant { pin, replaced })
+        })
+        .collect()
+}
+
 /// Removes the pins of an interrupted resize that changed nothing (see
 /// the module's docs); returns those of old maps a resize replaced, whose
 /// entries are to be caught up, by map name.
 fn tidy(dir: &Path) -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
     let mut old = Vec::new();
-    for (pin, found) in pins(dir)? {
-        match found {
-            Some(name) if replaced(dir, name, &pin)? => old.push((name, pin)),
-            _ => {
+    for Remnant { pin, replaced } in remnants(dir)? {
+        match replaced {
+            Some(name) => old.push((name, pin)),
+            None => {
                 pinning::unpin(&pin)?;
                 tracing::info!(pin = %pin.display(), "removed a pin an interrupted resize left");
             }
@@ -745,14 +773,20 @@ pub fn discard(dir: &Path) -> anyhow::Result<usize> {
 /// Whether the old map pinned at `old` was replaced by the one pinned as
 /// `name` in `dir`, of the same layout (and not removed: `--reset-state`).
 fn replaced(dir: &Path, name: &str, old: &Path) -> anyhow::Result<bool> {
-    let current = match MapData::from_pin(dir.join(name)) {
-        Ok(current) => current.info()?,
+    let path = dir.join(name);
+    let current = match MapData::from_pin(&path) {
+        Ok(current) => current
+            .info()
+            .with_context(|| format!("cannot read {}", path.display()))?,
         Err(MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
             return Ok(false);
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
     };
-    let old = MapData::from_pin(old)?.info()?;
+    let old = MapData::from_pin(old)
+        .map_err(anyhow::Error::from)
+        .and_then(|m| Ok(m.info()?))
+        .with_context(|| format!("cannot read {}", old.display()))?;
     Ok(old.id() != current.id()
         && (old.map_type()? as u32, old.key_size(), old.value_size())
             == (

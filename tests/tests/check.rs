@@ -3,8 +3,8 @@
 //! root.
 
 use anyhow::{Context as _, Result, ensure};
-use aya::maps::{HashMap as BpfHashMap, MapData};
-use egress_common::flow::{Flow, FlowKey, PortKey};
+use aya::maps::{HashMap as BpfHashMap, IterableMap as _, MapData};
+use egress_common::flow::{Flow, FlowKey, Mapping, PortKey};
 use nix::mount::{MsFlags, mount};
 use tests::{Lab, exec, exec_output, require_root};
 
@@ -216,6 +216,66 @@ fn a_state_made_with_another_max_flows_is_resized_unless_it_does_not_fit() -> Re
             dir.display()
         );
         has_problem(&report, &problem, "fix: run with those settings")?;
+        Ok(())
+    })();
+    lab.keep_logs_on_err(result)
+}
+
+/// The tables an interrupted resize left pinned are a warning naming each
+/// (what the next start does with it) and how to remove them; nothing
+/// to fail a start for. Here the flow table was replaced by its copy, the
+/// old one pinned aside, and the mapping table's copy never put in place.
+#[test]
+fn an_interrupted_resize_s_tables_are_a_warning() -> Result<()> {
+    require_root()?;
+    let mut lab = Lab::new()?;
+    let ns = lab.add_ns("check-resize")?;
+    let result = (|| {
+        let dir = lab.state_dir()?;
+        std::fs::create_dir_all(&dir)?;
+        let old = BpfHashMap::<MapData, FlowKey, Flow>::create(1024, 0)?;
+        let old_pin = dir.join(format!("resize-old-FLOWS-{}", old.map().info()?.id()));
+        old.pin(&old_pin)?;
+        BpfHashMap::<MapData, FlowKey, Flow>::create(4096, 0)?.pin(dir.join("FLOWS"))?;
+        let new_pin = dir.join("resize-new-MAPPINGS");
+        BpfHashMap::<MapData, PortKey, Mapping>::create(4096, 0)?.pin(&new_pin)?;
+
+        let (_, report) = check_with(&lab, &ns, "--max-flows 2048")?;
+        let warnings: Vec<_> = findings(&report, "warning")
+            .into_iter()
+            .filter(|w| w.contains("interrupted resize"))
+            .collect();
+        let file = |pin: &std::path::Path| pin.file_name().unwrap().display().to_string();
+        for words in [
+            format!(
+                "an interrupted resize of the connection state left tables pinned in {}, \
+                 holding kernel memory until the next start: ",
+                dir.display()
+            ),
+            format!(
+                "{} (the old FLOWS table, replaced by its copy: the next start copies what the \
+                 previous data path added to it after the copy, then removes it)",
+                file(&old_pin)
+            ),
+            format!(
+                "{} (a table the resize left unused: the next start removes it)",
+                file(&new_pin)
+            ),
+            "fix: none needed: the next `egress run` finishes the resize".into(),
+            format!("{} ", old_pin.display()),
+            format!("{} ", new_pin.display()),
+        ] {
+            ensure!(
+                warnings.len() == 1 && warnings[0].contains(&words),
+                "no warning {words:?} in:\n{report}"
+            );
+        }
+        ensure!(
+            findings(&report, "PROBLEM")
+                .iter()
+                .all(|p| !p.contains("resize")),
+            "a problem of the resize in:\n{report}"
+        );
         Ok(())
     })();
     lab.keep_logs_on_err(result)
