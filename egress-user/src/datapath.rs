@@ -17,7 +17,7 @@ use aya::{
         lpm_trie::Key,
     },
     programs::{
-        LinkOrder, ProgramError, ProgramInfo, SchedClassifier, Xdp, XdpMode,
+        LinkOrder, Program, ProgramError, ProgramInfo, SchedClassifier, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         loaded_programs,
         tc::{SchedClassifierLink, TcAttach, TcAttachType},
@@ -99,14 +99,6 @@ impl Attached {
     }
 }
 
-/// Which programs a load verifies: both for the daemon.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Programs {
-    Both,
-    Xdp,
-    Tc,
-}
-
 /// Everything the data path is configured with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
@@ -179,18 +171,11 @@ impl HeldLink {
 }
 
 impl Datapath {
-    /// Loads the programs with `policy`, picking up the connection state
+    /// Loads the data path with `policy`, picking up the connection state
     /// pinned by an earlier run unless told to reset it, and fills the
-    /// policy maps.
+    /// policy maps. The programs are loaded (verified by the kernel) on
+    /// first use, see [`Datapath::xdp`].
     pub fn load(policy: &Policy) -> anyhow::Result<Self> {
-        Self::load_programs(policy, Programs::Both)
-    }
-
-    /// As [`Datapath::load`], verifying only `programs`: tests that run
-    /// one program (`BPF_PROG_TEST_RUN`) need not wait for the verifier
-    /// on the other, about half of a load. One not loaded cannot run or
-    /// attach.
-    pub fn load_programs(policy: &Policy, programs: Programs) -> anyhow::Result<Self> {
         // Settings are checked before; a policy made in code is checked here.
         policy.admission.validate()?;
         pinning::prepare(&policy.state_dir, policy.reset_state)?;
@@ -271,29 +256,12 @@ impl Datapath {
 
         seed_ip_ids(&mut ebpf)?;
 
-        let mut datapath = Self {
+        Ok(Self {
             ebpf,
             link: None,
             clsact: None,
             resized,
-        };
-        if programs != Programs::Tc {
-            datapath
-                .xdp()?
-                .load()
-                .context("the kernel verifier rejected the XDP program")?;
-        }
-        if programs != Programs::Xdp {
-            datapath
-                .tc()?
-                .load()
-                .context("the kernel verifier rejected the TC program")?;
-        }
-        // What the previous data path made while these were verified.
-        if let Some(resized) = &mut datapath.resized {
-            resized.catch_up("before the attach");
-        }
-        Ok(datapath)
+        })
     }
 
     /// Finishes a resize of the connection state once this data path is
@@ -391,6 +359,8 @@ impl Datapath {
         state_dir: &Path,
         record: RecordClsact<'_>,
     ) -> anyhow::Result<Attached> {
+        // A program the verifier refuses is an error, not a reason for TC.
+        self.xdp()?;
         match self.attach_xdp(ifindex, XdpMode::Driver, state_dir) {
             Ok(hook) => {
                 tracing::info!("attach auto: {iface}'s driver supports XDP, the fastest hook");
@@ -424,8 +394,13 @@ impl Datapath {
         ifindex: u32,
         pinned: &[u32],
     ) -> anyhow::Result<()> {
-        let mut ours = vec![self.xdp()?.info()?.id(), self.tc()?.info()?.id()];
-        ours.extend_from_slice(pinned);
+        let mut ours = pinned.to_vec();
+        for (_, program) in self.ebpf.programs() {
+            // One not loaded yet runs nowhere.
+            if program.fd().is_ok() {
+                ours.push(program.info()?.id());
+            }
+        }
         let mut others = netif::tcx_programs(ifindex)
             .with_context(|| format!("cannot list the TCX programs on {iface}"))?;
         others.extend(
@@ -627,22 +602,49 @@ impl Datapath {
         self.clsact
     }
 
-    /// The loaded XDP program (for `BPF_PROG_TEST_RUN` in tests and benchmarks).
+    /// The XDP program, loaded on first use: the kernel's verifier takes
+    /// most of a second over each program, and a gateway attaches one.
     pub fn xdp(&mut self) -> anyhow::Result<&mut Xdp> {
-        Ok(self
-            .ebpf
-            .program_mut(XDP_PROGRAM)
-            .context("XDP program missing from the eBPF object")?
-            .try_into()?)
+        self.program(XDP_PROGRAM, "XDP", Xdp::load)
     }
 
-    /// The loaded TC program (for `BPF_PROG_TEST_RUN` in tests).
+    /// The TC program, loaded on first use (see [`Datapath::xdp`]).
     pub fn tc(&mut self) -> anyhow::Result<&mut SchedClassifier> {
-        Ok(self
+        self.program(TC_PROGRAM, "TC", SchedClassifier::load)
+    }
+
+    /// Loads the program `hook` runs, unless it is loaded.
+    pub fn load_program_of(&mut self, hook: Attached) -> anyhow::Result<()> {
+        match hook.is_xdp() {
+            true => self.xdp().map(drop),
+            false => self.tc().map(drop),
+        }
+    }
+
+    /// The program `name` (`kind`, for messages), loaded by `load` unless
+    /// it is. What the previous data path made meanwhile in the old maps
+    /// of a resize is caught up then: the attach comes next.
+    fn program<P>(
+        &mut self,
+        name: &str,
+        kind: &str,
+        load: fn(&mut P) -> Result<(), ProgramError>,
+    ) -> anyhow::Result<&mut P>
+    where
+        for<'a> &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+    {
+        let program = self
             .ebpf
-            .program_mut(TC_PROGRAM)
-            .context("TC program missing from the eBPF object")?
-            .try_into()?)
+            .program_mut(name)
+            .with_context(|| format!("{kind} program missing from the eBPF object"))?;
+        if program.fd().is_err() {
+            load(program.try_into()?)
+                .with_context(|| format!("the kernel verifier rejected the {kind} program"))?;
+            if let Some(resized) = &mut self.resized {
+                resized.catch_up("before the attach");
+            }
+        }
+        Ok(program.try_into()?)
     }
 
     /// Packets per reason, summed over CPUs.

@@ -218,9 +218,21 @@ impl Gateway {
                 )
             };
             let old = set(Allowed::of(&policy));
-            let datapath = Datapath::load(&policy).inspect_err(|_| {
-                set(old);
-            })?;
+            let hook = self.attached.as_ref().map(|a| a.hook);
+            // The program that takes the old ones' place is verified as
+            // part of the load, so that a refusal leaves them and their
+            // policy in force; with nothing attached (the interface came
+            // back), the attach loads what it needs.
+            let datapath = Datapath::load(&policy)
+                .and_then(|mut datapath| {
+                    if let Some(hook) = hook {
+                        datapath.load_program_of(hook)?;
+                    }
+                    Ok(datapath)
+                })
+                .inspect_err(|_| {
+                    set(old);
+                })?;
             // The old programs run on in the pinned link or filter until
             // the new ones take it over (see `links`): no packet meets the
             // host's stack in between.

@@ -1,6 +1,7 @@
 //! A long-running child process with its output in a log file, stopped on drop.
 
 use anyhow::{Context, Result, bail};
+use aya::programs::loaded_programs;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::fs::File;
@@ -135,6 +136,38 @@ impl Daemon {
             .with_context(|| format!("kill {}", self.name))?;
         self.child.wait()?;
         Ok(())
+    }
+}
+
+impl Daemon {
+    /// The names of the BPF programs the process holds open, sorted: each
+    /// `anon_inode:bpf-prog` fd's fdinfo names its program's id.
+    pub fn bpf_programs(&self) -> Result<Vec<String>> {
+        let pid = self.pid();
+        let dir = format!("/proc/{pid}/fd");
+        let mut ids = Vec::new();
+        for fd in std::fs::read_dir(&dir).with_context(|| format!("list {dir}"))? {
+            let fd = fd?;
+            if !std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:bpf-prog")
+            {
+                continue;
+            }
+            let info = format!("/proc/{pid}/fdinfo/{}", fd.file_name().display());
+            let info = std::fs::read_to_string(&info).with_context(|| format!("read {info}"))?;
+            let id = info
+                .lines()
+                .find_map(|l| l.strip_prefix("prog_id:"))
+                .and_then(|id| id.trim().parse::<u32>().ok())
+                .with_context(|| format!("no prog_id in {info}"))?;
+            ids.push(id);
+        }
+        let mut names: Vec<String> = loaded_programs()
+            .filter_map(|p| p.ok())
+            .filter(|p| ids.contains(&p.id()))
+            .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+            .collect();
+        names.sort();
+        Ok(names)
     }
 }
 

@@ -16,7 +16,7 @@ use egress_common::{
 };
 use egress_user::{
     admission::Admission,
-    datapath::{Datapath, Policy, Programs, State},
+    datapath::{Datapath, Policy, State},
     gc,
     settings::PortRange,
 };
@@ -70,13 +70,17 @@ pub enum Hook {
 }
 
 impl Hook {
-    /// The one program a gateway under test loads: each case runs once
-    /// per hook, so every policy still meets the verifier with both.
-    fn programs(self) -> Programs {
-        match self {
-            Hook::Xdp => Programs::Xdp,
-            Hook::Tc => Programs::Tc,
-        }
+    /// A data path loaded with `policy` and the program of this hook, the
+    /// one a gateway under test loads: each case runs once per hook, so
+    /// every policy still meets the verifier with both.
+    fn load(self, policy: &Policy) -> Datapath {
+        let mut datapath = Datapath::load(policy).unwrap();
+        let loaded = match self {
+            Hook::Xdp => datapath.xdp().map(drop),
+            Hook::Tc => datapath.tc().map(drop),
+        };
+        loaded.unwrap();
+        datapath
     }
 }
 
@@ -160,7 +164,7 @@ impl Gateway {
             reset_state: false,
         };
         adjust(&mut policy);
-        let datapath = Datapath::load_programs(&policy, hook.programs()).unwrap();
+        let datapath = hook.load(&policy);
         Self {
             hook,
             datapath,
@@ -177,7 +181,7 @@ impl Gateway {
         self.policy.reset_state = reset;
         // The old instance is dropped only once the new one is loaded, like
         // an upgrade that starts the new daemon before the old one exits.
-        self.datapath = Datapath::load_programs(&self.policy, self.hook.programs()).unwrap();
+        self.datapath = self.hook.load(&self.policy);
     }
 
     /// Loads the data path again under the policy as `adjust` changes it,
