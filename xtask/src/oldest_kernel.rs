@@ -235,35 +235,49 @@ fn packets_binary(ws: &Workspace) -> Result<PathBuf> {
 /// What runs in the guest (as root, in the VM's own root network
 /// namespace, on the host's files): the packet tests, their whole output to
 /// packets.log and each test's line on the way; then the gateway as an
-/// operator runs it, `egress check` and `egress run` in TC mode (6.1 has
-/// no TCX: a clsact filter) on a veth until it says it is attached, then
-/// SIGTERM. Each part leaves its exit status in OUT/PART.status.
+/// operator runs it, `egress check` and `egress run` on a veth until it
+/// says it is attached, then SIGTERM: in TC mode (6.1 has no TCX: a
+/// clsact filter), then in native XDP mode (the daemon loads only the
+/// program it attaches, so each mode has the verifier take its program
+/// with the operator's settings). Each part leaves its exit status in
+/// OUT/PART.status.
 const GUEST_SCRIPT: &str = r#"# Written by cargo xtask (xtask/src/oldest_kernel.rs) for the Linux 6.1 VM.
 cd @ROOT@
 (@PACKETS@ --test-threads=1 -Z unstable-options --report-time @FILTER@
  echo $? > @OUT@/packets.status) 2>&1 | tee @OUT@/packets.log | grep --line-buffered -E '^(running|test )'
 
+# $1: the attach mode; its log is @OUT@/daemon-$1.log.
 daemon() {
-  ip link add egk0 type veth peer name egk1 && ip addr add 10.9.0.1/24 dev egk0 &&
-    ip link set egk0 up && ip link set egk1 up && ip route add default via 10.9.0.254 || return 1
-  set -- --iface egk0 --peer 10.9.0.2 --client-cidr 192.168.250.0/24 --attach tc --state-dir /sys/fs/bpf/egress-vm
+  log=@OUT@/daemon-$1.log
+  [ -e /sys/class/net/egk0 ] || {
+    ip link add egk0 type veth peer name egk1 && ip addr add 10.9.0.1/24 dev egk0 &&
+      ip link set egk0 up && ip link set egk1 up && ip route add default via 10.9.0.254
+  } || return 1
+  set -- --iface egk0 --peer 10.9.0.2 --client-cidr 192.168.250.0/24 --attach $1 --state-dir /sys/fs/bpf/egress-vm
   @EGRESS@ check "$@" || return 1
   @EGRESS@ run "$@" &
   pid=$! up=no
   for _ in $(seq 60); do
-    if grep -q 'gateway ready' @OUT@/daemon.log; then up=yes; break; fi
+    if grep -q 'gateway ready' $log; then up=yes; break; fi
     kill -0 $pid 2>/dev/null || break
     sleep 1
   done
+  ip link show dev egk0
   tc filter show dev egk0 ingress
   kill -TERM $pid 2>/dev/null
   wait $pid && [ $up = yes ]
 }
-echo "egress check; egress run --attach tc"
-daemon > @OUT@/daemon.log 2>&1
-echo $? > @OUT@/daemon.status
-echo "egress check; egress run --attach tc: exit $(cat @OUT@/daemon.status)"
+for mode in @MODES@; do
+  echo "egress check; egress run --attach $mode"
+  daemon $mode > @OUT@/daemon-$mode.log 2>&1
+  echo $? > @OUT@/daemon-$mode.status
+  echo "egress check; egress run --attach $mode: exit $(cat @OUT@/daemon-$mode.status)"
+done
 "#;
+
+/// The attach modes the guest runs the daemon in, each loading its own
+/// program.
+const DAEMON_MODES: [&str; 2] = ["tc", "native"];
 
 fn guest_script(ws: &Workspace, packets: &Path, egress: &Path, out: &Path, scope: Scope) -> String {
     let filter = match scope {
@@ -276,6 +290,7 @@ fn guest_script(ws: &Workspace, packets: &Path, egress: &Path, out: &Path, scope
         .replace("@FILTER@", &filter)
         .replace("@EGRESS@", &egress.display().to_string())
         .replace("@OUT@", &out.display().to_string())
+        .replace("@MODES@", &DAEMON_MODES.join(" "))
 }
 
 /// `key=path` for the kernel command line, which splits at spaces.
@@ -343,21 +358,21 @@ fn judge_packets(out: &Path, scope: Scope, kernel: &str) -> Result<()> {
     Ok(())
 }
 
-/// Fails unless `egress check` passed and `egress run` attached and
-/// stopped cleanly; prints their output if not.
+/// Fails unless, in each of [`DAEMON_MODES`], `egress check` passed and
+/// `egress run` attached and stopped cleanly; prints their output if not.
 fn judge_daemon(out: &Path, kernel: &str) -> Result<()> {
-    let status = part_status(out, "daemon")?;
-    if status != "0" {
-        let log = out.join("daemon.log");
-        let text = fs::read_to_string(&log).unwrap_or_default();
-        eprintln!("---- egress check; egress run --attach tc on Linux 6.1 ----\n{text}");
-        bail!(
-            "egress check or egress run --attach tc failed on {kernel} (exit {status}; above: its output)"
-        );
+    for mode in DAEMON_MODES {
+        let part = format!("daemon-{mode}");
+        let status = part_status(out, &part)?;
+        let what = format!("egress check; egress run --attach {mode}");
+        if status != "0" {
+            let log = out.join(format!("{part}.log"));
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            eprintln!("---- {what} on Linux 6.1 ----\n{text}");
+            bail!("{what} failed on {kernel} (exit {status}; above: its output)");
+        }
+        eprintln!("==> xtask: Linux 6.1 VM: {what}: checked, attached and stopped on {kernel}");
     }
-    eprintln!(
-        "==> xtask: Linux 6.1 VM: egress check passed, egress run attached (TC) and stopped on {kernel}"
-    );
     Ok(())
 }
 
