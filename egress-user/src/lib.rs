@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod batch;
+pub mod carry_over;
 pub mod check;
 pub mod clock;
 pub mod clsact;

@@ -9,7 +9,9 @@
 //! the old maps until the new programs take its place (a reload's, or one
 //! left attached): what it adds meanwhile is copied after the copy
 //! ([`Pending::catch_up`]) and once more after the attach
-//! ([`Pending::finish`]), which then lets the old maps go.
+//! ([`Pending::finish`]), which then lets the old maps go. What it changes
+//! in entries copied before (a FIN, the last packet's time, a mapping's
+//! use, a client's count) is carried over too, as `carry_over` rules.
 //!
 //! Against a crash part way, the pins change in steps that each leave a
 //! state the next start can finish: the new maps are pinned under
@@ -37,12 +39,14 @@ use aya::{
 };
 use aya_obj::generated::{BPF_F_RDONLY, BPF_F_WRONLY};
 use egress_common::flow::{DIR_IN, Flow, FlowKey, Mapping, PortKey};
-use rustc_hash::FxHashSet;
+use rustc_hash::FxHashMap;
 
-use crate::{batch, pinning};
+use crate::{batch, carry_over, pinning};
 
-/// `BPF_NOEXIST`: insert only a key that is not there.
+/// `BPF_NOEXIST`: insert only a key that is not there; `BPF_EXIST`: only
+/// over one that is.
 const BPF_NOEXIST: u64 = 1;
+const BPF_EXIST: u64 = 2;
 /// Pin names of a resize under way (see the module's docs).
 const NEW_PIN: &str = "resize-new-";
 const OLD_PIN: &str = "resize-old-";
@@ -267,6 +271,21 @@ trait Layout: 'static {
     fn open(data: MapData) -> Result<Table<Self>, MapError> {
         HashMap::try_from(Map::from_map_data(data)?)
     }
+
+    /// What a catch-up remembers of an entry it copied (or carried over),
+    /// to tell whether the old map changed it since.
+    fn kept(value: &Self::V) -> u64;
+
+    /// The entry to write over `new` in the new map for `old`, changed in
+    /// the old map since it was copied (see `carry_over`); `kept`: what
+    /// was kept of the old entry then, if this resize copied it.
+    fn carried(old: &Self::V, new: &Self::V, kept: Option<u64>) -> Option<Self::V>;
+
+    /// What is kept of an old entry that the new data path made anew
+    /// meanwhile, under a key the old map gained since the copy, if the
+    /// two are to be carried over as one; `None`: the new one is its own
+    /// (a flow half, with its own translation).
+    const MADE_ANEW_KEEPS: Option<u64> = None;
 }
 
 type Table<L> = HashMap<MapData, <L as Layout>::K, <L as Layout>::V>;
@@ -290,6 +309,14 @@ impl Layout for Flows {
         map.get(&out.in_key(), 0)
             .is_ok_and(|inb| ends(&inb) == ends(out))
     }
+
+    fn kept(half: &Flow) -> u64 {
+        carry_over::fingerprint(half)
+    }
+
+    fn carried(old: &Flow, new: &Flow, _: Option<u64>) -> Option<Flow> {
+        carry_over::flow_half(old, new)
+    }
 }
 
 impl Layout for Mappings {
@@ -312,6 +339,14 @@ impl Layout for Mappings {
         map.get(&reservation, 0)
             .is_ok_and(|m| (m.addr, m.port) == (client.addr, client.port))
     }
+
+    fn kept(m: &Mapping) -> u64 {
+        m.used_ns
+    }
+
+    fn carried(old: &Mapping, new: &Mapping, _: Option<u64>) -> Option<Mapping> {
+        carry_over::mapping(old, new)
+    }
 }
 
 impl Layout for Clients {
@@ -319,6 +354,18 @@ impl Layout for Clients {
     const PER_FLOW: u32 = 1;
     type K = [u8; 4];
     type V = u64;
+    /// A count: the new one counts none of the old one's flows.
+    const MADE_ANEW_KEEPS: Option<u64> = Some(0);
+
+    fn kept(count: &u64) -> u64 {
+        *count
+    }
+
+    /// Without what was copied, the count is left to the next sweep,
+    /// which sets it from the flows.
+    fn carried(old: &u64, new: &u64, kept: Option<u64>) -> Option<u64> {
+        carry_over::client_count(*old, *new, kept?)
+    }
 }
 
 /// A resize's work left for after the copy: entries the old maps gain
@@ -332,6 +379,8 @@ pub struct Pending {
 struct Caught {
     /// Copied into the new map.
     copied: u64,
+    /// Changed in the old map since copied, and carried over.
+    carried: u64,
     /// Not copied: the new data path made them meanwhile, or they are
     /// second halves whose twin in the new map is another's.
     skipped: u64,
@@ -358,8 +407,13 @@ struct Resized<L: Layout> {
     map: Table<L>,
     sources: Vec<Source<L>>,
     /// Keys `map` is known to hold, so a catch-up reads the old maps
-    /// alone; read from `map` at the first catch-up if not known.
-    known: Option<FxHashSet<L::K>>,
+    /// alone, each with what was kept ([`Layout::kept`]) of the old entry
+    /// copied or carried over; read from `map` at the first catch-up if
+    /// not known.
+    known: Option<FxHashMap<L::K, u64>>,
+    /// Whether `known` keeps what this resize copied from its one old map
+    /// (not what another start's resize left in `map`).
+    copied_here: bool,
 }
 
 impl<L: Layout> CatchUp for Resized<L> {
@@ -371,17 +425,23 @@ impl<L: Layout> CatchUp for Resized<L> {
         let known = match &mut self.known {
             Some(known) => known,
             None => {
-                let mut keys = FxHashSet::default();
+                let mut keys = FxHashMap::default();
                 for entries in batch::batches(&self.map) {
-                    keys.extend(entries?.into_iter().map(|(k, _)| k));
+                    keys.extend(entries?.into_iter().map(|(k, v)| (k, L::kept(&v))));
                 }
                 self.known.insert(keys)
             }
         };
-        let mut missing = Vec::new();
+        let (mut missing, mut changed) = (Vec::new(), Vec::new());
         for source in &self.sources {
             for entries in batch::batches(&source.map) {
-                missing.extend(entries?.into_iter().filter(|(k, _)| !known.contains(k)));
+                for (key, value) in entries? {
+                    match known.get(&key) {
+                        None => missing.push((key, value)),
+                        Some(&kept) if kept != L::kept(&value) => changed.push((key, value, kept)),
+                        Some(_) => {}
+                    }
+                }
             }
         }
         // Return halves and reservations first (a stable sort).
@@ -395,7 +455,10 @@ impl<L: Layout> CatchUp for Resized<L> {
             match self.map.insert(&key, &value, BPF_NOEXIST) {
                 Ok(()) => caught.copied += 1,
                 Err(MapError::SyscallError(e)) => match e.io_error.raw_os_error() {
-                    Some(libc::EEXIST) => caught.skipped += 1,
+                    Some(libc::EEXIST) => match L::MADE_ANEW_KEEPS {
+                        Some(kept) => changed.push((key, value, kept)),
+                        None => caught.skipped += 1,
+                    },
                     Some(libc::E2BIG) => {
                         caught.full += 1;
                         continue;
@@ -404,7 +467,28 @@ impl<L: Layout> CatchUp for Resized<L> {
                 },
                 Err(e) => return Err(e.into()),
             }
-            known.insert(key);
+            known.insert(key, L::kept(&value));
+        }
+        for (key, old, kept) in changed {
+            // Read, then written at once: what the new data path changes
+            // in between is lost (a packet's count and flags, the next
+            // segment's flags recording them again; a client's new flow,
+            // counted again by the next sweep; a mapping's use).
+            let new = match self.map.get(&key, 0) {
+                Ok(new) => new,
+                Err(MapError::KeyNotFound) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let kept = self.copied_here.then_some(kept);
+            if let Some(value) = L::carried(&old, &new, kept) {
+                match self.map.insert(&key, &value, BPF_EXIST) {
+                    Ok(()) => caught.carried += 1,
+                    Err(MapError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            known.insert(key, L::kept(&old));
         }
         Ok(caught)
     }
@@ -422,7 +506,8 @@ impl Pending {
     /// copy (`when`: at what point, for the log).
     pub fn catch_up(&mut self, when: &str) {
         let started = Instant::now();
-        let (mut copied, mut full, mut failed) = (Vec::new(), 0, false);
+        let (mut copied, mut carried) = (Vec::new(), Vec::new());
+        let (mut full, mut failed) = (0, false);
         // A thread each: most of it is the kernel reading the old maps.
         let caught: Vec<_> = std::thread::scope(|scope| {
             let threads: Vec<_> = self
@@ -436,10 +521,12 @@ impl Pending {
             match caught {
                 Ok(c) => {
                     copied.push((map.name(), c.copied));
+                    carried.push((map.name(), c.carried));
                     full += c.full;
                     tracing::debug!(
                         map = map.name(),
                         copied = c.copied,
+                        carried = c.carried,
                         skipped = c.skipped,
                         full = c.full,
                         "caught up"
@@ -456,6 +543,7 @@ impl Pending {
             }
         }
         let total: u64 = copied.iter().map(|&(_, n)| n).sum();
+        let changed: u64 = carried.iter().map(|&(_, n)| n).sum();
         let ms = started.elapsed().as_millis();
         if full > 0 {
             tracing::warn!(
@@ -467,10 +555,13 @@ impl Pending {
         if !failed {
             tracing::info!(
                 entries = total,
+                changed,
                 ms,
                 "caught up the resized connection state {when}: copied what the previous data \
-                 path made since ({})",
-                tally(copied.into_iter())
+                 path made since ({}), and carried over what it changed in entries copied \
+                 before ({})",
+                tally(copied.into_iter()),
+                tally(carried.into_iter())
             );
         }
     }
@@ -611,6 +702,7 @@ fn resized<L: Layout>(
             map,
             sources,
             known: None,
+            copied_here: false,
         })));
     };
     let context = || format!("cannot resize {}", pin.display());
@@ -638,7 +730,8 @@ fn resized<L: Layout>(
         e => anyhow::Error::new(e).context(context()),
     })?;
     let (old, new) = (L::open(old)?, L::open(new)?);
-    let mut known = FxHashSet::default();
+    let copied_here = sources.is_empty();
+    let mut known = FxHashMap::default();
     for entries in batch::batches(&old) {
         let entries = entries.with_context(context)?;
         batch::insert(&new, &entries).map_err(|e| match e.raw_os_error() {
@@ -650,7 +743,7 @@ fn resized<L: Layout>(
             ),
             _ => anyhow::Error::new(e).context(context()),
         })?;
-        known.extend(entries.into_iter().map(|(k, _)| k));
+        known.extend(entries.into_iter().map(|(k, v)| (k, L::kept(&v))));
     }
     let old_pin = dir.join(format!("{OLD_PIN}{}-{}", L::NAME, info.id()));
     new.map()
@@ -665,6 +758,7 @@ fn resized<L: Layout>(
         map: new,
         sources,
         known: Some(known),
+        copied_here,
     })))
 }
 

@@ -18,7 +18,10 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, ensure};
 use aya::maps::{HashMap as BpfHashMap, IterableMap as _, MapData};
-use egress_common::flow::{Flow, FlowKey, IPPROTO_UDP, Mapping, PortKey};
+use egress_common::{
+    flow::{Flow, FlowKey, IPPROTO_TCP, IPPROTO_UDP, Mapping, PortKey},
+    tcp::{ACK, FIN, SYN},
+};
 use egress_user::{pinning, resize, state_fit};
 use nix::sys::signal::Signal;
 use tests::{
@@ -571,6 +574,136 @@ fn an_interrupted_resize_is_finished_by_the_next_start() -> Result<()> {
             .map(|e| e.file_name())
             .collect();
         ensure!(left.is_empty(), "left in the state directory: {left:?}");
+        Ok(())
+    })();
+    lab.keep_logs_on_err(result)
+}
+
+/// What the old data path changes in entries already copied, between the
+/// copy and the takeover, reaches the new maps, merged with what the new
+/// data path records once it runs: here a FIN on each half of a TCP flow
+/// (one before the first catch-up, one after it), the later use of its
+/// mapping, and the flows its client opened meanwhile, added to the one
+/// the new data path counts. The maps are written by hand as each data
+/// path would, between the resize's steps.
+#[test]
+fn changes_to_copied_entries_reach_the_resized_state() -> Result<()> {
+    require_root()?;
+    let lab = Lab::new()?;
+    let result = (|| {
+        let dir = lab.state_dir()?;
+        std::fs::create_dir_all(&dir)?;
+        let client = CLIENT_TUN_IP.octets();
+        let established = Flow {
+            client_addr: client,
+            nat_addr: GATEWAY_IP.octets(),
+            remote_addr: SERVER_IP.octets(),
+            peer_addr: CLIENT_UNDERLAY_IP.octets(),
+            client_port: 40000u16.to_be_bytes(),
+            nat_port: 20000u16.to_be_bytes(),
+            remote_port: TCP_PORT.to_be_bytes(),
+            proto: IPPROTO_TCP,
+            tcp_flags: SYN | ACK,
+            created_ns: 50,
+            last_seen_ns: 100,
+            packets: 10,
+            bytes: 1000,
+            handshake_ns: 60,
+            ..Flow::default()
+        };
+        let (out, inb) = (established.out_key(), established.in_key());
+        let [(client_side, used), reservation] = Mapping::pair(
+            IPPROTO_TCP,
+            (client, established.client_port),
+            (established.nat_addr, established.nat_port),
+            100,
+        );
+        // The state of max-flows 8: one flow, its client counted once.
+        let mut old_flows = BpfHashMap::<MapData, FlowKey, Flow>::create(16, 0)?;
+        let mut old_mappings = BpfHashMap::<MapData, PortKey, Mapping>::create(16, 0)?;
+        let mut old_clients = BpfHashMap::<MapData, [u8; 4], u64>::create(8, BPF_F_NO_PREALLOC)?;
+        old_flows.insert(&inb, &established, 0)?;
+        old_flows.insert(&out, &established, 0)?;
+        for (key, mapping) in [(client_side, used), reservation] {
+            old_mappings.insert(&key, &mapping, 0)?;
+        }
+        old_clients.insert(&client, &1, 0)?;
+        for (map, name) in [
+            (old_flows.map(), "FLOWS"),
+            (old_mappings.map(), "MAPPINGS"),
+            (old_clients.map(), "CLIENT_FLOWS"),
+        ] {
+            map.pin(dir.join(name))?;
+        }
+
+        let fit = state_fit::judge(&dir, 16)?;
+        let mut pending = resize::apply(&dir, &fit.resize)?.context("nothing resized")?;
+        let open = |name: &str| MapData::from_pin(dir.join(name));
+        let mut new_flows = BpfHashMap::<MapData, FlowKey, Flow>::try_from(
+            aya::maps::Map::from_map_data(open("FLOWS")?)?,
+        )?;
+        let mut new_clients = BpfHashMap::<MapData, [u8; 4], u64>::try_from(
+            aya::maps::Map::from_map_data(open("CLIENT_FLOWS")?)?,
+        )?;
+        let fin = |f: Flow, at: u64| Flow {
+            tcp_flags: f.tcp_flags | FIN,
+            last_seen_ns: at,
+            packets: f.packets + 1,
+            bytes: f.bytes + 40,
+            ..f
+        };
+        // The old data path: the client's FIN, and a second flow counted.
+        let out_fin = fin(established, 200);
+        old_flows.insert(&out, &out_fin, 0)?;
+        old_clients.insert(&client, &2, 0)?;
+        pending.catch_up("before the attach");
+        // Still the old one: the server's FIN, the mapping used again for a
+        // third flow.
+        let inb_fin = fin(established, 250);
+        old_flows.insert(&inb, &inb_fin, 0)?;
+        old_mappings.insert(
+            &client_side,
+            &Mapping {
+                used_ns: 250,
+                ..used
+            },
+            0,
+        )?;
+        old_clients.insert(&client, &3, 0)?;
+        // Taken over, the new data path: the server's next segment (its
+        // copy of the return half without the FIN), a fourth flow counted.
+        let inb_new = Flow {
+            last_seen_ns: 300,
+            packets: 11,
+            bytes: 1040,
+            ..established
+        };
+        new_flows.insert(&inb, &inb_new, 0)?;
+        new_clients.insert(&client, &3, 0)?;
+        pending.finish();
+
+        sized_for(&dir, 16)?;
+        let now = new_flows.get(&out, 0)?;
+        ensure!(
+            now == out_fin,
+            "the outbound half is {now:?}, not {out_fin:?}"
+        );
+        let now = new_flows.get(&inb, 0)?;
+        ensure!(
+            now == Flow {
+                tcp_flags: SYN | ACK | FIN,
+                ..inb_new
+            },
+            "the return half is {now:?}: without the old path's FIN, or not the new path's \
+             record"
+        );
+        let new_mappings = BpfHashMap::<MapData, PortKey, Mapping>::try_from(
+            aya::maps::Map::from_map_data(open("MAPPINGS")?)?,
+        )?;
+        let now = new_mappings.get(&client_side, 0)?.used_ns;
+        ensure!(now == 250, "the mapping was last used at {now}, not 250");
+        let now = new_clients.get(&client, 0)?;
+        ensure!(now == 4, "the client counts {now} flows, not 4");
         Ok(())
     })();
     lab.keep_logs_on_err(result)
